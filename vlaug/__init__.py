@@ -1,0 +1,55 @@
+"""vlaug: latent augmentation for classifiers on frozen vision-language embeddings.
+
+Stage 1 (``vlaug embed``) turns images into a Parquet feature cache; later stages read
+that cache. The public API re-exports the functions a library user needs.
+"""
+
+__version__ = "0.1.0"
+
+from vlaug.errors import (  # noqa: E402
+    CacheError,
+    CacheMismatchError,
+    EmbedFailuresError,
+    EncoderError,
+    SourceError,
+    UsageError,
+    VlaugError,
+)
+
+__all__ = [
+    "__version__",
+    "CacheError",
+    "CacheMismatchError",
+    "EmbedFailuresError",
+    "EncoderError",
+    "SourceError",
+    "UsageError",
+    "VlaugError",
+    "EmbedConfig",
+    "embed_source",
+    "read_cache",
+    "read_manifest",
+    "load_source",
+    "load_encoder",
+]
+
+
+def __getattr__(name):
+    # Lazy imports keep `import vlaug` (and `vlaug --help`) fast: torch loads only when used.
+    if name in ("EmbedConfig", "embed_source"):
+        from vlaug import embed as _embed
+
+        return getattr(_embed, name)
+    if name in ("read_cache", "read_manifest"):
+        from vlaug import cache as _cache
+
+        return getattr(_cache, name)
+    if name == "load_source":
+        from vlaug.sources import load_source
+
+        return load_source
+    if name == "load_encoder":
+        from vlaug.encoders import load_encoder
+
+        return load_encoder
+    raise AttributeError(f"module 'vlaug' has no attribute {name!r}")

@@ -1,0 +1,467 @@
+"""The feature cache: the only module that reads or writes Parquet.
+
+A cache is a directory (see DESIGN.md)::
+
+    FEATURES/
+      manifest.json             what produced it and what it holds
+      images/part-*.parquet     one row per embedded image
+      texts.parquet             one row per (prompt set, class)
+      failed.parquet            one row per input that could not be embedded (only if any)
+
+Every file is written to a temporary name in the same folder and renamed into place,
+so a reader never sees a half-written file. The manifest lists the completed parts; a
+reader reads exactly those, and a part on disk that the manifest does not list is an
+unfinished write that is ignored.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vlaug import __version__
+from vlaug.errors import CacheError, SourceError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+IMAGES_DIR = "images"
+TEXTS_NAME = "texts.parquet"
+FAILED_NAME = "failed.parquet"
+TMP_MARKER = ".tmp-"
+STORAGE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename ``tmp_path`` onto ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never a mix; the
+    temporary file of an interrupted write is recognisable by its ``.tmp-`` marker.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}{TMP_MARKER}{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+@dataclass
+class CacheManifest:
+    """The contents of ``manifest.json``: what produced the cache and what it holds."""
+
+    model: str = ""  # open_clip model name (or hf-hub:/local-dir: identifier)
+    pretrained: str = ""  # tag, checkpoint file path, or "none" for random weights
+    embed_dim: int = 0
+    dtype: str = "float16"  # storage dtype of the image embeddings
+    normalized: bool = True  # image and text embeddings are L2-normalised
+    classes: list[str] = field(default_factory=list)  # ordered; `label` indexes it
+    domains: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)  # templates of the `classes` prompt set
+    prompt_sets: dict[str, list[str]] = field(default_factory=dict)  # other named prompt sets
+    n_images: int = 0  # rows in the listed parts
+    n_failed: int = 0  # rows in failed.parquet
+    created: str = field(default_factory=_now)
+    parts: list[str] = field(default_factory=list)  # completed parts, relative to images/
+    format_version: int = FORMAT_VERSION
+    vlaug_version: str = __version__
+    # Provenance beyond the DESIGN.md keys; optional for caches written by other tools.
+    seed: int | None = None  # seeds the random weights when pretrained == "none"
+    pretrained_sha256: str | None = None  # when pretrained is a local checkpoint file
+    source: str = ""  # folder or manifest the images came from
+    layout: str = ""
+    n_inputs: int | None = None  # inputs in the source; complete when n_images + n_failed == n_inputs
+    complete: bool = False  # the last embed run finished every input
+    updated: str = field(default_factory=_now)
+    extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they were
+
+    REQUIRED = ("model", "embed_dim", "dtype", "classes", "parts")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        extra = d.pop("extra")
+        return {**d, **extra}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "manifest") -> "CacheManifest":
+        missing = [k for k in cls.REQUIRED if k not in d]
+        if missing:
+            raise CacheError(f"{where} lacks the keys {missing}; it was not written by vlaug embed or is damaged.")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["extra"] = {k: v for k, v in d.items() if k not in known}
+        m = cls(**kwargs)
+        if m.format_version > FORMAT_VERSION:
+            raise CacheError(
+                f"{where} has format_version {m.format_version}; this vlaug ({__version__}) reads up to "
+                f"{FORMAT_VERSION}. Upgrade vlaug."
+            )
+        if m.dtype not in STORAGE_DTYPES:
+            raise CacheError(f"{where} has dtype {m.dtype!r}; expected one of {sorted(STORAGE_DTYPES)}.")
+        if not isinstance(m.embed_dim, int) or m.embed_dim <= 0:
+            raise CacheError(f"{where} has embed_dim {m.embed_dim!r}; expected a positive integer.")
+        return m
+
+
+def is_cache(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def read_manifest(path: str | os.PathLike) -> CacheManifest:
+    """Read ``manifest.json`` of a cache directory.
+
+    Raises:
+        CacheError: no manifest, or one that is not valid JSON or lacks required keys.
+    """
+    file = Path(path) / MANIFEST_NAME
+    if not file.is_file():
+        raise CacheError(f"{str(path)!r} is not a vlaug feature cache (no {MANIFEST_NAME}). Run vlaug embed first.")
+    try:
+        d = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{str(file)!r} is not valid JSON ({e}); the cache is damaged. Re-run vlaug embed with --overwrite.") from None
+    if not isinstance(d, dict):
+        raise CacheError(f"{str(file)!r} is not a JSON object; the cache is damaged.")
+    return CacheManifest.from_dict(d, where=str(file))
+
+
+def write_manifest(path: str | os.PathLike, manifest: CacheManifest) -> None:
+    manifest.updated = _now()
+    _write_json(Path(path) / MANIFEST_NAME, manifest.to_dict())
+
+
+# ----------------------------------------------------------------------------- writing rows
+
+
+def image_schema(embed_dim: int, dtype: str) -> pa.Schema:
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("path", pa.string()),
+            ("label", pa.int32()),
+            ("class_name", pa.string()),
+            ("domain", pa.string()),
+            ("split", pa.string()),
+            ("embedding", pa.list_(STORAGE_DTYPES[dtype], embed_dim)),
+        ]
+    )
+
+
+def _embedding_array(embeddings: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
+    n, d = embeddings.shape
+    flat = np.ascontiguousarray(embeddings, dtype=np.dtype(dtype)).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=STORAGE_DTYPES[dtype]), d)
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def write_part(path: str | os.PathLike, name: str, rows: dict, embeddings: np.ndarray, dtype: str) -> None:
+    """Write one part of image rows atomically to ``images/NAME``.
+
+    Args:
+        rows: lists ``id``, ``path``, ``label``, ``class_name``, ``domain``, ``split``.
+        embeddings: (n, d) L2-normalised embeddings, stored as ``dtype``.
+    """
+    folder = Path(path) / IMAGES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    schema = image_schema(embeddings.shape[1], dtype)
+    arrays = [pa.array(rows[name_], type=schema.field(name_).type) for name_ in schema.names[:-1]]
+    table = pa.Table.from_arrays(arrays + [_embedding_array(embeddings, dtype)], schema=schema)
+    atomic_write(folder / name, lambda tmp: pq.write_table(table, tmp, row_group_size=max(1, len(table))))
+
+
+def write_texts(path: str | os.PathLike, texts: dict[str, np.ndarray], classes: list[str]) -> None:
+    """Write ``texts.parquet``: one row per (prompt set, class); ``texts[name]`` is (n_classes, d)."""
+    prompt_set, label, class_name, chunks = [], [], [], []
+    for name, emb in texts.items():
+        prompt_set += [name] * len(classes)
+        label += list(range(len(classes)))
+        class_name += list(classes)
+        chunks.append(np.asarray(emb, dtype=np.float32))
+    d = chunks[0].shape[1]
+    table = pa.table(
+        {
+            "prompt_set": pa.array(prompt_set, pa.string()),
+            "label": pa.array(label, pa.int32()),
+            "class_name": pa.array(class_name, pa.string()),
+            "embedding": _embedding_array(np.concatenate(chunks), "float32"),
+        }
+    )
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), d)
+    atomic_write(Path(path) / TEXTS_NAME, lambda tmp: pq.write_table(table, tmp))
+
+
+def write_failed(path: str | os.PathLike, failures: list[dict]) -> None:
+    """Write ``failed.parquet`` (columns id, path, error), or remove it when there is no failure."""
+    file = Path(path) / FAILED_NAME
+    if not failures:
+        file.unlink(missing_ok=True)
+        return
+    table = pa.table({k: pa.array([f[k] for f in failures], pa.string()) for k in ("id", "path", "error")})
+    atomic_write(file, lambda tmp: pq.write_table(table, tmp))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class FeatureCache:
+    """A cache read into memory. Arrays share the row order of the listed parts."""
+
+    manifest: CacheManifest
+    ids: list[str]
+    paths: list[str]
+    labels: np.ndarray  # (n,) int64
+    domains: np.ndarray  # (n,) str
+    splits: np.ndarray  # (n,) str
+    embeddings: np.ndarray  # (n, d) float32, L2-normalised
+    texts: dict[str, np.ndarray]  # prompt set -> (n_classes, d) float32
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest.classes
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _read_parquet(file: Path, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(file, columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        raise CacheError(f"cannot read {str(file)!r}: {e}. The file is damaged; re-run vlaug embed to rebuild it.") from None
+
+
+def _listed_part_files(path: Path, manifest: CacheManifest) -> list[Path]:
+    files = [path / IMAGES_DIR / name for name in manifest.parts]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CacheError(
+            f"cache {str(path)!r} lists parts {missing[:3]} that are missing from {IMAGES_DIR}/. "
+            "Re-run the same vlaug embed command to re-embed them, or --overwrite."
+        )
+    return files
+
+
+def _embeddings_to_numpy(column: pa.ChunkedArray, embed_dim: int, where: str) -> np.ndarray:
+    if not pa.types.is_fixed_size_list(column.type) or column.type.list_size != embed_dim:
+        raise CacheError(
+            f"{where}: column 'embedding' has type {column.type}; the manifest says "
+            f"fixed_size_list<float>[{embed_dim}]."
+        )
+    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if arr.null_count:
+        raise CacheError(f"{where}: {arr.null_count} rows have a null embedding.")
+    values = arr.values.to_numpy(zero_copy_only=False)
+    out = values.reshape(len(arr), embed_dim).astype(np.float32, copy=False)
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+        raise CacheError(f"{where}: {int(bad.sum())} rows have NaN or Inf in 'embedding'; the cache was edited or damaged.")
+    return out
+
+
+def read_ids(path: str | os.PathLike, manifest: CacheManifest | None = None) -> list[str]:
+    """The ids of every row in the listed parts (for resuming without loading embeddings)."""
+    path = Path(path)
+    manifest = manifest or read_manifest(path)
+    ids: list[str] = []
+    for f in _listed_part_files(path, manifest):
+        ids += _read_parquet(f, ["id"]).column("id").to_pylist()
+    return ids
+
+
+def read_texts(path: str | os.PathLike, manifest: CacheManifest) -> dict[str, np.ndarray]:
+    file = Path(path) / TEXTS_NAME
+    if not file.is_file():
+        return {}
+    table = _read_parquet(file)
+    emb = _embeddings_to_numpy(table.column("embedding"), manifest.embed_dim, str(file))
+    names = table.column("prompt_set").to_pylist()
+    labels = np.asarray(table.column("label").to_pylist())
+    out = {}
+    for name in dict.fromkeys(names):
+        rows = np.flatnonzero(np.asarray(names) == name)
+        order = rows[np.argsort(labels[rows], kind="stable")]
+        if not np.array_equal(labels[order], np.arange(len(manifest.classes))):
+            raise CacheError(
+                f"{str(file)!r}: prompt set {name!r} has labels {sorted(set(labels[rows]))[:5]}...; expected one row "
+                f"per class 0..{len(manifest.classes) - 1}."
+            )
+        out[name] = emb[order]
+    return out
+
+
+def read_failed(path: str | os.PathLike) -> list[dict]:
+    file = Path(path) / FAILED_NAME
+    if not file.is_file():
+        return []
+    return _read_parquet(file).to_pylist()
+
+
+def read_cache(path: str | os.PathLike) -> FeatureCache:
+    """Read a whole cache into memory.
+
+    Returns:
+        a :class:`FeatureCache` with float32 embeddings in the order of the listed parts.
+
+    Raises:
+        CacheError: missing manifest or part, wrong embedding length, NaN/Inf, labels
+            outside the class list, duplicate ids.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    schema = image_schema(manifest.embed_dim, manifest.dtype)
+    tables = []
+    for f in _listed_part_files(path, manifest):
+        t = _read_parquet(f)
+        missing = [c for c in schema.names if c not in t.column_names]
+        if missing:
+            raise CacheError(f"{str(f)!r} lacks the columns {missing}; it is not a vlaug image part.")
+        t = t.select(schema.names)
+        emb = _embeddings_to_numpy(t.column("embedding"), manifest.embed_dim, str(f))
+        tables.append((t, emb))
+    d = manifest.embed_dim
+    if tables:
+        meta = pa.concat_tables([t.drop(["embedding"]) for t, _ in tables], promote_options="permissive")
+        embeddings = np.concatenate([e for _, e in tables])
+    else:
+        meta = pa.table({n: pa.array([], schema.field(n).type) for n in schema.names[:-1]})
+        embeddings = np.zeros((0, d), np.float32)
+    ids = meta.column("id").to_pylist()
+    labels = np.asarray(meta.column("label").to_numpy(zero_copy_only=False), dtype=np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(manifest.classes)):
+        raise CacheError(
+            f"cache {str(path)!r} has labels outside 0..{len(manifest.classes) - 1} (the manifest's classes)."
+        )
+    if len(set(ids)) != len(ids):
+        raise CacheError(f"cache {str(path)!r} has duplicate ids across its parts; it was edited or damaged.")
+    return FeatureCache(
+        manifest=manifest,
+        ids=ids,
+        paths=meta.column("path").to_pylist(),
+        labels=labels,
+        domains=np.asarray(meta.column("domain").to_pylist(), dtype=str),
+        splits=np.asarray(meta.column("split").to_pylist(), dtype=str),
+        embeddings=embeddings,
+        texts=read_texts(path, manifest),
+    )
+
+
+def iter_metadata(path: str | os.PathLike, columns: Iterable[str]) -> Iterable[pa.Table]:
+    """The listed parts, one table at a time, with only ``columns`` (no embeddings)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for f in _listed_part_files(path, manifest):
+        yield _read_parquet(f, list(columns))
+
+
+def unfinished_files(path: str | os.PathLike, manifest: CacheManifest | None = None) -> list[Path]:
+    """Files left by an interrupted write: parts the manifest does not list, and temporaries."""
+    path = Path(path)
+    listed = set((manifest or read_manifest(path)).parts)
+    stray = [f for f in path.glob(f"*{TMP_MARKER}*") if f.is_file()]
+    images = path / IMAGES_DIR
+    if images.is_dir():
+        stray += [f for f in sorted(images.iterdir()) if f.is_file() and f.name not in listed]
+    return stray
+
+
+# ----------------------------------------------------------------------------- other tables
+
+
+def read_table_columns(path: str | os.PathLike) -> dict[str, list]:
+    """Read a CSV or Parquet table (an image manifest) into ``{column: values}``.
+
+    Column names are stripped and lower-cased. CSV cells stay strings (an id such as
+    ``007`` keeps its zeros); Parquet columns keep their types.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                rows = list(csv.reader(f))
+            if not rows:
+                return {}
+            header = [h.strip().lower() for h in rows[0]]
+            body = [r for r in rows[1:] if any(c.strip() for c in r)]  # skip blank lines
+            return {h: [r[i] if i < len(r) else "" for r in body] for i, h in enumerate(header)}
+        table = pq.read_table(path)
+    except (OSError, UnicodeDecodeError, csv.Error, pa.ArrowException) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SourceError(
+            f"cannot read manifest {str(path)!r}: {reason}. Check that it is a valid UTF-8 CSV or Parquet file."
+        ) from None
+    return {name.strip().lower(): table.column(i).to_pylist() for i, name in enumerate(table.column_names)}
+
+
+def cache_info(path: str | os.PathLike) -> dict:
+    """What ``vlaug info`` shows: the manifest, row counts per domain/class/split,
+    prompt sets, failures and unfinished files. Reads no embedding."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    counts = {"domain": {}, "class_name": {}, "split": {}}
+    n_rows = 0
+    for table in iter_metadata(path, list(counts)):
+        n_rows += len(table)
+        for col, acc in counts.items():
+            for value, n in zip(*np.unique(np.asarray(table.column(col).to_pylist(), dtype=str), return_counts=True)):
+                acc[str(value)] = acc.get(str(value), 0) + int(n)
+    prompt_sets = {}
+    texts_file = path / TEXTS_NAME
+    if texts_file.is_file():
+        names = _read_parquet(texts_file, ["prompt_set"]).column("prompt_set").to_pylist()
+        templates = {"classes": manifest.templates, **manifest.prompt_sets}
+        prompt_sets = {n: len(templates.get(n, [])) for n in dict.fromkeys(names)}
+    return {
+        "path": str(path),
+        "manifest": manifest.to_dict(),
+        "n_rows": n_rows,
+        "per_domain": counts["domain"],
+        "per_class": {c: counts["class_name"].get(c, 0) for c in manifest.classes},
+        "per_split": counts["split"],
+        "prompt_sets": prompt_sets,
+        "failures": read_failed(path),
+        "unfinished": [str(f.relative_to(path)) for f in unfinished_files(path, manifest)],
+    }

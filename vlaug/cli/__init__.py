@@ -1,0 +1,153 @@
+"""The ``vlaug`` command line: the only Typer code. One thin function per command:
+build a config, call one library function, print the result.
+
+A :class:`vlaug.errors.VlaugError` becomes one line on stderr and its exit code (2 for
+bad input, 1 for failures at run time); any other exception keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from vlaug import __version__
+from vlaug.errors import VlaugError
+
+app = typer.Typer(
+    name="vlaug",
+    help="Latent augmentation for classifiers on frozen CLIP/CoCa embeddings. "
+    "Pipeline: vlaug embed (images -> feature cache), then later stages read the cache.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class LayoutChoice(str, Enum):
+    auto = "auto"
+    class_ = "class"
+    domain_class = "domain-class"
+    manifest = "manifest"
+
+
+class PrecisionChoice(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class DtypeChoice(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+def _errors_to_exit(fn):
+    """Turn a VlaugError into one line on stderr and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VlaugError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"vlaug {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+):
+    pass
+
+
+@app.command()
+@_errors_to_exit
+def embed(
+    source: Annotated[Path, typer.Argument(help="Image folder (class/img or domain/class/img) or CSV/Parquet manifest.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Feature cache folder to create, or to resume.")],
+    model: Annotated[str, typer.Option(help="open_clip model name (ViT-B-32, coca_ViT-B-32, ...), hf-hub:ORG/REPO or local-dir:PATH.")] = "ViT-B-32",
+    pretrained: Annotated[str, typer.Option(help="Pretrained tag (e.g. laion2b_s34b_b79k), a local checkpoint file, or 'none' for random weights.")] = "laion2b_s34b_b79k",
+    layout: Annotated[LayoutChoice, typer.Option(help="Source layout; auto detects folders and manifests.")] = LayoutChoice.auto,
+    classes: Annotated[Optional[Path], typer.Option("--classes", help="Text file, one class per line: the class order.")] = None,
+    templates: Annotated[str, typer.Option(help="Class prompt templates: simple (7), openai (80), photo (1), or a file with one template per line.")] = "simple",
+    prompt_set: Annotated[Optional[List[str]], typer.Option("--prompt-set", help="Extra named prompt set NAME=TEMPLATE or NAME=@FILE; repeatable, a repeated NAME adds templates.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[PrecisionChoice, typer.Option(help="auto: bf16/fp16 autocast on GPU, fp32 on CPU.")] = PrecisionChoice.auto,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    workers: Annotated[int, typer.Option(help="Processes decoding images in parallel with the model; -1 picks from the CPU count.")] = -1,
+    dtype: Annotated[DtypeChoice, typer.Option(help="Storage dtype of the image embeddings.")] = DtypeChoice.float16,
+    part_size: Annotated[int, typer.Option(help="Rows per committed part: the most work an interruption can lose.")] = 4096,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights with --pretrained none.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache made with other settings.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit with code 1 if any image could not be embedded.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+):
+    """Embed images with a frozen open_clip model into a Parquet feature cache (resumable)."""
+    from vlaug.embed import EmbedConfig, embed_source
+    from vlaug.errors import EmbedFailuresError
+
+    config = EmbedConfig(
+        source=str(source), out=str(out), model=model, pretrained=pretrained, layout=layout.value,
+        classes_file=str(classes) if classes else None, templates=templates, prompt_sets=tuple(prompt_set or ()),
+        device=device, precision=precision.value, batch_size=batch_size, workers=workers, dtype=dtype.value,
+        part_size=part_size, seed=seed, overwrite=overwrite, progress=progress,
+    )
+    result = embed_source(config)
+    typer.echo(result.summary())
+    if result.n_failed:
+        typer.echo(f"{result.n_failed} input(s) could not be embedded; reasons in {out / 'failed.parquet'} (vlaug info {out}).", err=True)
+        if strict:
+            raise EmbedFailuresError(f"--strict: {result.n_failed} input(s) failed.")
+
+
+@app.command()
+@_errors_to_exit
+def info(path: Annotated[Path, typer.Argument(help="A feature cache folder.")]):
+    """Describe a feature cache: model, dimension, counts per domain/class/split, prompt sets, failures."""
+    from vlaug.cache import cache_info
+    from vlaug.report import format_cache_info
+
+    typer.echo(format_cache_info(cache_info(path)))
+
+
+@app.command()
+@_errors_to_exit
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's outputs.")] = Path("vlaug-demo"),
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+):
+    """Run the pipeline on the bundled shapes data with a tiny random-weight model (no download)."""
+    from vlaug.cache import cache_info
+    from vlaug.demo import real_weights_commands, run_demo
+    from vlaug.report import format_cache_info
+
+    result = run_demo(out, progress=progress)
+    typer.echo(result.summary())
+    typer.echo(format_cache_info(cache_info(result.out)))
+    typer.echo(
+        "\nThe demo model has random weights: its features only show that the pipeline runs.\n"
+        "With real CLIP / CoCa weights (downloaded by open_clip on first use):\n"
+        + real_weights_commands("data/shapes", "features")
+    )
+
+
+def main() -> None:
+    app(prog_name="vlaug")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""Stage 1: source -> encoder -> feature cache, resumable.
+
+DataLoader workers open, decode and preprocess images in parallel with the model; a
+file that cannot be read is recorded in ``failed.parquet`` and the run goes on. Rows
+are committed in parts (temporary file + rename, then the manifest); re-running the
+same command after an interruption embeds only what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from vlaug import cache
+from vlaug.encoders import (
+    CLASSES_PROMPT_SET,
+    EncoderSpec,
+    check_encoder_spec,
+    load_encoder,
+    parse_prompt_sets,
+    resolve_templates,
+)
+from vlaug.errors import CacheMismatchError, UsageError, VlaugError
+from vlaug.sources import ImageRecord, Layout, Source, load_source, read_class_file
+
+STORAGE_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Everything ``vlaug embed`` needs; the defaults are the CLI's."""
+
+    source: str = ""  # image folder or CSV/Parquet manifest
+    out: str = ""  # cache directory to create or resume
+    model: str = "ViT-B-32"  # open_clip model name, hf-hub:ORG/REPO or local-dir:PATH
+    pretrained: str = "laion2b_s34b_b79k"  # tag, checkpoint file, or "none" (random weights)
+    layout: str = "auto"  # auto | class | domain-class | manifest
+    classes_file: str | None = None  # one class per line: fixes the class order
+    templates: str = "simple"  # simple | openai | photo | FILE: class prompt ensemble
+    prompt_sets: tuple[str, ...] = ()  # extra "NAME=TEMPLATE" / "NAME=@FILE" prompt sets
+    device: str = "auto"  # auto | cpu | cuda[:N] | mps
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on GPU)
+    batch_size: int = 64  # images per forward pass
+    workers: int = -1  # DataLoader processes decoding images; -1 picks from the CPU count
+    dtype: str = "float16"  # storage dtype of image embeddings
+    part_size: int = 4096  # rows per committed part: the most work an interruption can lose
+    seed: int = 0  # seeds random weights when pretrained is "none"
+    overwrite: bool = False  # replace an existing cache made with other settings
+    progress: bool = True  # show a progress bar on stderr
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size {self.batch_size}, must be >= 1.")
+        if self.part_size < 1:
+            raise UsageError(f"--part-size {self.part_size}, must be >= 1.")
+        if self.workers < -1:
+            raise UsageError(f"--workers {self.workers}, must be >= 0 (or -1 for automatic).")
+        if self.dtype not in STORAGE_DTYPES:
+            raise UsageError(f"--dtype {self.dtype!r}, must be one of {STORAGE_DTYPES}.")
+        try:
+            Layout(self.layout)
+        except ValueError:
+            raise UsageError(f"--layout {self.layout!r}, must be one of {[m.value for m in Layout]}.") from None
+
+
+@dataclass
+class EmbedResult:
+    out: str
+    n_inputs: int  # inputs in the source
+    n_embedded: int  # embedded in this run
+    n_skipped: int  # already in the cache (resumed)
+    n_failed: int  # could not be embedded (see failed.parquet)
+    seconds: float  # wall time of the embedding loop
+    n_removed: int = 0  # unfinished files of an interrupted run that were cleaned up
+    failures: list[dict] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n_embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"embedded {self.n_embedded}, skipped {self.n_skipped} (already in cache), failed {self.n_failed} "
+            f"in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s) -> {self.out}"
+        )
+
+
+class EmbedInterrupted(VlaugError):
+    """Ctrl-C during embedding; committed parts are kept (exit code 130)."""
+
+    exit_code = 130
+
+
+# ----------------------------------------------------------------------------- image loading
+
+
+def load_image(path: str) -> Image.Image:
+    """Open and fully decode an image as RGB.
+
+    EXIF orientation is applied; transparent pixels are composited on white; 16-bit and
+    float images are scaled to 8 bits. Truncated files and decompression bombs raise.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file raises here, not in a worker later
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                arr = np.asarray(img, dtype=np.float64)
+                hi = arr.max() if arr.size else 0.0
+                arr = arr / hi * 255.0 if hi > 0 else arr
+                img = Image.fromarray(arr.astype(np.uint8), "L")
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, rgba)
+            return img.convert("RGB")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or "unreadable"
+    return f"{type(e).__name__}: {text}"[:300]
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Records -> (position, tensor or None, error or None); never raises for a bad file."""
+
+    def __init__(self, records: list[ImageRecord], preprocess: Callable):
+        self.records = records
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.preprocess(load_image(self.records[i].path)), None
+        except Exception as e:  # any decoder error is a recorded failure, not a crash
+            return i, None, _one_line(e)
+
+
+def _collate(items):
+    """Stack the good images; keep the positions of good and failed ones."""
+    good = [(i, t) for i, t, err in items if err is None]
+    failed = [(i, err) for i, _, err in items if err is not None]
+    images = torch.stack([t for _, t in good]) if good else None
+    return [i for i, _ in good], images, failed
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding workers: enough to hide decoding behind the model, leaving the model its cores."""
+    n_cpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cpu":
+        return max(1, min(4, n_cpu // 2))
+    return max(1, min(8, n_cpu - 1))
+
+
+# ----------------------------------------------------------------------------- cache checks
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file. Pass a folder path for the feature cache.")
+    if out.is_dir() and not cache.is_cache(out) and any(out.iterdir()):
+        raise UsageError(
+            f"--out {str(out)!r} exists, is not empty and is not a vlaug cache. Pass a new or empty folder."
+        )
+
+
+def _mismatches(old: cache.CacheManifest, new: cache.CacheManifest) -> list[str]:
+    """What differs between an existing cache and the run asked for now."""
+    diffs = []
+    for key in ("model", "pretrained", "classes", "templates", "prompt_sets", "dtype"):
+        a, b = getattr(old, key), getattr(new, key)
+        if a != b:
+            show = lambda v: repr(v) if len(repr(v)) < 80 else repr(v)[:77] + "..."  # noqa: E731
+            diffs.append(f"{key}: cache has {show(a)}, this run asks for {show(b)}")
+    if new.pretrained == "none" and old.seed != new.seed:
+        diffs.append(f"seed of the random weights: cache has {old.seed}, this run asks for {new.seed}")
+    if old.pretrained_sha256 and new.pretrained_sha256 and old.pretrained_sha256 != new.pretrained_sha256:
+        diffs.append("checkpoint file contents changed since the cache was made (sha256 differs)")
+    return diffs
+
+
+def _remove_cache(out: Path) -> None:
+    """Delete only what a cache consists of; other files in the folder are left alone."""
+    for name in (cache.MANIFEST_NAME, cache.TEXTS_NAME, cache.FAILED_NAME):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / cache.IMAGES_DIR, ignore_errors=True)
+    for f in out.glob(f"*{cache.TMP_MARKER}*"):
+        f.unlink(missing_ok=True)
+
+
+def _next_part_index(names: list[str]) -> int:
+    numbers = [int(m.group(1)) for n in names if (m := re.fullmatch(r"part-(\d+)\.parquet", n))]
+    return max(numbers, default=-1) + 1
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def plan_embed(config: EmbedConfig) -> tuple[Source, cache.CacheManifest, EncoderSpec]:
+    """Check everything that can be checked without loading the model; write nothing.
+
+    Raises:
+        UsageError (exit code 2): bad source, output, templates, model or tag, or an
+            existing cache made with other settings (without ``overwrite``).
+    """
+    out = Path(config.out)
+    if not config.out:
+        raise UsageError("--out is required: the folder to write the feature cache to.")
+    _check_out(out)
+    classes = read_class_file(config.classes_file) if config.classes_file else None
+    source = load_source(config.source, config.layout, classes)
+    templates = resolve_templates(config.templates)
+    prompt_sets = parse_prompt_sets(config.prompt_sets)
+    spec = check_encoder_spec(config.model, config.pretrained)
+    manifest = cache.CacheManifest(
+        model=spec.model,
+        pretrained=spec.pretrained,
+        dtype=config.dtype,
+        classes=source.classes,
+        domains=source.domains,
+        templates=templates,
+        prompt_sets=prompt_sets,
+        seed=config.seed,
+        pretrained_sha256=spec.checkpoint_sha256,
+        source=source.root,
+        layout=source.layout,
+        n_inputs=len(source.records),
+    )
+    if cache.is_cache(out) and not config.overwrite:
+        old = cache.read_manifest(out)
+        diffs = _mismatches(old, manifest)
+        if diffs:
+            raise CacheMismatchError(
+                f"{str(out)!r} holds a cache made with other settings ({'; '.join(diffs)}). "
+                "Pass --overwrite to replace it, or choose another --out."
+            )
+    return source, manifest, spec
+
+
+def embed_source(config: EmbedConfig, log: Callable[[str], None] | None = None) -> EmbedResult:
+    """Embed every image of ``config.source`` that the cache at ``config.out`` lacks.
+
+    Args:
+        config: the run's settings.
+        log: where to send notes and warnings (default: stderr).
+
+    Returns:
+        an :class:`EmbedResult` with the counts of this run.
+
+    Raises:
+        UsageError: see :func:`plan_embed`; nothing is written.
+        EncoderError: the model or its weights could not be loaded; nothing is written.
+        EmbedInterrupted: Ctrl-C; rows embedded so far are committed.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    source, manifest, spec = plan_embed(config)
+    out = Path(config.out)
+    if spec.random_weights:
+        log(
+            f"WARNING: --pretrained none: {spec.model} has RANDOM weights (seed {config.seed}); its embeddings "
+            "mean nothing. Use this only for tests and demos; pass a tag or a checkpoint file for real features."
+        )
+    encoder = load_encoder(spec.model, spec, config.device, config.precision, config.seed)
+    manifest.embed_dim = encoder.embed_dim
+
+    existing = cache.read_manifest(out) if cache.is_cache(out) else None
+    if existing is not None and config.overwrite:
+        _remove_cache(out)
+        existing = None
+    if existing is not None and existing.embed_dim != encoder.embed_dim:
+        raise CacheMismatchError(
+            f"{str(out)!r} holds {existing.embed_dim}-d embeddings but {spec.model} gives {encoder.embed_dim}-d. "
+            "Pass --overwrite or choose another --out."
+        )
+
+    # Everything checked: from here on the cache directory is written.
+    out.mkdir(parents=True, exist_ok=True)
+    n_removed = 0
+    done: set[str] = set()
+    if existing is not None:
+        stray = cache.unfinished_files(out, existing)
+        for f in stray:
+            f.unlink(missing_ok=True)
+        n_removed = len(stray)
+        if stray:
+            log(f"removed {len(stray)} unfinished file(s) left by an interrupted run")
+        manifest.created = existing.created
+        manifest.parts = list(existing.parts)
+        manifest.n_images = existing.n_images
+        done = set(cache.read_ids(out, existing))
+
+    texts = {CLASSES_PROMPT_SET: encoder.encode_prompts(source.classes, manifest.templates).numpy()}
+    for name, templates in manifest.prompt_sets.items():
+        texts[name] = encoder.encode_prompts(source.classes, templates).numpy()
+    cache.write_texts(out, texts, source.classes)
+    cache.write_manifest(out, manifest)
+
+    source_ids = {r.id for r in source.records}
+    orphans = len(done - source_ids)
+    if orphans:
+        log(f"note: {orphans} row(s) in the cache are not in the source any more; they are kept")
+    pending = [r for r in source.records if r.id not in done]
+    n_skipped = len(source.records) - len(pending)
+    return _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_removed, log)
+
+
+def _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_removed, log) -> EmbedResult:
+    """The loop: batches through the model, parts committed every ``part_size`` rows."""
+    from tqdm.auto import tqdm
+
+    out = Path(config.out)
+    workers = config.workers if config.workers >= 0 else default_workers(encoder.device)
+    if len(pending) <= config.batch_size:
+        workers = 0  # starting processes costs more than it hides
+    batches = [list(range(i, min(i + config.batch_size, len(pending)))) for i in range(0, len(pending), config.batch_size)]
+    loader = torch.utils.data.DataLoader(
+        _ImageDataset(pending, encoder.preprocess),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=encoder.device.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+    buffer_pos: list[int] = []
+    buffer_emb: list[np.ndarray] = []
+    failures: list[dict] = []
+    n_embedded = 0
+    next_index = _next_part_index(manifest.parts)
+
+    def commit() -> None:
+        nonlocal next_index, buffer_pos, buffer_emb
+        if buffer_pos:
+            recs = [pending[i] for i in buffer_pos]
+            rows = {
+                "id": [r.id for r in recs],
+                "path": [r.path for r in recs],
+                "label": [r.label for r in recs],
+                "class_name": [r.class_name for r in recs],
+                "domain": [r.domain for r in recs],
+                "split": [r.split for r in recs],
+            }
+            name = cache.part_name(next_index)
+            cache.write_part(out, name, rows, np.concatenate(buffer_emb), config.dtype)
+            manifest.parts.append(name)
+            manifest.n_images += len(recs)
+            next_index += 1
+            buffer_pos, buffer_emb = [], []
+        cache.write_failed(out, failures)
+        manifest.n_failed = len(failures)
+        cache.write_manifest(out, manifest)  # the commit point: the part now exists for readers
+
+    bar = tqdm(
+        total=len(source.records), initial=n_skipped, unit="img", desc="embed", disable=not config.progress,
+        file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
+    )
+    start = time.perf_counter()
+    try:
+        for positions, images, failed in loader:
+            for i, err in failed:
+                failures.append({"id": pending[i].id, "path": pending[i].path, "error": err})
+            if images is not None:
+                buffer_emb.append(encoder.encode_images(images).cpu().numpy())
+                buffer_pos += positions
+                n_embedded += len(positions)
+            bar.update(len(positions) + len(failed))
+            if failed:
+                bar.set_postfix(failed=len(failures))
+            if len(buffer_pos) >= config.part_size:
+                commit()
+        seconds = time.perf_counter() - start
+        commit()
+    except KeyboardInterrupt:
+        bar.close()
+        commit()  # keep what was embedded before Ctrl-C
+        raise EmbedInterrupted(
+            f"interrupted: {manifest.n_images} of {len(source.records)} images are in {str(out)!r} "
+            f"({len(manifest.parts)} parts). Re-run the same command to resume."
+        ) from None
+    finally:
+        bar.close()
+    manifest.complete = manifest.n_images + len(failures) >= len(source.records)
+    cache.write_manifest(out, manifest)
+    return EmbedResult(str(out), len(source.records), n_embedded, n_skipped, len(failures), seconds, n_removed, failures)

@@ -1,0 +1,322 @@
+"""open_clip encoders: model names, pretrained weights (tag, local file or random init),
+preprocessing, tokenizers and prompt templates.
+
+Importing this module registers vlaug's tiny model configs (``vlaug-tiny`` and
+``vlaug-tiny-coca``: 2 layers, width 64, 32-px input) with open_clip, so the demo and
+the tests run without downloading weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from vlaug.errors import EncoderError, UsageError
+
+TINY_MODEL = "vlaug-tiny"
+TINY_COCA_MODEL = "vlaug-tiny-coca"
+RANDOM_WEIGHTS = "none"
+open_clip.add_model_config(Path(__file__).parent / "model_configs")
+
+# Prompt templates. `simple` is the 7-template subset of CLIP's ImageNet ensemble that
+# OpenAI's prompt-engineering notebook recommends (open_clip's SIMPLE_IMAGENET_TEMPLATES);
+# `openai` is the full 80-template ensemble; `photo` is LARE's single prompt.
+TEMPLATE_PRESETS: dict[str, list[str]] = {
+    "simple": [t("{}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES],
+    "openai": [t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES],
+    "photo": ["a photo of a {}."],
+}
+CLASSES_PROMPT_SET = "classes"  # name of the class-name prompt ensemble in texts.parquet
+_PROMPT_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# ----------------------------------------------------------------------------- templates
+
+
+def check_template(template: str, where: str) -> str:
+    """Return ``template`` if it formats a class name through exactly one ``{}``."""
+    if "{}" not in template:
+        raise UsageError(f"template {template!r} ({where}) has no '{{}}' where the class name goes. Add '{{}}'.")
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError):
+        raise UsageError(
+            f"template {template!r} ({where}) must contain '{{}}' and no other braces; write a literal brace as '{{{{'."
+        ) from None
+    return template
+
+
+def read_templates_file(path: str | os.PathLike) -> list[str]:
+    """One template per line; blank lines and lines starting with ``#`` are skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(
+            f"templates {str(path)!r} is neither a preset ({', '.join(TEMPLATE_PRESETS)}) nor a file. "
+            "Pass a preset name or a text file with one template per line."
+        )
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    templates = [check_template(ln, str(p)) for ln in lines if ln and not ln.startswith("#")]
+    if not templates:
+        raise UsageError(f"templates file {str(p)!r} holds no template. Write one per line, e.g. 'a photo of a {{}}.'")
+    return templates
+
+
+def resolve_templates(spec: str) -> list[str]:
+    """A preset name (``simple``, ``openai``, ``photo``) or a templates file."""
+    if spec in TEMPLATE_PRESETS:
+        return list(TEMPLATE_PRESETS[spec])
+    return read_templates_file(spec)
+
+
+def parse_prompt_sets(specs: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
+    """Parse ``NAME=TEMPLATE`` or ``NAME=@FILE`` specs; a name given twice collects several templates."""
+    sets: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not value:
+            raise UsageError(f"--prompt-set {spec!r} must look like NAME=TEMPLATE, e.g. \"painting=a painting of a {{}}.\"")
+        if not _PROMPT_SET_NAME.match(name) or name == CLASSES_PROMPT_SET:
+            raise UsageError(
+                f"--prompt-set name {name!r} must be letters, digits, '_', '-' or '.', and not {CLASSES_PROMPT_SET!r}."
+            )
+        templates = read_templates_file(value[1:]) if value.startswith("@") else [check_template(value, f"--prompt-set {name}")]
+        sets.setdefault(name, []).extend(templates)
+    return sets
+
+
+# ----------------------------------------------------------------------------- model spec
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    model: str  # as given: a built-in name, or hf-hub:ORG/REPO, or local-dir:PATH
+    pretrained: str  # "none", a tag, an absolute checkpoint path, or "" when the schema carries weights
+    checkpoint_sha256: str | None = None  # of a local checkpoint file
+
+    @property
+    def random_weights(self) -> bool:
+        return self.pretrained == RANDOM_WEIGHTS
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_encoder_spec(model: str, pretrained: str | None) -> EncoderSpec:
+    """Validate a model name and pretrained value without loading or downloading anything.
+
+    Raises:
+        EncoderError: unknown model, unknown pretrained tag, missing checkpoint file.
+    """
+    pretrained = (pretrained or "").strip()
+    if pretrained.lower() == RANDOM_WEIGHTS:
+        pretrained = RANDOM_WEIGHTS
+    if model.startswith(("hf-hub:", "local-dir:")):
+        if model.startswith("local-dir:") and not Path(model[len("local-dir:"):]).is_dir():
+            raise EncoderError(f"--model {model!r}: folder not found. Pass a folder with open_clip_config.json and weights.")
+        # the weights come with the hub repo or the folder; --pretrained none still gives random weights
+        return EncoderSpec(model, RANDOM_WEIGHTS if pretrained == RANDOM_WEIGHTS else "")
+
+    name = model.replace("/", "-")
+    known = open_clip.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise EncoderError(
+            f"unknown model {model!r}.{hint} Pass an open_clip name (e.g. ViT-B-32, ViT-L-14, coca_ViT-B-32; "
+            "`python -c \"import open_clip; print(open_clip.list_models())\"` lists them), hf-hub:ORG/REPO or local-dir:PATH."
+        )
+    if pretrained == RANDOM_WEIGHTS:
+        return EncoderSpec(name, RANDOM_WEIGHTS)
+    if not pretrained:
+        raise EncoderError(
+            f"--pretrained is empty. Pass a tag ({', '.join(open_clip.list_pretrained_tags_by_model(name)[:4]) or 'none known'}),"
+            " a checkpoint file, or 'none' for random weights."
+        )
+    if Path(pretrained).is_file():
+        path = Path(pretrained).resolve()
+        return EncoderSpec(name, str(path), _sha256(path))
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained in tags or open_clip.get_pretrained_cfg(name, pretrained):
+        return EncoderSpec(name, pretrained)
+    looks_like_path = os.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors", ".npz")
+    if looks_like_path:
+        raise EncoderError(f"--pretrained {pretrained!r}: checkpoint file not found. Check the path.")
+    raise EncoderError(
+        f"unknown pretrained tag {pretrained!r} for {name}; known tags: {tags or 'none'}. "
+        "Pass one of them, a local checkpoint file, or 'none' for random weights."
+    )
+
+
+# ----------------------------------------------------------------------------- device, precision
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an unavailable device is an error."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine. Use --device auto or cpu.")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: MPS is not available on this machine. Use --device auto or cpu.")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps.") from None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast on GPUs that support it (else fp16), fp32 on CPU."""
+    if precision != "auto":
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise UsageError(f"--precision {precision!r}; use auto, fp32, bf16 or fp16.")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "mps":
+        return "fp16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for ``precision`` on ``device`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- encoder
+
+
+@dataclass
+class Encoder:
+    """A frozen open_clip model with its preprocessing and tokenizer."""
+
+    model: torch.nn.Module
+    preprocess: Callable  # PIL image -> (3, H, W) tensor
+    tokenizer: Callable
+    spec: EncoderSpec
+    embed_dim: int
+    device: torch.device
+    precision: str
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) preprocessed images -> (n, d) L2-normalised float32 embeddings."""
+        images = images.to(self.device, non_blocking=True)
+        with autocast(self.device, self.precision):
+            features = self.model.encode_image(images, normalize=False)
+        return F.normalize(features.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_prompts(self, class_names: list[str], templates: list[str]) -> torch.Tensor:
+        """The CLIP template ensemble: (n_classes, d) float32, one normalised row per class.
+
+        Each template is encoded and normalised, the templates of a class are averaged and
+        the mean is re-normalised: exactly open_clip's ``build_zero_shot_classifier``.
+        Underscores in class names become spaces in the prompts (``paint_can`` -> ``paint can``).
+        """
+        names = [c.replace("_", " ") for c in class_names]
+        with autocast(self.device, self.precision):
+            weights = open_clip.build_zero_shot_classifier(
+                self.model, self.tokenizer, names, templates, num_classes_per_batch=10, device=self.device
+            )
+        return F.normalize(weights.T.float(), dim=-1).cpu()
+
+
+def load_encoder(
+    model: str = TINY_MODEL,
+    pretrained: str | EncoderSpec = RANDOM_WEIGHTS,
+    device: str = "auto",
+    precision: str = "auto",
+    seed: int = 0,
+) -> Encoder:
+    """Build an open_clip model in eval mode.
+
+    Args:
+        model: open_clip model name, ``hf-hub:ORG/REPO`` or ``local-dir:PATH``.
+        pretrained: a tag (downloaded by open_clip), a local checkpoint file, or
+            ``none`` for random weights seeded by ``seed`` (same seed -> same weights).
+        device: ``auto``, ``cpu``, ``cuda[:N]`` or ``mps``.
+        precision: ``auto`` (bf16/fp16 autocast on GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
+
+    Raises:
+        EncoderError: unknown model or tag, a checkpoint that does not fit the model, a
+            failed download.
+    """
+    spec = pretrained if isinstance(pretrained, EncoderSpec) else check_encoder_spec(model, pretrained)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    kwargs = dict(device="cpu", precision="fp32")
+    if spec.model.startswith(("hf-hub:", "local-dir:")):
+        kwargs["load_weights"] = not spec.random_weights
+    elif not spec.random_weights:
+        kwargs["pretrained"] = spec.pretrained
+    try:
+        # Random weights come from a private generator state: same seed, same model, and
+        # the caller's global RNG is left as it was.
+        with torch.random.fork_rng(devices=[]), _quiet_open_clip(spec.random_weights):
+            torch.manual_seed(seed)
+            net, _, preprocess = open_clip.create_model_and_transforms(spec.model, **kwargs)
+    except RuntimeError as e:
+        reason = str(e).splitlines()[0][:300]
+        if "Error(s) in loading state_dict" in str(e) or "size mismatch" in str(e):
+            raise EncoderError(
+                f"checkpoint {spec.pretrained!r} does not fit model {spec.model}: {reason}. "
+                "Pass the --model the checkpoint was trained with."
+            ) from None
+        raise EncoderError(
+            f"could not load {spec.model} weights {spec.pretrained!r}: {reason}. Without internet access, download the "
+            "checkpoint elsewhere and pass its file with --pretrained PATH."
+        ) from None
+    except (OSError, ValueError) as e:
+        raise EncoderError(f"could not load {spec.model} weights {spec.pretrained!r}: {str(e).splitlines()[0][:300]}.") from None
+    net = net.to(dev).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(spec.model)
+    embed_dim = _embed_dim(net)
+    return Encoder(net, preprocess, tokenizer, spec, embed_dim, dev, prec)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip(quiet: bool):
+    """Silence open_clip's own "initialized randomly" log line; vlaug prints a louder one."""
+    root = logging.getLogger()
+    level = root.level
+    if quiet:
+        root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _embed_dim(net: torch.nn.Module) -> int:
+    """Output dimension of encode_image, read from a 1-image forward on the model's own input size."""
+    size = net.visual.image_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    device = next(net.parameters()).device
+    with torch.no_grad():
+        return int(net.encode_image(torch.zeros(1, 3, *size, device=device)).shape[-1])

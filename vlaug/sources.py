@@ -1,0 +1,310 @@
+"""Image sources: a folder in ``class/image`` or ``domain/class/image`` layout, or a
+CSV/Parquet manifest. A source becomes an ordered list of :class:`ImageRecord`; the
+order is deterministic (sorted folders and files, or the manifest's row order), which is
+what makes ``vlaug embed`` resumable and its output reproducible.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from vlaug.errors import SourceError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
+)
+MANIFEST_EXTENSIONS = frozenset({".csv", ".parquet", ".pq"})
+SPLITS = ("train", "val", "test", "")
+
+
+class Layout(str, Enum):
+    auto = "auto"
+    class_folders = "class"  # ROOT/class/image
+    domain_class_folders = "domain-class"  # ROOT/domain/class/image (DomainBed style)
+    manifest = "manifest"  # CSV or Parquet with columns path, class|label [, domain, split, id]
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: str  # stable key: path relative to the source root, or the manifest's id
+    path: str  # where the image is read from
+    label: int  # index into Source.classes
+    class_name: str
+    domain: str = ""  # "" when the source has no domains
+    split: str = ""  # train / val / test when the source says so, else ""
+
+
+@dataclass(frozen=True)
+class Source:
+    root: str  # the folder or manifest file given by the user, resolved
+    layout: str  # the Layout value that was used
+    records: list[ImageRecord]
+    classes: list[str]  # ordered; ImageRecord.label indexes it
+    domains: list[str] = field(default_factory=list)  # sorted, without ""
+    n_ignored_files: int = 0  # files without an image extension that were skipped
+
+
+def read_class_file(path: str | os.PathLike) -> list[str]:
+    """Read a class list: one name per line, blank lines and ``#`` comments ignored."""
+    p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"classes file {str(p)!r} not found. Pass a text file with one class name per line.")
+    names = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    if not names:
+        raise SourceError(f"classes file {str(p)!r} lists no class. Write one class name per line.")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SourceError(f"classes file {str(p)!r} lists {dupes[:5]} more than once. Keep each class once.")
+    return names
+
+
+def load_source(
+    source: str | os.PathLike,
+    layout: Layout | str = Layout.auto,
+    classes: list[str] | None = None,
+) -> Source:
+    """Scan a folder or read a manifest into an ordered list of image records.
+
+    Args:
+        source: a folder (``class/image`` or ``domain/class/image``) or a ``.csv`` /
+            ``.parquet`` manifest.
+        layout: force a layout instead of detecting it.
+        classes: the class order to use (``--classes``); by default sorted folder names
+            or the manifest's order of first appearance.
+
+    Returns:
+        a :class:`Source`.
+
+    Raises:
+        SourceError: missing or empty source, ambiguous layout, malformed manifest,
+            classes missing from ``classes``, duplicate ids.
+    """
+    layout = Layout(layout)
+    root = Path(source)
+    if not root.exists():
+        raise SourceError(f"source {str(source)!r} does not exist. Pass an image folder or a CSV/Parquet manifest.")
+    if layout is Layout.manifest or (layout is Layout.auto and root.is_file()):
+        if not root.is_file():
+            raise SourceError(f"--layout manifest needs a CSV or Parquet file, but {str(source)!r} is a folder.")
+        return _load_manifest(root.resolve(), classes)
+    if not root.is_dir():
+        raise SourceError(f"source {str(source)!r} is neither a folder nor a CSV/Parquet manifest.")
+    return _load_folder(root.resolve(), layout, classes)
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def _visible_entries(folder: Path) -> list[os.DirEntry]:
+    """Entries of a folder without hidden ones, sorted by name."""
+    try:
+        entries = [e for e in os.scandir(folder) if not e.name.startswith(".")]
+    except OSError as e:
+        raise SourceError(f"cannot list folder {str(folder)!r}: {e.strerror}. Check its permissions.") from None
+    return sorted(entries, key=lambda e: e.name)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # e.g. a symlink loop: treat as a file, it will fail to load and be recorded
+        return False
+
+
+def _walk_images(folder: Path) -> tuple[list[Path], int]:
+    """Image files below a folder (recursive, sorted), and the number of other files skipped."""
+    images, n_ignored = [], 0
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=None, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(Path(dirpath) / name)
+            else:
+                n_ignored += 1
+    # os.walk yields a folder's files before its subfolders'; sort the whole list by
+    # relative path so the order does not depend on the walk.
+    images.sort(key=lambda p: p.relative_to(folder).as_posix())
+    return images, n_ignored
+
+
+def _has_direct_images(folder: Path) -> bool:
+    return any(
+        not _is_dir(e) and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS for e in _visible_entries(folder)
+    )
+
+
+def _detect_layout(root: Path, top_dirs: list[Path]) -> Layout:
+    direct = [d for d in top_dirs if _has_direct_images(d)]
+    nested = [d for d in top_dirs if d not in direct and any(_is_dir(e) for e in _visible_entries(d))]
+    if direct and not nested:
+        return Layout.class_folders
+    if nested and not direct:
+        return Layout.domain_class_folders
+    if direct and nested:
+        raise SourceError(
+            f"cannot tell the layout of {str(root)!r}: {direct[0].name}/ holds images but {nested[0].name}/ "
+            "holds folders. Pass --layout class or --layout domain-class."
+        )
+    raise SourceError(
+        f"source folder {str(root)!r} has no images in class/ or domain/class/ sub-folders. "
+        "Lay images out as ROOT/class/image.jpg or ROOT/domain/class/image.jpg, or pass a manifest."
+    )
+
+
+def _load_folder(root: Path, layout: Layout, classes: list[str] | None) -> Source:
+    top_dirs = [Path(e.path) for e in _visible_entries(root) if _is_dir(e)]
+    if not top_dirs:
+        raise SourceError(
+            f"source folder {str(root)!r} is empty or has no sub-folders. "
+            "Lay images out as ROOT/class/image.jpg or ROOT/domain/class/image.jpg."
+        )
+    if layout is Layout.auto:
+        layout = _detect_layout(root, top_dirs)
+
+    # (domain, class folder) pairs in sorted order
+    groups: list[tuple[str, Path]] = []
+    if layout is Layout.class_folders:
+        groups = [("", d) for d in top_dirs]
+    else:
+        for domain_dir in top_dirs:
+            groups += [(domain_dir.name, Path(e.path)) for e in _visible_entries(domain_dir) if _is_dir(e)]
+
+    found = sorted({class_dir.name for _, class_dir in groups})
+    class_names = _resolve_classes(found, classes, where=f"folder {str(root)!r}")
+    index = {name: i for i, name in enumerate(class_names)}
+
+    records, n_ignored = [], 0
+    for domain, class_dir in groups:
+        images, ignored = _walk_images(class_dir)
+        n_ignored += ignored
+        for path in images:
+            records.append(
+                ImageRecord(
+                    id=path.relative_to(root).as_posix(),
+                    path=str(path),
+                    label=index[class_dir.name],
+                    class_name=class_dir.name,
+                    domain=domain,
+                )
+            )
+    if not records:
+        raise SourceError(
+            f"source folder {str(root)!r} holds no image files (extensions {sorted(IMAGE_EXTENSIONS)}). "
+            "Check the path."
+        )
+    domains = sorted({r.domain for r in records} - {""})
+    return Source(str(root), layout.value, records, class_names, domains, n_ignored)
+
+
+def _resolve_classes(found: list[str], classes: list[str] | None, where: str) -> list[str]:
+    """The class order: ``classes`` when given (every found class must be in it), else ``found``."""
+    if classes is None:
+        return list(found)
+    missing = [c for c in found if c not in set(classes)]
+    if missing:
+        raise SourceError(
+            f"{where} has classes {missing[:5]} that the --classes file does not list. "
+            "Add them to the file or remove those images."
+        )
+    return list(classes)
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+def _load_manifest(path: Path, classes: list[str] | None) -> Source:
+    from vlaug.cache import read_table_columns
+
+    if path.suffix.lower() not in MANIFEST_EXTENSIONS:
+        raise SourceError(
+            f"manifest {str(path)!r} must end in .csv or .parquet (got {path.suffix!r}). "
+            "Rename it, or pass an image folder."
+        )
+    columns = read_table_columns(path)
+    n_rows = len(next(iter(columns.values()))) if columns else 0
+    if "path" not in columns or not ({"class", "label"} & set(columns)):
+        raise SourceError(
+            f"manifest {str(path)!r} has columns {sorted(columns)}; it needs 'path' and 'class' (or 'label'), "
+            "optionally 'domain', 'split' and 'id'."
+        )
+    if n_rows == 0:
+        raise SourceError(f"manifest {str(path)!r} has no rows. Add one row per image.")
+
+    base = path.parent
+    paths = [_cell(v) for v in columns["path"]]
+    empty = [i + 1 for i, p in enumerate(paths) if not p]
+    if empty:
+        raise SourceError(f"manifest {str(path)!r} rows {empty[:5]} have an empty 'path'. Fill them or delete them.")
+
+    class_of_row, class_names = _manifest_classes(columns, classes, path)
+    index = {name: i for i, name in enumerate(class_names)}
+
+    domains = [_cell(v) for v in columns.get("domain", [""] * n_rows)]
+    splits = [_cell(v).lower() for v in columns.get("split", [""] * n_rows)]
+    bad_splits = sorted({s for s in splits if s not in SPLITS})
+    if bad_splits:
+        raise SourceError(
+            f"manifest {str(path)!r} has split values {bad_splits[:5]}; use 'train', 'val', 'test' or leave it empty."
+        )
+    ids = [_cell(v) for v in columns["id"]] if "id" in columns else paths
+    empty_ids = [i + 1 for i, v in enumerate(ids) if not v]
+    if empty_ids:
+        raise SourceError(f"manifest {str(path)!r} rows {empty_ids[:5]} have an empty 'id'. Fill them or drop the column.")
+    seen, dupes = set(), []
+    for v in ids:
+        if v in seen:
+            dupes.append(v)
+        seen.add(v)
+    if dupes:
+        raise SourceError(
+            f"manifest {str(path)!r} has duplicate ids {sorted(set(dupes))[:5]}. "
+            "Each row needs its own 'id' (or its own 'path' when there is no 'id' column)."
+        )
+
+    records = []
+    for i in range(n_rows):
+        p = Path(paths[i])
+        resolved = p if p.is_absolute() else base / p
+        name = class_of_row[i]
+        records.append(ImageRecord(ids[i], str(resolved), index[name], name, domains[i], splits[i]))
+    return Source(str(path), Layout.manifest.value, records, class_names, sorted(set(domains) - {""}), 0)
+
+
+def _cell(value) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _manifest_classes(columns: dict, classes: list[str] | None, path: Path) -> tuple[list[str], list[str]]:
+    """Each row's class name and the ordered class list, from a 'class' or 'label' column."""
+    if "class" in columns:
+        names = [_cell(v) for v in columns["class"]]
+        empty = [i + 1 for i, n in enumerate(names) if not n]
+        if empty:
+            raise SourceError(f"manifest {str(path)!r} rows {empty[:5]} have an empty 'class'. Fill them or delete them.")
+        found = list(dict.fromkeys(names))  # order of first appearance
+        return names, _resolve_classes(found, classes, where=f"manifest {str(path)!r}")
+
+    labels = []
+    for i, v in enumerate(columns["label"]):
+        try:
+            labels.append(int(str(v).strip()))
+        except (TypeError, ValueError):
+            raise SourceError(
+                f"manifest {str(path)!r} row {i + 1} has label {v!r}; 'label' must be an integer class index "
+                "(or use a 'class' column with names)."
+            ) from None
+    n_classes = len(classes) if classes is not None else max(labels) + 1
+    bad = sorted({v for v in labels if not 0 <= v < n_classes})
+    if bad:
+        raise SourceError(
+            f"manifest {str(path)!r} has labels {bad[:5]} outside 0..{n_classes - 1} "
+            f"({'the --classes file lists' if classes is not None else 'inferred'} {n_classes} classes)."
+        )
+    class_names = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
+    return [class_names[v] for v in labels], class_names
