@@ -342,27 +342,37 @@ def _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_remo
     n_embedded = 0
     next_index = _next_part_index(manifest.parts)
 
-    def commit() -> None:
+    def write_part(n: int) -> None:
+        """Write the first ``n`` buffered rows as the next part."""
         nonlocal next_index, buffer_pos, buffer_emb
-        if buffer_pos:
-            recs = [pending[i] for i in buffer_pos]
-            rows = {
-                "id": [r.id for r in recs],
-                "path": [r.path for r in recs],
-                "label": [r.label for r in recs],
-                "class_name": [r.class_name for r in recs],
-                "domain": [r.domain for r in recs],
-                "split": [r.split for r in recs],
-            }
-            name = cache.part_name(next_index)
-            cache.write_part(out, name, rows, np.concatenate(buffer_emb), config.dtype)
-            manifest.parts.append(name)
-            manifest.n_images += len(recs)
-            next_index += 1
-            buffer_pos, buffer_emb = [], []
-        cache.write_failed(out, failures)
-        manifest.n_failed = len(failures)
-        cache.write_manifest(out, manifest)  # the commit point: the part now exists for readers
+        emb = np.concatenate(buffer_emb)
+        recs = [pending[i] for i in buffer_pos[:n]]
+        rows = {
+            "id": [r.id for r in recs],
+            "path": [r.path for r in recs],
+            "label": [r.label for r in recs],
+            "class_name": [r.class_name for r in recs],
+            "domain": [r.domain for r in recs],
+            "split": [r.split for r in recs],
+        }
+        name = cache.part_name(next_index)
+        cache.write_part(out, name, rows, emb[:n], config.dtype)
+        manifest.parts.append(name)
+        manifest.n_images += n
+        next_index += 1
+        buffer_pos, buffer_emb = buffer_pos[n:], [emb[n:]]
+
+    def commit(final: bool) -> None:
+        """Write full parts (and the remainder when ``final``), then the manifest: the commit point."""
+        n_parts = len(manifest.parts)
+        while len(buffer_pos) >= config.part_size:
+            write_part(config.part_size)
+        if final and buffer_pos:
+            write_part(len(buffer_pos))
+        if final or len(manifest.parts) > n_parts:
+            cache.write_failed(out, failures)
+            manifest.n_failed = len(failures)
+            cache.write_manifest(out, manifest)
 
     bar = tqdm(
         total=len(source.records), initial=n_skipped, unit="img", desc="embed", disable=not config.progress,
@@ -380,13 +390,12 @@ def _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_remo
             bar.update(len(positions) + len(failed))
             if failed:
                 bar.set_postfix(failed=len(failures))
-            if len(buffer_pos) >= config.part_size:
-                commit()
+            commit(final=False)
         seconds = time.perf_counter() - start
-        commit()
+        commit(final=True)
     except KeyboardInterrupt:
         bar.close()
-        commit()  # keep what was embedded before Ctrl-C
+        commit(final=True)  # keep what was embedded before Ctrl-C
         raise EmbedInterrupted(
             f"interrupted: {manifest.n_images} of {len(source.records)} images are in {str(out)!r} "
             f"({len(manifest.parts)} parts). Re-run the same command to resume."
