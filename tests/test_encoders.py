@@ -9,6 +9,7 @@ from vlaug.encoders import (
     load_encoder,
     parse_prompt_sets,
     resolve_templates,
+    split_preprocess,
 )
 from vlaug.errors import EncoderError, UsageError
 
@@ -125,3 +126,36 @@ def test_unavailable_device_is_a_usage_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UsageError, match="CUDA is not available"):
         load_encoder("vlaug-tiny", "none", "cuda")
+
+
+def _photos(tmp_path):
+    from PIL import Image
+
+    from tests.conftest import write_image
+
+    return [Image.open(write_image(tmp_path / f"{i}.jpg", i, size=50 + 90 * i)).convert("RGB") for i in range(3)]
+
+
+def test_uint8_worker_path_gives_identical_embeddings(tmp_path):
+    enc = load_encoder("vlaug-tiny", "none", "cpu")
+    assert enc.preprocess_uint8 is not None and enc.worker_preprocess is enc.preprocess_uint8
+    images = _photos(tmp_path)
+    as_uint8 = torch.stack([enc.preprocess_uint8(im) for im in images])
+    as_float = torch.stack([enc.preprocess(im) for im in images])
+    assert as_uint8.dtype == torch.uint8
+    torch.testing.assert_close(enc.encode_images(as_uint8), enc.encode_images(as_float), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
+def test_split_of_open_clip_224_transforms_is_exact(tmp_path, resize_mode):
+    preprocess = open_clip.image_transform(224, is_train=False, resize_mode=resize_mode)
+    pil_part, mean, std = split_preprocess(preprocess)
+    m, s = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+    for im in _photos(tmp_path):
+        torch.testing.assert_close(pil_part(im).float().div(255).sub_(m).div_(s), preprocess(im), rtol=0, atol=0)
+
+
+def test_unknown_transform_is_not_split():
+    import torchvision.transforms as T
+
+    assert split_preprocess(T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3), T.RandomErasing()])) is None

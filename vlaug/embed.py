@@ -328,7 +328,7 @@ def _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_remo
         workers = 0  # starting processes costs more than it hides
     batches = [list(range(i, min(i + config.batch_size, len(pending)))) for i in range(0, len(pending), config.batch_size)]
     loader = torch.utils.data.DataLoader(
-        _ImageDataset(pending, encoder.preprocess),
+        _ImageDataset(pending, encoder.worker_preprocess),
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=_collate,

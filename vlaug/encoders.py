@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import open_clip
 import torch
+import torchvision.transforms as T
 import torch.nn.functional as F
 
 from vlaug.errors import EncoderError, UsageError
@@ -209,22 +211,68 @@ def autocast(device: torch.device, precision: str):
 # ----------------------------------------------------------------------------- encoder
 
 
+class _ToUInt8Tensor:
+    """PIL image -> (3, H, W) uint8 tensor: ToTensor without the float conversion."""
+
+    def __call__(self, pic):
+        return torch.from_numpy(np.array(pic.convert("RGB"), dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def split_preprocess(preprocess: Callable) -> tuple[Callable, tuple, tuple] | None:
+    """Split open_clip's eval transform into a PIL part that ends in uint8 and (mean, std).
+
+    open_clip's eval transform is ``Compose([Resize, CenterCrop, convert RGB, ToTensor,
+    Normalize])``. Decoding workers then send uint8 tensors (4x less to copy and pin) and
+    the float conversion and normalisation run batched on the model's device, with the
+    same operations in the same order as ToTensor and Normalize (identical results).
+    Returns None for a transform of another shape, which then runs whole in the workers.
+    """
+    steps = getattr(preprocess, "transforms", None)
+    if not steps or len(steps) < 2:
+        return None
+    # everything before ToTensor already works on PIL images
+    *pil_steps, to_tensor, normalize = steps
+    if not isinstance(to_tensor, T.ToTensor) or not isinstance(normalize, T.Normalize):
+        return None
+    return T.Compose([*pil_steps, _ToUInt8Tensor()]), tuple(normalize.mean), tuple(normalize.std)
+
+
 @dataclass
 class Encoder:
     """A frozen open_clip model with its preprocessing and tokenizer."""
 
     model: torch.nn.Module
-    preprocess: Callable  # PIL image -> (3, H, W) tensor
+    preprocess: Callable  # PIL image -> (3, H, W) float tensor: open_clip's eval transform
     tokenizer: Callable
     spec: EncoderSpec
     embed_dim: int
     device: torch.device
     precision: str
+    # PIL image -> (3, H, W) uint8 tensor, and the normalisation encode_images applies to
+    # uint8 input; None when the transform could not be split (workers then run `preprocess`)
+    preprocess_uint8: Callable | None = None
+    mean: tuple | None = None
+    std: tuple | None = None
+
+    @property
+    def worker_preprocess(self) -> Callable:
+        """What decoding workers run: the uint8 part when there is one."""
+        return self.preprocess_uint8 or self.preprocess
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(n, 3, H, W) preprocessed images -> (n, d) L2-normalised float32 embeddings."""
+        """(n, 3, H, W) images -> (n, d) L2-normalised float32 embeddings.
+
+        ``images`` are either preprocessed floats or uint8 from ``preprocess_uint8``,
+        which are scaled and normalised here exactly as ToTensor + Normalize would.
+        """
         images = images.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            if self.mean is None:
+                raise ValueError("uint8 images need an encoder whose preprocessing was split (preprocess_uint8)")
+            mean = torch.as_tensor(self.mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+            std = torch.as_tensor(self.std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+            images = images.to(torch.float32).div(255).sub_(mean).div_(std)
         with autocast(self.device, self.precision):
             features = self.model.encode_image(images, normalize=False)
         return F.normalize(features.float(), dim=-1)
@@ -297,7 +345,9 @@ def load_encoder(
         p.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(spec.model)
     embed_dim = _embed_dim(net)
-    return Encoder(net, preprocess, tokenizer, spec, embed_dim, dev, prec)
+    split = split_preprocess(preprocess)
+    pil_part, mean, std = split if split else (None, None, None)
+    return Encoder(net, preprocess, tokenizer, spec, embed_dim, dev, prec, pil_part, mean, std)
 
 
 @contextlib.contextmanager

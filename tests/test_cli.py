@@ -1,0 +1,89 @@
+"""The CLI as glue: CliRunner end to end on generated images, exit codes, one-line errors."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import make_domain_folder
+from vlaug import cache
+from vlaug.cli import app
+
+runner = CliRunner()
+TINY = ["--model", "vlaug-tiny", "--pretrained", "none", "--workers", "0", "--no-progress"]
+
+
+def test_embed_then_info(tmp_path):
+    src = make_domain_folder(tmp_path / "src", n=3)
+    (src / "photo" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    out = tmp_path / "feat"
+    r = runner.invoke(app, ["embed", str(src), "--out", str(out), *TINY, "--prompt-set", "sketch=a sketch of a {}."])
+    assert r.exit_code == 0, r.output
+    assert "embedded 12, skipped 0 (already in cache), failed 1" in r.stdout
+    assert "RANDOM weights" in r.stderr and "failed.parquet" in r.stderr
+    assert len(cache.read_cache(out)) == 12
+
+    r = runner.invoke(app, ["info", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "per domain   photo 6, sketch 6" in r.stdout
+    assert "per class    cat 6, dog 6" in r.stdout
+    assert "prompt sets  classes (7 templates), sketch (1 template)" in r.stdout
+    assert "photo/cat/broken.jpg:" in r.stdout
+    assert "d=64, stored as float16" in r.stdout
+
+    r = runner.invoke(app, ["embed", str(src), "--out", str(out), *TINY, "--prompt-set", "sketch=a sketch of a {}.", "--strict"])
+    assert r.exit_code == 1
+    assert "embedded 0, skipped 12" in r.stdout
+    assert r.stderr.strip().splitlines()[-1] == "error: --strict: 1 input(s) failed."
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["embed", "{tmp}/nowhere", "--out", "{tmp}/feat"], "does not exist"),
+        (["embed", "{src}", "--out", "{tmp}/feat", "--model", "ViT-B-99"], "unknown model"),
+        (["embed", "{src}", "--out", "{tmp}/feat", "--model", "ViT-B-32", "--pretrained", "laion5z"], "unknown pretrained tag"),
+        (["embed", "{tmp}/m.csv", "--out", "{tmp}/feat"], "needs 'path' and 'class'"),
+        (["embed", "{src}", "--out", "{tmp}/file.txt"], "is a file"),
+        (["embed", "{src}", "--out", "{tmp}/feat", "--templates", "{tmp}/t.txt"], "has no '{}'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, match):
+    src = make_domain_folder(tmp_path / "src", n=1)
+    (tmp_path / "m.csv").write_text("file,label\na.png,0\n")
+    (tmp_path / "file.txt").write_text("keep me")
+    (tmp_path / "t.txt").write_text("a photo of a cat\n")
+    args = [a.format(tmp=tmp_path, src=src) for a in args]
+    if "--model" not in args:
+        args += ["--model", "vlaug-tiny", "--pretrained", "none"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and match in r.stderr
+    assert not (tmp_path / "feat").exists()
+    assert (tmp_path / "file.txt").read_text() == "keep me"
+
+
+def test_usage_errors_from_typer_exit_2(tmp_path):
+    r = runner.invoke(app, ["embed", str(tmp_path), "--out", str(tmp_path / "f"), "--precision", "fp8"])
+    assert r.exit_code == 2
+
+
+def test_info_on_a_folder_that_is_not_a_cache(tmp_path):
+    r = runner.invoke(app, ["info", str(tmp_path)])
+    assert r.exit_code == 1 and "not a vlaug feature cache" in r.stderr
+
+
+def test_demo_runs_on_the_bundled_data(tmp_path):
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "embedded 300, skipped 0 (already in cache), failed 0" in r.stdout
+    assert "per domain   painting 100, photo 100, sketch 100" in r.stdout
+    assert "--pretrained laion2b_s34b_b79k" in r.stdout
+    manifest = json.loads((tmp_path / "demo" / "features" / "manifest.json").read_text())
+    assert manifest["model"] == "vlaug-tiny" and manifest["pretrained"] == "none"
+    assert set(manifest["prompt_sets"]) == {"photo", "sketch", "painting"}
+
+
+def test_version():
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.startswith("vlaug ")
