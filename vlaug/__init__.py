@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from vlaug.errors import (  # noqa: E402
     CacheError,
     CacheMismatchError,
+    CheckpointError,
     EmbedFailuresError,
     EncoderError,
     SourceError,
@@ -20,6 +21,7 @@ __all__ = [
     "__version__",
     "CacheError",
     "CacheMismatchError",
+    "CheckpointError",
     "EmbedFailuresError",
     "EncoderError",
     "SourceError",
@@ -31,6 +33,9 @@ __all__ = [
     "read_manifest",
     "load_source",
     "load_encoder",
+    "load_head",
+    "TrainConfig",
+    "train_head",
 ]
 
 
@@ -52,4 +57,12 @@ def __getattr__(name):
         from vlaug.encoders import load_encoder
 
         return load_encoder
+    if name == "load_head":
+        from vlaug.checkpoint import load_head
+
+        return load_head
+    if name in ("TrainConfig", "train_head"):
+        from vlaug import train as _train
+
+        return getattr(_train, name)
     raise AttributeError(f"module 'vlaug' has no attribute {name!r}")

@@ -36,3 +36,7 @@ class CacheMismatchError(UsageError):
 
 class EmbedFailuresError(VlaugError):
     """Some inputs could not be embedded and ``--strict`` was given (exit code 1)."""
+
+
+class CheckpointError(UsageError):
+    """A head checkpoint is missing, malformed or does not fit its config."""

@@ -44,3 +44,32 @@ def format_cache_info(info: dict, max_failures: int = 10) -> str:
             f"(the next vlaug embed run removes them): {', '.join(info['unfinished'][:5])}"
         )
     return "\n".join(lines)
+
+
+def format_head_info(path: str, config: dict, stats: dict | None = None, top: int = 5) -> str:
+    """The text of ``vlaug info HEAD_DIR``."""
+    t, c, h = config.get("training", {}), config["cache"], config["head"]
+    history = config.get("history", [])
+    selected = config.get("selected_epoch")
+    lines = [
+        f"head         {path}",
+        f"kind         {config['kind']}",
+        f"hyperparams  {', '.join(f'{k}={v}' for k, v in h.items())}",
+        f"trained on   {c['model']} / {c['pretrained'] or '(model source)'} (d={c['embed_dim']}), "
+        f"{len(c['classes'])} classes, domains {t.get('train_domains')}",
+        f"training     {t.get('n_train')} rows, {t.get('n_val')} validation; {t.get('epochs')} epochs, batch "
+        f"{t.get('batch_size')}, AdamW lr {t.get('lr')}, weight decay {t.get('weight_decay')}, seed {t.get('seed')}",
+    ]
+    if history and selected:
+        row = history[selected - 1]
+        val = f"{row['val_loss']:.4f}" if row.get("val_loss") is not None else "n/a"
+        lines.append(f"selected     epoch {selected} of {len(history)} (train loss {row['train_loss']:.4f}, val loss {val})")
+    lines.append(f"vlaug        {config.get('vlaug_version')}")
+    if stats:
+        lines.append(f"box volume   mean log-volume {stats['mean_log_volume']:.2f} over {stats['n_rows']} training rows")
+        ranked = stats["per_class"]
+        show = ranked if len(ranked) <= 2 * top else ranked[:top] + [None] + ranked[-top:]
+        lines.append("  rank  class                      mean log-volume")
+        for r in show:
+            lines.append("  ..." if r is None else f"  {r['rank']:>4}  {r['class'][:25]:<25}  {r['mean_log_volume']:>14.2f}")
+    return "\n".join(lines)

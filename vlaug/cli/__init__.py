@@ -114,12 +114,84 @@ def embed(
             raise EmbedFailuresError(f"--strict: {result.n_failed} input(s) failed.")
 
 
+class HeadChoice(str, Enum):
+    box = "box"
+    dr_sa = "dr-sa"
+    dr_pool = "dr-pool"
+    lads = "lads"
+
+
+class NormChoice(str, Enum):
+    post = "post"
+    pre = "pre"
+
+
+class DRModeChoice(str, Enum):
+    dr = "dr"
+    d = "d"
+    r = "r"
+
+
+class DegradeChoice(str, Enum):
+    attention = "attention"
+    gaussian = "gaussian"
+
+
+@app.command("train-box")
+@_errors_to_exit
+def train_box(
+    features: Annotated[Path, typer.Argument(help="Feature cache written by vlaug embed.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Head folder to write (model.safetensors + config.json).")],
+    head: Annotated[HeadChoice, typer.Option(help="box (LARE), dr-sa / dr-pool (LatentDR), lads (baseline).")] = HeadChoice.box,
+    train_domain: Annotated[Optional[List[str]], typer.Option("--train-domain", help="Train on this domain; repeatable. Default: all.")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Stratified part of the training rows whose loss selects the epoch.")] = 0.2,
+    epochs: Annotated[Optional[int], typer.Option(help="Default: box 100, dr 100, lads 50.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Default: box 512, dr 256, lads 256.")] = None,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.01,
+    seed: Annotated[int, typer.Option(help="Seeds weights, batch order, validation split and dropout.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    alpha: Annotated[float, typer.Option(help="box: weight of the classification terms; lads: of the domain alignment.")] = 0.5,
+    temperature: Annotated[float, typer.Option(help="box, lads: zero-shot logits are cos / temperature.")] = 0.01,
+    hidden: Annotated[Optional[int], typer.Option(help="box: f_Box hidden width (default 2·d); lads: f_aug width (default 384).")] = None,
+    norm: Annotated[NormChoice, typer.Option(help="dr: post-norm (paper eq. 12) or pre-norm (eq. 13, long-tail).")] = NormChoice.post,
+    dr_mode: Annotated[DRModeChoice, typer.Option(help="dr: both terms; d: degradation only; r: restoration only.")] = DRModeChoice.dr,
+    degrade: Annotated[DegradeChoice, typer.Option(help="dr: attention layer, or gaussian noise (ablation).")] = DegradeChoice.attention,
+    heads: Annotated[int, typer.Option(help="dr: attention heads.")] = 4,
+    dim_head: Annotated[int, typer.Option(help="dr: per-head width; 0 = paper default (sa d/4, pool d/32).")] = 0,
+    dim_ff: Annotated[int, typer.Option(help="dr: feed-forward width; 0 = paper default (sa d/4, pool d/8).")] = 0,
+    dropout: Annotated[float, typer.Option(help="dr: dropout of the degradation/restoration layers.")] = 0.5,
+    noise_std: Annotated[float, typer.Option(help="dr with --degrade gaussian: noise σ.")] = 0.1,
+    source_prompts: Annotated[str, typer.Option(help="lads: prompt set of the training domain (e.g. photo).")] = "",
+    target_prompts: Annotated[str, typer.Option(help="lads: comma-separated prompt sets of unseen domains.")] = "",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing head folder.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+):
+    """Train a stage-2 head (LARE box, LatentDR, LADS) on cached embeddings only."""
+    from vlaug.train import TrainConfig, train_head
+
+    config = TrainConfig(
+        features=str(features), out=str(out), head=head.value, train_domains=tuple(train_domain or ()),
+        val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+        device=device, alpha=alpha, temperature=temperature, hidden=hidden, norm=norm.value, dr_mode=dr_mode.value,
+        degrade=degrade.value, heads=heads, dim_head=dim_head, dim_ff=dim_ff, dropout=dropout, noise_std=noise_std,
+        source_prompts=source_prompts, target_prompts=tuple(t.strip() for t in target_prompts.split(",") if t.strip()),
+        overwrite=overwrite, progress=progress,
+    )
+    typer.echo(train_head(config).summary())
+
+
 @app.command()
 @_errors_to_exit
-def info(path: Annotated[Path, typer.Argument(help="A feature cache folder.")]):
-    """Describe a feature cache: model, dimension, counts per domain/class/split, prompt sets, failures."""
+def info(path: Annotated[Path, typer.Argument(help="A feature cache folder or a head folder.")]):
+    """Describe a feature cache (counts, prompt sets, failures) or a trained head (config, selected epoch, box ranking)."""
+    from vlaug.checkpoint import is_head, read_head_config, read_head_stats
+    from vlaug.report import format_cache_info, format_head_info
+
+    if is_head(path):
+        typer.echo(format_head_info(str(path), read_head_config(path), read_head_stats(path)))
+        return
     from vlaug.cache import cache_info
-    from vlaug.report import format_cache_info
 
     typer.echo(format_cache_info(cache_info(path)))
 

@@ -1,0 +1,227 @@
+"""Head checkpoints: the only safetensors / checkpoint-JSON code.
+
+A checkpoint is a directory::
+
+    HEAD_DIR/
+      model.safetensors   weights only (no pickle is ever loaded)
+      config.json         head kind, every hyperparameter, the cache it was trained on,
+                          training history, selected epoch, vlaug version
+      stats.json          (box heads) per-class box volumes and per-dimension side lengths
+
+It rebuilds itself from ``config.json`` alone. The directory is written under a
+temporary name and renamed into place, so a crash never leaves a half-written head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from vlaug import __version__
+from vlaug.cache import TMP_MARKER, CacheManifest
+from vlaug.errors import CacheMismatchError, CheckpointError
+from vlaug.heads import BoxConfig, BoxHead, LADSConfig, LADSHead, LatentDR, LatentDRConfig
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+STATS_NAME = "stats.json"
+
+# kind -> (config class, module class)
+HEAD_KINDS = {
+    "box": (BoxConfig, BoxHead),
+    "dr-sa": (LatentDRConfig, LatentDR),
+    "dr-pool": (LatentDRConfig, LatentDR),
+    "lads": (LADSConfig, LADSHead),
+}
+CONFIG_KEYS = {"format_version", "vlaug_version", "kind", "head", "training", "cache", "history", "selected_epoch"}
+CACHE_KEYS = ("model", "pretrained", "embed_dim", "classes")
+
+
+@dataclass
+class Checkpoint:
+    kind: str  # box | dr-sa | dr-pool | lads
+    module: torch.nn.Module  # in eval mode, on the CPU
+    config: dict  # the whole config.json
+    path: str = ""
+
+    @property
+    def cache(self) -> dict:
+        return self.config["cache"]
+
+
+def _config_from_dict(cls, d: dict, where: str):
+    """Build a frozen config dataclass, naming any unknown key or wrongly typed field."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where}: 'head' must be a JSON object, got {type(d).__name__}.")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise CheckpointError(f"{where}: unknown head field(s) {unknown}; expected only {sorted(known)}.")
+    defaults = cls()
+    for name, value in d.items():
+        expected = type(getattr(defaults, name))
+        ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if expected is tuple and isinstance(value, list):
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            raise CheckpointError(f"{where}: field {name!r} is {value!r} ({type(value).__name__}); expected {expected.__name__}.")
+    try:
+        return cls(**d)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def build_head(kind: str, head_config: dict, where: str = "head config") -> torch.nn.Module:
+    if kind not in HEAD_KINDS:
+        raise CheckpointError(f"{where}: unknown head kind {kind!r}; expected one of {sorted(HEAD_KINDS)}.")
+    config_cls, module_cls = HEAD_KINDS[kind]
+    return module_cls(_config_from_dict(config_cls, head_config, where))
+
+
+def cache_identity(manifest: CacheManifest) -> dict:
+    """What a head remembers of the cache it was trained on."""
+    return {"model": manifest.model, "pretrained": manifest.pretrained, "embed_dim": manifest.embed_dim,
+            "classes": list(manifest.classes), "seed": manifest.seed if manifest.pretrained == "none" else None}
+
+
+def save_head(
+    path: str | os.PathLike,
+    kind: str,
+    module: torch.nn.Module,
+    config: dict,
+    stats: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (+ ``stats.json``) atomically as a directory.
+
+    Args:
+        config: ``training``, ``cache``, ``history``, ``selected_epoch`` (the head's own
+            config is taken from ``module.config``).
+
+    Raises:
+        CheckpointError: ``path`` exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{str(path)!r} already exists. Pass --overwrite to replace it, or choose another --out.")
+    if path.exists() and not (path / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{str(path)!r} exists and is not a vlaug head; refusing to replace it. Choose another --out.")
+    full = {
+        "format_version": FORMAT_VERSION,
+        "vlaug_version": __version__,
+        "kind": kind,
+        "head": module.config.to_dict(),
+        **config,
+    }
+    unknown = set(full) - CONFIG_KEYS
+    if unknown:
+        raise ValueError(f"unknown checkpoint config keys {sorted(unknown)}")
+    tmp = path.with_name(f"{path.name}{TMP_MARKER}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"kind": kind, "vlaug_version": __version__})
+        (tmp / CONFIG_NAME).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+        if stats is not None:
+            (tmp / STATS_NAME).write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+        if path.exists():
+            old = path.with_name(f"{path.name}{TMP_MARKER}old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def is_head(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file() and (Path(path) / WEIGHTS_NAME).is_file()
+
+
+def read_head_config(path: str | os.PathLike) -> dict:
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise CheckpointError(f"{str(path)!r} is not a vlaug head (no {CONFIG_NAME}). Train one with vlaug train-box.")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(file)!r} is not valid JSON ({e}).") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{str(file)!r} must hold a JSON object.")
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    missing = sorted({"kind", "head", "cache"} - set(config))
+    if unknown or missing:
+        raise CheckpointError(f"{str(file)!r}: unknown keys {unknown}, missing keys {missing}; expected {sorted(CONFIG_KEYS)}.")
+    if config.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise CheckpointError(f"{str(file)!r} has format_version {config['format_version']}; upgrade vlaug.")
+    cache = config["cache"]
+    if not isinstance(cache, dict) or any(k not in cache for k in CACHE_KEYS):
+        raise CheckpointError(f"{str(file)!r}: 'cache' must hold {list(CACHE_KEYS)}.")
+    return config
+
+
+def read_head_stats(path: str | os.PathLike) -> dict | None:
+    """``stats.json`` of a box head, or None."""
+    file = Path(path) / STATS_NAME
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(file)!r} is not valid JSON ({e}).") from None
+
+
+def load_head(path: str | os.PathLike) -> Checkpoint:
+    """Rebuild a head from its directory: config.json, then the safetensors weights.
+
+    Raises:
+        CheckpointError: missing files, unknown keys or wrongly typed fields (named),
+            weights that do not fit the config.
+    """
+    path = Path(path)
+    config = read_head_config(path)
+    module = build_head(config["kind"], config["head"], where=str(path / CONFIG_NAME))
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{str(path)!r} lacks {WEIGHTS_NAME}; the head is incomplete. Train it again.")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {str(weights)!r}: {e}. The file is damaged; train the head again.") from None
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{str(weights)!r} does not fit its config.json: {str(e).splitlines()[0]}") from None
+    return Checkpoint(config["kind"], module.eval(), config, str(path))
+
+
+def check_head_matches_cache(head_cache: dict, manifest: CacheManifest, head_path: str = "head", cache_path: str = "cache") -> None:
+    """Refuse a head trained on a cache of another model, dimension or class list, naming both sides."""
+    ours = cache_identity(manifest)
+    diffs = []
+    for key in ("model", "pretrained", "embed_dim"):
+        if head_cache.get(key) != ours[key]:
+            diffs.append(f"{key}: head has {head_cache.get(key)!r}, cache has {ours[key]!r}")
+    if list(head_cache.get("classes", [])) != ours["classes"]:
+        a, b = head_cache.get("classes", []), ours["classes"]
+        diffs.append(f"classes: head has {len(a)} {a[:5]}{'...' if len(a) > 5 else ''}, cache has {len(b)} {b[:5]}{'...' if len(b) > 5 else ''}")
+    if diffs:
+        raise CacheMismatchError(
+            f"head {head_path!r} was trained on another cache than {cache_path!r} ({'; '.join(diffs)}). "
+            "Train a head on this cache with vlaug train-box, or use the cache the head was trained on."
+        )

@@ -1,0 +1,120 @@
+"""LARE's box embedding (Sakurai et al.): f_Box maps an image embedding to a box.
+
+f_Box: R^d -> R^2d gives two corners X⁻ and X⁺, each L2-normalised. The loss is
+
+    (1 - α) · L_BV + α · (L_CC⁻ + L_CC⁺ + L_CC) / 3
+
+with L_BV = X⁻ · X⁺ (the corners' inner product: minimising it pushes them apart, so
+the box grows) and each L_CC the cross-entropy of the zero-shot logits of a corner (or of
+the centre) against the class text embeddings.
+
+Where the paper is silent, vlaug chooses (and names the choice in every checkpoint):
+- architecture: a two-layer MLP (d -> hidden -> 2d, GELU) whose output is an offset
+  added to the input embedding before normalisation, with the last layer initialised near zero,
+  so training starts from a tiny box around the point itself (``residual=True``);
+- the zero-shot logits are cosine similarities divided by ``temperature`` = 0.01 (CLIP's
+  learned logit scale of 100);
+- the centre is (X⁻ + X⁺) / 2 re-normalised before its logits are taken;
+- L_BV and the cross-entropies are averaged over the batch;
+- α = 0.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class BoxConfig:
+    embed_dim: int = 512  # d of the cached embeddings
+    hidden: int = 1024  # width of f_Box's hidden layer
+    residual: bool = True  # corners = normalise(z + offset), offsets start at 0
+    alpha: float = 0.5  # weight of the classification terms against the box volume
+    temperature: float = 0.01  # zero-shot logits = cos / temperature
+
+    def __post_init__(self):
+        if self.embed_dim < 1 or self.hidden < 1:
+            raise ValueError(f"embed_dim == {self.embed_dim}, hidden == {self.hidden}, must be >= 1.")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha == {self.alpha}, must be in [0, 1].")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature == {self.temperature}, must be > 0.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class BoxHead(nn.Module):
+    """f_Box: (n, d) embeddings -> corners (lo, hi), each (n, d) and L2-normalised.
+
+    Example::
+
+        head = BoxHead(BoxConfig(embed_dim=512))
+        lo, hi = head(z)                                  # z: (n, 512), normalised
+        loss, parts = box_loss(lo, hi, text, y, alpha=0.5, temperature=0.01)
+        samples = vlaug.augment.sample_boxes(lo, hi, n=5) # (n, 5, 512)
+    """
+
+    def __init__(self, config: BoxConfig):
+        super().__init__()
+        self.config = config
+        d = config.embed_dim
+        self.net = nn.Sequential(nn.Linear(d, config.hidden), nn.GELU(), nn.Linear(config.hidden, 2 * d))
+        if config.residual:
+            # Start from a tiny box around the point. Not exactly zero: at lo == hi the
+            # gradient of the corners' inner product vanishes (it is at its maximum).
+            nn.init.normal_(self.net[-1].weight, std=1e-4)
+            nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(z)  # (n, 2d)
+        lo, hi = out.chunk(2, dim=-1)
+        if self.config.residual:
+            lo, hi = z + lo, z + hi
+        return F.normalize(lo, dim=-1), F.normalize(hi, dim=-1)
+
+
+def zero_shot_logits(x: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cosine similarity of (n, d) points with (C, d) class text embeddings, / temperature."""
+    return F.normalize(x, dim=-1) @ F.normalize(text, dim=-1).T / temperature
+
+
+def box_center(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(lo + hi) / 2, re-normalised."""
+    return F.normalize((lo + hi) / 2, dim=-1)
+
+
+def box_loss(
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    text: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = 0.5,
+    temperature: float = 0.01,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """LARE's loss (1-α)·L_BV + α·(L_CC⁻ + L_CC⁺ + L_CC)/3, averaged over the batch.
+
+    Args:
+        lo, hi: (n, d) normalised corners.
+        text: (C, d) class text embeddings.
+        labels: (n,) class indices.
+
+    Returns:
+        the loss and its parts ``bv``, ``cc_lo``, ``cc_hi``, ``cc_center`` (detached).
+    """
+    bv = (lo * hi).sum(-1).mean()
+    cc_lo = F.cross_entropy(zero_shot_logits(lo, text, temperature), labels)
+    cc_hi = F.cross_entropy(zero_shot_logits(hi, text, temperature), labels)
+    cc_center = F.cross_entropy(zero_shot_logits(box_center(lo, hi), text, temperature), labels)
+    loss = (1 - alpha) * bv + alpha * (cc_lo + cc_hi + cc_center) / 3
+    parts = {"bv": bv, "cc_lo": cc_lo, "cc_hi": cc_hi, "cc_center": cc_center}
+    return loss, {k: v.detach() for k, v in parts.items()}
+
+
+def box_log_volume(lo: torch.Tensor, hi: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """(n,) log-volume of each box: Σ_d log |hi_d - lo_d| (LARE's Table 4 ranks classes by it)."""
+    return torch.log((hi - lo).abs() + eps).sum(-1)
