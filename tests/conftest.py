@@ -54,3 +54,48 @@ def class_folder(tmp_path) -> Path:
 @pytest.fixture
 def domain_folder(tmp_path) -> Path:
     return make_domain_folder(tmp_path / "src")
+
+
+def synthetic_clusters(n_per_class=30, d=32, n_classes=4, noise=0.3, seed=0, domains=("",)):
+    """Separable unit-norm clusters around random class centres (which double as text embeddings).
+
+    Returns (x (n, d) float32, labels (n,), domains (n,) str, centres (n_classes, d)).
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_classes, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    xs, ys, ds = [], [], []
+    for dom_i, dom in enumerate(domains):
+        shift = rng.standard_normal(d) * 0.2 * dom_i  # a domain shift, as between photo and sketch
+        for c in range(n_classes):
+            x = centres[c] + shift + noise * rng.standard_normal((n_per_class, d)) / np.sqrt(d) * 3
+            xs.append(x)
+            ys += [c] * n_per_class
+            ds += [dom] * n_per_class
+    x = np.concatenate(xs).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, np.asarray(ys), np.asarray(ds), centres.astype(np.float32)
+
+
+def write_synthetic_cache(path, model="synthetic", n_per_class=30, d=32, n_classes=4, seed=0, domains=("photo", "sketch"),
+                          prompt_sets=("photo", "sketch")):
+    """A feature cache of synthetic clusters written with vlaug's own cache writer."""
+    from vlaug import cache
+
+    x, y, doms, centres = synthetic_clusters(n_per_class, d, n_classes, seed=seed, domains=domains)
+    classes = [f"class{c}" for c in range(n_classes)]
+    rows = {"id": [f"img{i}" for i in range(len(x))], "path": [f"/x/{i}.jpg" for i in range(len(x))],
+            "label": y.tolist(), "class_name": [classes[c] for c in y], "domain": doms.tolist(), "split": [""] * len(x)}
+    cache.write_part(path, "part-00000.parquet", rows, x, "float32")
+    rng = np.random.default_rng(seed + 1)
+    texts = {"classes": centres}
+    for name in prompt_sets:
+        t = centres + 0.3 * rng.standard_normal(centres.shape).astype(np.float32)
+        texts[name] = t / np.linalg.norm(t, axis=1, keepdims=True)
+    cache.write_texts(path, texts, classes)
+    m = cache.CacheManifest(model=model, pretrained="none", embed_dim=d, dtype="float32", classes=classes,
+                            domains=sorted(set(domains) - {""}), templates=["a photo of a {}."],
+                            prompt_sets={n: [f"a {n} of a {{}}."] for n in prompt_sets}, parts=["part-00000.parquet"],
+                            n_images=len(x), seed=0, complete=True)
+    cache.write_manifest(path, m)
+    return path

@@ -66,7 +66,11 @@ def format_head_info(path: str, config: dict, stats: dict | None = None, top: in
         lines.append(f"selected     epoch {selected} of {len(history)} (train loss {row['train_loss']:.4f}, val loss {val})")
     lines.append(f"vlaug        {config.get('vlaug_version')}")
     if stats:
-        lines.append(f"box volume   mean log-volume {stats['mean_log_volume']:.2f} over {stats['n_rows']} training rows")
+        lines.append(f"box volume   mean log-volume {stats['mean_log_volume']:.2f} over {stats['n_rows']} training rows, "
+                     f"mean corner inner product {stats['mean_corner_inner_product']:.3f}")
+        zs = stats["zero_shot_accuracy"]
+        lines.append("zero-shot    " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in zs.items())
+                     + " (samples: 5 per box; far below points means the boxes outgrew their classes: raise --alpha)")
         ranked = stats["per_class"]
         show = ranked if len(ranked) <= 2 * top else ranked[:top] + [None] + ranked[-top:]
         lines.append("  rank  class                      mean log-volume")

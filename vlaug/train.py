@@ -30,12 +30,15 @@ from vlaug.heads import (
     LADSHead,
     LatentDR,
     LatentDRConfig,
+    box_center,
     box_log_volume,
     box_loss,
     domain_directions,
     lads_loss,
     latentdr_loss,
+    zero_shot_logits,
 )
+from vlaug.augment import sample_boxes
 from vlaug.protocols import check_domains, stratified_split, training_rows
 
 HEADS = ("box", "dr-sa", "dr-pool", "lads")
@@ -244,14 +247,29 @@ def build_training(config: TrainConfig, feats: cache_io.FeatureCache, device: to
 
 
 @torch.no_grad()
-def box_stats(head: BoxHead, x: torch.Tensor, labels: np.ndarray, classes: list[str], top: int = 3) -> dict:
-    """LARE's Tables 4 and 5 for a trained box head on rows ``x``.
+def box_stats(
+    head: BoxHead, x: torch.Tensor, labels: np.ndarray, classes: list[str], text: torch.Tensor, top: int = 3, seed: int = 0
+) -> dict:
+    """LARE's Tables 4 and 5 for a trained box head on rows ``x``, plus diagnostics.
 
-    Returns per-class mean box log-volume with its rank (1 = largest boxes), and for each
-    dimension the ``top`` classes whose boxes have the longest mean side along it.
+    Returns per-class mean box log-volume with its rank (1 = largest boxes), for each
+    dimension the ``top`` classes whose boxes have the longest mean side along it, the
+    mean corner inner product, and the zero-shot accuracy (against ``text``) of the
+    points, corners, centres and of 5 uniform samples per box: if the samples' accuracy
+    is far below the points', the boxes have grown past their classes (raise --alpha).
     """
     head.eval()
     lo, hi = head(x)
+    y = torch.as_tensor(labels, device=x.device)
+    t = head.config.temperature
+
+    def accuracy(points: torch.Tensor, targets: torch.Tensor) -> float:
+        return float((zero_shot_logits(points, text, t).argmax(1) == targets).float().mean())
+
+    samples = sample_boxes(lo, hi, 5, torch.Generator(device=x.device).manual_seed(seed))
+    zero_shot = {"points": accuracy(x, y), "lo": accuracy(lo, y), "hi": accuracy(hi, y),
+                 "center": accuracy(box_center(lo, hi), y),
+                 "samples": accuracy(samples.reshape(-1, x.shape[1]), y.repeat_interleave(5))}
     log_volume = box_log_volume(lo, hi).cpu().numpy()
     sides = (hi - lo).abs().cpu().numpy()
     present = [c for c in range(len(classes)) if (labels == c).any()]
@@ -266,6 +284,8 @@ def box_stats(head: BoxHead, x: torch.Tensor, labels: np.ndarray, classes: list[
     return {
         "n_rows": int(len(x)),
         "mean_log_volume": float(log_volume.mean()),
+        "mean_corner_inner_product": float((lo * hi).sum(-1).mean()),
+        "zero_shot_accuracy": zero_shot,
         "per_class": sorted(per_class, key=lambda r: r["rank"]),
         "per_dimension": per_dim,
     }
@@ -307,7 +327,10 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
             config.lr, config.weight_decay, torch.Generator().manual_seed(config.seed), config.progress, config.seed,
         )
     seconds = time.perf_counter() - start
-    stats = box_stats(module, x[rows], feats.labels[rows], feats.classes) if config.head == "box" else None
+    stats = None
+    if config.head == "box":
+        text = torch.as_tensor(feats.texts[CLASSES_PROMPT_SET], device=device)
+        stats = box_stats(module, x[rows], feats.labels[rows], feats.classes, text, seed=config.seed)
 
     training = {k: v for k, v in asdict(config).items() if k not in ("overwrite", "progress")}
     training.update(epochs=epochs, batch_size=batch_size, train_domains=domains, device=str(device),
