@@ -82,6 +82,10 @@ def test_demo_runs_on_the_bundled_data(tmp_path):
     manifest = json.loads((tmp_path / "demo" / "features" / "manifest.json").read_text())
     assert manifest["model"] == "vlaug-tiny" and manifest["pretrained"] == "none"
     assert set(manifest["prompt_sets"]) == {"photo", "sketch", "painting"}
+    assert "trained box on 80 rows (20 validation) for 30 epochs" in r.stdout
+    assert "trained dr-sa on 80 rows (20 validation) for 30 epochs" in r.stdout
+    for head in ("box", "dr-sa"):
+        assert (tmp_path / "demo" / "heads" / head / "model.safetensors").is_file()
 
 
 def test_version():

@@ -1,4 +1,5 @@
-"""``vlaug demo``: the pipeline on the bundled shapes data with the tiny random-init model.
+"""``vlaug demo``: the pipeline on the bundled shapes data with the tiny random-init model:
+embed, then train-box (a LARE box head and a LatentDR head on the photo domain).
 
 No download is needed: the tiny model gets random weights, so the numbers show that the
 pipeline runs, not what CLIP features can do. The closing lines print the same commands
@@ -8,12 +9,14 @@ with real weights.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from vlaug import demo_data
 from vlaug.embed import EmbedConfig, EmbedResult, embed_source
 from vlaug.encoders import TINY_MODEL
+from vlaug.train import TrainConfig, TrainResult, train_head
 
 # One prompt set per demo domain, for heads that translate between domains (LADS).
 DEMO_PROMPT_SETS = (
@@ -33,12 +36,21 @@ def real_weights_commands(source: str, out: str) -> str:
     prompt_sets = " ".join(f'--prompt-set "{p}"' for p in DEMO_PROMPT_SETS)
     return (
         f"vlaug embed {source} --out {out} --model ViT-B-32 --pretrained laion2b_s34b_b79k {prompt_sets}\n"
-        f"vlaug embed {source} --out {out}-coca --model coca_ViT-B-32 --pretrained laion2b_s13b_b90k {prompt_sets}"
+        f"vlaug embed {source} --out {out}-coca --model coca_ViT-B-32 --pretrained laion2b_s13b_b90k {prompt_sets}\n"
+        f"vlaug train-box {out} --out heads/box --head box --train-domain photo\n"
+        f"vlaug train-box {out} --out heads/dr-sa --head dr-sa --train-domain photo"
     )
 
 
-def run_demo(out: str | Path = "vlaug-demo", progress: bool = True, log: Callable[[str], None] | None = None) -> EmbedResult:
-    """Embed the bundled data into ``OUT/features`` (resuming if it is already there)."""
+@dataclass
+class DemoResult:
+    embed: EmbedResult
+    heads: list[TrainResult]
+
+
+def run_demo(out: str | Path = "vlaug-demo", progress: bool = True, log: Callable[[str], None] | None = None) -> DemoResult:
+    """Embed the bundled data into ``OUT/features`` (resuming if it is already there), then
+    train a LARE box head and a LatentDR (sa) head on its photo domain into ``OUT/heads/``."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
     data = bundled_data_dir()
@@ -56,4 +68,10 @@ def run_demo(out: str | Path = "vlaug-demo", progress: bool = True, log: Callabl
         seed=0,
         progress=progress,
     )
-    return embed_source(config, log=log)
+    embedded = embed_source(config, log=log)
+    heads = []
+    for head in ("box", "dr-sa"):
+        train = TrainConfig(features=embedded.out, out=str(out / "heads" / head), head=head, train_domains=("photo",),
+                            epochs=30, seed=0, device="cpu", overwrite=True, progress=progress)
+        heads.append(train_head(train, log=log))
+    return DemoResult(embedded, heads)

@@ -202,14 +202,16 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's outputs.")] = Path("vlaug-demo"),
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ):
-    """Run the pipeline on the bundled shapes data with a tiny random-weight model (no download)."""
+    """Run the pipeline (embed, train-box) on the bundled shapes data with a tiny random-weight model (no download)."""
     from vlaug.cache import cache_info
     from vlaug.demo import real_weights_commands, run_demo
     from vlaug.report import format_cache_info
 
     result = run_demo(out, progress=progress)
-    typer.echo(result.summary())
-    typer.echo(format_cache_info(cache_info(result.out)))
+    typer.echo(result.embed.summary())
+    typer.echo(format_cache_info(cache_info(result.embed.out)))
+    for head in result.heads:
+        typer.echo(head.summary())
     typer.echo(
         "\nThe demo model has random weights: its features only show that the pipeline runs.\n"
         "With real CLIP / CoCa weights (downloaded by open_clip on first use):\n"

@@ -31,14 +31,16 @@ import torch.nn.functional as F
 @dataclass(frozen=True)
 class BoxConfig:
     embed_dim: int = 512  # d of the cached embeddings
-    hidden: int = 1024  # width of f_Box's hidden layer
+    hidden: int = 0  # width of f_Box's hidden layer; 0 = 2·embed_dim
     residual: bool = True  # corners = normalise(z + offset), offsets start at 0
     alpha: float = 0.5  # weight of the classification terms against the box volume
     temperature: float = 0.01  # zero-shot logits = cos / temperature
 
     def __post_init__(self):
-        if self.embed_dim < 1 or self.hidden < 1:
-            raise ValueError(f"embed_dim == {self.embed_dim}, hidden == {self.hidden}, must be >= 1.")
+        if self.embed_dim < 1 or self.hidden < 0:
+            raise ValueError(f"embed_dim == {self.embed_dim} must be >= 1, hidden == {self.hidden} >= 0.")
+        if self.hidden == 0:  # resolved here so that checkpoints record the real width
+            object.__setattr__(self, "hidden", 2 * self.embed_dim)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha == {self.alpha}, must be in [0, 1].")
         if self.temperature <= 0:
