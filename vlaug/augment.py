@@ -38,3 +38,91 @@ def sample_boxes(
     u = torch.rand((lo.shape[0], n, lo.shape[1]), generator=generator, device=lo.device, dtype=lo.dtype)
     samples = torch.addcmul(lo.unsqueeze(1), u, (hi - lo).unsqueeze(1))
     return F.normalize(samples, dim=-1) if renormalize else samples
+
+
+# Every augmenter below takes training embeddings x (n, d), soft targets t (n, C) and a
+# generator, and returns the *additional* rows (m, d) and their targets (m, C); the probe
+# trains on the originals plus these.
+
+
+def gaussian_noise(x, t, n_aug: int = 1, sigma: float = 0.1, generator=None):
+    """x + ε, ε ~ N(0, σ²/d · I) (so ‖ε‖ ≈ σ), re-normalised; the label is kept."""
+    eps = torch.randn((n_aug, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
+    out = F.normalize(x.unsqueeze(0) + sigma / x.shape[1] ** 0.5 * eps, dim=-1)
+    return out.reshape(-1, x.shape[1]), t.repeat(n_aug, 1)
+
+
+def latent_mixup(x, t, n_aug: int = 1, alpha: float = 0.2, generator=None):
+    """Mixup in the latent space: λx_i + (1-λ)x_j with λ ~ Beta(α, α), targets mixed alike."""
+    n = len(x)
+    beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
+    xs, ts = [], []
+    for _ in range(n_aug):
+        j = torch.randperm(n, generator=generator).to(x.device)
+        # Beta sampling has no generator argument: draw λ by inverse CDF of uniforms instead
+        u = torch.rand(n, generator=generator).to(x.device)
+        lam = _beta_icdf(u, alpha, beta).unsqueeze(1).to(x.dtype)
+        xs.append(F.normalize(lam * x + (1 - lam) * x[j], dim=-1))
+        ts.append(lam * t + (1 - lam) * t[j])
+    return torch.cat(xs), torch.cat(ts)
+
+
+def _beta_icdf(u: torch.Tensor, alpha: float, beta) -> torch.Tensor:
+    """Inverse CDF of Beta(α, α) at u, by bisection on the CDF (vectorised, 40 steps)."""
+    lo, hi = torch.zeros_like(u), torch.ones_like(u)
+    grid = torch.linspace(1e-6, 1 - 1e-6, 2001)
+    cdf = torch.cumsum(beta.log_prob(grid).exp(), 0)
+    cdf = cdf / cdf[-1]
+    idx = torch.searchsorted(cdf, u.cpu().clamp(0, 1)).clamp(max=len(grid) - 1)
+    return grid[idx].to(u.device)
+
+
+def cross_domain_mix(x, t, labels, domains, n_aug: int = 1, generator=None):
+    """Latent analogue of CDGA: interpolate each row with a same-class row of another
+    training domain (any other same-class row when the class has one domain), λ ~ U(0, 1)."""
+    n = len(x)
+    partners = torch.empty((n_aug, n), dtype=torch.long)
+    lab, dom = labels.cpu(), domains.cpu()
+    for c in lab.unique():
+        rows = torch.nonzero(lab == c).flatten()
+        for i in rows.tolist():
+            other = rows[dom[rows] != dom[i]]
+            if not len(other):
+                other = rows[rows != i] if len(rows) > 1 else rows
+            pick = torch.randint(len(other), (n_aug,), generator=generator)
+            partners[:, i] = other[pick]
+    lam = torch.rand((n_aug, n, 1), generator=generator).to(x.device, x.dtype)
+    mixed = F.normalize(lam * x.unsqueeze(0) + (1 - lam) * x[partners.to(x.device)], dim=-1)
+    return mixed.reshape(-1, x.shape[1]), t.repeat(n_aug, 1)
+
+
+@torch.no_grad()
+def box_samples(head, x, t, n_aug: int = 5, generator=None, renormalize: bool = True):
+    """LARE stage 2: ``n_aug`` uniform samples inside each training row's box."""
+    head.eval()
+    lo, hi = head(x)
+    s = sample_boxes(lo, hi, n_aug, generator, renormalize)  # (n, n_aug, d)
+    return s.reshape(-1, x.shape[1]), t.repeat_interleave(n_aug, 0)
+
+
+@torch.no_grad()
+def dr_samples(dr, x, labels, n_aug: int = 1, batch_size: int = 256, generator=None):
+    """LatentDR's degraded (soft labels) and restored (true labels) rows, dropout on,
+    over ``n_aug`` shuffles of the training rows in batches of ``batch_size``."""
+    xs, ts = [], []
+    for _ in range(n_aug):
+        order = torch.randperm(len(x), generator=generator).to(x.device)
+        for start in range(0, len(x), batch_size):
+            idx = order[start : start + batch_size]
+            for z, target in dr.sample(x[idx], labels[idx]):
+                xs.append(z)
+                ts.append(target)
+    return torch.cat(xs), torch.cat(ts)
+
+
+@torch.no_grad()
+def lads_samples(head, x, t):
+    """LADS: one augmented row per target domain, normalise(f_aug_k(x))."""
+    head.eval()
+    fx = F.normalize(head(x), dim=-1)  # (n, K, d)
+    return fx.reshape(-1, x.shape[1]), t.repeat_interleave(fx.shape[1], 0)

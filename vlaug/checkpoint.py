@@ -29,6 +29,7 @@ from vlaug import __version__
 from vlaug.cache import TMP_MARKER, CacheManifest
 from vlaug.errors import CacheMismatchError, CheckpointError
 from vlaug.heads import BoxConfig, BoxHead, LADSConfig, LADSHead, LatentDR, LatentDRConfig
+from vlaug.probe import LinearProbe, ProbeConfig
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
@@ -41,6 +42,7 @@ HEAD_KINDS = {
     "dr-sa": (LatentDRConfig, LatentDR),
     "dr-pool": (LatentDRConfig, LatentDR),
     "lads": (LADSConfig, LADSHead),
+    "probe": (ProbeConfig, LinearProbe),  # a stage-3 probe saved by vlaug probe
 }
 CONFIG_KEYS = {"format_version", "vlaug_version", "kind", "head", "training", "cache", "history", "selected_epoch"}
 CACHE_KEYS = ("model", "pretrained", "embed_dim", "classes")
@@ -66,9 +68,10 @@ def _config_from_dict(cls, d: dict, where: str):
     unknown = sorted(set(d) - set(known))
     if unknown:
         raise CheckpointError(f"{where}: unknown head field(s) {unknown}; expected only {sorted(known)}.")
-    defaults = cls()
     for name, value in d.items():
-        expected = type(getattr(defaults, name))
+        f = known[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        expected = type(default)
         ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True

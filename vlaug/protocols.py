@@ -5,6 +5,8 @@ Pure numpy: takes the cache's label/domain/split arrays, returns row indices.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from vlaug.errors import UsageError
@@ -51,3 +53,109 @@ def stratified_split(indices: np.ndarray, labels: np.ndarray, fraction: float, s
     held = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=indices.dtype)
     kept = np.setdiff1d(indices, held)
     return kept, held
+
+
+def parse_imbalance(spec: str | None) -> tuple[float, int] | None:
+    """``X:N`` -> (X % of classes, N images each); None passes through."""
+    if not spec:
+        return None
+    try:
+        pct, n = spec.split(":")
+        pct, n = float(pct), int(n)
+    except ValueError:
+        raise UsageError(f"--imbalance {spec!r} must look like X:N, e.g. 50:10 (50 % of classes keep 10 images).") from None
+    if not 0.0 <= pct <= 100.0:
+        raise UsageError(f"--imbalance {spec!r}: X == {pct:g}, must be in 0-100.")
+    if n < 1:
+        raise UsageError(f"--imbalance {spec!r}: N == {n}, must be >= 1.")
+    return pct, n
+
+
+@dataclass
+class Splits:
+    """Row indices of one seed's protocol; the four parts never share a row."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test_in: np.ndarray  # held-out rows of the training domains
+    test_out: np.ndarray  # rows of every other domain
+    reduced_classes: list[int] = field(default_factory=list)  # classes cut by --imbalance
+
+    @property
+    def test(self) -> np.ndarray:
+        return np.concatenate([self.test_in, self.test_out])
+
+    def sizes(self) -> dict:
+        return {"train": int(len(self.train)), "val": int(len(self.val)), "test_in": int(len(self.test_in)),
+                "test_out": int(len(self.test_out))}
+
+
+def make_splits(
+    labels: np.ndarray,
+    domains: np.ndarray,
+    splits: np.ndarray,
+    train_domains: list[str],
+    seed: int,
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.2,
+    shots: int | None = None,
+    imbalance: tuple[float, int] | None = None,
+    class_names: list[str] | None = None,
+) -> Splits:
+    """One seed's protocol (LARE's Table 1 columns, Figure 4 few-shot, Table 3 imbalance).
+
+    Training domains' rows are split into train / val / in-domain test: by the cache's
+    ``split`` column when it has one (``val`` rows, else a stratified ``val_fraction`` of
+    the ``train`` rows), else by seeded stratified splits (``test_fraction``, then
+    ``val_fraction`` of the rest). Every row of the other domains is out-of-domain test
+    (only its ``test`` rows when the cache has splits). Then ``shots`` keeps K training
+    rows per class, and ``imbalance`` = (X, N) cuts X % of the classes (chosen with the
+    seed) to N training rows.
+    """
+    names = class_names or [str(c) for c in range(int(labels.max()) + 1)]
+    in_train_domain = np.isin(domains, train_domains) if len(train_domains) else np.ones(len(labels), bool)
+    has_splits = (splits != "").any()
+    rng_seed = [seed, 7]
+    if has_splits:
+        pool = np.flatnonzero(in_train_domain & (splits == "train"))
+        val = np.flatnonzero(in_train_domain & (splits == "val"))
+        test_in = np.flatnonzero(in_train_domain & (splits == "test"))
+        test_out = np.flatnonzero(~in_train_domain & (splits == "test"))
+        if not len(val):
+            pool, val = stratified_split(pool, labels, val_fraction, seed)
+    else:
+        rows = np.flatnonzero(in_train_domain)
+        rest, test_in = stratified_split(rows, labels, test_fraction, seed)
+        pool, val = stratified_split(rest, labels, val_fraction, seed + 1)
+        test_out = np.flatnonzero(~in_train_domain)
+    rng = np.random.default_rng(rng_seed)
+    train = pool
+    if shots is not None:
+        keep = []
+        for c in np.unique(labels[pool]):
+            rows = pool[labels[pool] == c]
+            if len(rows) < shots:
+                raise UsageError(
+                    f"--shots {shots}: class {names[c]!r} has only {len(rows)} training rows (after validation); "
+                    "pass a smaller K."
+                )
+            keep.append(rng.permutation(rows)[:shots])
+        train = np.sort(np.concatenate(keep))
+    reduced: list[int] = []
+    if imbalance is not None:
+        pct, n_keep = imbalance
+        present = np.unique(labels[train])
+        n_cut = int(round(pct / 100 * len(present)))
+        reduced = sorted(int(c) for c in rng.permutation(present)[:n_cut])
+        keep = []
+        for c in present:
+            rows = train[labels[train] == c]
+            if c in reduced:
+                if len(rows) < n_keep:
+                    raise UsageError(
+                        f"--imbalance: class {names[c]!r} has only {len(rows)} training rows, fewer than N = {n_keep}."
+                    )
+                rows = rng.permutation(rows)[:n_keep]
+            keep.append(rows)
+        train = np.sort(np.concatenate(keep))
+    return Splits(np.sort(train), np.sort(val), np.sort(test_in), np.sort(test_out), reduced)

@@ -77,3 +77,256 @@ def format_head_info(path: str, config: dict, stats: dict | None = None, top: in
         for r in show:
             lines.append("  ..." if r is None else f"  {r['rank']:>4}  {r['class'][:25]:<25}  {r['mean_log_volume']:>14.2f}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- stage 3
+
+
+def _pct(stat: dict | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def format_table(report: dict) -> str:
+    """LARE's Table 1 shape: top-1 accuracy (%) in domain, out of domain, extended, plus balanced accuracy."""
+    rows = report["summary"]
+    has_imbalance = any("reduced_classes" in r for r in rows)
+    head = ["Method", "In-domain", "Out-of-domain", "Extended", "Balanced"]
+    if has_imbalance:
+        head += ["Reduced classes", "Other classes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"`{r['method']}`", _pct(r["in_domain"]), _pct(r["out_of_domain"]), _pct(r["extended"]),
+                 _pct(r["balanced_accuracy"])]
+        if has_imbalance:
+            cells += [_pct(r.get("reduced_classes")), _pct(r.get("other_classes"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_domain_table(report: dict) -> str:
+    domains = sorted({d for r in report["summary"] for d in r["per_domain"]})
+    lines = ["| Method | " + " | ".join(domains) + " |", "|" + "---|" * (len(domains) + 1)]
+    for r in report["summary"]:
+        lines.append(f"| `{r['method']}` | " + " | ".join(_pct(r["per_domain"].get(d)) for d in domains) + " |")
+    return "\n".join(lines)
+
+
+def format_markdown(report: dict) -> str:
+    p, c = report["protocol"], report["config"]
+    pretrained = report["pretrained"] or "(from the model source)"
+    if pretrained == "none":
+        pretrained = "none — RANDOM weights: these numbers say nothing about CLIP"
+    protocol = []
+    if p["shots"]:
+        protocol.append(f"{p['shots']}-shot (LARE Fig. 4)")
+    if p["imbalance"]:
+        protocol.append(f"imbalance: {p['imbalance']['percent_of_classes']:g} % of classes reduced to "
+                        f"{p['imbalance']['n_images']} training images (LARE Table 3)")
+    sizes = "; ".join(f"seed {s['seed']}: train {s['train']}, val {s['val']}, test in {s['test_in']}, out {s['test_out']}"
+                      for s in p["splits"])
+    lines = [
+        "# vlaug probe report",
+        "",
+        f"- features: `{report['features']}`",
+        f"- model: `{report['model']}`, pretrained: `{pretrained}`, d = {report['embed_dim']}, {len(report['classes'])} classes",
+        f"- training domains: {', '.join(p['train_domains']) or '(no domains)'}; out-of-domain: {', '.join(p['test_domains']) or '(none)'}",
+        f"- splits: {'the cache’s split column' if p['uses_cache_splits'] else 'seeded stratified'} "
+        f"(test fraction {c['test_fraction']}, validation fraction {c['val_fraction']}); {sizes}",
+        f"- protocol: {', '.join(protocol) or 'all training rows'}; seeds {p['seeds']} (mean ± std over seeds)",
+        f"- probe: multinomial logistic regression, L-BFGS, up to {c['max_iter']} iterations, weight decay chosen on "
+        f"validation accuracy from {len(p['weight_decay_grid'])} values {p['weight_decay_grid'][0]:g} … {p['weight_decay_grid'][-1]:g}; "
+        f"reweight: {c['reweight']}; class weights: {c['class_weight']}; zero-shot logits cos / {p['zero_shot_temperature']}",
+        f"- vlaug {report['vlaug_version']}, {report['seconds']:.1f} s",
+        "",
+        "## Top-1 accuracy (%)",
+        "",
+        format_table(report),
+        "",
+        "## Per domain (%)",
+        "",
+        format_domain_table(report),
+        "",
+        "## Methods",
+        "",
+    ]
+    for m in report["methods"]:
+        opts = ", ".join(f"{k}={v}" for k, v in m["options"].items()) or "no options"
+        sel = m["selection_seed0"]
+        chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sel.items()
+                           if k not in ("search", "reweight"))
+        lines.append(f"- `{m['method']}`: {opts}" + (f"; head `{m['head']}` ({m['head_config']})" if m["head"] else "")
+                     + (f"; seed 0 chose {chosen}" if chosen else ""))
+    lines += ["", "## Feature geometry of the training rows, seed 0 (LatentDR eqs. 10, 11)", "",
+              "| Method | alignment | uniformity | alignment (with augmentations) | uniformity (with augmentations) |",
+              "|---|---|---|---|---|"]
+    for g in report["feature_geometry"]:
+        lines.append(f"| `{g['method']}` | {g['alignment']:.4f} | {g['uniformity']:.4f} | "
+                     f"{g['alignment_augmented']:.4f} | {g['uniformity_augmented']:.4f} |")
+    lines += ["", "Plots: `accuracy.png`, `embeddings.png`" + (", `box_volume_*.png`" if report.get("plots", {}).get("box") else "")
+              + ". Probes: `probes/*/` (`vlaug predict`)."]
+    return "\n".join(lines) + "\n"
+
+
+def _safe_name(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "method"
+
+
+def _json_ready(obj):
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        return _json_ready(obj.item())
+    return obj
+
+
+def _plot_accuracy(report: dict, file) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = report["summary"]
+    keys = [("in_domain", "in-domain"), ("out_of_domain", "out-of-domain"), ("extended", "extended")]
+    keys = [(k, n) for k, n in keys if any(r[k]["mean"] is not None for r in rows)]
+    x = np.arange(len(rows))
+    width = 0.8 / max(1, len(keys))
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 3.8))
+    for i, (k, name) in enumerate(keys):
+        means = [100 * (r[k]["mean"] or 0) for r in rows]
+        stds = [100 * (r[k]["std"] or 0) for r in rows]
+        ax.bar(x + (i - (len(keys) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=name)
+    ax.set_xticks(x, [r["method"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"{report['model']} / {report['pretrained'] or 'hub'}: mean ± std over {len(report['protocol']['seeds'])} seeds", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def _plot_box_volume(stats: dict, name: str, file) -> None:
+    import matplotlib.pyplot as plt
+
+    ranked = stats["per_class"]
+    fig, ax = plt.subplots(figsize=(6, max(2.5, 0.22 * len(ranked) + 1)))
+    ax.barh([r["class"] for r in ranked][::-1], [r["mean_log_volume"] for r in ranked][::-1])
+    ax.set_xlabel("mean box log-volume (rank 1 at the top)")
+    ax.set_title(f"classes by box volume: {name}", fontsize=9)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def _plot_embeddings(report: dict, file, tsne: bool, seed: int = 0) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    x0, y0, d0 = report["_first_train"]
+    panels = [("original", x0, y0, d0, None)]
+    for name, (x, y, n_orig) in list(report["_projections"].items())[:3]:
+        panels.append((name, x, y, None, n_orig))
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+    domains = sorted(set(d0.tolist()))
+    markers = "os^DvP*X"
+    for ax, (name, x, y, dom, n_orig) in zip(axes[0], panels):
+        keep = rng.permutation(len(x))[:2000]
+        pts = x[keep]
+        if tsne:
+            from sklearn.manifold import TSNE
+
+            xy = TSNE(n_components=2, random_state=seed, init="pca", perplexity=min(30, max(2, len(pts) // 4))).fit_transform(pts)
+        else:
+            centred = pts - pts.mean(0)
+            _, _, vt = np.linalg.svd(centred, full_matrices=False)
+            xy = centred @ vt[:2].T
+        labels = y[keep]
+        if dom is not None:
+            for i, d in enumerate(domains):
+                m = dom[keep] == d
+                ax.scatter(xy[m, 0], xy[m, 1], c=labels[m], cmap="tab10", s=8, marker=markers[i % len(markers)],
+                           vmin=0, vmax=max(9, int(y.max())), label=d or "(none)")
+            if len(domains) > 1:
+                ax.legend(fontsize=6, markerscale=1.5)
+        else:
+            augmented = keep >= n_orig
+            ax.scatter(xy[~augmented, 0], xy[~augmented, 1], c=labels[~augmented], cmap="tab10", s=8, marker="o",
+                       vmin=0, vmax=max(9, int(y.max())), label="original")
+            ax.scatter(xy[augmented, 0], xy[augmented, 1], c=labels[augmented], cmap="tab10", s=6, marker="x",
+                       vmin=0, vmax=max(9, int(y.max())), alpha=0.5, label="augmented")
+            ax.legend(fontsize=6)
+        ax.set_title(f"{name} ({'t-SNE' if tsne else 'PCA'})", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("training embeddings, seed 0: colour = class, marker = domain (original) / original vs augmented", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out, report: dict, tsne: bool = False, overwrite: bool = False):
+    """Write REPORT_DIR atomically: report.json, report.md, PNG plots and probes/METHOD/.
+
+    The folder is built under a temporary name and renamed into place, so a failure
+    leaves no half-written report.
+    """
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from vlaug import checkpoint
+
+    out = Path(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "probes").mkdir(parents=True)
+    try:
+        public = {k: v for k, v in report.items() if not k.startswith("_")}
+        probe_dirs = {}
+        for method, probe in report["_probes"].items():
+            name = _safe_name(method)
+            probe_dirs[method] = f"probes/{name}"
+            checkpoint.save_head(
+                tmp / "probes" / name, "probe", probe,
+                {"training": {"method": method, "refit_on": "train + val rows of seed 0",
+                              **{k: v for k, v in report["config"].items()}},
+                 "cache": {"model": report["model"], "pretrained": report["pretrained"], "embed_dim": report["embed_dim"],
+                           "classes": report["classes"]},
+                 "history": [], "selected_epoch": 0},
+            )
+        public["probe_dirs"] = probe_dirs
+        public["plots"] = {"accuracy": "accuracy.png", "embeddings": "embeddings.png", "box": {}}
+        _plot_accuracy(public, tmp / "accuracy.png")
+        for head, stats in report["_box_stats"].items():
+            if stats:
+                file = f"box_volume_{_safe_name(head)}.png"
+                _plot_box_volume(stats, head, tmp / file)
+                public["plots"]["box"][head] = file
+        _plot_embeddings(report, tmp / "embeddings.png", tsne)
+        public = _json_ready(public)
+        (tmp / "report.json").write_text(json.dumps(public, indent=2) + "\n", encoding="utf-8")
+        (tmp / "report.md").write_text(format_markdown(public), encoding="utf-8")
+        if out.exists():
+            old = out.with_name(f"{out.name}.tmp-old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return public

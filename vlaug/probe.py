@@ -1,0 +1,225 @@
+"""Stage 3 compute: zero-shot classification and the linear probe. Pure tensors.
+
+The probe is multinomial logistic regression in torch, trained full-batch with L-BFGS
+(strong-Wolfe line search) on soft targets:
+
+    mean_i  w_i · CE(x_i W + b, t_i)  +  (weight_decay / 2) · ||W||²
+
+which is scikit-learn's ``LogisticRegression(C=1 / (weight_decay · n))`` objective (up
+to the overall scale) when targets are one-hot and weights are 1. The weight decay is
+chosen on validation rows from a log-spaced grid (as CLIP_benchmark does), warm-starting
+from the strongest regularisation; within a fit, the iteration count ("epoch") with the
+best validation accuracy is kept (LARE: "the epoch was set to the maximum of the
+validation data").
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REWEIGHTS = ("none", "groupdro", "seed-category")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """A trained probe's shape and how to turn its logits into probabilities."""
+
+    embed_dim: int = 512
+    n_classes: int = 2
+    ensemble: float = 0.0  # weight of the zero-shot probabilities mixed into the probe's
+    temperature: float = 0.01  # zero-shot logits = cos / temperature (for ensembles)
+
+    def __post_init__(self):
+        if not 0.0 <= self.ensemble <= 1.0:
+            raise ValueError(f"ensemble == {self.ensemble}, must be in [0, 1].")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LinearProbe(nn.Module):
+    """Logits x W + b; ``predict_proba`` mixes in zero-shot probabilities when ``ensemble`` > 0."""
+
+    def __init__(self, config: ProbeConfig):
+        super().__init__()
+        self.config = config
+        self.linear = nn.Linear(config.embed_dim, config.n_classes)
+        # class text embeddings, stored with the probe so that an ensemble is self-contained
+        self.register_buffer("text", torch.zeros(config.n_classes, config.embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.linear(x).softmax(-1)
+        lam = self.config.ensemble
+        if lam > 0:
+            zs = zero_shot_logits(x, self.text, self.config.temperature).softmax(-1)
+            p = (1 - lam) * p + lam * zs
+        return p
+
+
+def zero_shot_logits(x: torch.Tensor, text: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
+    return F.normalize(x, dim=-1) @ F.normalize(text, dim=-1).T / temperature
+
+
+def weight_decay_grid(n: int = 8, low: float = 1e-6, high: float = 1e-1) -> list[float]:
+    """Log-spaced grid, strongest regularisation first (for warm starts)."""
+    return [float(v) for v in np.logspace(np.log10(high), np.log10(low), n)]
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).float().mean()) if len(y) else float("nan")
+
+
+def fit_probe(
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    weight_decay: float,
+    max_iter: int = 200,
+    eval_every: int = 10,
+    x_val: torch.Tensor | None = None,
+    y_val: torch.Tensor | None = None,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sample_weight: torch.Tensor | None = None,
+    regularize_towards: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Fit W (d, C) and b (C,) by L-BFGS on soft ``targets`` (n, C).
+
+    With validation rows, the weights after the block of ``eval_every`` iterations with
+    the best validation accuracy are returned (``info['iterations']`` says how many);
+    without, those after ``max_iter``.
+    """
+    n, d = x.shape
+    c = targets.shape[1]
+    W = (init[0].detach().clone(memory_format=torch.contiguous_format) if init else torch.zeros(d, c, device=x.device)).requires_grad_(True)
+    b = (init[1].detach().clone() if init else torch.zeros(c, device=x.device)).requires_grad_(True)
+    w = sample_weight if sample_weight is not None else torch.full((n,), 1.0 / n, device=x.device)
+    anchor = regularize_towards if regularize_towards is not None else None
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=eval_every, max_eval=eval_every * 3, history_size=10,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
+
+    def closure():
+        opt.zero_grad()
+        logp = (x @ W + b).log_softmax(-1)
+        reg = W if anchor is None else W - anchor
+        loss = -(w * (targets * logp).sum(-1)).sum() + 0.5 * weight_decay * (reg * reg).sum()
+        loss.backward()
+        return loss
+
+    best = (-1.0, W.detach().clone(), b.detach().clone(), 0)
+    done, previous = 0, None
+    while done < max_iter:
+        loss = float(opt.step(closure).detach())  # the loss at the start of this block
+        done += eval_every
+        if x_val is not None and len(x_val):
+            with torch.no_grad():
+                acc = _accuracy(x_val @ W + b, y_val)
+            if acc > best[0]:
+                best = (acc, W.detach().clone(), b.detach().clone(), done)
+        if previous is not None and abs(previous - loss) <= 1e-7 * max(1.0, abs(loss)):
+            break  # converged: a whole block no longer moved the loss
+        previous = loss
+    if x_val is None or not len(x_val):
+        best = (float("nan"), W.detach().clone(), b.detach().clone(), done)
+    return best[1], best[2], {"val_accuracy": best[0], "iterations": best[3]}
+
+
+def select_weight_decay(
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    grid: list[float],
+    max_iter: int = 200,
+    sample_weight: torch.Tensor | None = None,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    regularize_towards: torch.Tensor | None = None,
+) -> tuple[dict, list[dict]]:
+    """Fit each weight decay of ``grid`` (warm-started along it, strongest first) and keep
+    the fit with the best validation accuracy (ties: the stronger regularisation).
+
+    Returns:
+        the best ``{"weight_decay", "iterations", "val_accuracy", "W", "b"}`` and the search.
+    """
+    search, warm, best = [], init, None
+    for wd in grid:
+        W, b, info = fit_probe(x, targets, wd, max_iter, x_val=x_val, y_val=y_val, init=warm,
+                               sample_weight=sample_weight, regularize_towards=regularize_towards)
+        warm = (W, b)
+        search.append({"weight_decay": wd, **info})
+        if best is None or info["val_accuracy"] > best["val_accuracy"]:
+            best = {"weight_decay": wd, **info, "W": W, "b": b}
+    best["iterations"] = max(best["iterations"], 10)
+    return best, search
+
+
+# ----------------------------------------------------------------------------- reweighting
+
+
+def group_ids(labels: torch.Tensor, losses: torch.Tensor, domains: torch.Tensor | None, scheme: str, n_groups: int = 4) -> torch.Tensor:
+    """Groups for reweighting. ``groupdro``: one group per class (per class and domain
+    when domains are given). ``seed-category``: each class (or domain) split into
+    ``n_groups`` seed categories by loss rank (Mei et al.)."""
+    if scheme == "groupdro":
+        if domains is None:
+            return labels.clone()
+        return labels * (int(domains.max()) + 1) + domains
+    key = labels if domains is None else domains
+    groups = torch.empty_like(labels)
+    for k in key.unique():
+        rows = torch.nonzero(key == k).flatten()
+        order = rows[losses[rows].argsort()]
+        rank = torch.arange(len(order), device=labels.device) * n_groups // max(1, len(order))
+        groups[order] = int(k) * n_groups + rank
+    return groups
+
+
+def update_group_weights(q: torch.Tensor, group_losses: torch.Tensor, eta: float = 0.01) -> torch.Tensor:
+    """q ← q · exp(η · loss_group), normalised to sum 1."""
+    q = q * torch.exp(eta * group_losses)
+    return q / q.sum()
+
+
+def sample_weights_from_groups(groups: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per-row weights: each group's weight q_g shared by its rows (sums to 1)."""
+    counts = torch.bincount(groups, minlength=len(q)).clamp(min=1).float()
+    return q[groups] / counts[groups]
+
+
+def fit_reweighted(
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    labels: torch.Tensor,
+    weight_decay: float,
+    scheme: str,
+    domains: torch.Tensor | None = None,
+    rounds: int = 10,
+    t0: int = 10,
+    eta: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Reweighted probe: every ``t0`` L-BFGS iterations, regroup (seed categories) and
+    update the group weights q ← q·exp(η·loss_group) from the current per-group losses."""
+    W = torch.zeros(x.shape[1], targets.shape[1], device=x.device)
+    b = torch.zeros(targets.shape[1], device=x.device)
+    losses = torch.zeros(len(x), device=x.device)
+    groups = group_ids(labels, losses, domains, scheme)
+    n_groups = int(groups.max()) + 1
+    q = torch.full((n_groups,), 1.0 / n_groups, device=x.device)
+    for _ in range(rounds):
+        W, b, _ = fit_probe(x, targets, weight_decay, max_iter=t0, eval_every=t0, init=(W, b),
+                            sample_weight=sample_weights_from_groups(groups, q))
+        with torch.no_grad():
+            losses = -(targets * (x @ W + b).log_softmax(-1)).sum(-1)
+            if scheme == "seed-category":
+                groups = group_ids(labels, losses, domains, scheme)
+            group_loss = torch.zeros(n_groups, device=x.device).index_add_(0, groups, losses)
+            group_loss /= torch.bincount(groups, minlength=n_groups).clamp(min=1)
+            q = update_group_weights(q, group_loss, eta)
+    return W, b, {"group_weights": q.tolist()}
