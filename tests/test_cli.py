@@ -86,6 +86,9 @@ def test_demo_runs_on_the_bundled_data(tmp_path):
     assert "trained dr-sa on 80 rows (20 validation) for 30 epochs" in r.stdout
     for head in ("box", "dr-sa"):
         assert (tmp_path / "demo" / "heads" / head / "model.safetensors").is_file()
+    assert "| `linear` |" in r.stdout and "| `mixup` |" in r.stdout
+    report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
+    assert report["protocol"]["seeds"] == [0, 1, 2] and len(report["summary"]) == 6
 
 
 def test_version():

@@ -465,3 +465,16 @@ def cache_info(path: str | os.PathLike) -> dict:
         "failures": read_failed(path),
         "unfinished": [str(f.relative_to(path)) for f in unfinished_files(path, manifest)],
     }
+
+
+def write_predictions(path: str | os.PathLike, ids: list[str], labels: np.ndarray, classes: list[str],
+                      probabilities: np.ndarray) -> None:
+    """Write a predictions Parquet file atomically: id, label, class_name, probabilities[C]."""
+    labels = np.asarray(labels, dtype=np.int32)
+    table = pa.table({
+        "id": pa.array(ids, pa.string()),
+        "label": pa.array(labels, pa.int32()),
+        "class_name": pa.array([classes[i] for i in labels], pa.string()),
+        "probabilities": _embedding_array(np.asarray(probabilities, np.float32), "float32"),
+    })
+    atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp))

@@ -1,5 +1,6 @@
 """``vlaug demo``: the pipeline on the bundled shapes data with the tiny random-init model:
-embed, then train-box (a LARE box head and a LatentDR head on the photo domain).
+embed, train-box (a LARE box head and a LatentDR head on the photo domain), then probe
+(zero-shot, linear, box, dr, Gaussian noise and Mixup over 3 seeds).
 
 No download is needed: the tiny model gets random weights, so the numbers show that the
 pipeline runs, not what CLIP features can do. The closing lines print the same commands
@@ -16,6 +17,8 @@ from typing import Callable
 from vlaug import demo_data
 from vlaug.embed import EmbedConfig, EmbedResult, embed_source
 from vlaug.encoders import TINY_MODEL
+from vlaug.evaluate import ProbeRunConfig, run_probe
+from vlaug.report import write_report
 from vlaug.train import TrainConfig, TrainResult, train_head
 
 # One prompt set per demo domain, for heads that translate between domains (LADS).
@@ -38,7 +41,9 @@ def real_weights_commands(source: str, out: str) -> str:
         f"vlaug embed {source} --out {out} --model ViT-B-32 --pretrained laion2b_s34b_b79k {prompt_sets}\n"
         f"vlaug embed {source} --out {out}-coca --model coca_ViT-B-32 --pretrained laion2b_s13b_b90k {prompt_sets}\n"
         f"vlaug train-box {out} --out heads/box --head box --train-domain photo\n"
-        f"vlaug train-box {out} --out heads/dr-sa --head dr-sa --train-domain photo"
+        f"vlaug train-box {out} --out heads/dr-sa --head dr-sa --train-domain photo\n"
+        f"vlaug probe {out} --out report --train-domain photo -m zero-shot -m linear -m box:heads/box -m dr:heads/dr-sa "
+        "-m gaussian -m mixup"
     )
 
 
@@ -46,6 +51,8 @@ def real_weights_commands(source: str, out: str) -> str:
 class DemoResult:
     embed: EmbedResult
     heads: list[TrainResult]
+    report: dict
+    report_dir: str
 
 
 def run_demo(out: str | Path = "vlaug-demo", progress: bool = True, log: Callable[[str], None] | None = None) -> DemoResult:
@@ -74,4 +81,11 @@ def run_demo(out: str | Path = "vlaug-demo", progress: bool = True, log: Callabl
         train = TrainConfig(features=embedded.out, out=str(out / "heads" / head), head=head, train_domains=("photo",),
                             epochs=30, seed=0, device="cpu", overwrite=True, progress=progress)
         heads.append(train_head(train, log=log))
-    return DemoResult(embedded, heads)
+    report_dir = out / "report"
+    probe = ProbeRunConfig(
+        features=embedded.out, out=str(report_dir), train_domains=("photo",), seeds=3, overwrite=True, progress=progress,
+        device="cpu", methods=("zero-shot", "linear", f"box:{out / 'heads' / 'box'}", f"dr:{out / 'heads' / 'dr-sa'}",
+                               "gaussian", "mixup"),
+    )
+    report = write_report(report_dir, run_probe(probe, log=log), overwrite=True)
+    return DemoResult(embedded, heads, report, str(report_dir))

@@ -441,3 +441,30 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
                          ctx.feats.labels[first_train], ctx.feats.domains[first_train]),
         "_box_stats": {s.head: checkpoint.read_head_stats(s.head) for s in specs if s.name == "box"},
     }
+
+
+def predict(features: str, probe_dir: str, out: str, overwrite: bool = False, device: str = "auto") -> dict:
+    """Classify every row of a cache with a probe saved by ``vlaug probe``; write a Parquet file.
+
+    Raises:
+        CheckpointError: not a probe; CacheMismatchError: the cache was embedded with
+            another model, dimension or class list; UsageError: ``out`` exists.
+    """
+    out_path = Path(out)
+    if out_path.exists() and not overwrite:
+        raise UsageError(f"--out {out!r} already exists. Pass --overwrite to replace it.")
+    if out_path.is_dir():
+        raise UsageError(f"--out {out!r} is a folder; pass a file name such as predictions.parquet.")
+    ckpt = checkpoint.load_head(probe_dir)
+    if ckpt.kind != "probe":
+        raise UsageError(f"--probe {probe_dir!r} is a {ckpt.kind} head, not a probe; use a folder from REPORT_DIR/probes/.")
+    feats = cache_io.read_cache(features)
+    checkpoint.check_head_matches_cache(ckpt.cache, feats.manifest, probe_dir, features)
+    dev = resolve_device(device)
+    probe = ckpt.module.to(dev)
+    probs = torch.cat([probe.predict_proba(torch.as_tensor(feats.embeddings[i : i + 65536], device=dev)).cpu()
+                       for i in range(0, len(feats), 65536)]) if len(feats) else torch.zeros(0, len(feats.classes))
+    pred = probs.argmax(1).numpy()
+    cache_io.write_predictions(out_path, feats.ids, pred, feats.classes, probs.numpy())
+    labelled = feats.labels
+    return {"out": str(out_path), "n": len(feats), "accuracy_against_cache_labels": float((pred == labelled).mean()) if len(feats) else None}

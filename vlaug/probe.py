@@ -78,6 +78,13 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(1) == y).float().mean()) if len(y) else float("nan")
 
 
+def probe_objective(x, W, b, targets, sample_weight, weight_decay, anchor=None) -> torch.Tensor:
+    """Σ_i w_i · CE(x_i W + b, t_i) + (weight_decay / 2)·‖W − anchor‖², soft targets t (rows sum to 1)."""
+    logp = (x @ W + b).log_softmax(-1)
+    reg = W if anchor is None else W - anchor
+    return -(sample_weight * (targets * logp).sum(-1)).sum() + 0.5 * weight_decay * (reg * reg).sum()
+
+
 def fit_probe(
     x: torch.Tensor,
     targets: torch.Tensor,
@@ -107,9 +114,7 @@ def fit_probe(
 
     def closure():
         opt.zero_grad()
-        logp = (x @ W + b).log_softmax(-1)
-        reg = W if anchor is None else W - anchor
-        loss = -(w * (targets * logp).sum(-1)).sum() + 0.5 * weight_decay * (reg * reg).sum()
+        loss = probe_objective(x, W, b, targets, w, weight_decay, anchor)
         loss.backward()
         return loss
 

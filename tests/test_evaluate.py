@@ -1,0 +1,153 @@
+"""vlaug probe and vlaug predict end to end on a synthetic cache."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import write_synthetic_cache
+from vlaug.cli import app
+from vlaug.evaluate import parse_method
+from vlaug.errors import UsageError
+from vlaug.train import TrainConfig, train_head
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    feats = write_synthetic_cache(root / "feat", n_per_class=25, d=32, n_classes=4)
+    for head, kw in [("box", {}), ("dr-sa", {}), ("lads", {"source_prompts": "photo", "target_prompts": ("sketch",)})]:
+        train_head(TrainConfig(features=str(feats), out=str(root / head), head=head, epochs=5, progress=False,
+                               device="cpu", train_domains=("photo",), **kw))
+    return root, feats
+
+
+ALL_METHODS = ["zero-shot", "linear", "linear-zs?wise=0.3", "box:{root}/box?n_aug=3&ensemble=0.5", "dr:{root}/dr-sa",
+               "lads:{root}/lads", "gaussian?sigma=0.2", "mixup", "xdomain-mix", "batchformer?epochs=3",
+               "latentdr-sa?epochs=3", "latentdr-pool?epochs=3"]
+
+
+def _probe(root, feats, out, methods, *extra):
+    args = ["probe", str(feats), "--out", str(out), "--train-domain", "photo", "--seeds", "2", "--grid-size", "3",
+            "--max-iter", "40", "--device", "cpu", "--no-progress", *extra]
+    for m in methods:
+        args += ["-m", m.format(root=root)]
+    return runner.invoke(app, args)
+
+
+def test_every_method_end_to_end_and_the_report_schema(setup, tmp_path):
+    root, feats = setup
+    out = tmp_path / "report"
+    r = _probe(root, feats, out, ALL_METHODS)
+    assert r.exit_code == 0, r.output
+    assert "| Method | In-domain | Out-of-domain | Extended | Balanced |" in r.stdout
+    report = json.loads((out / "report.json").read_text())
+    methods = [m.format(root=root) for m in ALL_METHODS]
+    assert [s["method"] for s in report["summary"]] == methods
+    assert len(report["results"]) == 2 * len(methods)
+    for row in report["results"]:
+        assert set(row) >= {"method", "seed", "in_domain", "out_of_domain", "extended", "balanced_accuracy", "per_domain"}
+        for key in ("in_domain", "out_of_domain", "extended", "balanced_accuracy"):
+            assert 0.0 <= row[key] <= 1.0
+        assert set(row["per_domain"]) == {"photo", "sketch"}
+    for s in report["summary"]:
+        for key in ("in_domain", "out_of_domain", "extended", "balanced_accuracy"):
+            assert set(s[key]) == {"mean", "std"}
+    assert report["model"] == "synthetic" and report["pretrained"] == "none"
+    assert report["protocol"]["seeds"] == [0, 1] and report["protocol"]["train_domains"] == ["photo"]
+    assert report["config"]["grid_size"] == 3
+    assert {p.name for p in out.glob("*.png")} >= {"accuracy.png", "embeddings.png"}
+    assert any(p.name.startswith("box_volume_") for p in out.glob("*.png"))
+    md = (out / "report.md").read_text()
+    assert "## Top-1 accuracy (%)" in md and "## Per domain (%)" in md and "alignment" in md
+    assert len(report["probe_dirs"]) == len(methods)
+    # zero-shot on separable clusters whose centres are the class prompts is near perfect in domain
+    zs = next(s for s in report["summary"] if s["method"] == "zero-shot")
+    assert zs["in_domain"]["mean"] > 0.9
+    lin = next(s for s in report["summary"] if s["method"] == "linear")
+    assert lin["in_domain"]["mean"] > 0.9
+
+
+def test_same_seed_gives_identical_report_numbers(setup, tmp_path):
+    root, feats = setup
+    methods = ["linear", "box:{root}/box", "mixup"]
+    assert _probe(root, feats, tmp_path / "a", methods).exit_code == 0
+    assert _probe(root, feats, tmp_path / "b", methods).exit_code == 0
+    a, b = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("a", "b"))
+    assert a["results"] == b["results"] and a["summary"] == b["summary"]
+
+
+def test_few_shot_and_imbalance_protocols(setup, tmp_path):
+    root, feats = setup
+    r = _probe(root, feats, tmp_path / "fs", ["linear"], "--shots", "3")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "fs" / "report.json").read_text())
+    assert all(s["train"] == 12 for s in report["protocol"]["splits"])
+    r = _probe(root, feats, tmp_path / "im", ["linear"], "--imbalance", "50:2", "--reweight", "seed-category")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "im" / "report.json").read_text())
+    assert all(len(s["reduced_classes"]) == 2 for s in report["protocol"]["splits"])
+    assert "reduced_classes" in report["summary"][0] and "Reduced classes" in r.stdout
+    assert report["results"][0]["selection"]["reweight"]["scheme"] == "seed-category"
+
+
+@pytest.mark.parametrize(
+    "methods, extra, match",
+    [
+        (["nope"], [], "unknown method 'nope'"),
+        (["box"], [], "needs a head folder"),
+        (["linear?n_aug=3"], [], "unknown option 'n_aug'"),
+        (["linear?ensemble=2"], [], "ensemble == 2.0"),
+        (["box:{root}/dr-sa"], [], "is a dr-sa head"),
+        (["linear"], ["--shots", "100"], "--shots 100"),
+        (["linear"], ["--imbalance", "101:2"], "must be in 0-100"),
+        (["linear"], ["--train-domain", "clipart"], "'clipart' is not in the cache"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_no_report(setup, tmp_path, methods, extra, match):
+    root, feats = setup
+    r = _probe(root, feats, tmp_path / "rep", methods, *extra)
+    assert r.exit_code == 2, r.output
+    assert match in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "rep").exists()
+
+
+def test_head_of_another_cache_is_refused(setup, tmp_path):
+    root, _ = setup
+    other = write_synthetic_cache(tmp_path / "other", n_per_class=25, d=32, n_classes=5)
+    r = _probe(root, other, tmp_path / "rep", ["box:{root}/box"])
+    assert r.exit_code == 2 and "was trained on another cache" in r.stderr and "classes: head has 4" in r.stderr
+    assert not (tmp_path / "rep").exists()
+
+
+def test_predict_with_a_saved_probe(setup, tmp_path):
+    root, feats = setup
+    assert _probe(root, feats, tmp_path / "rep", ["linear", "box:{root}/box?ensemble=0.5"]).exit_code == 0
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    probe_dir = tmp_path / "rep" / report["probe_dirs"]["linear"]
+    out = tmp_path / "pred.parquet"
+    r = runner.invoke(app, ["predict", str(feats), "--probe", str(probe_dir), "--out", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    table = pq.read_table(out)
+    assert table.column_names == ["id", "label", "class_name", "probabilities"]
+    assert table.num_rows == 200
+    probs = table.column("probabilities").to_pylist()
+    assert all(abs(sum(p) - 1) < 1e-4 for p in probs)
+    assert "agreement with the cache's labels" in r.stdout
+    other = write_synthetic_cache(tmp_path / "other", model="another-model", n_per_class=5, d=32, n_classes=4)
+    r = runner.invoke(app, ["predict", str(other), "--probe", str(probe_dir), "--out", str(tmp_path / "p2.parquet")])
+    assert r.exit_code == 2 and "model: head has 'synthetic', cache has 'another-model'" in r.stderr
+    assert not (tmp_path / "p2.parquet").exists()
+    r = runner.invoke(app, ["predict", str(feats), "--probe", str(root / "box"), "--out", str(tmp_path / "p3.parquet")])
+    assert r.exit_code == 2 and "not a probe" in r.stderr
+
+
+def test_parse_method_fills_defaults():
+    spec = parse_method("box:runs/b?n_aug=40&ensemble=0.7")
+    assert (spec.name, spec.head, spec.options) == ("box", "runs/b", {"ensemble": 0.7, "n_aug": 40})
+    assert parse_method("gaussian").options == {"ensemble": 0.0, "n_aug": 1, "sigma": 0.1}
+    with pytest.raises(UsageError, match="must be a int"):
+        parse_method("box:x?n_aug=many")
