@@ -35,7 +35,9 @@ def sample_boxes(
         raise ValueError(f"n == {n}, must be >= 1.")
     if lo.shape != hi.shape or lo.dim() != 2:
         raise ValueError(f"lo and hi must both be (N, d); got {tuple(lo.shape)} and {tuple(hi.shape)}.")
-    u = torch.rand((lo.shape[0], n, lo.shape[1]), generator=generator, device=lo.device, dtype=lo.dtype)
+    # drawn on the generator's device (a CPU generator can drive GPU tensors), then moved
+    gen_device = generator.device if generator is not None else lo.device
+    u = torch.rand((lo.shape[0], n, lo.shape[1]), generator=generator, device=gen_device, dtype=lo.dtype).to(lo.device)
     samples = torch.addcmul(lo.unsqueeze(1), u, (hi - lo).unsqueeze(1))
     return F.normalize(samples, dim=-1) if renormalize else samples
 
@@ -47,7 +49,8 @@ def sample_boxes(
 
 def gaussian_noise(x, t, n_aug: int = 1, sigma: float = 0.1, generator=None):
     """x + ε, ε ~ N(0, σ²/d · I) (so ‖ε‖ ≈ σ), re-normalised; the label is kept."""
-    eps = torch.randn((n_aug, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
+    gen_device = generator.device if generator is not None else x.device
+    eps = torch.randn((n_aug, *x.shape), generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
     out = F.normalize(x.unsqueeze(0) + sigma / x.shape[1] ** 0.5 * eps, dim=-1)
     return out.reshape(-1, x.shape[1]), t.repeat(n_aug, 1)
 

@@ -78,11 +78,18 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(1) == y).float().mean()) if len(y) else float("nan")
 
 
-def probe_objective(x, W, b, targets, sample_weight, weight_decay, anchor=None) -> torch.Tensor:
-    """Σ_i w_i · CE(x_i W + b, t_i) + (weight_decay / 2)·‖W − anchor‖², soft targets t (rows sum to 1)."""
-    logp = (x @ W + b).log_softmax(-1)
+def probe_objective(x, W, b, targets, sample_weight, weight_decay, anchor=None, hard_labels=None) -> torch.Tensor:
+    """Σ_i w_i · CE(x_i W + b, t_i) + (weight_decay / 2)·‖W − anchor‖², soft targets t (rows sum to 1).
+
+    ``hard_labels`` (when every target is one-hot) takes the faster integer-label kernel.
+    """
+    logits = torch.addmm(b, x, W)
+    if hard_labels is not None:
+        ce = F.cross_entropy(logits, hard_labels, reduction="none")
+    else:
+        ce = F.cross_entropy(logits, targets, reduction="none")
     reg = W if anchor is None else W - anchor
-    return -(sample_weight * (targets * logp).sum(-1)).sum() + 0.5 * weight_decay * (reg * reg).sum()
+    return (sample_weight * ce).sum() + 0.5 * weight_decay * (reg * reg).sum()
 
 
 def fit_probe(
@@ -96,12 +103,16 @@ def fit_probe(
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     sample_weight: torch.Tensor | None = None,
     regularize_towards: torch.Tensor | None = None,
+    patience: int = 5,
+    tolerance_grad: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Fit W (d, C) and b (C,) by L-BFGS on soft ``targets`` (n, C).
 
     With validation rows, the weights after the block of ``eval_every`` iterations with
-    the best validation accuracy are returned (``info['iterations']`` says how many);
-    without, those after ``max_iter``.
+    the best validation accuracy are returned (``info['iterations']`` says how many), and
+    the fit stops once ``patience`` blocks in a row have not improved it; without
+    validation rows, the weights after ``max_iter`` (or convergence: the largest gradient
+    entry below ``tolerance_grad``; scikit-learn's lbfgs stops at 1e-4 on the same scale).
     """
     n, d = x.shape
     c = targets.shape[1]
@@ -110,11 +121,14 @@ def fit_probe(
     w = sample_weight if sample_weight is not None else torch.full((n,), 1.0 / n, device=x.device)
     anchor = regularize_towards if regularize_towards is not None else None
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=eval_every, max_eval=eval_every * 3, history_size=10,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
+                            line_search_fn="strong_wolfe", tolerance_grad=tolerance_grad, tolerance_change=1e-10)
+
+    one_hot = bool(((targets == 0) | (targets == 1)).all() and (targets.sum(1) == 1).all())
+    hard = targets.argmax(1) if one_hot else None
 
     def closure():
         opt.zero_grad()
-        loss = probe_objective(x, W, b, targets, w, weight_decay, anchor)
+        loss = probe_objective(x, W, b, targets, w, weight_decay, anchor, hard)
         loss.backward()
         return loss
 
@@ -128,6 +142,8 @@ def fit_probe(
                 acc = _accuracy(x_val @ W + b, y_val)
             if acc > best[0]:
                 best = (acc, W.detach().clone(), b.detach().clone(), done)
+            elif done - best[3] >= patience * eval_every:
+                break
         if previous is not None and abs(previous - loss) <= 1e-7 * max(1.0, abs(loss)):
             break  # converged: a whole block no longer moved the loss
         previous = loss
