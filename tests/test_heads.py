@@ -188,3 +188,25 @@ def test_box_head_is_usable_on_any_tensor():
     torch.testing.assert_close(lo.norm(dim=-1), torch.ones(5))
     with pytest.raises(ValueError, match="alpha == 1.5"):
         BoxConfig(alpha=1.5)
+
+
+def test_baseline_augmenters():
+    from vlaug.augment import cross_domain_mix, gaussian_noise, latent_mixup
+
+    x = F.normalize(torch.randn(60, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    y = torch.arange(60) % 3
+    t = F.one_hot(y, 3).float()
+    dom = (torch.arange(60) // 30)
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    xn, tn = gaussian_noise(x, t, 2, 0.1, g())
+    assert xn.shape == (120, 8) and torch.equal(tn, t.repeat(2, 1))
+    assert ((xn - x.repeat(2, 1)).norm(dim=-1).mean() - 0.1).abs() < 0.03
+    xm, tm = latent_mixup(x, t, 1, 0.2, g())
+    assert torch.allclose(tm.sum(1), torch.ones(60))
+    assert torch.equal(xm, latent_mixup(x, t, 1, 0.2, g())[0])
+    # Beta(0.2, 0.2) puts about 27 % of its mass in [0.1, 0.9]
+    mixed_pairs = tm.max(1).values < 0.9
+    assert 0.1 < mixed_pairs.float().mean() < 0.35
+    xc, tc = cross_domain_mix(x, t, y, dom, 1, g())
+    assert torch.equal(tc, t)  # same-class partners keep the label
+    torch.testing.assert_close(xc.norm(dim=-1), torch.ones(60))

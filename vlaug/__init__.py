@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from vlaug.errors import (  # noqa: E402
     CacheError,
+    CacheLockedError,
     CacheMismatchError,
     CheckpointError,
     EmbedFailuresError,
@@ -20,6 +21,7 @@ from vlaug.errors import (  # noqa: E402
 __all__ = [
     "__version__",
     "CacheError",
+    "CacheLockedError",
     "CacheMismatchError",
     "CheckpointError",
     "EmbedFailuresError",

@@ -57,27 +57,19 @@ def gaussian_noise(x, t, n_aug: int = 1, sigma: float = 0.1, generator=None):
 
 def latent_mixup(x, t, n_aug: int = 1, alpha: float = 0.2, generator=None):
     """Mixup in the latent space: λx_i + (1-λ)x_j with λ ~ Beta(α, α), targets mixed alike."""
+    import numpy as np
+
     n = len(x)
-    beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
+    # torch's Beta sampler takes no generator: seed a numpy one from ours instead
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    rng = np.random.default_rng(seed)
     xs, ts = [], []
     for _ in range(n_aug):
         j = torch.randperm(n, generator=generator).to(x.device)
-        # Beta sampling has no generator argument: draw λ by inverse CDF of uniforms instead
-        u = torch.rand(n, generator=generator).to(x.device)
-        lam = _beta_icdf(u, alpha, beta).unsqueeze(1).to(x.dtype)
+        lam = torch.as_tensor(rng.beta(alpha, alpha, n), dtype=x.dtype, device=x.device).unsqueeze(1)
         xs.append(F.normalize(lam * x + (1 - lam) * x[j], dim=-1))
         ts.append(lam * t + (1 - lam) * t[j])
     return torch.cat(xs), torch.cat(ts)
-
-
-def _beta_icdf(u: torch.Tensor, alpha: float, beta) -> torch.Tensor:
-    """Inverse CDF of Beta(α, α) at u, by bisection on the CDF (vectorised, 40 steps)."""
-    lo, hi = torch.zeros_like(u), torch.ones_like(u)
-    grid = torch.linspace(1e-6, 1 - 1e-6, 2001)
-    cdf = torch.cumsum(beta.log_prob(grid).exp(), 0)
-    cdf = cdf / cdf[-1]
-    idx = torch.searchsorted(cdf, u.cpu().clamp(0, 1)).clamp(max=len(grid) - 1)
-    return grid[idx].to(u.device)
 
 
 def cross_domain_mix(x, t, labels, domains, n_aug: int = 1, generator=None):

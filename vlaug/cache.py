@@ -37,6 +37,12 @@ IMAGES_DIR = "images"
 TEXTS_NAME = "texts.parquet"
 FAILED_NAME = "failed.parquet"
 TMP_MARKER = ".tmp-"
+LOCK_NAME = ".vlaug-embed.lock"
+# Fault injection for the reliability suite: "part:N" or "manifest:N" makes the process
+# SIGKILL itself during its N-th write of that kind, after the temporary file is written
+# and before it is renamed into place (the worst moment for a crash).
+FAULT_ENV = "VLAUG_FAULT_INJECT"
+_fault_counts: dict[str, int] = {}
 STORAGE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 
@@ -68,11 +74,27 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _maybe_inject_fault(path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _maybe_inject_fault(path: Path) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    kind = "manifest" if path.name == MANIFEST_NAME else "part" if path.parent.name == IMAGES_DIR else "other"
+    want, _, n = spec.partition(":")
+    if kind != want:
+        return
+    _fault_counts[kind] = _fault_counts.get(kind, 0) + 1
+    if _fault_counts[kind] == int(n or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -168,6 +190,85 @@ def read_manifest(path: str | os.PathLike) -> CacheManifest:
 def write_manifest(path: str | os.PathLike, manifest: CacheManifest) -> None:
     manifest.updated = _now()
     _write_json(Path(path) / MANIFEST_NAME, manifest.to_dict())
+
+
+# ----------------------------------------------------------------------------- the writer's lock
+
+
+def _lock_holder_alive(info: dict) -> bool:
+    """True unless the lock's process is known to be gone (same host, no such pid)."""
+    import socket
+
+    if info.get("host") != socket.gethostname():
+        return True  # cannot check another machine's processes: assume it is alive
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return True
+    return True
+
+
+def acquire_lock(path: str | os.PathLike) -> tuple[Path, bool]:
+    """Create ``LOCK_NAME`` in the cache folder (exclusively). A lock left by a process
+    that is gone (crash, SIGKILL) is stale and taken over.
+
+    Returns:
+        the lock file and whether a stale lock was replaced.
+
+    Raises:
+        CacheLockedError: a live process holds the lock.
+    """
+    import socket
+
+    from vlaug.errors import CacheLockedError
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    stale = False
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                info = json.loads(lock.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                info = {}
+            if info and _lock_holder_alive(info):
+                raise CacheLockedError(
+                    f"{str(folder)!r} is being written by vlaug embed (pid {info.get('pid')} on {info.get('host')}, "
+                    f"since {info.get('started')}). Wait for it to finish; if that process no longer exists, delete "
+                    f"{str(lock)!r}."
+                ) from None
+            lock.unlink(missing_ok=True)  # stale (or unreadable: its writer died while creating it)
+            stale = True
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}, f)
+        return lock, stale
+    raise CacheLockedError(f"could not take the lock {str(lock)!r}; another process keeps creating it.")
+
+
+def check_unlocked(path: str | os.PathLike) -> None:
+    """Raise CacheLockedError now if a live process holds the cache's lock (a cheap early check)."""
+    from vlaug.errors import CacheLockedError
+
+    lock = Path(path) / LOCK_NAME
+    try:
+        info = json.loads(lock.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if _lock_holder_alive(info):
+        raise CacheLockedError(
+            f"{str(path)!r} is being written by vlaug embed (pid {info.get('pid')} on {info.get('host')}, since "
+            f"{info.get('started')}). Wait for it to finish; if that process no longer exists, delete {str(lock)!r}."
+        )
+
+
+def release_lock(lock: Path) -> None:
+    lock.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- writing rows

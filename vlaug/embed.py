@@ -240,6 +240,7 @@ def plan_embed(config: EmbedConfig) -> tuple[Source, cache.CacheManifest, Encode
         layout=source.layout,
         n_inputs=len(source.records),
     )
+    cache.check_unlocked(out)
     if cache.is_cache(out) and not config.overwrite:
         old = cache.read_manifest(out)
         diffs = _mismatches(old, manifest)
@@ -277,18 +278,33 @@ def embed_source(config: EmbedConfig, log: Callable[[str], None] | None = None) 
     encoder = load_encoder(spec.model, spec, config.device, config.precision, config.seed)
     manifest.embed_dim = encoder.embed_dim
 
-    existing = cache.read_manifest(out) if cache.is_cache(out) else None
-    if existing is not None and config.overwrite:
-        _remove_cache(out)
-        existing = None
+    existing = cache.read_manifest(out) if cache.is_cache(out) and not config.overwrite else None
     if existing is not None and existing.embed_dim != encoder.embed_dim:
         raise CacheMismatchError(
             f"{str(out)!r} holds {existing.embed_dim}-d embeddings but {spec.model} gives {encoder.embed_dim}-d. "
             "Pass --overwrite or choose another --out."
         )
 
-    # Everything checked: from here on the cache directory is written.
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything checked: from here on the cache directory is written, by one process.
+    created = not out.exists()
+    lock, stale = cache.acquire_lock(out)
+    if stale:
+        log("note: took over a lock left by an embed process that no longer runs")
+    try:
+        return _embed_locked(config, encoder, source, manifest, spec, existing, out, log)
+    except BaseException:
+        if created and not cache.is_cache(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        cache.release_lock(lock)
+
+
+def _embed_locked(config, encoder, source, manifest, spec, existing, out, log) -> EmbedResult:
+    if config.overwrite and cache.is_cache(out):
+        _remove_cache(out)
+    # read again under the lock: another process may have committed parts meanwhile
+    existing = cache.read_manifest(out) if cache.is_cache(out) else None
     n_removed = 0
     done: set[str] = set()
     if existing is not None:

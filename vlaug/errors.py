@@ -40,3 +40,7 @@ class EmbedFailuresError(VlaugError):
 
 class CheckpointError(UsageError):
     """A head checkpoint is missing, malformed or does not fit its config."""
+
+
+class CacheLockedError(UsageError):
+    """Another live ``vlaug embed`` process is writing the same cache."""

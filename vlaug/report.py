@@ -51,6 +51,14 @@ def format_head_info(path: str, config: dict, stats: dict | None = None, top: in
     t, c, h = config.get("training", {}), config["cache"], config["head"]
     history = config.get("history", [])
     selected = config.get("selected_epoch")
+    if config["kind"] == "probe":
+        return "\n".join([
+            f"probe        {path}",
+            f"method       {t.get('method')} (refitted on {t.get('refit_on')})",
+            f"classes      {h['n_classes']}, d={h['embed_dim']}, zero-shot ensemble weight {h['ensemble']}",
+            f"trained on   {c['model']} / {c['pretrained'] or '(model source)'}",
+            f"vlaug        {config.get('vlaug_version')}",
+        ])
     lines = [
         f"head         {path}",
         f"kind         {config['kind']}",
