@@ -294,8 +294,9 @@ def _embedding_array(embeddings: np.ndarray, dtype: str) -> pa.FixedSizeListArra
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=STORAGE_DTYPES[dtype]), d)
 
 
-def part_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
+def part_name(index: int, rank: int | None = None) -> str:
+    """``part-00012.parquet``, or ``part-r3-00012.parquet`` for torchrun rank 3."""
+    return f"part-{index:05d}.parquet" if rank is None else f"part-r{rank}-{index:05d}.parquet"
 
 
 def write_part(path: str | os.PathLike, name: str, rows: dict, embeddings: np.ndarray, dtype: str) -> None:
@@ -496,6 +497,46 @@ def iter_metadata(path: str | os.PathLike, columns: Iterable[str]) -> Iterable[p
     manifest = read_manifest(path)
     for f in _listed_part_files(path, manifest):
         yield _read_parquet(f, list(columns))
+
+
+# ----------------------------------------------------------------------------- distributed writers
+# Under torchrun each rank commits its parts to images/rank-R.json (parts, rows, failures);
+# rank 0 merges every rank file into manifest.json when all ranks are done, and at the start
+# of the next run (whatever its world size) if a distributed run was interrupted.
+
+
+def rank_file(path: str | os.PathLike, rank: int) -> Path:
+    return Path(path) / IMAGES_DIR / f"rank-{rank}.json"
+
+
+def write_rank_commit(path: str | os.PathLike, rank: int, parts: list[str], n_images: int, failures: list[dict]) -> None:
+    (Path(path) / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    _write_json(rank_file(path, rank), {"rank": rank, "parts": parts, "n_images": n_images, "failures": failures})
+
+
+def merge_rank_commits(path: str | os.PathLike, manifest: CacheManifest) -> tuple[int, list[dict]]:
+    """Move the parts of every rank file into ``manifest`` (and write it), then delete the
+    rank files. Returns the number of parts merged and the ranks' failures."""
+    path = Path(path)
+    files = sorted((path / IMAGES_DIR).glob("rank-*.json")) if (path / IMAGES_DIR).is_dir() else []
+    merged, failures = 0, []
+    for f in files:
+        try:
+            commit = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # an unreadable rank file cannot have been committed (atomic writes)
+        for part in commit.get("parts", []):
+            file = path / IMAGES_DIR / part
+            if part not in manifest.parts and file.is_file():
+                manifest.parts.append(part)
+                manifest.n_images += pq.read_metadata(file).num_rows
+                merged += 1
+        failures += commit.get("failures", [])
+    if files:
+        write_manifest(path, manifest)
+        for f in files:
+            f.unlink(missing_ok=True)
+    return merged, failures
 
 
 def unfinished_files(path: str | os.PathLike, manifest: CacheManifest | None = None) -> list[Path]:

@@ -202,9 +202,43 @@ def _remove_cache(out: Path) -> None:
         f.unlink(missing_ok=True)
 
 
-def _next_part_index(names: list[str]) -> int:
-    numbers = [int(m.group(1)) for n in names if (m := re.fullmatch(r"part-(\d+)\.parquet", n))]
+def _next_part_index(names: list[str], rank: int | None = None) -> int:
+    """One past the highest index among the parts of this writer (a rank, or the single process)."""
+    pattern = rf"part-r{rank}-(\d+)\.parquet" if rank is not None else r"part-(\d+)\.parquet"
+    numbers = [int(m.group(1)) for n in names if (m := re.fullmatch(pattern, n))]
     return max(numbers, default=-1) + 1
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_context() -> DistContext:
+    """Rank and world size from torchrun's environment (1 process without it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return DistContext(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _rank_device(device: str, ctx: DistContext) -> str:
+    """Each rank on its own GPU (cuda:LOCAL_RANK) when the device is auto or cuda."""
+    if ctx.distributed and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{ctx.local_rank}"
+    return device
+
+
+def _barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        torch.distributed.barrier()
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -268,15 +302,21 @@ def embed_source(config: EmbedConfig, log: Callable[[str], None] | None = None) 
         EmbedInterrupted: Ctrl-C; rows embedded so far are committed.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    ctx = dist_context()
     source, manifest, spec = plan_embed(config)
     out = Path(config.out)
+    if ctx.rank != 0:
+        log = lambda msg: None  # noqa: E731  (rank 0 speaks for the run)
     if spec.random_weights:
         log(
             f"WARNING: --pretrained none: {spec.model} has RANDOM weights (seed {config.seed}); its embeddings "
             "mean nothing. Use this only for tests and demos; pass a tag or a checkpoint file for real features."
         )
-    encoder = load_encoder(spec.model, spec, config.device, config.precision, config.seed)
+    device = _rank_device(config.device, ctx)
+    encoder = load_encoder(spec.model, spec, device, config.precision, config.seed)
     manifest.embed_dim = encoder.embed_dim
+    if ctx.distributed:
+        return _embed_distributed(config, encoder, source, manifest, spec, out, ctx, log)
 
     existing = cache.read_manifest(out) if cache.is_cache(out) and not config.overwrite else None
     if existing is not None and existing.embed_dim != encoder.embed_dim:
@@ -300,7 +340,74 @@ def embed_source(config: EmbedConfig, log: Callable[[str], None] | None = None) 
         cache.release_lock(lock)
 
 
-def _embed_locked(config, encoder, source, manifest, spec, existing, out, log) -> EmbedResult:
+def _embed_distributed(config, encoder, source, manifest, spec, out, ctx: DistContext, log) -> EmbedResult:
+    """torchrun: rank 0 prepares the cache, every rank embeds its share of the pending
+    inputs into its own parts, rank 0 merges the ranks' commits into the manifest."""
+    import torch.distributed as dist
+
+    backend = "nccl" if encoder.device.type == "cuda" else "gloo"
+    initialised_here = not dist.is_initialized()
+    if initialised_here:
+        dist.init_process_group(backend)
+    lock = None
+    try:
+        created = not out.exists()
+        error = torch.zeros(1)
+        if ctx.rank == 0:
+            try:
+                lock, stale = cache.acquire_lock(out)
+                if stale:
+                    log("note: took over a lock left by an embed process that no longer runs")
+                n_removed = _prepare_cache(config, encoder, source, manifest, out, log)[1]
+            except BaseException:
+                error += 1
+                dist.broadcast(error.to(_comm_device(backend)), 0)
+                raise
+        else:
+            n_removed = 0
+        flag = error.to(_comm_device(backend))
+        dist.broadcast(flag, 0)
+        if flag.item():
+            raise VlaugError("rank 0 could not prepare the cache; see its error.")
+        manifest = cache.read_manifest(out)
+        done = set(cache.read_ids(out, manifest))
+        pending = [r for r in source.records if r.id not in done]
+        mine = pending[ctx.rank :: ctx.world_size]  # deterministic share of this rank
+        result = _embed_pending(config, encoder, source, manifest, mine, len(source.records) - len(pending), n_removed, log,
+                                ctx=ctx)
+        counts = torch.tensor([result.n_embedded, result.n_failed], dtype=torch.float64, device=_comm_device(backend))
+        dist.all_reduce(counts)
+        _barrier(ctx)
+        if ctx.rank == 0:
+            final = cache.read_manifest(out)
+            _, failures = cache.merge_rank_commits(out, final)
+            cache.write_failed(out, failures)
+            final.n_failed = len(failures)
+            final.complete = final.n_images + len(failures) >= len(source.records)
+            cache.write_manifest(out, final)
+            result.failures = failures
+        result.n_embedded, result.n_failed = int(counts[0]), int(counts[1])
+        _barrier(ctx)
+        return result
+    except BaseException:
+        if ctx.rank == 0 and created and not cache.is_cache(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        if lock is not None:
+            cache.release_lock(lock)
+        if initialised_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _comm_device(backend: str) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def _prepare_cache(config, encoder, source, manifest, out, log) -> tuple[set[str], int]:
+    """Under the lock: replace or clean the cache, merge an interrupted distributed run,
+    write the texts and the manifest. Returns the ids already embedded and the number of
+    unfinished files removed."""
     if config.overwrite and cache.is_cache(out):
         _remove_cache(out)
     # read again under the lock: another process may have committed parts meanwhile
@@ -308,6 +415,9 @@ def _embed_locked(config, encoder, source, manifest, spec, existing, out, log) -
     n_removed = 0
     done: set[str] = set()
     if existing is not None:
+        merged, _ = cache.merge_rank_commits(out, existing)
+        if merged:
+            log(f"merged {merged} part(s) committed by the ranks of an interrupted torchrun")
         stray = cache.unfinished_files(out, existing)
         for f in stray:
             f.unlink(missing_ok=True)
@@ -324,9 +434,12 @@ def _embed_locked(config, encoder, source, manifest, spec, existing, out, log) -
         texts[name] = encoder.encode_prompts(source.classes, templates).numpy()
     cache.write_texts(out, texts, source.classes)
     cache.write_manifest(out, manifest)
+    return done, n_removed
 
-    source_ids = {r.id for r in source.records}
-    orphans = len(done - source_ids)
+
+def _embed_locked(config, encoder, source, manifest, spec, existing, out, log) -> EmbedResult:
+    done, n_removed = _prepare_cache(config, encoder, source, manifest, out, log)
+    orphans = len(done - {r.id for r in source.records})
     if orphans:
         log(f"note: {orphans} row(s) in the cache are not in the source any more; they are kept")
     pending = [r for r in source.records if r.id not in done]
@@ -334,8 +447,12 @@ def _embed_locked(config, encoder, source, manifest, spec, existing, out, log) -
     return _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_removed, log)
 
 
-def _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_removed, log) -> EmbedResult:
-    """The loop: batches through the model, parts committed every ``part_size`` rows."""
+def _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_removed, log,
+                   ctx: DistContext = DistContext()) -> EmbedResult:
+    """The loop: batches through the model, parts committed every ``part_size`` rows.
+
+    A single process commits into manifest.json; a torchrun rank into its rank file.
+    """
     from tqdm.auto import tqdm
 
     out = Path(config.out)
@@ -356,7 +473,8 @@ def _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_remo
     buffer_emb: list[np.ndarray] = []
     failures: list[dict] = []
     n_embedded = 0
-    next_index = _next_part_index(manifest.parts)
+    rank_parts: list[str] = []  # this rank's committed parts (torchrun)
+    next_index = _next_part_index(manifest.parts, ctx.rank if ctx.distributed else None)
 
     def write_part(n: int) -> None:
         """Write the first ``n`` buffered rows as the next part."""
@@ -371,20 +489,27 @@ def _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_remo
             "domain": [r.domain for r in recs],
             "split": [r.split for r in recs],
         }
-        name = cache.part_name(next_index)
+        name = cache.part_name(next_index, ctx.rank if ctx.distributed else None)
         cache.write_part(out, name, rows, emb[:n], config.dtype)
-        manifest.parts.append(name)
-        manifest.n_images += n
+        if ctx.distributed:
+            rank_parts.append(name)
+        else:
+            manifest.parts.append(name)
+            manifest.n_images += n
         next_index += 1
         buffer_pos, buffer_emb = buffer_pos[n:], [emb[n:]]
 
     def commit(final: bool) -> None:
         """Write full parts (and the remainder when ``final``), then the manifest: the commit point."""
-        n_parts = len(manifest.parts)
+        n_parts = len(manifest.parts) + len(rank_parts)
         while len(buffer_pos) >= config.part_size:
             write_part(config.part_size)
         if final and buffer_pos:
             write_part(len(buffer_pos))
+        if ctx.distributed:
+            if final or len(rank_parts) > n_parts - len(manifest.parts):
+                cache.write_rank_commit(out, ctx.rank, rank_parts, n_embedded, failures)
+            return
         if final or len(manifest.parts) > n_parts:
             cache.write_failed(out, failures)
             manifest.n_failed = len(failures)
@@ -392,7 +517,7 @@ def _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_remo
 
     bar = tqdm(
         total=len(source.records), initial=n_skipped, unit="img", desc="embed", disable=not config.progress,
-        file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
+        file=sys.stderr, dynamic_ncols=True, smoothing=0.1, position=0,
     )
     start = time.perf_counter()
     try:
@@ -418,6 +543,7 @@ def _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_remo
         ) from None
     finally:
         bar.close()
-    manifest.complete = manifest.n_images + len(failures) >= len(source.records)
-    cache.write_manifest(out, manifest)
+    if not ctx.distributed:
+        manifest.complete = manifest.n_images + len(failures) >= len(source.records)
+        cache.write_manifest(out, manifest)
     return EmbedResult(str(out), len(source.records), n_embedded, n_skipped, len(failures), seconds, n_removed, failures)

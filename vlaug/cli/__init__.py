@@ -106,7 +106,11 @@ def embed(
         device=device, precision=precision.value, batch_size=batch_size, workers=workers, dtype=dtype.value,
         part_size=part_size, seed=seed, overwrite=overwrite, progress=progress,
     )
+    from vlaug.embed import dist_context
+
     result = embed_source(config)
+    if dist_context().rank != 0:
+        return  # under torchrun, rank 0 reports for the run
     typer.echo(result.summary())
     if result.n_failed:
         typer.echo(f"{result.n_failed} input(s) could not be embedded; reasons in {out / 'failed.parquet'} (vlaug info {out}).", err=True)
