@@ -37,9 +37,14 @@ def sample_boxes(
         raise ValueError(f"lo and hi must both be (N, d); got {tuple(lo.shape)} and {tuple(hi.shape)}.")
     # drawn on the generator's device (a CPU generator can drive GPU tensors), then moved
     gen_device = generator.device if generator is not None else lo.device
-    u = torch.rand((lo.shape[0], n, lo.shape[1]), generator=generator, device=gen_device, dtype=lo.dtype).to(lo.device)
-    samples = torch.addcmul(lo.unsqueeze(1), u, (hi - lo).unsqueeze(1))
-    return F.normalize(samples, dim=-1) if renormalize else samples
+    samples = torch.rand((lo.shape[0], n, lo.shape[1]), generator=generator, device=gen_device, dtype=lo.dtype)
+    samples = samples.to(lo.device)
+    # in place: for 40 samples of 50,000 boxes in 512-d the output alone is 4 GB, and every
+    # temporary of that size costs as much again
+    samples.mul_((hi - lo).unsqueeze(1)).add_(lo.unsqueeze(1))
+    if renormalize:
+        samples.div_(torch.linalg.vector_norm(samples, dim=-1, keepdim=True).clamp_min_(1e-12))
+    return samples
 
 
 # Every augmenter below takes training embeddings x (n, d), soft targets t (n, C) and a
