@@ -68,8 +68,9 @@ Each head on a synthetic cache, same model, loss, AdamW settings and batch size 
 head's default). reference: a `DataLoader` over a `TensorDataset` (shuffle=True); vlaug:
 `vlaug.train.fit`, which keeps the tensors on the device and slices batches from a seeded
 permutation. On a CPU every head is bound by its own arithmetic, so removing the
-DataLoader's per-sample indexing and collation buys 0-25 % and differences under about
-±5 % are noise; the gap is expected to be much larger on a GPU, where the reference
+DataLoader's per-sample indexing and collation buys 0-30 %, and single one-epoch runs
+vary a lot on a shared VM (dr-pool measured 1.19, 0.89, then 1.12 and 1.11 over two
+epochs in successive runs): read differences under about ±15 % as noise. The gap is expected to be much larger on a GPU, where the reference
 loop's per-sample Python indexing and host-to-device copies dominate."""
 
 NOTES_PROBE = """\

@@ -16,10 +16,12 @@ unfinished write that is ignored.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
@@ -95,6 +97,40 @@ def _maybe_inject_fault(path: Path) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike):
+    """Yield a temporary folder beside ``path``; when the block succeeds, rename it onto
+    ``path`` (replacing an existing folder), and when it fails, delete it. Readers see the
+    old folder or the complete new one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}{TMP_MARKER}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f"{path.name}{TMP_MARKER}old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_json_object(file: Path, error: type[Exception], hint: str = "") -> dict:
+    """Parse a JSON file that must hold an object; a bad file raises ``error`` naming it."""
+    try:
+        d = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{str(file)!r} is not valid JSON ({e}){hint}") from None
+    if not isinstance(d, dict):
+        raise error(f"{str(file)!r} must hold a JSON object{hint}")
+    return d
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -178,12 +214,7 @@ def read_manifest(path: str | os.PathLike) -> CacheManifest:
     file = Path(path) / MANIFEST_NAME
     if not file.is_file():
         raise CacheError(f"{str(path)!r} is not a vlaug feature cache (no {MANIFEST_NAME}). Run vlaug embed first.")
-    try:
-        d = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheError(f"{str(file)!r} is not valid JSON ({e}); the cache is damaged. Re-run vlaug embed with --overwrite.") from None
-    if not isinstance(d, dict):
-        raise CacheError(f"{str(file)!r} is not a JSON object; the cache is damaged.")
+    d = read_json_object(file, CacheError, "; the cache is damaged. Re-run vlaug embed with --overwrite.")
     return CacheManifest.from_dict(d, where=str(file))
 
 

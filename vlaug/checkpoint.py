@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vlaug import __version__
-from vlaug.cache import TMP_MARKER, CacheManifest
+from vlaug.cache import CacheManifest, atomic_directory, read_json_object
 from vlaug.errors import CacheMismatchError, CheckpointError
 from vlaug.heads import BoxConfig, BoxHead, LADSConfig, LADSHead, LatentDR, LatentDRConfig
 from vlaug.probe import LinearProbe, ProbeConfig
@@ -130,25 +129,12 @@ def save_head(
     unknown = set(full) - CONFIG_KEYS
     if unknown:
         raise ValueError(f"unknown checkpoint config keys {sorted(unknown)}")
-    tmp = path.with_name(f"{path.name}{TMP_MARKER}{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(path) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"kind": kind, "vlaug_version": __version__})
         (tmp / CONFIG_NAME).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
         if stats is not None:
             (tmp / STATS_NAME).write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-        if path.exists():
-            old = path.with_name(f"{path.name}{TMP_MARKER}old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -160,12 +146,7 @@ def read_head_config(path: str | os.PathLike) -> dict:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise CheckpointError(f"{str(path)!r} is not a vlaug head (no {CONFIG_NAME}). Train one with vlaug train-box.")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{str(file)!r} is not valid JSON ({e}).") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{str(file)!r} must hold a JSON object.")
+    config = read_json_object(file, CheckpointError, ".")
     unknown = sorted(set(config) - CONFIG_KEYS)
     missing = sorted({"kind", "head", "cache"} - set(config))
     if unknown or missing:
@@ -183,10 +164,7 @@ def read_head_stats(path: str | os.PathLike) -> dict | None:
     file = Path(path) / STATS_NAME
     if not file.is_file():
         return None
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{str(file)!r} is not valid JSON ({e}).") from None
+    return read_json_object(file, CheckpointError, ".")
 
 
 def load_head(path: str | os.PathLike) -> Checkpoint:

@@ -117,6 +117,8 @@ class ProbeRunConfig:
             raise UsageError(f"--reweight {self.reweight!r}, must be one of {REWEIGHTS}.")
         if not self.methods:
             raise UsageError("give at least one --method.")
+        if self.grid_size < 1 or self.max_iter < 10:
+            raise UsageError(f"--grid-size {self.grid_size} must be >= 1 and --max-iter {self.max_iter} >= 10.")
 
 
 @dataclass

@@ -288,20 +288,17 @@ def write_report(out, report: dict, tsne: bool = False, overwrite: bool = False)
     leaves no half-written report.
     """
     import json
-    import os
-    import shutil
     from pathlib import Path
 
     import matplotlib
 
     matplotlib.use("Agg")
     from vlaug import checkpoint
+    from vlaug.cache import atomic_directory
 
     out = Path(out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "probes").mkdir(parents=True)
-    try:
+    with atomic_directory(out) as tmp:
+        (tmp / "probes").mkdir()
         public = {k: v for k, v in report.items() if not k.startswith("_")}
         probe_dirs = {}
         for method, probe in report["_probes"].items():
@@ -327,14 +324,4 @@ def write_report(out, report: dict, tsne: bool = False, overwrite: bool = False)
         public = _json_ready(public)
         (tmp / "report.json").write_text(json.dumps(public, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(format_markdown(public), encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f"{out.name}.tmp-old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return public
