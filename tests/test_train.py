@@ -170,3 +170,55 @@ def test_cli_trains_every_head_and_info_describes_it(features, tmp_path):
     assert r.exit_code == 2 and "already exists" in r.stderr
     r = runner.invoke(app, ["train-box", str(tmp_path / "nothing"), "--out", str(tmp_path / "n")])
     assert r.exit_code == 1 and "not a vlaug feature cache" in r.stderr
+
+
+@pytest.mark.parametrize("head", ["box", "dr-sa"])
+def test_streaming_with_a_buffer_that_holds_everything_equals_the_in_memory_path(features, tmp_path, head):
+    train_head(_config(features, tmp_path / "mem", head=head))
+    train_head(_config(features, tmp_path / "disk", head=head, memory_budget="1K"))  # far below the cache's size
+    mem, disk = _weights(tmp_path / "mem"), _weights(tmp_path / "disk")
+    assert all(torch.equal(mem[k], disk[k]) for k in mem)
+    t = json.loads((tmp_path / "disk" / "config.json").read_text())["training"]
+    assert t["streamed"] is True and t["memory_budget_bytes"] == 1024
+    assert json.loads((tmp_path / "mem" / "config.json").read_text())["training"]["streamed"] is False
+    if head == "box":
+        a = json.loads((tmp_path / "mem" / "stats.json").read_text())
+        b = json.loads((tmp_path / "disk" / "stats.json").read_text())
+        assert [r["class"] for r in a["per_class"]] == [r["class"] for r in b["per_class"]]
+        assert a["mean_log_volume"] == pytest.approx(b["mean_log_volume"], rel=1e-6)
+
+
+def test_streaming_through_a_small_shuffle_buffer(tmp_path):
+    from vlaug.train import fit_streamed
+
+    feats = write_synthetic_cache(tmp_path / "big", n_per_class=60, d=16, n_classes=3)
+    labels = cache.read_cache(feats).labels
+    chunks = lambda: cache.iter_embeddings(feats, batch_rows=25)  # noqa: E731
+    rows = np.arange(len(labels))
+    seen = []
+
+    def loss_fn(m, x, y):
+        if m.training:
+            seen.append(len(x))
+        return torch.nn.functional.cross_entropy(m(x), y), {}
+
+    for run in range(2):
+        torch.manual_seed(0)
+        module = torch.nn.Linear(16, 3)
+        seen.clear()
+        fit_streamed(module, loss_fn, chunks, labels, rows[::2], rows[1::2], epochs=2, batch_size=8, buffer_rows=32,
+                     generator=torch.Generator().manual_seed(0))
+        weights = module.weight.detach().clone() if run == 0 else weights
+    assert torch.equal(weights, module.weight.detach())  # same seed, same result
+    assert sum(seen) == 2 * 180 and max(seen) == 8  # every training row in each of the 2 epochs, batches of 8
+
+
+def test_memory_budget_parsing():
+    from vlaug.train import parse_memory_budget
+
+    assert parse_memory_budget("1.5G") == int(1.5 * 2**30)
+    assert parse_memory_budget("800M") == 800 * 2**20
+    assert parse_memory_budget("2000") == 2000
+    assert parse_memory_budget("auto") > 0
+    with pytest.raises(UsageError, match="--memory-budget"):
+        _config("x", "y", memory_budget="lots")

@@ -651,3 +651,40 @@ def write_predictions(path: str | os.PathLike, ids: list[str], labels: np.ndarra
         "probabilities": _embedding_array(np.asarray(probabilities, np.float32), "float32"),
     })
     atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp))
+
+
+# ----------------------------------------------------------------------------- streaming (larger than memory)
+
+
+def embedding_bytes(manifest: CacheManifest) -> int:
+    """Memory the embeddings take once read as float32."""
+    return manifest.n_images * manifest.embed_dim * 4
+
+
+def read_columns(path: str | os.PathLike, columns: list[str]) -> dict[str, np.ndarray]:
+    """Metadata columns of the listed parts as numpy arrays (no embedding, no ids)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    chunks: dict[str, list] = {c: [] for c in columns}
+    for f in _listed_part_files(path, manifest):
+        t = _read_parquet(f, columns)
+        for c in columns:
+            chunks[c].append(t.column(c).to_numpy(zero_copy_only=False))
+    return {c: (np.concatenate(v) if v else np.zeros(0)) for c, v in chunks.items()}
+
+
+def iter_embeddings(path: str | os.PathLike, batch_rows: int = 65536):
+    """Yield (first row index, (m, d) float32 embeddings) over the listed parts, in order,
+    reading at most ``batch_rows`` rows at a time (checked like :func:`read_cache`)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    start = 0
+    for f in _listed_part_files(path, manifest):
+        try:
+            batches = pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=["embedding"])
+            for batch in batches:
+                emb = _embeddings_to_numpy(pa.chunked_array([batch.column(0)]), manifest.embed_dim, str(f))
+                yield start, emb
+                start += len(emb)
+        except (OSError, pa.ArrowException) as e:
+            raise CacheError(f"cannot read {str(f)!r}: {e}. The file is damaged; re-run vlaug embed to rebuild it.") from None

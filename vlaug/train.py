@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -83,10 +84,12 @@ class TrainConfig:
     # LADS
     source_prompts: str = ""  # prompt set of the training domain, e.g. photo
     target_prompts: tuple[str, ...] = ()  # prompt sets of the unseen domains
+    memory_budget: str = "auto"  # stream the cache from disk when its embeddings need more (auto: RAM / 4)
     overwrite: bool = False
     progress: bool = True
 
     def __post_init__(self):
+        parse_memory_budget(self.memory_budget)
         if self.head not in HEADS:
             raise UsageError(f"--head {self.head!r}, must be one of {HEADS}.")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -161,27 +164,50 @@ def fit(
     Returns:
         per-epoch history and the selected epoch (1-based); ``module`` holds its weights.
     """
+
+    def train_batches():
+        order = torch.randperm(len(x_train), generator=generator).to(x_train.device)
+        for start in range(0, len(x_train), batch_size):
+            idx = order[start : start + batch_size]
+            yield x_train[idx], y_train[idx]
+
+    def val_loss():
+        return evaluate(module, loss_fn, x_val, y_val, batch_size, val_seed) if len(x_val) else None
+
+    return fit_batches(module, loss_fn, train_batches, val_loss, epochs, lr, weight_decay, progress)
+
+
+def fit_batches(
+    module: torch.nn.Module,
+    loss_fn: LossFn,
+    train_batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    val_loss: Callable[[], float | None],
+    epochs: int,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    progress: bool = False,
+) -> tuple[list[dict], int]:
+    """The epoch loop behind :func:`fit` and :func:`fit_streamed`: ``train_batches()``
+    yields one epoch of (x, y) minibatches; ``val_loss()`` gives the epoch's validation loss."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
-    n = len(x_train)
     history, best_loss, best_state, best_epoch = [], math.inf, None, epochs
     bar = tqdm(range(1, epochs + 1), desc="train", unit="epoch", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for epoch in bar:
         module.train()
-        order = torch.randperm(n, generator=generator).to(x_train.device)
-        total, sums = 0.0, {}
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            loss, parts = loss_fn(module, x_train[idx], y_train[idx])
+        n, total, sums = 0, 0.0, {}
+        for xb, yb in train_batches():
+            loss, parts = loss_fn(module, xb, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.detach() * len(idx)
+            n += len(xb)
+            total += loss.detach() * len(xb)
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v * len(idx)
+                sums[k] = sums.get(k, 0.0) + v * len(xb)
         row = {"epoch": epoch, "train_loss": float(total) / n, **{k: float(v) / n for k, v in sums.items()}}
-        row["val_loss"] = evaluate(module, loss_fn, x_val, y_val, batch_size, val_seed) if len(x_val) else None
+        row["val_loss"] = val_loss()
         history.append(row)
         if row["val_loss"] is not None and row["val_loss"] < best_loss:
             best_loss, best_epoch = row["val_loss"], epoch
@@ -192,6 +218,73 @@ def fit(
         module.load_state_dict(best_state)
     module.eval()
     return history, best_epoch
+
+
+def stream_rows(chunks: Callable[[], Iterator[tuple[int, np.ndarray]]], rows: np.ndarray, labels: np.ndarray,
+                device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The rows ``rows`` (sorted global indices) of a streamed cache, chunk by chunk, on ``device``."""
+    for start, emb in chunks():
+        lo, hi = np.searchsorted(rows, [start, start + len(emb)])
+        if hi > lo:
+            take = rows[lo:hi]
+            yield (torch.as_tensor(emb[take - start], device=device), torch.as_tensor(labels[take], device=device))
+
+
+def fit_streamed(
+    module: torch.nn.Module,
+    loss_fn: LossFn,
+    chunks: Callable[[], Iterator[tuple[int, np.ndarray]]],
+    labels: np.ndarray,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    epochs: int,
+    batch_size: int,
+    buffer_rows: int,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    val_seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+) -> tuple[list[dict], int]:
+    """:func:`fit` for caches larger than memory: each epoch streams the cache from disk
+    (``chunks()`` yields (first row, embeddings)), keeps the training rows in a shuffle
+    buffer of ``buffer_rows`` and draws minibatches from a seeded permutation of it. With
+    a buffer that holds every training row the batch order is exactly :func:`fit`'s."""
+
+    def train_batches():
+        buf_x, buf_y, held = [], [], 0
+
+        def drain(final: bool):
+            x, y = torch.cat(buf_x), torch.cat(buf_y)
+            order = torch.randperm(len(x), generator=generator).to(x.device)
+            stop = len(x) if final else len(x) - len(x) % batch_size
+            for start in range(0, stop, batch_size):
+                idx = order[start : start + batch_size]
+                yield x[idx], y[idx]
+            rest = order[stop:]
+            return [x[rest]], [y[rest]]
+
+        for xb, yb in stream_rows(chunks, train_rows, labels, device):
+            buf_x.append(xb)
+            buf_y.append(yb)
+            held += len(xb)
+            if held > buffer_rows:
+                buf_x, buf_y = yield from drain(final=False)
+                held = len(buf_x[0])
+        if held:
+            yield from drain(final=True)
+
+    def val_loss():
+        if not len(val_rows):
+            return None
+        total, n = 0.0, 0
+        for xb, yb in stream_rows(chunks, val_rows, labels, device):
+            total += evaluate(module, loss_fn, xb, yb, batch_size, val_seed) * len(xb)
+            n += len(xb)
+        return total / n
+
+    return fit_batches(module, loss_fn, train_batches, val_loss, epochs, lr, weight_decay, progress)
 
 
 @torch.no_grad()
@@ -248,47 +341,81 @@ def build_training(config: TrainConfig, feats: cache_io.FeatureCache, device: to
 
 @torch.no_grad()
 def box_stats(
-    head: BoxHead, x: torch.Tensor, labels: np.ndarray, classes: list[str], text: torch.Tensor, top: int = 3, seed: int = 0
+    head: BoxHead,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    classes: list[str],
+    text: torch.Tensor,
+    top: int = 3,
+    seed: int = 0,
 ) -> dict:
-    """LARE's Tables 4 and 5 for a trained box head on rows ``x``, plus diagnostics.
+    """LARE's Tables 4 and 5 for a trained box head over the rows of ``batches``, plus diagnostics.
 
     Returns per-class mean box log-volume with its rank (1 = largest boxes), for each
     dimension the ``top`` classes whose boxes have the longest mean side along it, the
     mean corner inner product, and the zero-shot accuracy (against ``text``) of the
     points, corners, centres and of 5 uniform samples per box: if the samples' accuracy
     is far below the points', the boxes have grown past their classes (raise --alpha).
+    Accumulates per class, so its memory does not grow with the number of rows.
     """
     head.eval()
-    lo, hi = head(x)
-    y = torch.as_tensor(labels, device=x.device)
     t = head.config.temperature
-
-    def accuracy(points: torch.Tensor, targets: torch.Tensor) -> float:
-        return float((zero_shot_logits(points, text, t).argmax(1) == targets).float().mean())
-
-    samples = sample_boxes(lo, hi, 5, torch.Generator(device=x.device).manual_seed(seed))
-    zero_shot = {"points": accuracy(x, y), "lo": accuracy(lo, y), "hi": accuracy(hi, y),
-                 "center": accuracy(box_center(lo, hi), y),
-                 "samples": accuracy(samples.reshape(-1, x.shape[1]), y.repeat_interleave(5))}
-    log_volume = box_log_volume(lo, hi).cpu().numpy()
-    sides = (hi - lo).abs().cpu().numpy()
-    present = [c for c in range(len(classes)) if (labels == c).any()]
-    mean_lv = {c: float(log_volume[labels == c].mean()) for c in present}
+    n_classes, d = len(classes), head.config.embed_dim
+    count = torch.zeros(n_classes, dtype=torch.float64)
+    lv_sum = torch.zeros(n_classes, dtype=torch.float64)
+    side_sum = torch.zeros(n_classes, d, dtype=torch.float64)
+    correct = {k: 0 for k in ("points", "lo", "hi", "center", "samples")}
+    n_rows, inner = 0, 0.0
+    gen = None
+    for x, y in batches:
+        gen = gen or torch.Generator(device=x.device).manual_seed(seed)
+        lo, hi = head(x)
+        yc = y.cpu()
+        count.index_add_(0, yc, torch.ones(len(yc), dtype=torch.float64))
+        lv_sum.index_add_(0, yc, box_log_volume(lo, hi).double().cpu())
+        side_sum.index_add_(0, yc, (hi - lo).abs().double().cpu())
+        hit = lambda p, target: int((zero_shot_logits(p, text, t).argmax(1) == target).sum())  # noqa: E731
+        samples = sample_boxes(lo, hi, 5, gen).reshape(-1, d)
+        correct["points"] += hit(x, y)
+        correct["lo"] += hit(lo, y)
+        correct["hi"] += hit(hi, y)
+        correct["center"] += hit(box_center(lo, hi), y)
+        correct["samples"] += hit(samples, y.repeat_interleave(5)) / 5
+        inner += float((lo * hi).sum())
+        n_rows += len(x)
+    present = [c for c in range(n_classes) if count[c] > 0]
+    mean_lv = {c: float(lv_sum[c] / count[c]) for c in present}
     ranked = sorted(present, key=lambda c: -mean_lv[c])
-    per_class = [{"class": classes[c], "label": c, "n": int((labels == c).sum()), "mean_log_volume": mean_lv[c],
+    per_class = [{"class": classes[c], "label": c, "n": int(count[c]), "mean_log_volume": mean_lv[c],
                   "rank": ranked.index(c) + 1} for c in present]
-    class_sides = np.stack([sides[labels == c].mean(0) for c in present])  # (n_present, d)
+    class_sides = (side_sum[present] / count[present].unsqueeze(1)).numpy()  # (n_present, d)
     longest = np.argsort(-class_sides, axis=0)[:top].T  # (d, top)
     per_dim = [{"dim": j, "classes": [classes[present[i]] for i in longest[j]],
-                "mean_side": [float(class_sides[i, j]) for i in longest[j]]} for j in range(sides.shape[1])]
+                "mean_side": [float(class_sides[i, j]) for i in longest[j]]} for j in range(d)]
     return {
-        "n_rows": int(len(x)),
-        "mean_log_volume": float(log_volume.mean()),
-        "mean_corner_inner_product": float((lo * hi).sum(-1).mean()),
-        "zero_shot_accuracy": zero_shot,
+        "n_rows": n_rows,
+        "mean_log_volume": float(lv_sum.sum() / max(1, n_rows)),
+        "mean_corner_inner_product": inner / max(1, n_rows),
+        "zero_shot_accuracy": {k: v / max(1, n_rows) for k, v in correct.items()},
         "per_class": sorted(per_class, key=lambda r: r["rank"]),
         "per_dimension": per_dim,
     }
+
+
+def parse_memory_budget(value: str) -> int:
+    """``auto`` (a quarter of the RAM), or a size such as ``1.5G``, ``800M``, ``2000000000``."""
+    if value == "auto":
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+        except (ValueError, OSError, AttributeError):
+            return 4 * 2**30
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    text = value.strip().upper().removesuffix("B")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(float(text))
+    except ValueError:
+        raise UsageError(f"--memory-budget {value!r}; use auto or a size such as 1.5G or 800M.") from None
 
 
 def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) -> TrainResult:
@@ -307,7 +434,18 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
         raise UsageError(f"--out {str(out)!r} already exists. Pass --overwrite to replace it, or choose another folder.")
     if out.exists() and not checkpoint.is_head(out):
         raise UsageError(f"--out {str(out)!r} exists and is not a vlaug head; refusing to replace it. Choose another folder.")
-    feats = cache_io.read_cache(config.features)
+    budget = parse_memory_budget(config.memory_budget)
+    manifest = cache_io.read_manifest(config.features)
+    streamed = cache_io.embedding_bytes(manifest) > budget
+    if streamed:  # larger than the budget: metadata in memory, embeddings streamed from disk each epoch
+        cols = cache_io.read_columns(config.features, ["label", "domain", "split"])
+        feats = cache_io.FeatureCache(manifest, [], [], cols["label"].astype(np.int64), cols["domain"].astype(str),
+                                      cols["split"].astype(str), np.zeros((0, manifest.embed_dim), np.float32),
+                                      cache_io.read_texts(config.features, manifest))
+        log(f"streaming {manifest.n_images} rows from disk: their embeddings "
+            f"({cache_io.embedding_bytes(manifest) / 2**30:.2f} GiB) exceed --memory-budget ({budget / 2**30:.2f} GiB)")
+    else:
+        feats = cache_io.read_cache(config.features)
     domains = check_domains(config.train_domains, sorted(set(feats.domains.tolist()) - {""}))
     rows = training_rows(feats.domains, feats.splits, config.train_domains)
     if len(rows) < 2:
@@ -315,27 +453,41 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
     train_rows, val_rows = stratified_split(rows, feats.labels, config.val_fraction, config.seed)
     device = resolve_device(config.device)
     epochs, batch_size = config.resolved("epochs"), config.resolved("batch_size")
+    # half the budget for the shuffle buffer (a row costs d float32 and a label)
+    buffer_rows = max(4 * batch_size, budget // 2 // (manifest.embed_dim * 4 + 8))
+    chunks = lambda: cache_io.iter_embeddings(config.features, batch_rows=min(65536, buffer_rows))  # noqa: E731
 
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)  # initial weights, dropout, pool subsets
         module, loss_fn = build_training(config, feats, device)
-        x = torch.as_tensor(feats.embeddings, device=device)
-        y = torch.as_tensor(feats.labels, device=device)
-        history, selected = fit(
-            module, loss_fn, x[train_rows], y[train_rows], x[val_rows], y[val_rows], epochs, batch_size,
-            config.lr, config.weight_decay, torch.Generator().manual_seed(config.seed), config.progress, config.seed,
-        )
+        generator = torch.Generator().manual_seed(config.seed)
+        if streamed:
+            history, selected = fit_streamed(
+                module, loss_fn, chunks, feats.labels, train_rows, val_rows, epochs, batch_size, buffer_rows,
+                config.lr, config.weight_decay, generator, config.progress, config.seed, device,
+            )
+        else:
+            x = torch.as_tensor(feats.embeddings, device=device)
+            y = torch.as_tensor(feats.labels, device=device)
+            history, selected = fit(
+                module, loss_fn, x[train_rows], y[train_rows], x[val_rows], y[val_rows], epochs, batch_size,
+                config.lr, config.weight_decay, generator, config.progress, config.seed,
+            )
     seconds = time.perf_counter() - start
     stats = None
     if config.head == "box":
         text = torch.as_tensor(feats.texts[CLASSES_PROMPT_SET], device=device)
-        stats = box_stats(module, x[rows], feats.labels[rows], feats.classes, text, seed=config.seed)
+        if streamed:
+            batches = stream_rows(chunks, rows, feats.labels, device)
+        else:
+            batches = ((x[rows[i : i + 65536]], y[rows[i : i + 65536]]) for i in range(0, len(rows), 65536))
+        stats = box_stats(module, batches, feats.classes, text, seed=config.seed)
 
     training = {k: v for k, v in asdict(config).items() if k not in ("overwrite", "progress")}
     training.update(epochs=epochs, batch_size=batch_size, train_domains=domains, device=str(device),
                     n_train=int(len(train_rows)), n_val=int(len(val_rows)), optimizer="AdamW",
-                    features=str(Path(config.features).resolve()))
+                    features=str(Path(config.features).resolve()), streamed=streamed, memory_budget_bytes=budget)
     for k in ("target_prompts",):
         training[k] = list(training[k])
     checkpoint.save_head(

@@ -21,7 +21,8 @@ from vlaug.errors import VlaugError
 app = typer.Typer(
     name="vlaug",
     help="Latent augmentation for classifiers on frozen CLIP/CoCa embeddings. "
-    "Pipeline: vlaug embed (images -> feature cache), then later stages read the cache.",
+    "Pipeline: vlaug embed (images -> feature cache) -> vlaug train-box (heads on the cache) "
+    "-> vlaug probe (probes, protocols, report); vlaug predict uses a probe.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -168,6 +169,7 @@ def train_box(
     noise_std: Annotated[float, typer.Option(help="dr with --degrade gaussian: noise σ.")] = 0.1,
     source_prompts: Annotated[str, typer.Option(help="lads: prompt set of the training domain (e.g. photo).")] = "",
     target_prompts: Annotated[str, typer.Option(help="lads: comma-separated prompt sets of unseen domains.")] = "",
+    memory_budget: Annotated[str, typer.Option(help="Stream the cache from disk when its embeddings need more memory than this (auto: a quarter of the RAM; or e.g. 1.5G).")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing head folder.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ):
@@ -180,7 +182,7 @@ def train_box(
         device=device, alpha=alpha, temperature=temperature, hidden=hidden, norm=norm.value, dr_mode=dr_mode.value,
         degrade=degrade.value, heads=heads, dim_head=dim_head, dim_ff=dim_ff, dropout=dropout, noise_std=noise_std,
         source_prompts=source_prompts, target_prompts=tuple(t.strip() for t in target_prompts.split(",") if t.strip()),
-        overwrite=overwrite, progress=progress,
+        memory_budget=memory_budget, overwrite=overwrite, progress=progress,
     )
     typer.echo(train_head(config).summary())
 
