@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from vlaug.augment import sample_boxes
-from vlaug.encoders import resolve_device
+from vlaug.devices import resolve_device
 
 
 def main(argv=None) -> dict:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import PredefinedSplit
 
-from vlaug.encoders import resolve_device
+from vlaug.devices import resolve_device
 from vlaug.probe import fit_probe, select_weight_decay, weight_decay_grid
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vlaug.cache import CacheManifest, FeatureCache
-from vlaug.encoders import resolve_device
+from vlaug.devices import resolve_device
 from vlaug.train import HEAD_DEFAULTS, TrainConfig, build_training, fit
 
 

@@ -39,6 +39,7 @@ IMAGES_DIR = "images"
 TEXTS_NAME = "texts.parquet"
 FAILED_NAME = "failed.parquet"
 TMP_MARKER = ".tmp-"
+CLASSES_PROMPT_SET = "classes"  # name of the class-name prompt ensemble in texts.parquet
 LOCK_NAME = ".vlaug-embed.lock"
 # Fault injection for the reliability suite: "part:N" or "manifest:N" makes the process
 # SIGKILL itself during its N-th write of that kind, after the temporary file is written
@@ -342,7 +343,8 @@ def write_part(path: str | os.PathLike, name: str, rows: dict, embeddings: np.nd
     schema = image_schema(embeddings.shape[1], dtype)
     arrays = [pa.array(rows[name_], type=schema.field(name_).type) for name_ in schema.names[:-1]]
     table = pa.Table.from_arrays(arrays + [_embedding_array(embeddings, dtype)], schema=schema)
-    atomic_write(folder / name, lambda tmp: pq.write_table(table, tmp, row_group_size=max(1, len(table))))
+    # row groups of at most 16,384 rows: a streaming reader decodes one row group at a time
+    atomic_write(folder / name, lambda tmp: pq.write_table(table, tmp, row_group_size=max(1, min(len(table), 16384))))
 
 
 def write_texts(path: str | os.PathLike, texts: dict[str, np.ndarray], classes: list[str]) -> None:

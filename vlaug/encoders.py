@@ -24,6 +24,8 @@ import torch
 import torchvision.transforms as T
 import torch.nn.functional as F
 
+from vlaug.cache import CLASSES_PROMPT_SET
+from vlaug.devices import autocast, resolve_device, resolve_precision
 from vlaug.errors import EncoderError, UsageError
 
 TINY_MODEL = "vlaug-tiny"
@@ -39,7 +41,6 @@ TEMPLATE_PRESETS: dict[str, list[str]] = {
     "openai": [t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES],
     "photo": ["a photo of a {}."],
 }
-CLASSES_PROMPT_SET = "classes"  # name of the class-name prompt ensemble in texts.parquet
 _PROMPT_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -164,48 +165,6 @@ def check_encoder_spec(model: str, pretrained: str | None) -> EncoderSpec:
         f"unknown pretrained tag {pretrained!r} for {name}; known tags: {tags or 'none'}. "
         "Pass one of them, a local checkpoint file, or 'none' for random weights."
     )
-
-
-# ----------------------------------------------------------------------------- device, precision
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; an unavailable device is an error."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine. Use --device auto or cpu.")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        raise UsageError("--device mps: MPS is not available on this machine. Use --device auto or cpu.")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps.") from None
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 autocast on GPUs that support it (else fp16), fp32 on CPU."""
-    if precision != "auto":
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise UsageError(f"--precision {precision!r}; use auto, fp32, bf16 or fp16.")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "mps":
-        return "fp16"
-    return "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    """Autocast context for ``precision`` on ``device`` (a no-op for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- encoder

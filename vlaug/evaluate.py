@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from vlaug import __version__, augment, metrics
 from vlaug import cache as cache_io
 from vlaug import checkpoint
-from vlaug.encoders import CLASSES_PROMPT_SET, resolve_device
+from vlaug.cache import CLASSES_PROMPT_SET
+from vlaug.devices import resolve_device
 from vlaug.errors import UsageError
 from vlaug.heads.batchformer import BatchFormer, BatchFormerConfig, batchformer_loss
 from vlaug.heads.latentdr import LatentDR, LatentDRConfig, latentdr_loss

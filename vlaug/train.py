@@ -22,7 +22,8 @@ import torch
 
 from vlaug import cache as cache_io
 from vlaug import checkpoint
-from vlaug.encoders import CLASSES_PROMPT_SET, resolve_device
+from vlaug.cache import CLASSES_PROMPT_SET
+from vlaug.devices import resolve_device
 from vlaug.errors import UsageError
 from vlaug.heads import (
     BoxConfig,
@@ -436,14 +437,16 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
         raise UsageError(f"--out {str(out)!r} exists and is not a vlaug head; refusing to replace it. Choose another folder.")
     budget = parse_memory_budget(config.memory_budget)
     manifest = cache_io.read_manifest(config.features)
-    streamed = cache_io.embedding_bytes(manifest) > budget
+    # in memory, the float32 embeddings are held about three times at the peak (read,
+    # training and validation copies); stream when that exceeds the budget
+    streamed = 3 * cache_io.embedding_bytes(manifest) > budget
     if streamed:  # larger than the budget: metadata in memory, embeddings streamed from disk each epoch
         cols = cache_io.read_columns(config.features, ["label", "domain", "split"])
         feats = cache_io.FeatureCache(manifest, [], [], cols["label"].astype(np.int64), cols["domain"].astype(str),
                                       cols["split"].astype(str), np.zeros((0, manifest.embed_dim), np.float32),
                                       cache_io.read_texts(config.features, manifest))
-        log(f"streaming {manifest.n_images} rows from disk: their embeddings "
-            f"({cache_io.embedding_bytes(manifest) / 2**30:.2f} GiB) exceed --memory-budget ({budget / 2**30:.2f} GiB)")
+        log(f"streaming {manifest.n_images} rows from disk: in memory they would need about "
+            f"{3 * cache_io.embedding_bytes(manifest) / 2**30:.2f} GiB, more than --memory-budget ({budget / 2**30:.2f} GiB)")
     else:
         feats = cache_io.read_cache(config.features)
     domains = check_domains(config.train_domains, sorted(set(feats.domains.tolist()) - {""}))
@@ -453,9 +456,10 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
     train_rows, val_rows = stratified_split(rows, feats.labels, config.val_fraction, config.seed)
     device = resolve_device(config.device)
     epochs, batch_size = config.resolved("epochs"), config.resolved("batch_size")
-    # half the budget for the shuffle buffer (a row costs d float32 and a label)
-    buffer_rows = max(4 * batch_size, budget // 2 // (manifest.embed_dim * 4 + 8))
-    chunks = lambda: cache_io.iter_embeddings(config.features, batch_rows=min(65536, buffer_rows))  # noqa: E731
+    # a quarter of the budget for the shuffle buffer (a row costs d float32 and a label);
+    # shuffling it makes one transient copy, so the buffer peaks at half the budget
+    buffer_rows = max(4 * batch_size, budget // 4 // (manifest.embed_dim * 4 + 8))
+    chunks = lambda: cache_io.iter_embeddings(config.features, batch_rows=min(8192, buffer_rows))  # noqa: E731
 
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -481,7 +485,7 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
         if streamed:
             batches = stream_rows(chunks, rows, feats.labels, device)
         else:
-            batches = ((x[rows[i : i + 65536]], y[rows[i : i + 65536]]) for i in range(0, len(rows), 65536))
+            batches = ((x[rows[i : i + 8192]], y[rows[i : i + 8192]]) for i in range(0, len(rows), 8192))
         stats = box_stats(module, batches, feats.classes, text, seed=config.seed)
 
     training = {k: v for k, v in asdict(config).items() if k not in ("overwrite", "progress")}

@@ -1,0 +1,99 @@
+"""train-box on caches larger than its memory budget: peak resident memory and time per row.
+
+For each size (default 250k, 500k, 1M, 2M rows of 512-d float16, 100 classes) this writes a
+synthetic cache part by part (so writing it needs little memory), then runs
+
+    vlaug train-box CACHE --head box --epochs 1 --memory-budget 512M --device cpu
+
+in a child process and reads the child's peak resident set size from the kernel
+(``os.wait4``). Time should grow linearly with the rows and peak memory stay flat.
+
+    python benchmarks/larger_than_memory.py [--sizes 250000,500000,1000000,2000000] [--budget 512M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vlaug import cache
+
+
+def write_cache(path: Path, n: int, d: int = 512, n_classes: int = 100, part_rows: int = 65_536, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_classes, d)).astype(np.float32)
+    classes = [f"c{i}" for i in range(n_classes)]
+    manifest = cache.CacheManifest(model="synthetic", pretrained="none", embed_dim=d, dtype="float16", classes=classes,
+                                   templates=["a photo of a {}."], seed=0)
+    for k, start in enumerate(range(0, n, part_rows)):
+        m = min(part_rows, n - start)
+        y = rng.integers(0, n_classes, m)
+        x = centres[y] + 3 * rng.standard_normal((m, d), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        rows = {"id": [str(start + i) for i in range(m)], "path": [""] * m, "label": y.tolist(),
+                "class_name": [classes[c] for c in y], "domain": [""] * m, "split": [""] * m}
+        name = cache.part_name(k)
+        cache.write_part(path, name, rows, x, "float16")
+        manifest.parts.append(name)
+        manifest.n_images += m
+    cache.write_texts(path, {"classes": centres / np.linalg.norm(centres, axis=1, keepdims=True)}, classes)
+    manifest.complete = True
+    cache.write_manifest(path, manifest)
+
+
+def run_child(cmd: list[str]) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS in MiB and exit code of a child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr.read().decode()[-2000:])
+    return seconds, usage.ru_maxrss / 1024, proc.returncode  # ru_maxrss is in KiB on Linux
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="250000,500000,1000000,2000000")
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--budget", default="512M")
+    p.add_argument("--workdir", help="where to write the caches (default: a temporary folder)")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="vlaug-ltm-"))
+    rows = []
+    try:
+        for n in [int(s) for s in args.sizes.split(",")]:
+            feats = root / f"cache-{n}"
+            t0 = time.perf_counter()
+            write_cache(feats, n, args.d)
+            write_s = time.perf_counter() - t0
+            disk = sum(f.stat().st_size for f in feats.rglob("*") if f.is_file())
+            seconds, peak, rc = run_child([sys.executable, "-m", "vlaug", "train-box", str(feats), "--out",
+                                           str(root / f"head-{n}"), "--head", "box", "--epochs", "1", "--memory-budget",
+                                           args.budget, "--device", "cpu", "--no-progress"])
+            row = {"rows": n, "cache_gib": disk / 2**30, "write_s": write_s, "train_box_s": seconds,
+                   "us_per_row": 1e6 * seconds / n, "peak_rss_mib": peak, "exit_code": rc}
+            rows.append(row)
+            print(json.dumps(row))
+            shutil.rmtree(feats, ignore_errors=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
