@@ -202,14 +202,15 @@ def test_streaming_through_a_small_shuffle_buffer(tmp_path):
             seen.append(len(x))
         return torch.nn.functional.cross_entropy(m(x), y), {}
 
-    for run in range(2):
+    weights = []
+    for _ in range(2):
         torch.manual_seed(0)
         module = torch.nn.Linear(16, 3)
         seen.clear()
         fit_streamed(module, loss_fn, chunks, labels, rows[::2], rows[1::2], epochs=2, batch_size=8, buffer_rows=32,
                      generator=torch.Generator().manual_seed(0))
-        weights = module.weight.detach().clone() if run == 0 else weights
-    assert torch.equal(weights, module.weight.detach())  # same seed, same result
+        weights.append(module.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])  # same seed, same result
     assert sum(seen) == 2 * 180 and max(seen) == 8  # every training row in each of the 2 epochs, batches of 8
 
 

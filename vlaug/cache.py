@@ -264,16 +264,7 @@ def acquire_lock(path: str | os.PathLike) -> tuple[Path, bool]:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                info = json.loads(lock.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                info = {}
-            if info and _lock_holder_alive(info):
-                raise CacheLockedError(
-                    f"{str(folder)!r} is being written by vlaug embed (pid {info.get('pid')} on {info.get('host')}, "
-                    f"since {info.get('started')}). Wait for it to finish; if that process no longer exists, delete "
-                    f"{str(lock)!r}."
-                ) from None
+            check_unlocked(folder)  # raises while the holder lives
             lock.unlink(missing_ok=True)  # stale (or unreadable: its writer died while creating it)
             stale = True
             continue
@@ -284,7 +275,8 @@ def acquire_lock(path: str | os.PathLike) -> tuple[Path, bool]:
 
 
 def check_unlocked(path: str | os.PathLike) -> None:
-    """Raise CacheLockedError now if a live process holds the cache's lock (a cheap early check)."""
+    """Raise CacheLockedError if a live process holds the cache's lock; return if there is
+    no lock, or only a stale or unreadable one."""
     from vlaug.errors import CacheLockedError
 
     lock = Path(path) / LOCK_NAME
@@ -542,9 +534,10 @@ def rank_file(path: str | os.PathLike, rank: int) -> Path:
     return Path(path) / IMAGES_DIR / f"rank-{rank}.json"
 
 
-def write_rank_commit(path: str | os.PathLike, rank: int, parts: list[str], n_images: int, failures: list[dict]) -> None:
+def write_rank_commit(path: str | os.PathLike, rank: int, parts: list[str], failures: list[dict]) -> None:
+    """Commit a rank's parts (rows are counted from the parts when rank 0 merges them)."""
     (Path(path) / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
-    _write_json(rank_file(path, rank), {"rank": rank, "parts": parts, "n_images": n_images, "failures": failures})
+    _write_json(rank_file(path, rank), {"rank": rank, "parts": parts, "failures": failures})
 
 
 def merge_rank_commits(path: str | os.PathLike, manifest: CacheManifest) -> tuple[int, list[dict]]:

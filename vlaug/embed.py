@@ -8,6 +8,7 @@ same command after an interruption embeds only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -316,22 +317,21 @@ def embed_source(config: EmbedConfig, log: Callable[[str], None] | None = None) 
     encoder = load_encoder(spec.model, spec, device, config.precision, config.seed)
     manifest.embed_dim = encoder.embed_dim
     if ctx.distributed:
-        return _embed_distributed(config, encoder, source, manifest, spec, out, ctx, log)
+        return _embed_distributed(config, encoder, source, manifest, out, ctx, log)
+    with _writing(out, log):
+        return _embed_locked(config, encoder, source, manifest, out, log)
 
-    existing = cache.read_manifest(out) if cache.is_cache(out) and not config.overwrite else None
-    if existing is not None and existing.embed_dim != encoder.embed_dim:
-        raise CacheMismatchError(
-            f"{str(out)!r} holds {existing.embed_dim}-d embeddings but {spec.model} gives {encoder.embed_dim}-d. "
-            "Pass --overwrite or choose another --out."
-        )
 
-    # Everything checked: from here on the cache directory is written, by one process.
+@contextlib.contextmanager
+def _writing(out: Path, log):
+    """Hold the cache's lock; if the block fails before a cache exists, remove the folder
+    it created, so that bad input leaves nothing behind."""
     created = not out.exists()
     lock, stale = cache.acquire_lock(out)
     if stale:
         log("note: took over a lock left by an embed process that no longer runs")
     try:
-        return _embed_locked(config, encoder, source, manifest, spec, existing, out, log)
+        yield
     except BaseException:
         if created and not cache.is_cache(out):
             shutil.rmtree(out, ignore_errors=True)
@@ -340,7 +340,7 @@ def embed_source(config: EmbedConfig, log: Callable[[str], None] | None = None) 
         cache.release_lock(lock)
 
 
-def _embed_distributed(config, encoder, source, manifest, spec, out, ctx: DistContext, log) -> EmbedResult:
+def _embed_distributed(config, encoder, source, manifest, out, ctx: DistContext, log) -> EmbedResult:
     """torchrun: rank 0 prepares the cache, every rank embeds its share of the pending
     inputs into its own parts, rank 0 merges the ranks' commits into the manifest."""
     import torch.distributed as dist
@@ -349,53 +349,41 @@ def _embed_distributed(config, encoder, source, manifest, spec, out, ctx: DistCo
     initialised_here = not dist.is_initialized()
     if initialised_here:
         dist.init_process_group(backend)
-    lock = None
+    comm = _comm_device(backend)
     try:
-        created = not out.exists()
-        error = torch.zeros(1)
-        if ctx.rank == 0:
-            try:
-                lock, stale = cache.acquire_lock(out)
-                if stale:
-                    log("note: took over a lock left by an embed process that no longer runs")
-                n_removed = _prepare_cache(config, encoder, source, manifest, out, log)[1]
-            except BaseException:
-                error += 1
-                dist.broadcast(error.to(_comm_device(backend)), 0)
-                raise
-        else:
-            n_removed = 0
-        flag = error.to(_comm_device(backend))
-        dist.broadcast(flag, 0)
-        if flag.item():
-            raise VlaugError("rank 0 could not prepare the cache; see its error.")
-        manifest = cache.read_manifest(out)
-        done = set(cache.read_ids(out, manifest))
-        pending = [r for r in source.records if r.id not in done]
-        mine = pending[ctx.rank :: ctx.world_size]  # deterministic share of this rank
-        result = _embed_pending(config, encoder, source, manifest, mine, len(source.records) - len(pending), n_removed, log,
-                                ctx=ctx)
-        counts = torch.tensor([result.n_embedded, result.n_failed], dtype=torch.float64, device=_comm_device(backend))
-        dist.all_reduce(counts)
-        _barrier(ctx)
-        if ctx.rank == 0:
-            final = cache.read_manifest(out)
-            _, failures = cache.merge_rank_commits(out, final)
-            cache.write_failed(out, failures)
-            final.n_failed = len(failures)
-            final.complete = final.n_images + len(failures) >= len(source.records)
-            cache.write_manifest(out, final)
-            result.failures = failures
-        result.n_embedded, result.n_failed = int(counts[0]), int(counts[1])
-        _barrier(ctx)
-        return result
-    except BaseException:
-        if ctx.rank == 0 and created and not cache.is_cache(out):
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        # rank 0 holds the lock for the whole run
+        with _writing(out, log) if ctx.rank == 0 else contextlib.nullcontext():
+            n_removed, failed = 0, torch.zeros(1, device=comm)
+            if ctx.rank == 0:
+                try:
+                    n_removed = _prepare_cache(config, encoder, source, manifest, out, log)[1]
+                except BaseException:
+                    dist.broadcast(failed + 1, 0)  # release the other ranks before raising
+                    raise
+            dist.broadcast(failed, 0)
+            if failed.item():
+                raise VlaugError("rank 0 could not prepare the cache; see its error.")
+            manifest = cache.read_manifest(out)
+            done = set(cache.read_ids(out, manifest))
+            pending = [r for r in source.records if r.id not in done]
+            mine = pending[ctx.rank :: ctx.world_size]  # deterministic share of this rank
+            result = _embed_pending(config, encoder, source, manifest, mine, len(source.records) - len(pending),
+                                    n_removed, log, ctx=ctx)
+            counts = torch.tensor([result.n_embedded, result.n_failed], dtype=torch.float64, device=comm)
+            dist.all_reduce(counts)
+            _barrier(ctx)
+            if ctx.rank == 0:
+                final = cache.read_manifest(out)
+                _, failures = cache.merge_rank_commits(out, final)
+                cache.write_failed(out, failures)
+                final.n_failed = len(failures)
+                final.complete = final.n_images + len(failures) >= len(source.records)
+                cache.write_manifest(out, final)
+                result.failures = failures
+            result.n_embedded, result.n_failed = int(counts[0]), int(counts[1])
+            _barrier(ctx)
+            return result
     finally:
-        if lock is not None:
-            cache.release_lock(lock)
         if initialised_here and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -410,8 +398,13 @@ def _prepare_cache(config, encoder, source, manifest, out, log) -> tuple[set[str
     unfinished files removed."""
     if config.overwrite and cache.is_cache(out):
         _remove_cache(out)
-    # read again under the lock: another process may have committed parts meanwhile
+    # read under the lock: another process may have committed parts since plan_embed
     existing = cache.read_manifest(out) if cache.is_cache(out) else None
+    if existing is not None and existing.embed_dim != manifest.embed_dim:
+        raise CacheMismatchError(
+            f"{str(out)!r} holds {existing.embed_dim}-d embeddings but {manifest.model} gives {manifest.embed_dim}-d. "
+            "Pass --overwrite or choose another --out."
+        )
     n_removed = 0
     done: set[str] = set()
     if existing is not None:
@@ -437,7 +430,7 @@ def _prepare_cache(config, encoder, source, manifest, out, log) -> tuple[set[str
     return done, n_removed
 
 
-def _embed_locked(config, encoder, source, manifest, spec, existing, out, log) -> EmbedResult:
+def _embed_locked(config, encoder, source, manifest, out, log) -> EmbedResult:
     done, n_removed = _prepare_cache(config, encoder, source, manifest, out, log)
     orphans = len(done - {r.id for r in source.records})
     if orphans:
@@ -474,7 +467,8 @@ def _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_remo
     failures: list[dict] = []
     n_embedded = 0
     rank_parts: list[str] = []  # this rank's committed parts (torchrun)
-    next_index = _next_part_index(manifest.parts, ctx.rank if ctx.distributed else None)
+    part_rank = ctx.rank if ctx.distributed else None
+    next_index = _next_part_index(manifest.parts, part_rank)
 
     def write_part(n: int) -> None:
         """Write the first ``n`` buffered rows as the next part."""
@@ -489,7 +483,7 @@ def _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_remo
             "domain": [r.domain for r in recs],
             "split": [r.split for r in recs],
         }
-        name = cache.part_name(next_index, ctx.rank if ctx.distributed else None)
+        name = cache.part_name(next_index, part_rank)
         cache.write_part(out, name, rows, emb[:n], config.dtype)
         if ctx.distributed:
             rank_parts.append(name)
@@ -501,16 +495,16 @@ def _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_remo
 
     def commit(final: bool) -> None:
         """Write full parts (and the remainder when ``final``), then the manifest: the commit point."""
-        n_parts = len(manifest.parts) + len(rank_parts)
+        first_new = next_index
         while len(buffer_pos) >= config.part_size:
             write_part(config.part_size)
         if final and buffer_pos:
             write_part(len(buffer_pos))
+        if not final and next_index == first_new:
+            return  # no new part: nothing to commit
         if ctx.distributed:
-            if final or len(rank_parts) > n_parts - len(manifest.parts):
-                cache.write_rank_commit(out, ctx.rank, rank_parts, n_embedded, failures)
-            return
-        if final or len(manifest.parts) > n_parts:
+            cache.write_rank_commit(out, ctx.rank, rank_parts, failures)
+        else:
             cache.write_failed(out, failures)
             manifest.n_failed = len(failures)
             cache.write_manifest(out, manifest)

@@ -254,9 +254,9 @@ def fit_method(spec: MethodSpec, ctx: _Context, splits: Splits, seed: int, refit
                                            weights, init, anchor)
         W, b, wd = best["W"], best["b"], best["weight_decay"]
         info = {"weight_decay": wd, "iterations": best["iterations"], "val_accuracy": best["val_accuracy"],
-                "search": [{k: v for k, v in r.items()} for r in search]}
+                "search": search}
     if cfg.reweight != "none":
-        W, b, rw = fit_reweighted(x, t, hard, wd, cfg.reweight, dom if dom is not None else None)
+        W, b, rw = fit_reweighted(x, t, hard, wd, cfg.reweight, dom)
         info["reweight"] = {"scheme": cfg.reweight, "eta": 0.01, "t0": 10, "rounds": 10, **rw}
     if spec.name == "linear-zs":
         lam = spec.options["wise"]
@@ -405,7 +405,7 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
     for spec in specs:
         info = chosen[spec.text]
         refit_spec = MethodSpec(spec.text, spec.name, spec.head, {**spec.options, "_chosen": {k: v for k, v in info.items() if k != "search"}})
-        probe, _, _ = fit_method(refit_spec, ctx, all_splits[0], 0, refit=True) if spec.name != "zero-shot" else fit_method(spec, ctx, all_splits[0], 0)
+        probe, _, _ = fit_method(refit_spec, ctx, all_splits[0], 0, refit=True)
         probes[spec.text] = probe.cpu()
     seconds = time.perf_counter() - start
     m = ctx.feats.manifest
@@ -433,7 +433,7 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
         },
         "methods": [{"method": s.text, "name": s.name, "head": s.head, "options": s.options,
                      "head_config": ctx.heads[s.head].config["head"] if s.head else None,
-                     "selection_seed0": {k: v for k, v in chosen[s.text].items()}} for s in specs],
+                     "selection_seed0": dict(chosen[s.text])} for s in specs],
         "results": results,
         "summary": summarise(results, specs),
         "feature_geometry": geometry,
