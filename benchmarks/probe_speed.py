@@ -28,7 +28,7 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import PredefinedSplit
 
 from vlaug.devices import resolve_device
-from vlaug.probe import fit_probe, select_weight_decay, weight_decay_grid
+from vlaug.probe import Rows, fit_probe, select_weight_decay, weight_decay_grid
 
 
 def make_data(n: int, d: int, n_classes: int, noise: float = 5.0, seed: int = 0):
@@ -63,12 +63,12 @@ def main(argv=None) -> dict:
     targets = F.one_hot(yt[tr], args.classes).float()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     acc = lambda W, b: float(((xt[te] @ W + b).argmax(1) == yt[te]).float().mean())  # noqa: E731
-    fit_probe(xt[:1000], F.one_hot(yt[:1000], args.classes).float(), args.weight_decay, max_iter=10)  # warm-up
+    fit_probe(Rows.of(xt[:1000], yt[:1000], n_classes=args.classes), args.weight_decay, max_iter=10)  # warm-up
     out = {"n_train": args.n_train, "n_val": args.n_val, "d": args.d, "classes": args.classes, "device": str(dev),
            "torch_threads": torch.get_num_threads(), "weight_decay": args.weight_decay}
 
     sync(); t0 = time.perf_counter()
-    W, b, info = fit_probe(xt[tr], targets, args.weight_decay, max_iter=200)
+    W, b, info = fit_probe(Rows.of(xt[tr], targets), args.weight_decay, max_iter=200)
     sync(); out["vlaug_fit_s"] = time.perf_counter() - t0
     out["vlaug_fit_accuracy"], out["vlaug_fit_iterations"] = acc(W, b), info["iterations"]
     t0 = time.perf_counter()
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     if not args.skip_cv:
         grid = weight_decay_grid(args.grid_size)
         sync(); t0 = time.perf_counter()
-        best, _ = select_weight_decay(xt[tr], targets, xt[va], yt[va], grid, max_iter=200)
+        best, _ = select_weight_decay(Rows.of(xt[tr], targets), Rows.of(xt[va], yt[va]), grid, max_iter=200)
         sync(); out["vlaug_select_s"] = time.perf_counter() - t0
         out["vlaug_select_accuracy"], out["vlaug_selected_weight_decay"] = acc(best["W"], best["b"]), best["weight_decay"]
         fold = np.r_[np.full(args.n_train, -1), np.zeros(args.n_val)]

@@ -3,6 +3,7 @@
 import json
 
 import pyarrow.parquet as pq
+import torch
 import pytest
 from typer.testing import CliRunner
 
@@ -151,3 +152,43 @@ def test_parse_method_fills_defaults():
     assert parse_method("gaussian").options == {"ensemble": 0.0, "n_aug": 1, "sigma": 0.1}
     with pytest.raises(UsageError, match="must be a int"):
         parse_method("box:x?n_aug=many")
+
+
+def _saved_probe(report_dir, method):
+    from safetensors.torch import load_file
+
+    report = json.loads((report_dir / "report.json").read_text())
+    return report, load_file(str(report_dir / report["probe_dirs"][method] / "model.safetensors"))
+
+
+def test_streamed_probe_equals_the_in_memory_probe(tmp_path):
+    feats = write_synthetic_cache(tmp_path / "feat", n_per_class=75, d=32, n_classes=4)  # 600 rows: 3 chunks of 256
+    methods = ["zero-shot", "linear", "linear-zs"]
+    for name, extra in [("mem", []), ("disk", ["--memory-budget", "1K"])]:
+        r = _probe(tmp_path, feats, tmp_path / name, methods, "--class-weight", *extra)
+        assert r.exit_code == 0, r.output
+    (mem, w_mem), (disk, w_disk) = _saved_probe(tmp_path / "mem", "linear"), _saved_probe(tmp_path / "disk", "linear")
+    assert mem["protocol"]["streamed"] is False and disk["protocol"]["streamed"] is True
+    assert "streaming 600 rows from disk, 256 at a time" in r.stderr
+    for a, b in zip(mem["results"], disk["results"]):
+        assert a["selection"].get("weight_decay") == b["selection"].get("weight_decay")
+        assert a["selection"].get("iterations") == b["selection"].get("iterations")
+        for key in ("in_domain", "out_of_domain", "balanced_accuracy"):
+            assert a[key] == pytest.approx(b[key], abs=1 / 150)  # at most one test row of 150 differs
+    for k in w_mem:
+        torch.testing.assert_close(w_mem[k], w_disk[k], atol=1e-4, rtol=1e-4)  # measured: 2e-7
+
+
+def test_streamed_augmenting_methods_are_reproducible_and_whole_set_methods_refused(setup, tmp_path):
+    root, feats = setup
+    methods = ["box:{root}/box?n_aug=3", "dr:{root}/dr-sa", "lads:{root}/lads", "gaussian"]
+    for name in ("a", "b"):
+        r = _probe(root, feats, tmp_path / name, methods, "--memory-budget", "1K")
+        assert r.exit_code == 0, r.output
+    a, b = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("a", "b"))
+    assert a["protocol"]["streamed"] and a["results"] == b["results"]
+    assert [g["method"] for g in a["feature_geometry"]] == [m.format(root=root) for m in methods]
+    for method, extra in [("mixup", []), ("batchformer", []), ("linear", ["--reweight", "groupdro"])]:
+        r = _probe(root, feats, tmp_path / "c", [method], "--memory-budget", "1K", *extra)
+        assert r.exit_code == 2 and "needs the whole cache in memory" in r.stderr and "--memory-budget" in r.stderr
+        assert not (tmp_path / "c").exists()

@@ -11,6 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from tests.conftest import synthetic_clusters
 from vlaug.errors import UsageError
 from vlaug.probe import (
+    Rows,
     fit_probe,
     group_ids,
     probe_objective,
@@ -30,7 +31,7 @@ def test_probe_matches_sklearn_within_half_a_point(seed, weight_decay):
     order = rng.permutation(len(x))
     train, test = order[:600], order[600:]
     sk = LogisticRegression(C=1 / (weight_decay * len(train)), max_iter=2000, tol=1e-8).fit(x[train], y[train])
-    W, b, _ = fit_probe(torch.tensor(x[train]), F.one_hot(torch.tensor(y[train]), 6).float(), weight_decay, max_iter=500)
+    W, b, _ = fit_probe(Rows.of(torch.tensor(x[train]), F.one_hot(torch.tensor(y[train]), 6).float()), weight_decay, max_iter=500)
     ours = ((torch.tensor(x[test]) @ W + b).argmax(1).numpy() == y[test]).mean()
     assert 0.3 < sk.score(x[test], y[test]) < 0.99  # a set where the regularisation matters
     assert abs(ours - sk.score(x[test], y[test])) <= 0.005
@@ -73,7 +74,8 @@ def test_seed_category_weights_follow_the_update_rule():
 def test_weight_decay_selection_prefers_validation_accuracy():
     x, y, _, _ = synthetic_clusters(n_per_class=60, d=16, n_classes=3, noise=1.0)
     xt, yt = torch.tensor(x), torch.tensor(y)
-    best, search = select_weight_decay(xt[::2], F.one_hot(yt[::2], 3).float(), xt[1::2], yt[1::2], weight_decay_grid(4))
+    best, search = select_weight_decay(Rows.of(xt[::2], F.one_hot(yt[::2], 3).float()), Rows.of(xt[1::2], yt[1::2]),
+                                       weight_decay_grid(4))
     assert len(search) == 4 and [r["weight_decay"] for r in search] == weight_decay_grid(4)
     assert best["val_accuracy"] == max(r["val_accuracy"] for r in search)
     assert best["W"].shape == (16, 3)

@@ -215,7 +215,7 @@ def test_streaming_through_a_small_shuffle_buffer(tmp_path):
 
 
 def test_memory_budget_parsing():
-    from vlaug.train import parse_memory_budget
+    from vlaug.cache import parse_memory_budget
 
     assert parse_memory_budget("1.5G") == int(1.5 * 2**30)
     assert parse_memory_budget("800M") == 800 * 2**20

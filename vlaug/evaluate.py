@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -27,7 +27,17 @@ from vlaug.devices import resolve_device
 from vlaug.errors import UsageError
 from vlaug.heads.batchformer import BatchFormer, BatchFormerConfig, batchformer_loss
 from vlaug.heads.latentdr import LatentDR, LatentDRConfig, latentdr_loss
-from vlaug.probe import REWEIGHTS, LinearProbe, ProbeConfig, fit_probe, fit_reweighted, select_weight_decay, weight_decay_grid
+from vlaug.probe import (
+    REWEIGHTS,
+    LinearProbe,
+    ProbeConfig,
+    Rows,
+    as_labels,
+    fit_probe,
+    fit_reweighted,
+    select_weight_decay,
+    weight_decay_grid,
+)
 from vlaug.protocols import Splits, check_domains, make_splits, parse_imbalance
 
 ZERO_SHOT_TEMPERATURE = 0.01  # CLIP's logit scale of 100
@@ -47,6 +57,11 @@ METHODS: dict[str, tuple[tuple[str, ...] | None, dict]] = {
     "latentdr-pool": (None, {"ensemble": 0.0, "epochs": 100}),
 }
 JOINT = ("batchformer", "latentdr-sa", "latentdr-pool")
+# methods that need every training row at once (pairs across the whole set, minibatch
+# training, or per-row group weights) and so refuse a streamed cache
+AUGMENTING = ("box", "dr", "lads", "gaussian", "mixup", "xdomain-mix")
+NOT_STREAMED = JOINT + ("mixup", "xdomain-mix")
+GEOMETRY_ROWS = 20_000  # training rows (a seeded sample) behind the feature geometry and plots
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,7 @@ class ProbeRunConfig:
     max_iter: int = 200  # L-BFGS iterations per fit
     class_weight: bool = False  # weight rows by inverse class frequency
     device: str = "auto"
+    memory_budget: str = "auto"  # stream the cache from disk when it needs more memory (auto: RAM / 4)
     tsne: bool = False  # t-SNE instead of PCA for the embedding plot
     overwrite: bool = False
     progress: bool = True
@@ -120,33 +136,49 @@ class ProbeRunConfig:
             raise UsageError("give at least one --method.")
         if self.grid_size < 1 or self.max_iter < 10:
             raise UsageError(f"--grid-size {self.grid_size} must be >= 1 and --max-iter {self.max_iter} >= 10.")
+        cache_io.parse_memory_budget(self.memory_budget)
 
 
 @dataclass
 class _Context:
     """What every method of a run shares."""
 
-    feats: cache_io.FeatureCache
-    x: torch.Tensor  # (n, d) on the device
+    feats: cache_io.FeatureCache  # without embeddings when streamed
+    x: torch.Tensor | None  # (n, d) on the device; None: streamed from disk
     y: torch.Tensor  # (n,)
     dom: torch.Tensor  # (n,) domain index
     text: torch.Tensor  # (C, d) class prompt ensemble
     heads: dict  # head path -> Checkpoint
     config: ProbeRunConfig
     device: torch.device
+    chunk_rows: int = 65536  # rows read from disk at a time when streamed
 
     @property
     def n_classes(self) -> int:
         return len(self.feats.classes)
 
+    def stream(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """The embeddings of ``rows`` as ``(positions in rows, (m, d) tensor)`` blocks: one
+        block in memory, one per chunk read from disk when streamed (in cache order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.x is not None:
+            yield np.arange(len(rows)), self.x[torch.as_tensor(rows, device=self.device)]
+            return
+        chunks = cache_io.iter_embeddings(self.config.features, self.chunk_rows)
+        for pos, emb in cache_io.take_rows(chunks, rows):
+            yield pos, torch.as_tensor(emb, device=self.device)
 
-def _one_hot(y: torch.Tensor, c: int) -> torch.Tensor:
-    return F.one_hot(y, c).float()
+    def gather(self, rows: np.ndarray) -> torch.Tensor:
+        """The embeddings of ``rows`` in their order, in memory (for samples of rows)."""
+        out = torch.empty((len(rows), self.feats.manifest.embed_dim), device=self.device)
+        for pos, x in self.stream(rows):
+            out[torch.as_tensor(pos, device=self.device)] = x
+        return out
 
 
-def _augment(spec: MethodSpec, ctx: _Context, rows: torch.Tensor, gen: torch.Generator):
-    """The extra training rows of an augmenting method for training rows ``rows`` (None: no extras)."""
-    x, y, t = ctx.x[rows], ctx.y[rows], _one_hot(ctx.y[rows], ctx.n_classes)
+def _augment(spec: MethodSpec, ctx: _Context, x: torch.Tensor, y: torch.Tensor, dom: torch.Tensor, gen: torch.Generator):
+    """The extra training rows (x, soft targets) an augmenting method adds to rows ``x`` (None: no extras)."""
+    t = F.one_hot(y, ctx.n_classes).float()
     o = spec.options
     if spec.name == "box":
         return augment.box_samples(ctx.heads[spec.head].module.to(ctx.device), x, t, o["n_aug"], gen)
@@ -162,24 +194,76 @@ def _augment(spec: MethodSpec, ctx: _Context, rows: torch.Tensor, gen: torch.Gen
     if spec.name == "mixup":
         return augment.latent_mixup(x, t, o["n_aug"], o["alpha"], gen)
     if spec.name == "xdomain-mix":
-        return augment.cross_domain_mix(x, t, y, ctx.dom[rows], o["n_aug"], gen)
+        return augment.cross_domain_mix(x, t, y, dom, o["n_aug"], gen)
     return None
 
 
-def _training_set(spec, ctx, rows, gen):
-    """Originals plus the method's extra rows: (x, soft targets, hard labels, domains or None)."""
-    x, t = ctx.x[rows], _one_hot(ctx.y[rows], ctx.n_classes)
-    extra = _augment(spec, ctx, rows, gen)
-    if extra is None:
-        return x, t, ctx.y[rows], ctx.dom[rows]
-    xa, ta = extra
-    return torch.cat([x, xa]), torch.cat([t, ta]), torch.cat([ctx.y[rows], ta.argmax(1)]), None
+def _blocks(spec: MethodSpec, ctx: _Context, rows: np.ndarray, seed: int):
+    """Training rows ``rows`` block by block with the method's extras: ``(x, labels, extra)``,
+    ``extra`` = (x, soft targets) or None. Block k draws its augmentations from its own
+    generator (seeded by (seed, k)), so every pass over a streamed cache sees the same rows."""
+    for k, (pos, x) in enumerate(ctx.stream(rows)):
+        r = torch.as_tensor(rows[pos], device=ctx.device)
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
+        yield x, ctx.y[r], _augment(spec, ctx, x, ctx.y[r], ctx.dom[r], gen)
 
 
-def _class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    counts = torch.bincount(labels, minlength=n_classes).clamp(min=1).float()
-    w = 1.0 / counts[labels]
-    return w / w.sum()
+def _training_rows(spec: MethodSpec, ctx: _Context, rows: np.ndarray, seed: int) -> Rows:
+    """The probe's training set: ``rows`` plus the method's extras, each weighing 1/N (or,
+    with --class-weight, inversely to its class's count, normalised to sum 1). In memory the
+    set is built once; streamed, it is rebuilt (same seeds, same rows) on every pass."""
+
+    def unweighted():
+        for x, y, extra in _blocks(spec, ctx, rows, seed):
+            yield x, y
+            if extra is not None:
+                yield extra[0], as_labels(extra[1])
+
+    def hard(t):
+        return t if t.dim() == 1 else t.argmax(1)
+
+    c = ctx.n_classes
+    if ctx.x is not None:
+        data = list(unweighted())
+        unweighted = lambda: data  # noqa: E731
+    if spec.name not in AUGMENTING:
+        counts = torch.bincount(ctx.y[torch.as_tensor(rows, device=ctx.device)], minlength=c).float()
+    else:  # labels of the extras: one more pass when streamed
+        counts = sum((torch.bincount(hard(t), minlength=c).float() for _, t in unweighted()),
+                     torch.zeros(c, device=ctx.device))
+    n = int(counts.sum())
+    if ctx.config.class_weight:
+        per_class = 1.0 / (counts.clamp(min=1) * int((counts > 0).sum()))
+    else:
+        per_class = torch.full((c,), 1.0 / max(1, n), device=ctx.device)
+
+    def blocks():
+        for x, t in unweighted():
+            yield x, t, per_class[hard(t)]
+
+    return Rows(blocks, ctx.feats.manifest.embed_dim, c, n, ctx.device)
+
+
+def _labelled_rows(ctx: _Context, rows: np.ndarray) -> Rows:
+    """Rows with their labels (validation rows: the probe's accuracy is read off them)."""
+    def blocks():
+        for pos, x in ctx.stream(rows):
+            r = torch.as_tensor(rows[pos], device=ctx.device)
+            yield x, ctx.y[r], None
+
+    data = list(blocks()) if ctx.x is not None else None
+    return Rows((lambda: data) if data is not None else blocks, ctx.feats.manifest.embed_dim, ctx.n_classes,
+                len(rows), ctx.device)
+
+
+def _materialize(rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, soft targets, hard labels) of in-memory rows, concatenated."""
+    xs, ts = [], []
+    for x, t, _ in rows.blocks():
+        xs.append(x)
+        ts.append(F.one_hot(t, rows.n_classes).float() if t.dim() == 1 else t)
+    t = torch.cat(ts)
+    return torch.cat(xs), t, t.argmax(1)
 
 
 def _make_probe(ctx: _Context, W: torch.Tensor, b: torch.Tensor, ensemble: float) -> LinearProbe:
@@ -220,26 +304,23 @@ def fit_method(spec: MethodSpec, ctx: _Context, splits: Splits, seed: int, refit
     (passed in ``spec.options['_chosen']``) - the probe that is saved for ``vlaug predict``.
 
     Returns:
-        (probe, info, (x_train, labels_train) including augmentations).
+        (probe, info).
     """
     dev = ctx.device
-    gen = torch.Generator().manual_seed(seed)
-    train = torch.as_tensor(splits.train, device=dev)
-    val = torch.as_tensor(splits.val, device=dev)
+    train, val = np.asarray(splits.train), np.asarray(splits.val)
     if refit:
-        train = torch.cat([train, val])
+        train, val = np.concatenate([train, val]), val[:0]
     ensemble = spec.options.get("ensemble", 0.0)
     if spec.name == "zero-shot":
         W = ctx.text.T / ZERO_SHOT_TEMPERATURE
-        return _make_probe(ctx, W, torch.zeros(ctx.n_classes, device=dev), 0.0), {}, (ctx.x[train], ctx.y[train])
+        return _make_probe(ctx, W, torch.zeros(ctx.n_classes, device=dev), 0.0), {}
     if spec.name in JOINT:
         epochs = spec.options["_chosen"]["selected_epoch"] if refit else None
-        W, b, info = _fit_joint(spec, ctx, train, val[:0] if refit else val, seed, epochs)
-        return _make_probe(ctx, W, b, ensemble), info, (ctx.x[train], ctx.y[train])
+        W, b, info = _fit_joint(spec, ctx, torch.as_tensor(train, device=dev), torch.as_tensor(val, device=dev), seed, epochs)
+        return _make_probe(ctx, W, b, ensemble), info
 
-    x, t, hard, dom = _training_set(spec, ctx, train, gen)
+    data = _training_rows(spec, ctx, train, seed)
     cfg = ctx.config
-    weights = _class_weights(hard, ctx.n_classes) if cfg.class_weight else None
     init, anchor = None, None
     if spec.name == "linear-zs":  # start from (and regularise towards) the zero-shot classifier
         anchor = ctx.text.T / ZERO_SHOT_TEMPERATURE
@@ -247,29 +328,38 @@ def fit_method(spec: MethodSpec, ctx: _Context, splits: Splits, seed: int, refit
     if refit:
         chosen = spec.options["_chosen"]
         wd = chosen["weight_decay"]
-        W, b, _ = fit_probe(x, t, wd, cfg.max_iter, init=init, sample_weight=weights, regularize_towards=anchor)
+        W, b, _ = fit_probe(data, wd, cfg.max_iter, init=init, regularize_towards=anchor)
         info = dict(chosen)
     else:
-        best, search = select_weight_decay(x, t, ctx.x[val], ctx.y[val], weight_decay_grid(cfg.grid_size), cfg.max_iter,
-                                           weights, init, anchor)
+        best, search = select_weight_decay(data, _labelled_rows(ctx, val), weight_decay_grid(cfg.grid_size),
+                                           cfg.max_iter, init, anchor)
         W, b, wd = best["W"], best["b"], best["weight_decay"]
         info = {"weight_decay": wd, "iterations": best["iterations"], "val_accuracy": best["val_accuracy"],
                 "search": search}
-    if cfg.reweight != "none":
+    if cfg.reweight != "none":  # in memory only (prepare refuses it for a streamed cache)
+        x, t, hard = _materialize(data)
+        dom = ctx.dom[torch.as_tensor(train, device=dev)] if spec.name not in AUGMENTING else None
         W, b, rw = fit_reweighted(x, t, hard, wd, cfg.reweight, dom)
         info["reweight"] = {"scheme": cfg.reweight, "eta": 0.01, "t0": 10, "rounds": 10, **rw}
     if spec.name == "linear-zs":
         lam = spec.options["wise"]
         W = (1 - lam) * anchor + lam * W
         b = lam * b
-    info["n_train_rows"] = int(len(x))
-    return _make_probe(ctx, W, b, ensemble), info, (x, hard)
+    info["n_train_rows"] = data.n_rows
+    return _make_probe(ctx, W, b, ensemble), info
+
+
+def _predict(probe: LinearProbe, ctx: _Context, rows: np.ndarray) -> torch.Tensor:
+    pred = torch.empty(len(rows), dtype=torch.long, device=ctx.device)
+    for pos, x in ctx.stream(rows):
+        pred[torch.as_tensor(pos, device=ctx.device)] = probe.predict_proba(x).argmax(1)
+    return pred
 
 
 def _evaluate(probe: LinearProbe, ctx: _Context, splits: Splits) -> dict:
     """Accuracies of a probe on one seed's test rows (fractions)."""
     test = torch.as_tensor(splits.test, device=ctx.device)
-    pred = probe.predict_proba(ctx.x[test]).argmax(1)
+    pred = _predict(probe, ctx, np.asarray(splits.test))
     y = ctx.y[test]
     n_in = len(splits.test_in)
     per_domain = {}
@@ -289,6 +379,32 @@ def _evaluate(probe: LinearProbe, ctx: _Context, splits: Splits) -> dict:
         row["reduced_classes"] = metrics.accuracy(pred[reduced], y[reduced])
         row["other_classes"] = metrics.accuracy(pred[~reduced], y[~reduced])
     return row
+
+
+def _geometry_rows(splits: Splits, seed: int) -> np.ndarray:
+    """The training rows behind the feature geometry and plots: all of them, or a seeded
+    sample of GEOMETRY_ROWS (in cache order)."""
+    rows = np.asarray(splits.train)
+    if len(rows) > GEOMETRY_ROWS:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, GEOMETRY_ROWS, replace=False))
+    return rows
+
+
+def _augmented_sample(spec: MethodSpec, ctx: _Context, rows: np.ndarray, seed: int):
+    """(originals, their labels, originals + extras, their hard labels) for ``rows``."""
+    xs, ys, xa, ya = [], [], [], []
+    if spec.name not in AUGMENTING:
+        x = ctx.gather(rows)
+        y = ctx.y[torch.as_tensor(rows, device=ctx.device)]
+        return x, y, x, y
+    for x, y, extra in _blocks(spec, ctx, rows, seed):
+        xs.append(x)
+        ys.append(y)
+        if extra is not None:
+            xa.append(extra[0])
+            ya.append(extra[1].argmax(1))
+    x, y = torch.cat(xs), torch.cat(ys)
+    return x, y, torch.cat([x, *xa]), torch.cat([y, *ya])
 
 
 def _feature_geometry(x_orig, y_orig, x_all, y_all, seed) -> dict:
@@ -340,7 +456,19 @@ def prepare(config: ProbeRunConfig) -> tuple[list[MethodSpec], _Context, tuple |
         raise UsageError(f"--out {str(out)!r} already exists. Pass --overwrite to replace it, or choose another folder.")
     if out.exists() and not (out / "report.json").is_file():
         raise UsageError(f"--out {str(out)!r} exists and is not a vlaug report; refusing to replace it.")
-    feats = cache_io.read_cache(config.features)
+    budget = cache_io.parse_memory_budget(config.memory_budget)
+    manifest = cache_io.read_manifest(config.features)
+    streamed = not cache_io.fits_in_memory(manifest, budget)
+    if streamed:
+        need = f"{3 * cache_io.embedding_bytes(manifest) / 2**30:.2f} GiB"
+        for spec in specs:
+            if spec.name in NOT_STREAMED:
+                raise UsageError(f"--method {spec.text!r} needs the whole cache in memory (about {need}, more than "
+                                 f"--memory-budget {config.memory_budget}); raise --memory-budget or leave this method out.")
+        if config.reweight != "none":
+            raise UsageError(f"--reweight {config.reweight} needs the whole cache in memory (about {need}, more than "
+                             f"--memory-budget {config.memory_budget}); raise --memory-budget or use --reweight none.")
+    feats = cache_io.read_metadata(config.features) if streamed else cache_io.read_cache(config.features)
     if CLASSES_PROMPT_SET not in feats.texts:
         raise UsageError(f"cache {config.features!r} has no class prompts (texts.parquet); re-run vlaug embed.")
     all_domains = sorted(set(feats.domains.tolist()) - {""})
@@ -355,15 +483,21 @@ def prepare(config: ProbeRunConfig) -> tuple[list[MethodSpec], _Context, tuple |
             checkpoint.check_head_matches_cache(ckpt.cache, feats.manifest, spec.head, config.features)
             heads[spec.head] = ckpt
     device = resolve_device(config.device)
+    # streamed: a block of rows and its extras (n_aug per row; dr: a degraded and a restored
+    # row per row and pass; lads: one per target domain, at most 8 assumed) use about an
+    # eighth of the budget as float32
+    expansion = max(1 + s.options.get("n_aug", 0) * (2 if s.name == "dr" else 1) + 8 * (s.name == "lads") for s in specs)
+    chunk_rows = int(np.clip(budget // 8 // (manifest.embed_dim * 4 * expansion), 256, 65536))
     dom_index = {d: i for i, d in enumerate(sorted(set(feats.domains.tolist())))}
     ctx = _Context(
         feats=feats,
-        x=torch.as_tensor(feats.embeddings, device=device),
+        x=None if streamed else torch.as_tensor(feats.embeddings, device=device),
         y=torch.as_tensor(feats.labels, device=device),
         dom=torch.as_tensor([dom_index[d] for d in feats.domains.tolist()], device=device, dtype=torch.long),
         text=torch.as_tensor(feats.texts[CLASSES_PROMPT_SET], device=device),
-        heads=heads, config=config, device=device,
+        heads=heads, config=config, device=device, chunk_rows=chunk_rows,
     )
+
     # the protocol of every seed, checked now so that a bad --shots fails before any training
     splits = [make_splits(feats.labels, feats.domains, feats.splits, train_domains if config.train_domains else [],
                           seed, config.test_fraction, config.val_fraction, config.shots, imbalance, feats.classes)
@@ -384,32 +518,36 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     specs, ctx, (train_domains, all_splits, imbalance) = prepare(config)
+    m = ctx.feats.manifest
+    if ctx.x is None:
+        log(f"streaming {m.n_images} rows from disk, {ctx.chunk_rows} at a time: in memory they would need about "
+            f"{3 * cache_io.embedding_bytes(m) / 2**30:.2f} GiB, more than --memory-budget {config.memory_budget}; "
+            "every evaluation of the probe's objective reads the cache once")
     start = time.perf_counter()
     results, geometry, probes, chosen, projections = [], [], {}, {}, {}
     bar = tqdm(total=config.seeds * len(specs), desc="probe", unit="fit", disable=not config.progress, file=sys.stderr)
+    sample = _geometry_rows(all_splits[0], 0)
     for seed, splits in enumerate(all_splits):
         for spec in specs:
-            probe, info, (x_all, y_all) = fit_method(spec, ctx, splits, seed)
+            probe, info = fit_method(spec, ctx, splits, seed)
             row = {"method": spec.text, "seed": seed, **_evaluate(probe, ctx, splits),
                    "selection": {k: v for k, v in info.items() if k != "search"}}
             results.append(row)
             if seed == 0:
                 chosen[spec.text] = info
-                train = torch.as_tensor(splits.train, device=ctx.device)
-                geometry.append({"method": spec.text, **_feature_geometry(ctx.x[train], ctx.y[train], x_all, y_all, seed)})
-                if len(x_all) > len(train):
-                    projections[spec.text] = (x_all.cpu().numpy(), y_all.cpu().numpy(), len(train))
+                x, y, x_all, y_all = _augmented_sample(spec, ctx, sample, seed)
+                geometry.append({"method": spec.text, **_feature_geometry(x, y, x_all, y_all, seed)})
+                if len(x_all) > len(x):
+                    projections[spec.text] = (x_all.cpu().numpy(), y_all.cpu().numpy(), len(x))
             bar.update(1)
     bar.close()
     # the probes users keep: first seed, refitted on train + val at the chosen hyperparameters
     for spec in specs:
         info = chosen[spec.text]
         refit_spec = MethodSpec(spec.text, spec.name, spec.head, {**spec.options, "_chosen": {k: v for k, v in info.items() if k != "search"}})
-        probe, _, _ = fit_method(refit_spec, ctx, all_splits[0], 0, refit=True)
+        probe, _ = fit_method(refit_spec, ctx, all_splits[0], 0, refit=True)
         probes[spec.text] = probe.cpu()
     seconds = time.perf_counter() - start
-    m = ctx.feats.manifest
-    first_train = all_splits[0].train
     return {
         "vlaug_version": __version__,
         "features": str(Path(config.features).resolve()),
@@ -430,6 +568,9 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
             "imbalance": {"percent_of_classes": imbalance[0], "n_images": imbalance[1]} if imbalance else None,
             "weight_decay_grid": weight_decay_grid(config.grid_size),
             "zero_shot_temperature": ZERO_SHOT_TEMPERATURE,
+            "streamed": ctx.x is None,
+            "memory_budget_bytes": cache_io.parse_memory_budget(config.memory_budget),
+            "geometry_rows": int(len(sample)),
         },
         "methods": [{"method": s.text, "name": s.name, "head": s.head, "options": s.options,
                      "head_config": ctx.heads[s.head].config["head"] if s.head else None,
@@ -440,8 +581,7 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
         "seconds": seconds,
         "_probes": probes,  # written under probes/, not into report.json
         "_projections": projections,
-        "_first_train": (ctx.x[torch.as_tensor(first_train, device=ctx.device)].cpu().numpy(),
-                         ctx.feats.labels[first_train], ctx.feats.domains[first_train]),
+        "_first_train": (ctx.gather(sample).cpu().numpy(), ctx.feats.labels[sample], ctx.feats.domains[sample]),
         "_box_stats": {s.head: checkpoint.read_head_stats(s.head) for s in specs if s.name == "box"},
     }
 
@@ -461,13 +601,13 @@ def predict(features: str, probe_dir: str, out: str, overwrite: bool = False, de
     ckpt = checkpoint.load_head(probe_dir)
     if ckpt.kind != "probe":
         raise UsageError(f"--probe {probe_dir!r} is a {ckpt.kind} head, not a probe; use a folder from REPORT_DIR/probes/.")
-    feats = cache_io.read_cache(features)
+    feats = cache_io.read_metadata(features)  # the embeddings are streamed: any cache size fits
     checkpoint.check_head_matches_cache(ckpt.cache, feats.manifest, probe_dir, features)
     dev = resolve_device(device)
     probe = ckpt.module.to(dev)
-    probs = torch.cat([probe.predict_proba(torch.as_tensor(feats.embeddings[i : i + 65536], device=dev)).cpu()
-                       for i in range(0, len(feats), 65536)]) if len(feats) else torch.zeros(0, len(feats.classes))
+    probs = [probe.predict_proba(torch.as_tensor(emb, device=dev)).cpu() for _, emb in cache_io.iter_embeddings(features)]
+    probs = torch.cat(probs) if probs else torch.zeros(0, len(feats.classes))
     pred = probs.argmax(1).numpy()
-    cache_io.write_predictions(out_path, feats.ids, pred, feats.classes, probs.numpy())
+    cache_io.write_predictions(out_path, cache_io.read_ids(features, feats.manifest), pred, feats.classes, probs.numpy())
     labelled = feats.labels
     return {"out": str(out_path), "n": len(feats), "accuracy_against_cache_labels": float((pred == labelled).mean()) if len(feats) else None}

@@ -3,7 +3,7 @@
 The probe is multinomial logistic regression in torch, trained full-batch with L-BFGS
 (strong-Wolfe line search) on soft targets:
 
-    mean_i  w_i · CE(x_i W + b, t_i)  +  (weight_decay / 2) · ||W||²
+    Σ_i  w_i · CE(x_i W + b, t_i)  +  (weight_decay / 2) · ||W||²      (w_i = 1/n by default)
 
 which is scikit-learn's ``LogisticRegression(C=1 / (weight_decay · n))`` objective (up
 to the overall scale) when targets are one-hot and weights are 1. The weight decay is
@@ -11,11 +11,16 @@ chosen on validation rows from a log-spaced grid (as CLIP_benchmark does), warm-
 from the strongest regularisation; within a fit, the iteration count ("epoch") with the
 best validation accuracy is kept (LARE: "the epoch was set to the maximum of the
 validation data").
+
+Rows come in blocks (:class:`Rows`): one block in memory, or blocks streamed from disk
+for caches larger than memory, where every evaluation of the objective reads the cache
+once and accumulates the gradient block by block - the same fit, in bounded memory.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -74,72 +79,103 @@ def weight_decay_grid(n: int = 8, low: float = 1e-6, high: float = 1e-1) -> list
     return [float(v) for v in np.logspace(np.log10(high), np.log10(low), n)]
 
 
-def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return float((logits.argmax(1) == y).float().mean()) if len(y) else float("nan")
+class Rows:
+    """The rows a probe is fitted or scored on, as blocks of ``(x, targets, weights)``.
 
-
-def probe_objective(x, W, b, targets, sample_weight, weight_decay, anchor=None, hard_labels=None) -> torch.Tensor:
-    """Σ_i w_i · CE(x_i W + b, t_i) + (weight_decay / 2)·‖W − anchor‖², soft targets t (rows sum to 1).
-
-    ``hard_labels`` (when every target is one-hot) takes the faster integer-label kernel.
+    ``targets`` is an (m,) integer label tensor or an (m, C) soft-target tensor; ``weights``
+    an (m,) tensor of per-row weights (the objective sums weight · loss). In memory there is
+    one block (:meth:`of`); for caches larger than memory, ``blocks()`` reads the rows from
+    disk again on every call, so each pass of the optimiser costs one read of the cache.
     """
-    logits = torch.addmm(b, x, W)
-    if hard_labels is not None:
-        ce = F.cross_entropy(logits, hard_labels, reduction="none")
-    else:
-        ce = F.cross_entropy(logits, targets, reduction="none")
+
+    def __init__(self, blocks: Callable[[], Iterable[tuple]], n_features: int, n_classes: int, n_rows: int,
+                 device: torch.device | str = "cpu"):
+        self.blocks, self.n_features, self.n_classes, self.n_rows = blocks, n_features, n_classes, n_rows
+        self.device = torch.device(device)
+
+    @classmethod
+    def of(cls, x: torch.Tensor, targets: torch.Tensor, sample_weight: torch.Tensor | None = None,
+           n_classes: int | None = None) -> "Rows":
+        """Rows in memory. One-hot soft targets become integer labels (the faster kernel);
+        without ``sample_weight`` every row weighs 1/n."""
+        targets = as_labels(targets)
+        c = n_classes or (targets.shape[1] if targets.dim() == 2 else int(targets.max()) + 1 if len(targets) else 1)
+        w = sample_weight if sample_weight is not None else torch.full((len(x),), 1.0 / max(1, len(x)), device=x.device)
+        block = [(x, targets, w)]
+        return cls(lambda: block, x.shape[1], c, len(x), x.device)
+
+
+def as_labels(targets: torch.Tensor) -> torch.Tensor:
+    """Integer labels when every row of the (n, C) soft ``targets`` is one-hot, else ``targets``."""
+    if targets.dim() == 2 and bool(((targets == 0) | (targets == 1)).all() and (targets.sum(1) == 1).all()):
+        return targets.argmax(1)
+    return targets
+
+
+def _accuracy(rows: Rows, W: torch.Tensor, b: torch.Tensor) -> float:
+    correct, n = 0, 0
+    for x, y, _ in rows.blocks():
+        correct += int((torch.addmm(b, x, W).argmax(1) == y).sum())
+        n += len(y)
+    return correct / n if n else float("nan")
+
+
+def probe_objective(x, W, b, targets, sample_weight, weight_decay, anchor=None) -> torch.Tensor:
+    """Σ_i w_i · CE(x_i W + b, t_i) + (weight_decay / 2)·‖W − anchor‖².
+
+    ``targets``: (n,) integer labels or (n, C) soft targets (rows sum to 1).
+    """
+    ce = F.cross_entropy(torch.addmm(b, x, W), targets, reduction="none")
     reg = W if anchor is None else W - anchor
     return (sample_weight * ce).sum() + 0.5 * weight_decay * (reg * reg).sum()
 
 
 def fit_probe(
-    x: torch.Tensor,
-    targets: torch.Tensor,
+    train: Rows,
     weight_decay: float,
     max_iter: int = 200,
     eval_every: int = 10,
-    x_val: torch.Tensor | None = None,
-    y_val: torch.Tensor | None = None,
+    val: Rows | None = None,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    sample_weight: torch.Tensor | None = None,
     regularize_towards: torch.Tensor | None = None,
     patience: int = 5,
     tolerance_grad: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Fit W (d, C) and b (C,) by L-BFGS on soft ``targets`` (n, C).
+    """Fit W (d, C) and b (C,) by L-BFGS on the ``train`` rows.
 
-    With validation rows, the weights after the block of ``eval_every`` iterations with
-    the best validation accuracy are returned (``info['iterations']`` says how many), and
-    the fit stops once ``patience`` blocks in a row have not improved it; without
-    validation rows, the weights after ``max_iter`` (or convergence: the largest gradient
+    Every evaluation of the objective is one pass over ``train.blocks()`` (gradients
+    accumulate block by block; the penalty is added once), so streamed rows give the
+    in-memory result up to the order of floating-point sums.
+
+    With ``val`` rows (integer labels), the weights after the block of ``eval_every``
+    iterations with the best validation accuracy are returned (``info['iterations']`` says
+    how many), and the fit stops once ``patience`` blocks in a row have not improved it;
+    without them, the weights after ``max_iter`` (or convergence: the largest gradient
     entry below ``tolerance_grad``; scikit-learn's lbfgs stops at 1e-4 on the same scale).
     """
-    n, d = x.shape
-    c = targets.shape[1]
-    W = (init[0].detach().clone(memory_format=torch.contiguous_format) if init else torch.zeros(d, c, device=x.device)).requires_grad_(True)
-    b = (init[1].detach().clone() if init else torch.zeros(c, device=x.device)).requires_grad_(True)
-    w = sample_weight if sample_weight is not None else torch.full((n,), 1.0 / n, device=x.device)
-    anchor = regularize_towards if regularize_towards is not None else None
+    d, c, device = train.n_features, train.n_classes, train.device
+    W = (init[0].detach().clone(memory_format=torch.contiguous_format) if init else torch.zeros(d, c, device=device)).requires_grad_(True)
+    b = (init[1].detach().clone() if init else torch.zeros(c, device=device)).requires_grad_(True)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=eval_every, max_eval=eval_every * 3, history_size=10,
                             line_search_fn="strong_wolfe", tolerance_grad=tolerance_grad, tolerance_change=1e-10)
 
-    one_hot = bool(((targets == 0) | (targets == 1)).all() and (targets.sum(1) == 1).all())
-    hard = targets.argmax(1) if one_hot else None
-
     def closure():
         opt.zero_grad()
-        loss = probe_objective(x, W, b, targets, w, weight_decay, anchor, hard)
-        loss.backward()
-        return loss
+        total = 0.0
+        for i, (x, t, w) in enumerate(train.blocks()):
+            loss = probe_objective(x, W, b, t, w, weight_decay if i == 0 else 0.0, regularize_towards)
+            loss.backward()
+            total = total + loss.detach()
+        return total
 
     best = (-1.0, W.detach().clone(), b.detach().clone(), 0)
     done, previous = 0, None
     while done < max_iter:
-        loss = float(opt.step(closure).detach())  # the loss at the start of this block
+        loss = float(opt.step(closure))  # the loss at the start of this block
         done += eval_every
-        if x_val is not None and len(x_val):
+        if val is not None and val.n_rows:
             with torch.no_grad():
-                acc = _accuracy(x_val @ W + b, y_val)
+                acc = _accuracy(val, W, b)
             if acc > best[0]:
                 best = (acc, W.detach().clone(), b.detach().clone(), done)
             elif done - best[3] >= patience * eval_every:
@@ -147,19 +183,16 @@ def fit_probe(
         if previous is not None and abs(previous - loss) <= 1e-7 * max(1.0, abs(loss)):
             break  # converged: a whole block no longer moved the loss
         previous = loss
-    if x_val is None or not len(x_val):
+    if val is None or not val.n_rows:
         best = (float("nan"), W.detach().clone(), b.detach().clone(), done)
     return best[1], best[2], {"val_accuracy": best[0], "iterations": best[3]}
 
 
 def select_weight_decay(
-    x: torch.Tensor,
-    targets: torch.Tensor,
-    x_val: torch.Tensor,
-    y_val: torch.Tensor,
+    train: Rows,
+    val: Rows,
     grid: list[float],
     max_iter: int = 200,
-    sample_weight: torch.Tensor | None = None,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     regularize_towards: torch.Tensor | None = None,
 ) -> tuple[dict, list[dict]]:
@@ -171,8 +204,7 @@ def select_weight_decay(
     """
     search, warm, best = [], init, None
     for wd in grid:
-        W, b, info = fit_probe(x, targets, wd, max_iter, x_val=x_val, y_val=y_val, init=warm,
-                               sample_weight=sample_weight, regularize_towards=regularize_towards)
+        W, b, info = fit_probe(train, wd, max_iter, val=val, init=warm, regularize_towards=regularize_towards)
         warm = (W, b)
         search.append({"weight_decay": wd, **info})
         if best is None or info["val_accuracy"] > best["val_accuracy"]:
@@ -234,8 +266,8 @@ def fit_reweighted(
     n_groups = int(groups.max()) + 1
     q = torch.full((n_groups,), 1.0 / n_groups, device=x.device)
     for _ in range(rounds):
-        W, b, _ = fit_probe(x, targets, weight_decay, max_iter=t0, eval_every=t0, init=(W, b),
-                            sample_weight=sample_weights_from_groups(groups, q))
+        W, b, _ = fit_probe(Rows.of(x, targets, sample_weights_from_groups(groups, q)), weight_decay, max_iter=t0,
+                            eval_every=t0, init=(W, b))
         with torch.no_grad():
             losses = -(targets * (x @ W + b).log_softmax(-1)).sum(-1)
             if scheme == "seed-category":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +21,7 @@ import torch
 
 from vlaug import cache as cache_io
 from vlaug import checkpoint
-from vlaug.cache import CLASSES_PROMPT_SET
+from vlaug.cache import CLASSES_PROMPT_SET, parse_memory_budget
 from vlaug.devices import resolve_device
 from vlaug.errors import UsageError
 from vlaug.heads import (
@@ -224,11 +223,8 @@ def fit_batches(
 def stream_rows(chunks: Callable[[], Iterator[tuple[int, np.ndarray]]], rows: np.ndarray, labels: np.ndarray,
                 device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The rows ``rows`` (sorted global indices) of a streamed cache, chunk by chunk, on ``device``."""
-    for start, emb in chunks():
-        lo, hi = np.searchsorted(rows, [start, start + len(emb)])
-        if hi > lo:
-            take = rows[lo:hi]
-            yield (torch.as_tensor(emb[take - start], device=device), torch.as_tensor(labels[take], device=device))
+    for pos, emb in cache_io.take_rows(chunks(), rows):
+        yield torch.as_tensor(emb, device=device), torch.as_tensor(labels[rows[pos]], device=device)
 
 
 def fit_streamed(
@@ -402,23 +398,6 @@ def box_stats(
     }
 
 
-def parse_memory_budget(value: str) -> int:
-    """``auto`` (a quarter of the RAM), or a size such as ``1.5G``, ``800M``, ``2000000000``."""
-    if value == "auto":
-        try:
-            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
-        except (ValueError, OSError, AttributeError):
-            return 4 * 2**30
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    text = value.strip().upper().removesuffix("B")
-    try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(float(text))
-    except ValueError:
-        raise UsageError(f"--memory-budget {value!r}; use auto or a size such as 1.5G or 800M.") from None
-
-
 def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) -> TrainResult:
     """Train one head on a feature cache and write its checkpoint directory.
 
@@ -437,14 +416,9 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
         raise UsageError(f"--out {str(out)!r} exists and is not a vlaug head; refusing to replace it. Choose another folder.")
     budget = parse_memory_budget(config.memory_budget)
     manifest = cache_io.read_manifest(config.features)
-    # in memory, the float32 embeddings are held about three times at the peak (read,
-    # training and validation copies); stream when that exceeds the budget
-    streamed = 3 * cache_io.embedding_bytes(manifest) > budget
+    streamed = not cache_io.fits_in_memory(manifest, budget)
     if streamed:  # larger than the budget: metadata in memory, embeddings streamed from disk each epoch
-        cols = cache_io.read_columns(config.features, ["label", "domain", "split"])
-        feats = cache_io.FeatureCache(manifest, [], [], cols["label"].astype(np.int64), cols["domain"].astype(str),
-                                      cols["split"].astype(str), np.zeros((0, manifest.embed_dim), np.float32),
-                                      cache_io.read_texts(config.features, manifest))
+        feats = cache_io.read_metadata(config.features)
         log(f"streaming {manifest.n_images} rows from disk: in memory they would need about "
             f"{3 * cache_io.embedding_bytes(manifest) / 2**30:.2f} GiB, more than --memory-budget ({budget / 2**30:.2f} GiB)")
     else:

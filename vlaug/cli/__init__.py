@@ -212,6 +212,8 @@ def probe(
     grid_size: Annotated[int, typer.Option(help="Weight-decay values, log-spaced from 1e-1 to 1e-6.")] = 8,
     max_iter: Annotated[int, typer.Option(help="L-BFGS iterations per fit.")] = 200,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    memory_budget: Annotated[str, typer.Option(help="Stream the cache from disk when its embeddings need more memory than this "
+                             "(auto: a quarter of the RAM; or e.g. 1.5G). Streamed, every L-BFGS step reads the cache.")] = "auto",
     tsne: Annotated[bool, typer.Option("--tsne", help="t-SNE instead of PCA for the embedding plot.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report folder.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
@@ -224,7 +226,7 @@ def probe(
         features=str(features), out=str(out), methods=tuple(method), train_domains=tuple(train_domain or ()), seeds=seeds,
         test_fraction=test_fraction, val_fraction=val_fraction, shots=shots, imbalance=imbalance, reweight=reweight.value,
         grid_size=grid_size, max_iter=max_iter, class_weight=class_weight, device=device, tsne=tsne, overwrite=overwrite,
-        progress=progress,
+        memory_budget=memory_budget, progress=progress,
     )
     report = write_report(out, run_probe(config), tsne=tsne, overwrite=overwrite)
     typer.echo(format_table(report))
