@@ -22,6 +22,7 @@ import datetime as _dt
 import json
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
@@ -429,12 +430,18 @@ def _embeddings_to_numpy(column: pa.ChunkedArray, embed_dim: int, where: str) ->
     arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if arr.null_count:
         raise CacheError(f"{where}: {arr.null_count} rows have a null embedding.")
-    values = arr.values.to_numpy(zero_copy_only=False)
-    # a float32 column converts without a copy into a read-only view; copy it, so callers
-    # (and torch.as_tensor) get an array they may write
-    out = values.reshape(len(arr), embed_dim).astype(np.float32, copy=not values.flags.writeable)
-    bad = ~np.isfinite(out).all(axis=1)
-    if bad.any():
+    import torch  # converts half to float, and sums, several times faster than numpy
+
+    values = arr.flatten().to_numpy(zero_copy_only=False)  # .values would ignore a slice offset
+    if values.dtype == np.float16:  # read-only view; .float() makes the copy callers may write
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.from_numpy(values).float()
+    else:  # float32 converts into a read-only view: copy it
+        t = torch.from_numpy(values if values.flags.writeable else values.copy())
+    out = t.numpy().reshape(len(arr), embed_dim)
+    if not bool(torch.isfinite(t.sum())):  # a NaN or Inf anywhere makes the sum one (the cheap check)
+        bad = ~np.isfinite(out).all(axis=1)
         raise CacheError(f"{where}: {int(bad.sum())} rows have NaN or Inf in 'embedding'; the cache was edited or damaged.")
     return out
 
@@ -715,19 +722,36 @@ def read_columns(path: str | os.PathLike, columns: list[str]) -> dict[str, np.nd
 
 def iter_embeddings(path: str | os.PathLike, batch_rows: int = 65536):
     """Yield (first row index, (m, d) float32 embeddings) over the listed parts, in order,
-    reading at most ``batch_rows`` rows at a time (checked like :func:`read_cache`)."""
+    ``batch_rows`` rows at a time (the last chunk fewer), checked like :func:`read_cache`.
+
+    A pyarrow dataset scanner reads the parts (row groups decode in parallel, two batches
+    read ahead) and the record batches, at most one row group each, are joined into
+    chunks, so callers see few large chunks whatever the part size.
+    """
+    import pyarrow.dataset as ds
+
     path = Path(path)
     manifest = read_manifest(path)
-    start = 0
-    for f in _listed_part_files(path, manifest):
-        try:
-            batches = pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=["embedding"])
-            for batch in batches:
-                emb = _embeddings_to_numpy(pa.chunked_array([batch.column(0)]), manifest.embed_dim, str(f))
-                yield start, emb
-                start += len(emb)
-        except (OSError, pa.ArrowException) as e:
-            raise CacheError(f"cannot read {str(f)!r}: {e}. The file is damaged; re-run vlaug embed to rebuild it.") from None
+    files = [str(f) for f in _listed_part_files(path, manifest)]
+    pending: list[np.ndarray] = []
+    start = held = 0
+    try:
+        scanner = ds.dataset(files, format="parquet").to_batches(columns=["embedding"], batch_size=batch_rows,
+                                                                  batch_readahead=2, fragment_readahead=1)
+        for batch in scanner:
+            emb = _embeddings_to_numpy(pa.chunked_array([batch.column(0)]), manifest.embed_dim, str(path))
+            while len(emb):
+                take = emb[: batch_rows - held]
+                pending.append(take)
+                held += len(take)
+                emb = emb[len(take):]
+                if held == batch_rows:
+                    yield start, (np.concatenate(pending) if len(pending) > 1 else pending[0])
+                    start, held, pending = start + held, 0, []
+    except (OSError, pa.ArrowException) as e:
+        raise CacheError(f"cannot read the parts of {str(path)!r}: {e}. A part is damaged; re-run vlaug embed to rebuild it.") from None
+    if pending:
+        yield start, (np.concatenate(pending) if len(pending) > 1 else pending[0])
 
 
 def take_rows(chunks: Iterable[tuple[int, np.ndarray]], rows: np.ndarray) -> Iterable[tuple[np.ndarray, np.ndarray]]:

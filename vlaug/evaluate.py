@@ -178,6 +178,8 @@ class _Context:
 
 def _augment(spec: MethodSpec, ctx: _Context, x: torch.Tensor, y: torch.Tensor, dom: torch.Tensor, gen: torch.Generator):
     """The extra training rows (x, soft targets) an augmenting method adds to rows ``x`` (None: no extras)."""
+    if spec.name not in AUGMENTING:
+        return None
     t = F.one_hot(y, ctx.n_classes).float()
     o = spec.options
     if spec.name == "box":
