@@ -209,3 +209,25 @@ def test_baseline_augmenters():
     xc, tc = cross_domain_mix(x, t, y, dom, 1, g())
     assert torch.equal(tc, t)  # same-class partners keep the label
     torch.testing.assert_close(xc.norm(dim=-1), torch.ones(60))
+
+
+def test_cross_domain_partners_are_same_class_other_domain_and_uniform():
+    from vlaug.augment import cross_domain_partners
+
+    # class 0 in domains 0/1/2, class 1 only in domain 1 (fallback: other class-1 rows), class 2 a single row
+    labels = torch.tensor([0] * 9 + [1] * 4 + [2])
+    domains = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2] + [1] * 4 + [0])
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))  # order must not matter
+    labels, domains = labels[perm], domains[perm]
+    p = cross_domain_partners(labels, domains, 3000, torch.Generator().manual_seed(1))
+    assert p.shape == (3000, 14)
+    assert torch.equal(labels[p], labels.expand_as(p))
+    for i in range(14):
+        if labels[i] == 0:
+            assert (domains[p[:, i]] != domains[i]).all()
+            counts = torch.bincount(p[:, i], minlength=14)[labels == 0]
+            assert (counts[domains[labels == 0] != domains[i]] > 400).all()  # 6 candidates, ~500 each
+        elif labels[i] == 1:
+            assert (p[:, i] != i).all() and len(p[:, i].unique()) == 3
+        else:
+            assert (p[:, i] == i).all()

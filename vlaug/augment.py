@@ -77,21 +77,45 @@ def latent_mixup(x, t, n_aug: int = 1, alpha: float = 0.2, generator=None):
     return torch.cat(xs), torch.cat(ts)
 
 
+def cross_domain_partners(labels: torch.Tensor, domains: torch.Tensor, n_aug: int = 1, generator=None) -> torch.Tensor:
+    """For each row, ``n_aug`` partners drawn uniformly among the same-class rows of other
+    domains; when its class has one domain, among the other rows of its class (itself when
+    it is alone). Returns (n_aug, n) row indices. Vectorised: rows are sorted by (class,
+    domain), so a row's candidates are its class's span minus its domain's (or its own) slot.
+    """
+    lab, dom = labels.cpu().long(), domains.cpu().long()
+    n = len(lab)
+    key = lab * (int(dom.max()) + 1 if n else 1) + dom
+    order = torch.sort(key, stable=True).indices
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order] = torch.arange(n)  # position of each row in the sorted order
+
+    def span(groups):  # first sorted position and size of each row's group
+        _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        return starts[inverse], counts[inverse]
+
+    class_start, class_size = span(lab)
+    dom_start, dom_size = span(key)
+    other = class_size - dom_size  # same-class rows of other domains
+    fallback = other == 0
+    # candidates: the class span without the row's domain block, or (fallback) without the row
+    skip_start = torch.where(fallback, rank, dom_start)
+    skip_size = torch.where(fallback, torch.ones_like(rank), dom_size)
+    n_candidates = torch.where(fallback, class_size - 1, other)
+    u = torch.rand((n_aug, n), generator=generator)
+    k = class_start + (u * n_candidates).long().clamp(max=(n_candidates - 1).clamp(min=0))
+    k = torch.where(k >= skip_start, k + skip_size, k)
+    partners = order[k.clamp(max=max(0, n - 1))]
+    alone = n_candidates == 0
+    return torch.where(alone, torch.arange(n), partners)
+
+
 def cross_domain_mix(x, t, labels, domains, n_aug: int = 1, generator=None):
     """Latent analogue of CDGA: interpolate each row with a same-class row of another
     training domain (any other same-class row when the class has one domain), λ ~ U(0, 1)."""
-    n = len(x)
-    partners = torch.empty((n_aug, n), dtype=torch.long)
-    lab, dom = labels.cpu(), domains.cpu()
-    for c in lab.unique():
-        rows = torch.nonzero(lab == c).flatten()
-        for i in rows.tolist():
-            other = rows[dom[rows] != dom[i]]
-            if not len(other):
-                other = rows[rows != i] if len(rows) > 1 else rows
-            pick = torch.randint(len(other), (n_aug,), generator=generator)
-            partners[:, i] = other[pick]
-    lam = torch.rand((n_aug, n, 1), generator=generator).to(x.device, x.dtype)
+    partners = cross_domain_partners(labels, domains, n_aug, generator)
+    lam = torch.rand((n_aug, len(x), 1), generator=generator).to(x.device, x.dtype)
     mixed = F.normalize(lam * x.unsqueeze(0) + (1 - lam) * x[partners.to(x.device)], dim=-1)
     return mixed.reshape(-1, x.shape[1]), t.repeat(n_aug, 1)
 

@@ -25,7 +25,7 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,10 @@ from vlaug.errors import CacheError, SourceError, UsageError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 IMAGES_DIR = "images"
+# Row groups of at most 4,096 rows (vlaug embed's default part is one): a streaming reader
+# decodes a row group at a time, and decoding a list column takes about 3x its size in
+# repetition and definition levels, so 16,384-row groups cost ~150 MB more resident memory.
+ROW_GROUP_ROWS = 4096
 TEXTS_NAME = "texts.parquet"
 FAILED_NAME = "failed.parquet"
 TMP_MARKER = ".tmp-"
@@ -344,8 +348,7 @@ def write_part(path: str | os.PathLike, name: str, rows: dict, embeddings: np.nd
     schema = image_schema(embeddings.shape[1], dtype)
     arrays = [pa.array(rows[name_], type=schema.field(name_).type) for name_ in schema.names[:-1]]
     table = pa.Table.from_arrays(arrays + [_embedding_array(embeddings, dtype)], schema=schema)
-    # row groups of at most 16,384 rows: a streaming reader decodes one row group at a time
-    atomic_write(folder / name, lambda tmp: _write_table(table, tmp, row_group_size=max(1, min(len(table), 16384))))
+    atomic_write(folder / name, lambda tmp: _write_table(table, tmp, row_group_size=max(1, min(len(table), ROW_GROUP_ROWS))))
 
 
 def write_texts(path: str | os.PathLike, texts: dict[str, np.ndarray], classes: list[str]) -> None:
@@ -696,6 +699,13 @@ def fits_in_memory(manifest: CacheManifest, budget: int, copies: int = 3) -> boo
     return copies * embedding_bytes(manifest) <= budget
 
 
+def chunk_rows(budget: int, embed_dim: int, expansion: int = 1) -> int:
+    """Rows to read from disk at a time when streaming under ``budget`` bytes: the reader
+    holds about four chunks (one being decoded, two read ahead, one in use) at several
+    bytes per value, and a chunk may grow ``expansion``-fold (augmentations) once read."""
+    return int(np.clip(budget // 64 // (embed_dim * 4 * expansion), 256, 65536))
+
+
 def read_metadata(path: str | os.PathLike) -> FeatureCache:
     """A cache without its embeddings, ids or paths (labels, domains, splits and texts), for
     streaming the embeddings from disk with :func:`iter_embeddings`."""
@@ -720,38 +730,69 @@ def read_columns(path: str | os.PathLike, columns: list[str]) -> dict[str, np.nd
     return {c: (np.concatenate(v) if v else np.zeros(0)) for c, v in chunks.items()}
 
 
+def _prefetch(items: Iterable, depth: int = 2) -> Iterator:
+    """Iterate ``items`` in a background thread, at most ``depth`` items ahead: Parquet
+    decoding (which releases the GIL) overlaps the caller's work, in bounded memory.
+    Exceptions reach the caller; a caller that stops early stops the thread."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def run():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as e:  # handed to the caller
+            q.put((done, e))
+
+    thread = threading.Thread(target=run, name="vlaug-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def iter_embeddings(path: str | os.PathLike, batch_rows: int = 65536):
     """Yield (first row index, (m, d) float32 embeddings) over the listed parts, in order,
-    ``batch_rows`` rows at a time (the last chunk fewer), checked like :func:`read_cache`.
-
-    A pyarrow dataset scanner reads the parts (row groups decode in parallel, two batches
-    read ahead) and the record batches, at most one row group each, are joined into
-    chunks, so callers see few large chunks whatever the part size.
+    at most ``batch_rows`` rows (and at most a row group) at a time, checked like
+    :func:`read_cache`. A background thread decodes up to two batches ahead: a pyarrow
+    dataset scanner would decode faster, but runs ahead without bound when the caller is
+    slower than the disk (2 GB resident on a 2M-row cache).
     """
-    import pyarrow.dataset as ds
-
     path = Path(path)
     manifest = read_manifest(path)
-    files = [str(f) for f in _listed_part_files(path, manifest)]
-    pending: list[np.ndarray] = []
-    start = held = 0
-    try:
-        scanner = ds.dataset(files, format="parquet").to_batches(columns=["embedding"], batch_size=batch_rows,
-                                                                  batch_readahead=2, fragment_readahead=1)
-        for batch in scanner:
-            emb = _embeddings_to_numpy(pa.chunked_array([batch.column(0)]), manifest.embed_dim, str(path))
-            while len(emb):
-                take = emb[: batch_rows - held]
-                pending.append(take)
-                held += len(take)
-                emb = emb[len(take):]
-                if held == batch_rows:
-                    yield start, (np.concatenate(pending) if len(pending) > 1 else pending[0])
-                    start, held, pending = start + held, 0, []
-    except (OSError, pa.ArrowException) as e:
-        raise CacheError(f"cannot read the parts of {str(path)!r}: {e}. A part is damaged; re-run vlaug embed to rebuild it.") from None
-    if pending:
-        yield start, (np.concatenate(pending) if len(pending) > 1 else pending[0])
+
+    def batches():
+        for f in _listed_part_files(path, manifest):
+            try:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=["embedding"], use_threads=False):
+                    yield _embeddings_to_numpy(pa.chunked_array([batch.column(0)]), manifest.embed_dim, str(f))
+            except (OSError, pa.ArrowException) as e:
+                raise CacheError(f"cannot read {str(f)!r}: {e}. The file is damaged; re-run vlaug embed to rebuild it.") from None
+
+    start = 0
+    for emb in _prefetch(batches()):
+        yield start, emb
+        start += len(emb)
 
 
 def take_rows(chunks: Iterable[tuple[int, np.ndarray]], rows: np.ndarray) -> Iterable[tuple[np.ndarray, np.ndarray]]:

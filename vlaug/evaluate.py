@@ -485,11 +485,10 @@ def prepare(config: ProbeRunConfig) -> tuple[list[MethodSpec], _Context, tuple |
             checkpoint.check_head_matches_cache(ckpt.cache, feats.manifest, spec.head, config.features)
             heads[spec.head] = ckpt
     device = resolve_device(config.device)
-    # streamed: a block of rows and its extras (n_aug per row; dr: a degraded and a restored
-    # row per row and pass; lads: one per target domain, at most 8 assumed) use about an
-    # eighth of the budget as float32
+    # streamed, a block of rows grows by its extras: n_aug per row (dr: a degraded and a
+    # restored row per row and pass; lads: one per target domain, at most 8 assumed)
     expansion = max(1 + s.options.get("n_aug", 0) * (2 if s.name == "dr" else 1) + 8 * (s.name == "lads") for s in specs)
-    chunk_rows = int(np.clip(budget // 8 // (manifest.embed_dim * 4 * expansion), 256, 65536))
+    chunk_rows = cache_io.chunk_rows(budget, manifest.embed_dim, expansion)
     dom_index = {d: i for i, d in enumerate(sorted(set(feats.domains.tolist())))}
     ctx = _Context(
         feats=feats,

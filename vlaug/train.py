@@ -433,7 +433,7 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
     # a quarter of the budget for the shuffle buffer (a row costs d float32 and a label);
     # shuffling it makes one transient copy, so the buffer peaks at half the budget
     buffer_rows = max(4 * batch_size, budget // 4 // (manifest.embed_dim * 4 + 8))
-    chunks = lambda: cache_io.iter_embeddings(config.features, batch_rows=min(8192, buffer_rows))  # noqa: E731
+    chunks = lambda: cache_io.iter_embeddings(config.features, cache_io.chunk_rows(budget, manifest.embed_dim))  # noqa: E731
 
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
