@@ -89,10 +89,13 @@ def main(argv=None) -> list[dict]:
             p_seconds, p_peak, p_rc = run_child([sys.executable, "-m", "vlaug", "probe", str(feats), "--out",
                                                  str(root / f"report-{n}"), "--method", "linear", "--seeds", "1",
                                                  "--grid-size", "1", "--max-iter", "10", *common])
+            report = root / f"report-{n}" / "report.json"
+            passes = json.loads(report.read_text())["protocol"]["passes_over_cache"] if report.is_file() else None
             row = {"rows": n, "cache_gib": disk / 2**30, "write_s": write_s, "train_box_s": seconds,
                    "us_per_row": 1e6 * seconds / n, "peak_rss_mib": peak, "exit_code": rc,
                    "probe_s": p_seconds, "probe_us_per_row": 1e6 * p_seconds / n, "probe_peak_rss_mib": p_peak,
-                   "probe_exit_code": p_rc}
+                   "probe_exit_code": p_rc, "probe_passes": passes,
+                   "probe_us_per_row_pass": 1e6 * p_seconds / n / passes if passes else None}
             rows.append(row)
             print(json.dumps(row))
             shutil.rmtree(feats, ignore_errors=True)

@@ -20,8 +20,10 @@ sys.path.insert(0, str(HERE))
 
 import box_sampling  # noqa: E402
 import embed_throughput  # noqa: E402
+import embed_variants  # noqa: E402
 import larger_than_memory  # noqa: E402
 import probe_speed  # noqa: E402
+import profile_stages  # noqa: E402
 import train_heads  # noqa: E402
 
 
@@ -101,25 +103,101 @@ out of reach for any implementation that materialises the samples: the output is
 
 
 NOTES_LTM = """\
-`vlaug train-box CACHE --head box --epochs 1 --memory-budget 512M --device cpu` in a child
-process on synthetic 512-d float16 caches (100 classes); peak resident memory read from
-the kernel (`os.wait4`). Target: under 1.5 GB at every size, time linear in the rows.
-About 540 MB of the peak is the interpreter with PyTorch's CUDA build loaded (stages 2 and
-3 do not import open_clip); the rest is the shuffle buffer (a quarter of the budget, one
-transient copy while shuffling), the row group being decoded, the model and the
-per-row metadata (labels, domains, splits)."""
+Child processes on synthetic 512-d float16 caches (100 classes, 65,536-row parts of
+4,096-row groups) with `--memory-budget 512M --device cpu`: `vlaug train-box CACHE --head
+box --epochs 1` and `vlaug probe CACHE --method linear --seeds 1 --grid-size 1 --max-iter
+10` (one weight decay, 10 L-BFGS iterations, the refit on train + val, the test pass and
+the report with its plots). Peak resident memory is read from the kernel (`os.wait4`).
+Target: under 1.5 GB at every size, time linear in the rows. About 540 MB of every peak is
+the interpreter with PyTorch's CUDA build loaded (stages 2 and 3 do not import open_clip).
+Streamed, every evaluation of the probe's objective reads the cache once (about 25 of
+them here), so the probe's time is dominated by reading and decoding Parquet; the default
+search (8 weight decays x up to 200 iterations) would take about 50 times longer."""
 
 
 def ltm_section(rows) -> list[str]:
     return [
-        "## train-box on caches larger than its memory budget — `benchmarks/larger_than_memory.py`",
+        "## Caches larger than the memory budget — `benchmarks/larger_than_memory.py`",
         "",
-        "| rows | cache on disk | train-box, 1 epoch | µs per row | peak resident memory |",
-        "|---|---|---|---|---|",
+        "| rows | cache on disk | train-box, 1 epoch | µs per row | peak memory | probe --method linear | reads of the cache | µs per row and read | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|",
         *[f"| {r['rows']:,} | {r['cache_gib']:.2f} GiB | {r['train_box_s']:.0f} s | {r['us_per_row']:.0f} | "
-          f"{r['peak_rss_mib']:,.0f} MiB |" for r in rows],
+          f"{r['peak_rss_mib']:,.0f} MiB | {r['probe_s']:.0f} s | {r['probe_passes']} | {r['probe_us_per_row_pass']:.2f} | "
+          f"{r['probe_peak_rss_mib']:,.0f} MiB |" for r in rows],
         "",
         NOTES_LTM,
+        "",
+    ]
+
+
+def profile_section(prof) -> list[str]:
+    def ops(stage, title):
+        r = prof[stage]
+        return [f"**{title}** ({r['wall_s']:.2f} s wall):", "", "| operator | share of wall time | calls |", "|---|---|---|",
+                *[f"| `{o['op']}` | {100 * o['share']:.0f} % | {o['calls'] if o['calls'] is not None else ''} |" for o in r["ops"]], ""]
+
+    st = prof["streamed"]
+    return [
+        "## Where the time goes — `benchmarks/profile_stages.py`",
+        "",
+        f"device {prof['device']}, {prof['threads']} torch threads; {prof['n']:,} rows, d = {prof['d']}, {prof['classes']} classes.",
+        "",
+        *ops("train_box", "train-box, box head, one epoch (batch 512)"),
+        *ops("probe", "probe, one L-BFGS fit (50 iterations), in memory"),
+        f"**probe, one pass of the objective streamed from disk** ({st['rows']:,}-row cache, {st['train_rows']:,} training rows, "
+        f"{st['pass_s']:.2f} s):",
+        "",
+        "| part | seconds | share |",
+        "|---|---|---|",
+        *[f"| {k} | {v:.2f} | {100 * v / st['pass_s']:.0f} % |" for k, v in st["parts"].items()],
+        "",
+        NOTES_PROFILE,
+        "",
+    ]
+
+
+NOTES_PROFILE = """\
+train-box and the in-memory probe are bound by their matrix products (`addmm`, `mm` and
+their backward passes): no Python loop runs per sample (batches are slices of a seeded
+permutation; augmenters, the probe's objective and the cross-domain partner search are
+vectorised), and "outside torch operators" is the Python, the optimiser's bookkeeping and
+the memory traffic that no operator accounts for. Streamed from disk, one pass of the
+probe's objective is dominated by decoding Parquet (a `fixed_size_list` column decodes
+its repetition and definition levels value by value) and converting half to float: the
+reader runs in a background thread, so the probe's arithmetic overlaps the next chunk's
+decoding when there is a core to spare."""
+
+
+def variants_notes(v) -> str:
+    base = v["rows"][0]
+    paying = [r for r in v["rows"][1:] if r["ratio"] >= 1.05]
+    lines = [f"Default: {base['variant']}. Variants at least 5 % faster on this machine: "
+             + (", ".join(f"{r['variant']} ({r['ratio']:.2f}x)" for r in paying) or "none") + "."]
+    compiled = next((r for r in v["rows"] if r["variant"].startswith("torch.compile")), None)
+    if compiled and v["compile_s"]:
+        gain = 1 / base["images_per_s"] - 1 / compiled["images_per_s"]  # seconds saved per image
+        lines.append(f"torch.compile repays its {v['compile_s']:.0f} s of compiling after "
+                     + (f"about {v['compile_s'] / gain:,.0f} images" if gain > 0 else "no number of images")
+                     + " (and compiles again for the last, smaller batch); `vlaug embed` does not compile.")
+    lines.append("`vlaug embed`'s defaults stay eager, contiguous, batch 64, fp32 on a CPU and bf16/fp16 autocast on "
+                 "a GPU; pinned memory is used only with CUDA. The GPU rows (precision) appear when this runs on one.")
+    return " ".join(lines)
+
+
+def variants_section(v) -> list[str]:
+    return [
+        "## Embedding: which model-side settings pay — `benchmarks/embed_variants.py`",
+        "",
+        f"{v['model']} image tower alone on {v['device']} ({v['threads']} threads), {v['n']} images of {v['image_size']} px.",
+        "",
+        "| variant | images/s | vs default |",
+        "|---|---|---|",
+        *[f"| {r['variant']} | {r['images_per_s']:.1f} | {r['ratio']:.2f} |" for r in v["rows"]],
+        "",
+        *([f"torch.compile took {v['compile_s']:.0f} s to compile (every run of `vlaug embed` would pay it)."]
+          if v["compile_s"] is not None else []),
+        "",
+        variants_notes(v),
         "",
     ]
 
@@ -142,6 +220,8 @@ def main(argv=None):
     train = train_heads.main(["--n", "5000" if q else "50000", *dev])
     probe = probe_speed.main(["--n-train", "4000" if q else "40000", "--n-val", "1000" if q else "10000",
                               "--n-test", "1000" if q else "10000", *dev])
+    variants = embed_variants.main(["--n", "32" if q else "128", *(["--no-compile"] if q else []), *dev])
+    prof = profile_stages.main(["--n", "5000" if q else "50000", "--stream-rows", "20000" if q else "250000", *dev])
     sampling = box_sampling.main(["--n", "5000" if q else "50000", "--reference-rows", "500" if q else "2000", *dev])
     ltm = None
     if args.larger_than_memory:
@@ -167,6 +247,7 @@ def main(argv=None):
         "",
         NOTES_EMBED,
         "",
+        *variants_section(variants),
         "## Stage-2 training speed — `benchmarks/train_heads.py`",
         "",
         "| head | batch | reference samples/s | vlaug samples/s | vlaug / reference |",
@@ -201,14 +282,14 @@ def main(argv=None):
         "",
         NOTES_SAMPLING,
         "",
+        *profile_section(prof),
         *(ltm_section(ltm) if ltm else []),
         "## Not measured yet",
         "",
         "- GPU figures (embedding with ViT-B-32 and ViT-L-14 against clip-retrieval's published ~2,500 images/s for "
         "ViT-B/32 on an A100; heads; the probe's 10x target): no GPU has been lent to a session so far. Run "
         "`python benchmarks/run_all.py --device cuda` on one.",
-        "- Larger-than-memory `vlaug probe` (it still loads the whole cache); `train-box` streams "
-        "(`--larger-than-memory` runs its benchmark).",
+        "- The larger-than-memory benchmark runs only with `--larger-than-memory` (about 25 minutes on 2 cores).",
         "",
     ]
     Path(args.out).write_text("\n".join(lines), encoding="utf-8")

@@ -124,3 +124,34 @@ def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path):
         cache.atomic_write(target, boom)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_streamed_reads_match_the_whole_read(tmp_path, dtype):
+    _make_cache(tmp_path, dtype)
+    whole = cache.read_cache(tmp_path)
+    for batch_rows in (1, 2, 64):
+        chunks = list(cache.iter_embeddings(tmp_path, batch_rows))
+        assert [s for s, _ in chunks] == list(np.cumsum([0] + [len(e) for _, e in chunks])[:-1])
+        assert all(len(e) <= batch_rows and e.flags.writeable for _, e in chunks)
+        np.testing.assert_array_equal(np.concatenate([e for _, e in chunks]), whole.embeddings)
+        rows = np.array([4, 0, 3])  # any order: positions say where each chunk's rows go
+        picked = np.zeros((3, 8), np.float32)
+        for pos, emb in cache.take_rows(cache.iter_embeddings(tmp_path, batch_rows), rows):
+            picked[pos] = emb
+        np.testing.assert_array_equal(picked, whole.embeddings[rows])
+    meta = cache.read_metadata(tmp_path)
+    assert len(meta) == 5 and meta.labels.tolist() == whole.labels.tolist() and meta.domains.tolist() == whole.domains.tolist()
+
+
+def test_streamed_read_of_a_damaged_part_is_a_cache_error_and_stops_the_reader(tmp_path):
+    import threading
+
+    _make_cache(tmp_path)
+    (tmp_path / "images" / "part-00001.parquet").write_bytes(b"PAR1 not parquet")
+    with pytest.raises(CacheError, match="part-00001.parquet.*damaged"):
+        list(cache.iter_embeddings(tmp_path, 1))
+    it = cache.iter_embeddings(tmp_path, 1)
+    next(it)
+    it.close()  # a caller that stops early stops the reading thread
+    assert not any(t.name == "vlaug-prefetch" for t in threading.enumerate())

@@ -719,14 +719,24 @@ def read_metadata(path: str | os.PathLike) -> FeatureCache:
 
 
 def read_columns(path: str | os.PathLike, columns: list[str]) -> dict[str, np.ndarray]:
-    """Metadata columns of the listed parts as numpy arrays (no embedding, no ids)."""
+    """Metadata columns of the listed parts as numpy arrays (no embedding, no ids).
+
+    String columns come back as fixed-width ``str`` arrays built from their dictionary
+    (no Python object per row: a 2M-row cache would otherwise hold ~100 MB of them).
+    """
     path = Path(path)
     manifest = read_manifest(path)
     chunks: dict[str, list] = {c: [] for c in columns}
     for f in _listed_part_files(path, manifest):
         t = _read_parquet(f, columns)
         for c in columns:
-            chunks[c].append(t.column(c).to_numpy(zero_copy_only=False))
+            col = t.column(c)
+            if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                enc = col.dictionary_encode().combine_chunks()
+                values = np.asarray(enc.dictionary.to_pylist(), dtype=str)
+                chunks[c].append(values[enc.indices.to_numpy(zero_copy_only=False)] if len(values) else np.zeros(len(col), str))
+            else:
+                chunks[c].append(col.to_numpy(zero_copy_only=False))
     return {c: (np.concatenate(v) if v else np.zeros(0)) for c, v in chunks.items()}
 
 

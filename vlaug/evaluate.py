@@ -152,6 +152,7 @@ class _Context:
     config: ProbeRunConfig
     device: torch.device
     chunk_rows: int = 65536  # rows read from disk at a time when streamed
+    passes: int = 0  # reads of the cache from disk so far (streamed)
 
     @property
     def n_classes(self) -> int:
@@ -164,6 +165,7 @@ class _Context:
         if self.x is not None:
             yield np.arange(len(rows)), self.x[torch.as_tensor(rows, device=self.device)]
             return
+        self.passes += 1
         chunks = cache_io.iter_embeddings(self.config.features, self.chunk_rows)
         for pos, emb in cache_io.take_rows(chunks, rows):
             yield pos, torch.as_tensor(emb, device=self.device)
@@ -366,7 +368,7 @@ def _evaluate(probe: LinearProbe, ctx: _Context, splits: Splits) -> dict:
     n_in = len(splits.test_in)
     per_domain = {}
     names = ctx.feats.domains[splits.test]
-    for d in sorted(set(names.tolist())):
+    for d in np.unique(names).tolist():
         mask = torch.as_tensor(names == d, device=ctx.device)
         per_domain[d or "(none)"] = metrics.accuracy(pred[mask], y[mask])
     row = {
@@ -473,7 +475,8 @@ def prepare(config: ProbeRunConfig) -> tuple[list[MethodSpec], _Context, tuple |
     feats = cache_io.read_metadata(config.features) if streamed else cache_io.read_cache(config.features)
     if CLASSES_PROMPT_SET not in feats.texts:
         raise UsageError(f"cache {config.features!r} has no class prompts (texts.parquet); re-run vlaug embed.")
-    all_domains = sorted(set(feats.domains.tolist()) - {""})
+    domain_names, domain_index = np.unique(feats.domains, return_inverse=True)  # sorted names, index per row
+    all_domains = [d for d in domain_names.tolist() if d]
     train_domains = check_domains(config.train_domains, all_domains)
     heads = {}
     for spec in specs:
@@ -489,12 +492,11 @@ def prepare(config: ProbeRunConfig) -> tuple[list[MethodSpec], _Context, tuple |
     # restored row per row and pass; lads: one per target domain, at most 8 assumed)
     expansion = max(1 + s.options.get("n_aug", 0) * (2 if s.name == "dr" else 1) + 8 * (s.name == "lads") for s in specs)
     chunk_rows = cache_io.chunk_rows(budget, manifest.embed_dim, expansion)
-    dom_index = {d: i for i, d in enumerate(sorted(set(feats.domains.tolist())))}
     ctx = _Context(
         feats=feats,
         x=None if streamed else torch.as_tensor(feats.embeddings, device=device),
         y=torch.as_tensor(feats.labels, device=device),
-        dom=torch.as_tensor([dom_index[d] for d in feats.domains.tolist()], device=device, dtype=torch.long),
+        dom=torch.as_tensor(domain_index.reshape(-1), device=device, dtype=torch.long),
         text=torch.as_tensor(feats.texts[CLASSES_PROMPT_SET], device=device),
         heads=heads, config=config, device=device, chunk_rows=chunk_rows,
     )
@@ -560,7 +562,7 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items() if k not in ("overwrite", "progress")},
         "protocol": {
             "train_domains": train_domains,
-            "test_domains": sorted(set(ctx.feats.domains.tolist()) - set(train_domains) - {""}),
+            "test_domains": [d for d in np.unique(ctx.feats.domains).tolist() if d and d not in train_domains],
             "uses_cache_splits": bool((ctx.feats.splits != "").any()),
             "seeds": list(range(config.seeds)),
             "splits": [{"seed": i, **s.sizes(), "reduced_classes": [m.classes[c] for c in s.reduced_classes]}
@@ -570,6 +572,7 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
             "weight_decay_grid": weight_decay_grid(config.grid_size),
             "zero_shot_temperature": ZERO_SHOT_TEMPERATURE,
             "streamed": ctx.x is None,
+            "passes_over_cache": ctx.passes,  # reads of the whole cache from disk (streamed)
             "memory_budget_bytes": cache_io.parse_memory_budget(config.memory_budget),
             "geometry_rows": int(len(sample)),
         },

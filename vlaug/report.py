@@ -121,6 +121,13 @@ def format_domain_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} bytes"
+
+
 def format_markdown(report: dict) -> str:
     p, c = report["protocol"], report["config"]
     pretrained = report["pretrained"] or "(from the model source)"
@@ -146,6 +153,8 @@ def format_markdown(report: dict) -> str:
         f"- probe: multinomial logistic regression, L-BFGS, up to {c['max_iter']} iterations, weight decay chosen on "
         f"validation accuracy from {len(p['weight_decay_grid'])} values {p['weight_decay_grid'][0]:g} … {p['weight_decay_grid'][-1]:g}; "
         f"reweight: {c['reweight']}; class weights: {c['class_weight']}; zero-shot logits cos / {p['zero_shot_temperature']}",
+        f"- data: {'streamed from disk, ' + str(p.get('passes_over_cache')) + ' reads of the cache' if p.get('streamed') else 'in memory'} (--memory-budget {c.get('memory_budget', 'auto')}"
+        f" = {_size(p.get('memory_budget_bytes', 0))}); device {c['device']}",
         f"- vlaug {report['vlaug_version']}, {report['seconds']:.1f} s",
         "",
         "## Top-1 accuracy (%)",
@@ -167,6 +176,7 @@ def format_markdown(report: dict) -> str:
         lines.append(f"- `{m['method']}`: {opts}" + (f"; head `{m['head']}` ({m['head_config']})" if m["head"] else "")
                      + (f"; seed 0 chose {chosen}" if chosen else ""))
     lines += ["", "## Feature geometry of the training rows, seed 0 (LatentDR eqs. 10, 11)", "",
+              f"On {p.get('geometry_rows', 0):,} training rows (all of them, or a seeded sample) and their augmentations.", "",
               "| Method | alignment | uniformity | alignment (with augmentations) | uniformity (with augmentations) |",
               "|---|---|---|---|---|"]
     for g in report["feature_geometry"]:

@@ -423,7 +423,7 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
             f"{3 * cache_io.embedding_bytes(manifest) / 2**30:.2f} GiB, more than --memory-budget ({budget / 2**30:.2f} GiB)")
     else:
         feats = cache_io.read_cache(config.features)
-    domains = check_domains(config.train_domains, sorted(set(feats.domains.tolist()) - {""}))
+    domains = check_domains(config.train_domains, [d for d in np.unique(feats.domains).tolist() if d])
     rows = training_rows(feats.domains, feats.splits, config.train_domains)
     if len(rows) < 2:
         raise UsageError(f"only {len(rows)} training row(s) in {config.features!r} for domains {domains}; need at least 2.")
