@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -54,16 +53,27 @@ def write_cache(path: Path, n: int, d: int = 512, n_classes: int = 100, part_row
     cache.write_manifest(path, manifest)
 
 
+# A small launcher process runs each command and reports its peak resident memory:
+# measured directly on a child of this process, ru_maxrss would include the pages the child
+# inherited from this process at fork, before its exec (GBs inside run_all.py).
+LAUNCHER = """
+import resource, subprocess, sys, time
+start = time.perf_counter()
+with open(sys.argv[1], "w") as log:
+    rc = subprocess.call(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=log)
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, rc)
+"""
+
+
 def run_child(cmd: list[str]) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS in MiB and exit code of a child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        sys.stderr.write(proc.stderr.read().decode()[-2000:])
-    return seconds, usage.ru_maxrss / 1024, proc.returncode  # ru_maxrss is in KiB on Linux
+    """Wall seconds, peak RSS in MiB (ru_maxrss is in KiB on Linux) and exit code of a command."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "stderr.log"
+        out = subprocess.run([sys.executable, "-c", LAUNCHER, str(log), *cmd], capture_output=True, text=True, check=True)
+        seconds, peak, rc = out.stdout.split()
+        if int(rc):
+            sys.stderr.write(log.read_text()[-2000:])
+    return float(seconds), float(peak), int(rc)
 
 
 def main(argv=None) -> list[dict]:

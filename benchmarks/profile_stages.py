@@ -3,13 +3,14 @@
   train-box: one epoch of `vlaug.train.fit` on the box head (in memory);
   probe:     `vlaug.probe.fit_probe`, one weight decay, in memory;
   streamed:  one pass of the probe's objective over a cache read from disk (what every
-             L-BFGS evaluation costs when the cache is larger than --memory-budget), split
-             into reading + decoding Parquet, half -> float conversion and checks, row
-             selection, and the probe's forward + backward.
+             L-BFGS evaluation costs when the cache is larger than --memory-budget): its
+             parts (decoding Parquet, half -> float and checks, row selection, the probe's
+             forward + backward) timed one after the other, and the real pass, where a
+             background thread decodes while the probe computes.
 
 The first two use torch.profiler: each operator's self time as a share of the wall time;
 "outside torch operators" is the rest (Python, the optimiser's bookkeeping, data movement
-that is not an operator). The streamed pass is timed by adding one layer at a time.
+that is not an operator).
 
     python benchmarks/profile_stages.py [--n 50000] [--stream-rows 250000] [--device cpu]
 """
@@ -66,45 +67,52 @@ def synthetic(n: int, d: int, c: int, device, seed: int = 0):
 
 
 def streamed_pass(path: Path, rows: np.ndarray, labels: torch.Tensor, n_classes: int, chunk_rows: int) -> dict:
-    """Seconds of one pass, adding one layer at a time (each layer's time is the difference)."""
-    d = cache.read_manifest(path).embed_dim
+    """One pass of the probe's objective over a cache on disk: each part timed alone, in
+    sequence (decode, convert, select, compute), then the real pass, whose reader decodes
+    in a background thread while the probe computes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = cache.read_manifest(path)
+    d = manifest.embed_dim
     W = torch.zeros(d, n_classes, requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
     w = 1.0 / len(rows)
+    parts = {}
 
-    def read():
-        for _ in cache.iter_embeddings(path, chunk_rows):
-            pass
+    start = time.perf_counter()
+    batches = [batch.column(0) for p in manifest.parts
+               for batch in pq.ParquetFile(path / cache.IMAGES_DIR / p).iter_batches(batch_size=chunk_rows, columns=["embedding"])]
+    parts["read + decode Parquet"] = time.perf_counter() - start
 
-    def select():
-        for _ in cache.take_rows(cache.iter_embeddings(path, chunk_rows), rows):
-            pass
+    start = time.perf_counter()
+    chunks, first = [], 0
+    for col in batches:
+        emb = cache._embeddings_to_numpy(pa.chunked_array([col]), d, str(path))
+        chunks.append((first, emb))
+        first += len(emb)
+    parts["half -> float and finiteness check"] = time.perf_counter() - start
+    del batches
 
-    def compute():
-        for pos, emb in cache.take_rows(cache.iter_embeddings(path, chunk_rows), rows):
+    start = time.perf_counter()
+    selected = list(cache.take_rows(chunks, rows))
+    parts["select the training rows"] = time.perf_counter() - start
+    del chunks
+
+    def objective(blocks):
+        for pos, emb in blocks:
             x = torch.as_tensor(emb)
             probe_objective(x, W, b, labels[rows[pos]], torch.full((len(x),), w), 0.0).backward()
 
-    times = {}
-    for name, fn in [("read", read), ("select", select), ("compute", compute)]:
-        start = time.perf_counter()
-        fn()
-        times[name] = time.perf_counter() - start
-    # reading alone, without the half -> float conversion and the finiteness check
-    import pyarrow.dataset as ds
-
-    files = [str(path / cache.IMAGES_DIR / p) for p in cache.read_manifest(path).parts]
     start = time.perf_counter()
-    for _ in ds.dataset(files, format="parquet").to_batches(columns=["embedding"], batch_size=chunk_rows,
-                                                            batch_readahead=2, fragment_readahead=1):
-        pass
-    decode = time.perf_counter() - start
-    return {
-        "rows": int(cache.read_manifest(path).n_images), "train_rows": int(len(rows)), "pass_s": times["compute"],
-        "parts": {"read + decode Parquet": decode, "half -> float, finiteness check, joining chunks": times["read"] - decode,
-                  "select the training rows": times["select"] - times["read"],
-                  "probe forward + backward": times["compute"] - times["select"]},
-    }
+    objective(selected)
+    parts["probe forward + backward"] = time.perf_counter() - start
+    del selected
+
+    start = time.perf_counter()
+    objective(cache.take_rows(cache.iter_embeddings(path, chunk_rows), rows))
+    return {"rows": int(manifest.n_images), "train_rows": int(len(rows)), "pass_s": time.perf_counter() - start,
+            "parts": parts}
 
 
 def main(argv=None) -> dict:
