@@ -155,3 +155,17 @@ def test_streamed_read_of_a_damaged_part_is_a_cache_error_and_stops_the_reader(t
     next(it)
     it.close()  # a caller that stops early stops the reading thread
     assert not any(t.name == "vlaug-prefetch" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("taken", [0, 1, 3])
+def test_prefetch_stops_whenever_the_caller_does(taken):
+    import threading
+    import time
+
+    it = cache._prefetch(iter(range(3)), depth=2)
+    assert [next(it) for _ in range(taken)] == list(range(taken))
+    time.sleep(0.3)  # the reader fills the queue, then waits to hand over the rest (or the end)
+    it.close()
+    assert not any(t.name == "vlaug-prefetch" for t in threading.enumerate())
+    with pytest.raises(ZeroDivisionError):
+        list(cache._prefetch((1 / x for x in (1, 0)), depth=2))

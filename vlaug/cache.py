@@ -751,20 +751,23 @@ def _prefetch(items: Iterable, depth: int = 2) -> Iterator:
     stop = threading.Event()
     done = object()
 
+    def put(entry) -> bool:  # False once the caller has stopped (never blocks for good)
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run():
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((item, None)):
                     return
-            q.put((done, None))
+            put((done, None))
         except BaseException as e:  # handed to the caller
-            q.put((done, e))
+            put((done, e))
 
     thread = threading.Thread(target=run, name="vlaug-prefetch", daemon=True)
     thread.start()

@@ -57,9 +57,9 @@ METHODS: dict[str, tuple[tuple[str, ...] | None, dict]] = {
     "latentdr-pool": (None, {"ensemble": 0.0, "epochs": 100}),
 }
 JOINT = ("batchformer", "latentdr-sa", "latentdr-pool")
-# methods that need every training row at once (pairs across the whole set, minibatch
-# training, or per-row group weights) and so refuse a streamed cache
-AUGMENTING = ("box", "dr", "lads", "gaussian", "mixup", "xdomain-mix")
+AUGMENTING = ("box", "dr", "lads", "gaussian", "mixup", "xdomain-mix")  # originals + extra rows
+# methods that need every training row at once (pairs across the whole training set, or
+# minibatch training) and so refuse a streamed cache (as does --reweight)
 NOT_STREAMED = JOINT + ("mixup", "xdomain-mix")
 GEOMETRY_ROWS = 20_000  # training rows (a seeded sample) behind the feature geometry and plots
 
@@ -249,15 +249,17 @@ def _training_rows(spec: MethodSpec, ctx: _Context, rows: np.ndarray, seed: int)
 
 
 def _labelled_rows(ctx: _Context, rows: np.ndarray) -> Rows:
-    """Rows with their labels (validation rows: the probe's accuracy is read off them)."""
+    """Rows with their labels (validation rows: the probe's accuracy is read off them);
+    built once in memory, read again on every pass when streamed."""
+
     def blocks():
         for pos, x in ctx.stream(rows):
-            r = torch.as_tensor(rows[pos], device=ctx.device)
-            yield x, ctx.y[r], None
+            yield x, ctx.y[torch.as_tensor(rows[pos], device=ctx.device)], None
 
-    data = list(blocks()) if ctx.x is not None else None
-    return Rows((lambda: data) if data is not None else blocks, ctx.feats.manifest.embed_dim, ctx.n_classes,
-                len(rows), ctx.device)
+    if ctx.x is not None:
+        data = list(blocks())
+        blocks = lambda: data  # noqa: E731
+    return Rows(blocks, ctx.feats.manifest.embed_dim, ctx.n_classes, len(rows), ctx.device)
 
 
 def _materialize(rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
