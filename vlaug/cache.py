@@ -693,10 +693,15 @@ def parse_memory_budget(value: str) -> int:
         raise UsageError(f"--memory-budget {value!r}; use auto or a size such as 1.5G or 800M.") from None
 
 
-def fits_in_memory(manifest: CacheManifest, budget: int, copies: int = 3) -> bool:
-    """Whether ``copies`` float32 copies of the embeddings fit ``budget`` bytes (in memory,
-    stages 2 and 3 hold about three at their peak: the cache, training and validation rows)."""
-    return copies * embedding_bytes(manifest) <= budget
+def in_memory_bytes(manifest: CacheManifest) -> int:
+    """What stages 2 and 3 need to hold a cache in memory: about three float32 copies of its
+    embeddings at their peak (the cache, the training rows and the validation rows)."""
+    return 3 * embedding_bytes(manifest)
+
+
+def fits_in_memory(manifest: CacheManifest, budget: int) -> bool:
+    """Whether the cache can be held in memory under ``budget`` bytes (else it is streamed)."""
+    return in_memory_bytes(manifest) <= budget
 
 
 def chunk_rows(budget: int, embed_dim: int, expansion: int = 1) -> int:

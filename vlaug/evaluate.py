@@ -466,7 +466,7 @@ def prepare(config: ProbeRunConfig) -> tuple[list[MethodSpec], _Context, tuple |
     manifest = cache_io.read_manifest(config.features)
     streamed = not cache_io.fits_in_memory(manifest, budget)
     if streamed:
-        need = f"{3 * cache_io.embedding_bytes(manifest) / 2**30:.2f} GiB"
+        need = f"{cache_io.in_memory_bytes(manifest) / 2**30:.2f} GiB"
         for spec in specs:
             if spec.name in NOT_STREAMED:
                 raise UsageError(f"--method {spec.text!r} needs the whole cache in memory (about {need}, more than "
@@ -526,7 +526,7 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
     m = ctx.feats.manifest
     if ctx.x is None:
         log(f"streaming {m.n_images} rows from disk, {ctx.chunk_rows} at a time: in memory they would need about "
-            f"{3 * cache_io.embedding_bytes(m) / 2**30:.2f} GiB, more than --memory-budget {config.memory_budget}; "
+            f"{cache_io.in_memory_bytes(m) / 2**30:.2f} GiB, more than --memory-budget {config.memory_budget}; "
             "every evaluation of the probe's objective reads the cache once")
     start = time.perf_counter()
     results, geometry, probes, chosen, projections = [], [], {}, {}, {}

@@ -420,7 +420,7 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
     if streamed:  # larger than the budget: metadata in memory, embeddings streamed from disk each epoch
         feats = cache_io.read_metadata(config.features)
         log(f"streaming {manifest.n_images} rows from disk: in memory they would need about "
-            f"{3 * cache_io.embedding_bytes(manifest) / 2**30:.2f} GiB, more than --memory-budget ({budget / 2**30:.2f} GiB)")
+            f"{cache_io.in_memory_bytes(manifest) / 2**30:.2f} GiB, more than --memory-budget ({budget / 2**30:.2f} GiB)")
     else:
         feats = cache_io.read_cache(config.features)
     domains = check_domains(config.train_domains, [d for d in np.unique(feats.domains).tolist() if d])
