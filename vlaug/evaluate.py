@@ -208,8 +208,11 @@ def _blocks(spec: MethodSpec, ctx: _Context, rows: np.ndarray, seed: int):
     generator (seeded by (seed, k)), so every pass over a streamed cache sees the same rows."""
     for k, (pos, x) in enumerate(ctx.stream(rows)):
         r = torch.as_tensor(rows[pos], device=ctx.device)
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
-        yield x, ctx.y[r], _augment(spec, ctx, x, ctx.y[r], ctx.dom[r], gen)
+        yield x, ctx.y[r], _augment(spec, ctx, x, ctx.y[r], ctx.dom[r], _block_generator(seed, k))
+
+
+def _block_generator(seed: int, block: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, block]).generate_state(1)[0]))
 
 
 def _training_rows(spec: MethodSpec, ctx: _Context, rows: np.ndarray, seed: int) -> Rows:
@@ -396,21 +399,14 @@ def _geometry_rows(splits: Splits, seed: int) -> np.ndarray:
     return rows
 
 
-def _augmented_sample(spec: MethodSpec, ctx: _Context, rows: np.ndarray, seed: int):
-    """(originals, their labels, originals + extras, their hard labels) for ``rows``."""
-    xs, ys, xa, ya = [], [], [], []
-    if spec.name not in AUGMENTING:
-        x = ctx.gather(rows)
-        y = ctx.y[torch.as_tensor(rows, device=ctx.device)]
-        return x, y, x, y
-    for x, y, extra in _blocks(spec, ctx, rows, seed):
-        xs.append(x)
-        ys.append(y)
-        if extra is not None:
-            xa.append(extra[0])
-            ya.append(extra[1].argmax(1))
-    x, y = torch.cat(xs), torch.cat(ys)
-    return x, y, torch.cat([x, *xa]), torch.cat([y, *ya])
+def _augmented_sample(spec: MethodSpec, ctx: _Context, x: torch.Tensor, rows: np.ndarray, seed: int):
+    """(x + the method's extras, their hard labels) for the sampled rows ``rows`` whose
+    embeddings ``x`` are already in memory (one block, drawn like block 0 of a fit)."""
+    r = torch.as_tensor(rows, device=ctx.device)
+    extra = _augment(spec, ctx, x, ctx.y[r], ctx.dom[r], _block_generator(seed, 0))
+    if extra is None:
+        return x, ctx.y[r]
+    return torch.cat([x, extra[0]]), torch.cat([ctx.y[r], extra[1].argmax(1)])
 
 
 def _feature_geometry(x_orig, y_orig, x_all, y_all, seed) -> dict:
@@ -532,6 +528,7 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
     results, geometry, probes, chosen, projections = [], [], {}, {}, {}
     bar = tqdm(total=config.seeds * len(specs), desc="probe", unit="fit", disable=not config.progress, file=sys.stderr)
     sample = _geometry_rows(all_splits[0], 0)
+    x_sample = ctx.gather(sample)  # read once (streamed: one pass), shared by every method's geometry and the plot
     for seed, splits in enumerate(all_splits):
         for spec in specs:
             probe, info = fit_method(spec, ctx, splits, seed)
@@ -540,10 +537,11 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
             results.append(row)
             if seed == 0:
                 chosen[spec.text] = info
-                x, y, x_all, y_all = _augmented_sample(spec, ctx, sample, seed)
-                geometry.append({"method": spec.text, **_feature_geometry(x, y, x_all, y_all, seed)})
-                if len(x_all) > len(x):
-                    projections[spec.text] = (x_all.cpu().numpy(), y_all.cpu().numpy(), len(x))
+                x_all, y_all = _augmented_sample(spec, ctx, x_sample, sample, seed)
+                y = y_all[: len(sample)]
+                geometry.append({"method": spec.text, **_feature_geometry(x_sample, y, x_all, y_all, seed)})
+                if len(x_all) > len(sample):
+                    projections[spec.text] = (x_all.cpu().numpy(), y_all.cpu().numpy(), len(sample))
             bar.update(1)
     bar.close()
     # the probes users keep: first seed, refitted on train + val at the chosen hyperparameters
@@ -587,7 +585,7 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
         "seconds": seconds,
         "_probes": probes,  # written under probes/, not into report.json
         "_projections": projections,
-        "_first_train": (ctx.gather(sample).cpu().numpy(), ctx.feats.labels[sample], ctx.feats.domains[sample]),
+        "_first_train": (x_sample.cpu().numpy(), ctx.feats.labels[sample], ctx.feats.domains[sample]),
         "_box_stats": {s.head: checkpoint.read_head_stats(s.head) for s in specs if s.name == "box"},
     }
 
