@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import make_domain_folder
 from vlaug import cache
+from tests.test_report_identity import assert_matches_golden
 from vlaug.cli import app
 
 runner = CliRunner()
@@ -89,6 +90,7 @@ def test_demo_runs_on_the_bundled_data(tmp_path):
     assert "| `linear` |" in r.stdout and "| `mixup` |" in r.stdout
     report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
     assert report["protocol"]["seeds"] == [0, 1, 2] and len(report["summary"]) == 6
+    assert_matches_golden("demo", report, tmp_path / "demo")
 
 
 def test_version():
