@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import larger_than_memory  # noqa: E402
 
 from vlaug import cache  # noqa: E402
+from vlaug.cache.read import embeddings_to_numpy  # noqa: E402
 from vlaug.devices import resolve_device  # noqa: E402
 from vlaug.heads import BoxConfig, BoxHead, box_loss  # noqa: E402
 from vlaug.probe import Rows, fit_probe, probe_objective  # noqa: E402
@@ -88,7 +89,7 @@ def streamed_pass(path: Path, rows: np.ndarray, labels: torch.Tensor, n_classes:
     start = time.perf_counter()
     chunks, first = [], 0
     for col in batches:
-        emb = cache._embeddings_to_numpy(pa.chunked_array([col]), d, str(path))
+        emb = embeddings_to_numpy(pa.chunked_array([col]), d, str(path))
         chunks.append((first, emb))
         first += len(emb)
     parts["half -> float and finiteness check"] = time.perf_counter() - start

@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vlaug import cache
+from vlaug.cache.stream import prefetch
 from vlaug.errors import CacheError
 
 
@@ -162,10 +163,10 @@ def test_prefetch_stops_whenever_the_caller_does(taken):
     import threading
     import time
 
-    it = cache._prefetch(iter(range(3)), depth=2)
+    it = prefetch(iter(range(3)), depth=2)
     assert [next(it) for _ in range(taken)] == list(range(taken))
     time.sleep(0.3)  # the reader fills the queue, then waits to hand over the rest (or the end)
     it.close()
     assert not any(t.name == "vlaug-prefetch" for t in threading.enumerate())
     with pytest.raises(ZeroDivisionError):
-        list(cache._prefetch((1 / x for x in (1, 0)), depth=2))
+        list(prefetch((1 / x for x in (1, 0)), depth=2))

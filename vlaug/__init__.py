@@ -4,9 +4,9 @@ Stage 1 (``vlaug embed``) turns images into a Parquet feature cache; later stage
 that cache. The public API re-exports the functions a library user needs.
 """
 
-__version__ = "0.1.0"
+from vlaug._version import __version__
 
-from vlaug.errors import (  # noqa: E402
+from vlaug.errors import (
     CacheError,
     CacheLockedError,
     CacheMismatchError,

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vlaug import __version__
+from vlaug._version import __version__
 from vlaug.cache import CacheManifest, atomic_directory, read_json_object
 from vlaug.errors import CacheMismatchError, CheckpointError
 from vlaug.heads import BoxConfig, BoxHead, LADSConfig, LADSHead, LatentDR, LatentDRConfig

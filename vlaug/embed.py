@@ -32,11 +32,9 @@ from vlaug.encoders import (
     parse_prompt_sets,
     resolve_templates,
 )
+from vlaug.choices import STORAGE_DTYPES
 from vlaug.errors import CacheMismatchError, UsageError, VlaugError
 from vlaug.sources import ImageRecord, Layout, Source, load_source, read_class_file
-
-STORAGE_DTYPES = ("float16", "float32")
-
 
 @dataclass(frozen=True)
 class EmbedConfig:

@@ -24,7 +24,7 @@ import torch
 import torchvision.transforms as T
 import torch.nn.functional as F
 
-from vlaug.cache import CLASSES_PROMPT_SET
+from vlaug.choices import CLASSES_PROMPT_SET
 from vlaug.devices import autocast, resolve_device, resolve_precision
 from vlaug.errors import EncoderError, UsageError
 

@@ -15,7 +15,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from vlaug import __version__
+from vlaug._version import __version__
 from vlaug.errors import VlaugError
 
 app = typer.Typer(

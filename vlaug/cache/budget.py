@@ -1,0 +1,87 @@
+"""The memory-budget policy: hold a cache in memory when it fits ``--memory-budget``, else
+stream it from disk. :func:`plan_memory` is the one place that decides and explains it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from vlaug.cache.manifest import CacheManifest
+from vlaug.errors import UsageError
+
+
+def embedding_bytes(manifest: CacheManifest) -> int:
+    """Memory the embeddings take once read as float32."""
+    return manifest.n_images * manifest.embed_dim * 4
+
+
+def parse_memory_budget(value: str) -> int:
+    """``auto`` (a quarter of the RAM), or a size such as ``1.5G``, ``800M``, ``2000000000``."""
+    if value == "auto":
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+        except (ValueError, OSError, AttributeError):
+            return 4 * 2**30
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    text = value.strip().upper().removesuffix("B")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(float(text))
+    except ValueError:
+        raise UsageError(f"--memory-budget {value!r}; use auto or a size such as 1.5G or 800M.") from None
+
+
+def in_memory_bytes(manifest: CacheManifest) -> int:
+    """What stages 2 and 3 need to hold a cache in memory: about three float32 copies of its
+    embeddings at their peak (the cache, the training rows and the validation rows)."""
+    return 3 * embedding_bytes(manifest)
+
+
+def fits_in_memory(manifest: CacheManifest, budget: int) -> bool:
+    """Whether the cache can be held in memory under ``budget`` bytes (else it is streamed)."""
+    return in_memory_bytes(manifest) <= budget
+
+
+def chunk_rows(budget: int, embed_dim: int, expansion: int = 1) -> int:
+    """Rows to read from disk at a time when streaming under ``budget`` bytes: the reader
+    holds about four chunks (one being decoded, two read ahead, one in use) at several
+    bytes per value, and a chunk may grow ``expansion``-fold (augmentations) once read."""
+    return int(np.clip(budget // 64 // (embed_dim * 4 * expansion), 256, 65536))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Whether a cache is held in memory or streamed under a memory budget, and why."""
+
+    budget: int  # bytes
+    budget_text: str  # as the user gave it (``auto``, ``1.5G``, ...)
+    need: int  # bytes the cache needs in memory (:func:`in_memory_bytes`)
+    n_rows: int
+    embed_dim: int
+
+    @property
+    def streamed(self) -> bool:
+        return self.need > self.budget
+
+    def chunk_rows(self, expansion: int = 1) -> int:
+        """Rows to read from disk at a time (see :func:`chunk_rows`)."""
+        return chunk_rows(self.budget, self.embed_dim, expansion)
+
+    def streaming_note(self) -> str:
+        """The line a stage prints when it streams."""
+        return (f"streaming {self.n_rows} rows from disk: in memory they would need about {self.need / 2**30:.2f} GiB, "
+                f"more than --memory-budget {self.budget_text} ({self.budget / 2**30:.2f} GiB)")
+
+    def refusal(self, what: str, instead: str) -> str:
+        """The message refusing ``what`` (which needs every row at once) on a streamed cache."""
+        return (f"{what} needs the whole cache in memory (about {self.need / 2**30:.2f} GiB, more than --memory-budget "
+                f"{self.budget_text}); raise --memory-budget or {instead}.")
+
+
+def plan_memory(manifest: CacheManifest, memory_budget: str) -> MemoryPlan:
+    """Parse ``memory_budget`` once and decide whether ``manifest``'s cache is streamed."""
+    return MemoryPlan(parse_memory_budget(memory_budget), memory_budget, in_memory_bytes(manifest), manifest.n_images,
+                      manifest.embed_dim)
