@@ -25,9 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vlaug._version import __version__
-from vlaug.cache import CacheManifest, atomic_directory, read_json_object
+from vlaug.cache import CacheManifest, atomic_directory, check_output, read_json_object
 from vlaug.errors import CacheMismatchError, CheckpointError
-from vlaug.heads import BoxConfig, BoxHead, LADSConfig, LADSHead, LatentDR, LatentDRConfig
+from vlaug.heads import HEADS
 from vlaug.probe import LinearProbe, ProbeConfig
 
 FORMAT_VERSION = 1
@@ -35,21 +35,15 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 STATS_NAME = "stats.json"
 
-# kind -> (config class, module class)
-HEAD_KINDS = {
-    "box": (BoxConfig, BoxHead),
-    "dr-sa": (LatentDRConfig, LatentDR),
-    "dr-pool": (LatentDRConfig, LatentDR),
-    "lads": (LADSConfig, LADSHead),
-    "probe": (ProbeConfig, LinearProbe),  # a stage-3 probe saved by vlaug probe
-}
+# kind -> (config class, module class): the stage-2 heads, and the stage-3 probes saved by vlaug probe
+HEAD_KINDS = {**HEADS, "probe": (ProbeConfig, LinearProbe)}
 CONFIG_KEYS = {"format_version", "vlaug_version", "kind", "head", "training", "cache", "history", "selected_epoch"}
 CACHE_KEYS = ("model", "pretrained", "embed_dim", "classes")
 
 
 @dataclass
 class Checkpoint:
-    kind: str  # box | dr-sa | dr-pool | lads
+    kind: str  # box | dr-sa | dr-pool | lads | probe
     module: torch.nn.Module  # in eval mode, on the CPU
     config: dict  # the whole config.json
     path: str = ""
@@ -88,7 +82,11 @@ def build_head(kind: str, head_config: dict, where: str = "head config") -> torc
     if kind not in HEAD_KINDS:
         raise CheckpointError(f"{where}: unknown head kind {kind!r}; expected one of {sorted(HEAD_KINDS)}.")
     config_cls, module_cls = HEAD_KINDS[kind]
-    return module_cls(_config_from_dict(config_cls, head_config, where))
+    config = _config_from_dict(config_cls, head_config, where)
+    try:
+        return module_cls(config)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def cache_identity(manifest: CacheManifest) -> dict:
@@ -112,13 +110,9 @@ def save_head(
             config is taken from ``module.config``).
 
     Raises:
-        CheckpointError: ``path`` exists and ``overwrite`` is False.
+        UsageError: ``path`` exists and ``overwrite`` is False, or it is not a head.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{str(path)!r} already exists. Pass --overwrite to replace it, or choose another --out.")
-    if path.exists() and not (path / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{str(path)!r} exists and is not a vlaug head; refusing to replace it. Choose another --out.")
+    path = check_output(path, overwrite, is_head, "vlaug head")
     full = {
         "format_version": FORMAT_VERSION,
         "vlaug_version": __version__,

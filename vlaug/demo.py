@@ -18,6 +18,7 @@ from vlaug import demo_data
 from vlaug.embed import EmbedConfig, EmbedResult, embed_source
 from vlaug.encoders import TINY_MODEL
 from vlaug.evaluate import ProbeRunConfig, run_probe
+from vlaug.heads import make_head_config
 from vlaug.report import write_report
 from vlaug.train import TrainConfig, TrainResult, train_head
 
@@ -78,7 +79,7 @@ def run_demo(out: str | Path = "vlaug-demo", progress: bool = True, log: Callabl
     embedded = embed_source(config, log=log)
     heads = []
     for head in ("box", "dr-sa"):
-        train = TrainConfig(features=embedded.out, out=str(out / "heads" / head), head=head, train_domains=("photo",),
+        train = TrainConfig(features=embedded.out, out=str(out / "heads" / head), head=make_head_config(head), train_domains=("photo",),
                             epochs=30, seed=0, device="cpu", overwrite=True, progress=progress)
         heads.append(train_head(train, log=log))
     report_dir = out / "report"
@@ -87,5 +88,5 @@ def run_demo(out: str | Path = "vlaug-demo", progress: bool = True, log: Callabl
         device="cpu", methods=("zero-shot", "linear", f"box:{out / 'heads' / 'box'}", f"dr:{out / 'heads' / 'dr-sa'}",
                                "gaussian", "mixup"),
     )
-    report = write_report(report_dir, run_probe(probe, log=log), overwrite=True)
+    report = write_report(report_dir, run_probe(probe, log=log))
     return DemoResult(embedded, heads, report, str(report_dir))

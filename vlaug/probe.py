@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-REWEIGHTS = ("none", "groupdro", "seed-category")
+from vlaug.zero_shot import TEMPERATURE, zero_shot_logits
+
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class ProbeConfig:
     embed_dim: int = 512
     n_classes: int = 2
     ensemble: float = 0.0  # weight of the zero-shot probabilities mixed into the probe's
-    temperature: float = 0.01  # zero-shot logits = cos / temperature (for ensembles)
+    temperature: float = TEMPERATURE  # zero-shot logits = cos / temperature (for ensembles)
 
     def __post_init__(self):
         if not 0.0 <= self.ensemble <= 1.0:
@@ -68,10 +69,6 @@ class LinearProbe(nn.Module):
             zs = zero_shot_logits(x, self.text, self.config.temperature).softmax(-1)
             p = (1 - lam) * p + lam * zs
         return p
-
-
-def zero_shot_logits(x: torch.Tensor, text: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
-    return F.normalize(x, dim=-1) @ F.normalize(text, dim=-1).T / temperature
 
 
 def weight_decay_grid(n: int = 8, low: float = 1e-6, high: float = 1e-1) -> list[float]:

@@ -3,6 +3,11 @@ JSON / Markdown reports and plots)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vlaug.evaluate import ProbeRun
+
 
 def _counts_line(counts: dict[str, int], empty_label: str) -> str:
     return ", ".join(f"{k or empty_label} {v}" for k, v in counts.items())
@@ -244,13 +249,15 @@ def _plot_box_volume(stats: dict, name: str, file) -> None:
     plt.close(fig)
 
 
-def _plot_embeddings(report: dict, file, tsne: bool, seed: int = 0) -> None:
+def _plot_embeddings(first_train: tuple, projections: dict, file, tsne: bool, seed: int = 0) -> None:
+    """Training embeddings (colour: class, marker: domain) and, for up to three augmenting
+    methods, originals against their augmentations; PCA or t-SNE."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    x0, y0, d0 = report["_first_train"]
+    x0, y0, d0 = first_train
     panels = [("original", x0, y0, d0, None)]
-    for name, (x, y, n_orig) in list(report["_projections"].items())[:3]:
+    for name, (x, y, n_orig) in list(projections.items())[:3]:
         panels.append((name, x, y, None, n_orig))
     rng = np.random.default_rng(seed)
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
@@ -291,11 +298,11 @@ def _plot_embeddings(report: dict, file, tsne: bool, seed: int = 0) -> None:
     plt.close(fig)
 
 
-def write_report(out, report: dict, tsne: bool = False, overwrite: bool = False):
+def write_report(out, run: "ProbeRun", tsne: bool = False) -> dict:
     """Write REPORT_DIR atomically: report.json, report.md, PNG plots and probes/METHOD/.
 
     The folder is built under a temporary name and renamed into place, so a failure
-    leaves no half-written report.
+    leaves no half-written report. Returns the report as written to report.json.
     """
     import json
     from pathlib import Path
@@ -309,28 +316,25 @@ def write_report(out, report: dict, tsne: bool = False, overwrite: bool = False)
     out = Path(out)
     with atomic_directory(out) as tmp:
         (tmp / "probes").mkdir()
-        public = {k: v for k, v in report.items() if not k.startswith("_")}
+        public = dict(run.report)
         probe_dirs = {}
-        for method, probe in report["_probes"].items():
+        for method, probe in run.probes.items():
             name = _safe_name(method)
             probe_dirs[method] = f"probes/{name}"
             checkpoint.save_head(
                 tmp / "probes" / name, "probe", probe,
-                {"training": {"method": method, "refit_on": "train + val rows of seed 0",
-                              **{k: v for k, v in report["config"].items()}},
-                 "cache": {"model": report["model"], "pretrained": report["pretrained"], "embed_dim": report["embed_dim"],
-                           "classes": report["classes"]},
-                 "history": [], "selected_epoch": 0},
+                {"training": {"method": method, "refit_on": "train + val rows of seed 0", **public["config"]},
+                 "cache": run.cache, "history": [], "selected_epoch": 0},
             )
         public["probe_dirs"] = probe_dirs
         public["plots"] = {"accuracy": "accuracy.png", "embeddings": "embeddings.png", "box": {}}
         _plot_accuracy(public, tmp / "accuracy.png")
-        for head, stats in report["_box_stats"].items():
+        for head, stats in run.box_stats.items():
             if stats:
                 file = f"box_volume_{_safe_name(head)}.png"
                 _plot_box_volume(stats, head, tmp / file)
                 public["plots"]["box"][head] = file
-        _plot_embeddings(report, tmp / "embeddings.png", tsne)
+        _plot_embeddings(run.first_train, run.projections, tmp / "embeddings.png", tsne)
         public = _json_ready(public)
         (tmp / "report.json").write_text(json.dumps(public, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(format_markdown(public), encoding="utf-8")

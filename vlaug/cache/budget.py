@@ -70,10 +70,11 @@ class MemoryPlan:
         """Rows to read from disk at a time (see :func:`chunk_rows`)."""
         return chunk_rows(self.budget, self.embed_dim, expansion)
 
-    def streaming_note(self) -> str:
-        """The line a stage prints when it streams."""
-        return (f"streaming {self.n_rows} rows from disk: in memory they would need about {self.need / 2**30:.2f} GiB, "
-                f"more than --memory-budget {self.budget_text} ({self.budget / 2**30:.2f} GiB)")
+    def streaming_note(self, chunk_rows: int, consequence: str = "") -> str:
+        """The line a stage prints when it streams ``chunk_rows`` rows at a time."""
+        return (f"streaming {self.n_rows} rows from disk, {chunk_rows} at a time: in memory they would need about "
+                f"{self.need / 2**30:.2f} GiB, more than --memory-budget {self.budget_text} ({self.budget / 2**30:.2f} GiB)"
+                + (f"; {consequence}" if consequence else ""))
 
     def refusal(self, what: str, instead: str) -> str:
         """The message refusing ``what`` (which needs every row at once) on a streamed cache."""

@@ -15,8 +15,10 @@ from typing import Annotated, List, Optional
 
 import typer
 
+from vlaug import choices
 from vlaug._version import __version__
 from vlaug.errors import VlaugError
+from vlaug.sources import Layout
 
 app = typer.Typer(
     name="vlaug",
@@ -29,23 +31,23 @@ app = typer.Typer(
 )
 
 
-class LayoutChoice(str, Enum):
-    auto = "auto"
-    class_ = "class"
-    domain_class = "domain-class"
-    manifest = "manifest"
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A str Enum of the library's closed choices, so that --help lists them."""
+    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
 
 
-class PrecisionChoice(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+PrecisionChoice = _choices("PrecisionChoice", choices.PRECISIONS)
+DtypeChoice = _choices("DtypeChoice", choices.STORAGE_DTYPES)
+HeadChoice = _choices("HeadChoice", choices.HEAD_KINDS)
+NormChoice = _choices("NormChoice", choices.DR_NORMS)
+DRModeChoice = _choices("DRModeChoice", choices.DR_MODES)
+DegradeChoice = _choices("DegradeChoice", choices.DR_DEGRADES)
+ReweightChoice = _choices("ReweightChoice", choices.REWEIGHTS)
 
 
-class DtypeChoice(str, Enum):
-    float16 = "float16"
-    float32 = "float32"
+def _value(choice):
+    """The string of a choice option (Typer passes an Enum member, or the default as written)."""
+    return choice.value if isinstance(choice, Enum) else choice
 
 
 def _errors_to_exit(fn):
@@ -82,15 +84,15 @@ def embed(
     out: Annotated[Path, typer.Option("--out", "-o", help="Feature cache folder to create, or to resume.")],
     model: Annotated[str, typer.Option(help="open_clip model name (ViT-B-32, coca_ViT-B-32, ...), hf-hub:ORG/REPO or local-dir:PATH.")] = "ViT-B-32",
     pretrained: Annotated[str, typer.Option(help="Pretrained tag (e.g. laion2b_s34b_b79k), a local checkpoint file, or 'none' for random weights.")] = "laion2b_s34b_b79k",
-    layout: Annotated[LayoutChoice, typer.Option(help="Source layout; auto detects folders and manifests.")] = LayoutChoice.auto,
+    layout: Annotated[Layout, typer.Option(help="Source layout; auto detects folders and manifests.")] = Layout.auto,
     classes: Annotated[Optional[Path], typer.Option("--classes", help="Text file, one class per line: the class order.")] = None,
     templates: Annotated[str, typer.Option(help="Class prompt templates: simple (7), openai (80), photo (1), or a file with one template per line.")] = "simple",
     prompt_set: Annotated[Optional[List[str]], typer.Option("--prompt-set", help="Extra named prompt set NAME=TEMPLATE or NAME=@FILE; repeatable, a repeated NAME adds templates.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[PrecisionChoice, typer.Option(help="auto: bf16/fp16 autocast on GPU, fp32 on CPU.")] = PrecisionChoice.auto,
+    precision: Annotated[PrecisionChoice, typer.Option(help="auto: bf16/fp16 autocast on GPU, fp32 on CPU.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     workers: Annotated[int, typer.Option(help="Processes decoding images in parallel with the model; -1 picks from the CPU count.")] = -1,
-    dtype: Annotated[DtypeChoice, typer.Option(help="Storage dtype of the image embeddings.")] = DtypeChoice.float16,
+    dtype: Annotated[DtypeChoice, typer.Option(help="Storage dtype of the image embeddings.")] = "float16",
     part_size: Annotated[int, typer.Option(help="Rows per committed part: the most work an interruption can lose.")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of the random weights with --pretrained none.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache made with other settings.")] = False,
@@ -102,9 +104,9 @@ def embed(
     from vlaug.errors import EmbedFailuresError
 
     config = EmbedConfig(
-        source=str(source), out=str(out), model=model, pretrained=pretrained, layout=layout.value,
+        source=str(source), out=str(out), model=model, pretrained=pretrained, layout=_value(layout),
         classes_file=str(classes) if classes else None, templates=templates, prompt_sets=tuple(prompt_set or ()),
-        device=device, precision=precision.value, batch_size=batch_size, workers=workers, dtype=dtype.value,
+        device=device, precision=_value(precision), batch_size=batch_size, workers=workers, dtype=_value(dtype),
         part_size=part_size, seed=seed, overwrite=overwrite, progress=progress,
     )
     from vlaug.embed import dist_context
@@ -119,27 +121,8 @@ def embed(
             raise EmbedFailuresError(f"--strict: {result.n_failed} input(s) failed.")
 
 
-class HeadChoice(str, Enum):
-    box = "box"
-    dr_sa = "dr-sa"
-    dr_pool = "dr-pool"
-    lads = "lads"
-
-
-class NormChoice(str, Enum):
-    post = "post"
-    pre = "pre"
-
-
-class DRModeChoice(str, Enum):
-    dr = "dr"
-    d = "d"
-    r = "r"
-
-
-class DegradeChoice(str, Enum):
-    attention = "attention"
-    gaussian = "gaussian"
+# train-box options that belong to a head's config: config field -> its flag where the names differ
+HEAD_FLAGS = {"mode": "--dr-mode", "heads": "--attention-heads", "source": "--source-prompts", "targets": "--target-prompts"}
 
 
 @app.command("train-box")
@@ -147,7 +130,7 @@ class DegradeChoice(str, Enum):
 def train_box(
     features: Annotated[Path, typer.Argument(help="Feature cache written by vlaug embed.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Head folder to write (model.safetensors + config.json).")],
-    head: Annotated[HeadChoice, typer.Option(help="box (LARE), dr-sa / dr-pool (LatentDR), lads (baseline).")] = HeadChoice.box,
+    head: Annotated[HeadChoice, typer.Option(help="box (LARE), dr-sa / dr-pool (LatentDR), lads (baseline).")] = "box",
     train_domain: Annotated[Optional[List[str]], typer.Option("--train-domain", help="Train on this domain; repeatable. Default: all.")] = None,
     val_fraction: Annotated[float, typer.Option(help="Stratified part of the training rows whose loss selects the epoch.")] = 0.2,
     epochs: Annotated[Optional[int], typer.Option(help="Default: box 100, dr 100, lads 50.")] = None,
@@ -156,41 +139,38 @@ def train_box(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.01,
     seed: Annotated[int, typer.Option(help="Seeds weights, batch order, validation split and dropout.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    alpha: Annotated[float, typer.Option(help="box: weight of the classification terms; lads: of the domain alignment.")] = 0.5,
-    temperature: Annotated[float, typer.Option(help="box, lads: zero-shot logits are cos / temperature.")] = 0.01,
+    alpha: Annotated[Optional[float], typer.Option(help="box: weight of the classification terms (default 0.5); lads: of the domain alignment (default 0.5).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="box, lads: zero-shot logits are cos / temperature (default 0.01).")] = None,
     hidden: Annotated[Optional[int], typer.Option(help="box: f_Box hidden width (default 2·d); lads: f_aug width (default 384).")] = None,
-    norm: Annotated[NormChoice, typer.Option(help="dr: post-norm (paper eq. 12) or pre-norm (eq. 13, long-tail).")] = NormChoice.post,
-    dr_mode: Annotated[DRModeChoice, typer.Option(help="dr: both terms; d: degradation only; r: restoration only.")] = DRModeChoice.dr,
-    degrade: Annotated[DegradeChoice, typer.Option(help="dr: attention layer, or gaussian noise (ablation).")] = DegradeChoice.attention,
-    heads: Annotated[int, typer.Option(help="dr: attention heads.")] = 4,
-    dim_head: Annotated[int, typer.Option(help="dr: per-head width; 0 = paper default (sa d/4, pool d/32).")] = 0,
-    dim_ff: Annotated[int, typer.Option(help="dr: feed-forward width; 0 = paper default (sa d/4, pool d/8).")] = 0,
-    dropout: Annotated[float, typer.Option(help="dr: dropout of the degradation/restoration layers.")] = 0.5,
-    noise_std: Annotated[float, typer.Option(help="dr with --degrade gaussian: noise σ.")] = 0.1,
-    source_prompts: Annotated[str, typer.Option(help="lads: prompt set of the training domain (e.g. photo).")] = "",
-    target_prompts: Annotated[str, typer.Option(help="lads: comma-separated prompt sets of unseen domains.")] = "",
+    norm: Annotated[Optional[NormChoice], typer.Option(help="dr: post-norm (paper eq. 12, default) or pre-norm (eq. 13, long-tail).")] = None,
+    dr_mode: Annotated[Optional[DRModeChoice], typer.Option(help="dr: both terms (default); d: degradation only; r: restoration only.")] = None,
+    degrade: Annotated[Optional[DegradeChoice], typer.Option(help="dr: attention layer (default), or gaussian noise (ablation).")] = None,
+    attention_heads: Annotated[Optional[int], typer.Option(help="dr: attention heads of each layer (default 4).")] = None,
+    dim_head: Annotated[Optional[int], typer.Option(help="dr: per-head width; default: the paper's (sa d/4, pool d/32).")] = None,
+    dim_ff: Annotated[Optional[int], typer.Option(help="dr: feed-forward width; default: the paper's (sa d/4, pool d/8).")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="dr: dropout of the degradation/restoration layers (default 0.5).")] = None,
+    noise_std: Annotated[Optional[float], typer.Option(help="dr with --degrade gaussian: noise σ (default 0.1).")] = None,
+    source_prompts: Annotated[Optional[str], typer.Option(help="lads: prompt set of the training domain (e.g. photo).")] = None,
+    target_prompts: Annotated[Optional[str], typer.Option(help="lads: comma-separated prompt sets of unseen domains.")] = None,
     memory_budget: Annotated[str, typer.Option(help="Stream the cache from disk when its embeddings need more memory than this (auto: a quarter of the RAM; or e.g. 1.5G).")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing head folder.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ):
     """Train a stage-2 head (LARE box, LatentDR, LADS) on cached embeddings only."""
-    from vlaug.train import TrainConfig, train_head
+    from vlaug.train import TrainConfig, head_config, train_head
 
+    targets = tuple(t.strip() for t in target_prompts.split(",") if t.strip()) if target_prompts is not None else None
+    given = dict(alpha=alpha, temperature=temperature, hidden=hidden, norm=norm, mode=dr_mode, degrade=degrade,
+                 heads=attention_heads, dim_head=dim_head, dim_ff=dim_ff, dropout=dropout, noise_std=noise_std,
+                 source=source_prompts, targets=targets)
+    options = {k: _value(v) for k, v in given.items() if v is not None}
     config = TrainConfig(
-        features=str(features), out=str(out), head=head.value, train_domains=tuple(train_domain or ()),
-        val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
-        device=device, alpha=alpha, temperature=temperature, hidden=hidden, norm=norm.value, dr_mode=dr_mode.value,
-        degrade=degrade.value, heads=heads, dim_head=dim_head, dim_ff=dim_ff, dropout=dropout, noise_std=noise_std,
-        source_prompts=source_prompts, target_prompts=tuple(t.strip() for t in target_prompts.split(",") if t.strip()),
-        memory_budget=memory_budget, overwrite=overwrite, progress=progress,
+        features=str(features), out=str(out), head=head_config(_value(head), options, HEAD_FLAGS),
+        train_domains=tuple(train_domain or ()), val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, seed=seed, device=device, memory_budget=memory_budget, overwrite=overwrite,
+        progress=progress,
     )
     typer.echo(train_head(config).summary())
-
-
-class ReweightChoice(str, Enum):
-    none = "none"
-    groupdro = "groupdro"
-    seed_category = "seed-category"
 
 
 @app.command()
@@ -207,7 +187,7 @@ def probe(
     val_fraction: Annotated[float, typer.Option(help="Validation part of the training rows (selects weight decay and epoch).")] = 0.2,
     shots: Annotated[Optional[int], typer.Option(help="K training images per class (few-shot).")] = None,
     imbalance: Annotated[Optional[str], typer.Option(help="X:N: X % of the classes reduced to N training images.")] = None,
-    reweight: Annotated[ReweightChoice, typer.Option(help="Probe reweighting: none, groupdro, seed-category (pattern imbalance).")] = ReweightChoice.none,
+    reweight: Annotated[ReweightChoice, typer.Option(help="Probe reweighting: none, groupdro, seed-category (pattern imbalance).")] = "none",
     class_weight: Annotated[bool, typer.Option("--class-weight/--no-class-weight", help="Weight rows by inverse class frequency.")] = False,
     grid_size: Annotated[int, typer.Option(help="Weight-decay values, log-spaced from 1e-1 to 1e-6.")] = 8,
     max_iter: Annotated[int, typer.Option(help="L-BFGS iterations per fit.")] = 200,
@@ -224,11 +204,11 @@ def probe(
 
     config = ProbeRunConfig(
         features=str(features), out=str(out), methods=tuple(method), train_domains=tuple(train_domain or ()), seeds=seeds,
-        test_fraction=test_fraction, val_fraction=val_fraction, shots=shots, imbalance=imbalance, reweight=reweight.value,
+        test_fraction=test_fraction, val_fraction=val_fraction, shots=shots, imbalance=imbalance, reweight=_value(reweight),
         grid_size=grid_size, max_iter=max_iter, class_weight=class_weight, device=device, tsne=tsne, overwrite=overwrite,
         memory_budget=memory_budget, progress=progress,
     )
-    report = write_report(out, run_probe(config), tsne=tsne, overwrite=overwrite)
+    report = write_report(out, run_probe(config), tsne=tsne)
     typer.echo(format_table(report))
     typer.echo(f"report: {out / 'report.md'}, {out / 'report.json'}; plots and probes in {out}/")
 

@@ -21,30 +21,41 @@ Where the paper is silent, vlaug chooses (and names the choice in every checkpoi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vlaug.zero_shot import TEMPERATURE, zero_shot_logits
+
 
 @dataclass(frozen=True)
 class BoxConfig:
-    embed_dim: int = 512  # d of the cached embeddings
+    embed_dim: int = 0  # d of the cached embeddings; 0 until bound to a cache (:meth:`bind`)
     hidden: int = 0  # width of f_Box's hidden layer; 0 = 2·embed_dim
     residual: bool = True  # corners = normalise(z + offset), offsets start at 0
     alpha: float = 0.5  # weight of the classification terms against the box volume
-    temperature: float = 0.01  # zero-shot logits = cos / temperature
+    temperature: float = TEMPERATURE  # zero-shot logits = cos / temperature
+
+    # the paper's training schedule (vlaug train-box --epochs / --batch-size override it)
+    EPOCHS: ClassVar[int] = 100
+    BATCH_SIZE: ClassVar[int] = 512
 
     def __post_init__(self):
-        if self.embed_dim < 1 or self.hidden < 0:
-            raise ValueError(f"embed_dim == {self.embed_dim} must be >= 1, hidden == {self.hidden} >= 0.")
-        if self.hidden == 0:  # resolved here so that checkpoints record the real width
+        if self.embed_dim < 0 or self.hidden < 0:
+            raise ValueError(f"embed_dim == {self.embed_dim} and hidden == {self.hidden}, must be >= 0.")
+        if self.hidden == 0 and self.embed_dim:  # resolved here so that checkpoints record the real width
             object.__setattr__(self, "hidden", 2 * self.embed_dim)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha == {self.alpha}, must be in [0, 1].")
         if self.temperature <= 0:
             raise ValueError(f"temperature == {self.temperature}, must be > 0.")
+
+    def bind(self, embed_dim: int, n_classes: int) -> "BoxConfig":
+        """This config for a cache of ``embed_dim``-d embeddings (defaults resolved)."""
+        return replace(self, embed_dim=embed_dim)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +74,8 @@ class BoxHead(nn.Module):
 
     def __init__(self, config: BoxConfig):
         super().__init__()
+        if config.embed_dim < 1:
+            raise ValueError("BoxConfig.embed_dim == 0: bind the config to a cache first (config.bind(embed_dim, n_classes)).")
         self.config = config
         d = config.embed_dim
         self.net = nn.Sequential(nn.Linear(d, config.hidden), nn.GELU(), nn.Linear(config.hidden, 2 * d))
@@ -80,11 +93,6 @@ class BoxHead(nn.Module):
         return F.normalize(lo, dim=-1), F.normalize(hi, dim=-1)
 
 
-def zero_shot_logits(x: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cosine similarity of (n, d) points with (C, d) class text embeddings, / temperature."""
-    return F.normalize(x, dim=-1) @ F.normalize(text, dim=-1).T / temperature
-
-
 def box_center(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """(lo + hi) / 2, re-normalised."""
     return F.normalize((lo + hi) / 2, dim=-1)
@@ -96,7 +104,7 @@ def box_loss(
     text: torch.Tensor,
     labels: torch.Tensor,
     alpha: float = 0.5,
-    temperature: float = 0.01,
+    temperature: float = TEMPERATURE,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """LARE's loss (1-α)·L_BV + α·(L_CC⁻ + L_CC⁺ + L_CC)/3, averaged over the batch.
 

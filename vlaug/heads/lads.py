@@ -13,32 +13,43 @@ the box head.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlaug.heads.box import zero_shot_logits
+from vlaug.zero_shot import TEMPERATURE, zero_shot_logits
 
 
 @dataclass(frozen=True)
 class LADSConfig:
-    embed_dim: int = 512  # d of the cached embeddings
+    embed_dim: int = 0  # d of the cached embeddings; 0 until bound to a cache (:meth:`bind`)
     targets: tuple[str, ...] = field(default_factory=tuple)  # target prompt set names, one f_aug each
     source: str = ""  # source prompt set name
     hidden: int = 384  # width of each f_aug
     alpha: float = 0.5  # weight of the domain-alignment term
-    temperature: float = 0.01  # logits = cos / temperature in the class-consistency term
+    temperature: float = TEMPERATURE  # logits = cos / temperature in the class-consistency term
+
+    # the paper's training schedule (vlaug train-box --epochs / --batch-size override it)
+    EPOCHS: ClassVar[int] = 50
+    BATCH_SIZE: ClassVar[int] = 256
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
         if not self.targets:
             raise ValueError("targets is empty: LADS needs at least one target prompt set.")
+        if not self.source:
+            raise ValueError("source is empty: LADS needs the prompt set of the training domain.")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha == {self.alpha}, must be in [0, 1].")
         if self.temperature <= 0 or self.hidden < 1:
             raise ValueError(f"temperature == {self.temperature} must be > 0 and hidden == {self.hidden} >= 1.")
+
+    def bind(self, embed_dim: int, n_classes: int) -> "LADSConfig":
+        """This config for a cache of ``embed_dim``-d embeddings."""
+        return replace(self, embed_dim=embed_dim)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -59,6 +70,8 @@ class LADSHead(nn.Module):
 
     def __init__(self, config: LADSConfig):
         super().__init__()
+        if config.embed_dim < 1:
+            raise ValueError("LADSConfig.embed_dim == 0: bind the config to a cache first (config.bind(embed_dim, n_classes)).")
         self.config = config
         d = config.embed_dim
         self.nets = nn.ModuleList(
@@ -81,7 +94,7 @@ def lads_loss(
     directions: torch.Tensor,
     labels: torch.Tensor,
     alpha: float = 0.5,
-    temperature: float = 0.01,
+    temperature: float = TEMPERATURE,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """LADS's loss averaged over the K targets.
 

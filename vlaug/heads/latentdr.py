@@ -21,21 +21,22 @@ which the training stage seeds once.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vlaug.choices import DR_DEGRADES, DR_MODES, DR_NORMS
+
 KINDS = ("sa", "pool")
-MODES = ("dr", "d", "r")
-DEGRADES = ("attention", "gaussian")
-NORMS = ("post", "pre")
+MODES, DEGRADES, NORMS = DR_MODES, DR_DEGRADES, DR_NORMS
 
 
 @dataclass(frozen=True)
 class LatentDRConfig:
-    embed_dim: int = 512  # d of the cached embeddings
+    embed_dim: int = 0  # d of the cached embeddings; 0 until bound to a cache (:meth:`bind`)
     n_classes: int = 2  # classes of the shared classifier g
     kind: str = "sa"  # sa: self-attention degradation | pool: random-subset average pooling
     heads: int = 4  # attention heads (the paper does not say)
@@ -48,22 +49,32 @@ class LatentDRConfig:
     noise_std: float = 0.1  # σ of the gaussian degradation
     pool_fraction: float = 0.5  # pool: probability that another sample joins the average
 
+    # vlaug's training schedule (the paper trains end to end with the backbone)
+    EPOCHS: ClassVar[int] = 100
+    BATCH_SIZE: ClassVar[int] = 256
+
     def __post_init__(self):
         for name, value, allowed in (("kind", self.kind, KINDS), ("mode", self.mode, MODES),
                                      ("degrade", self.degrade, DEGRADES), ("norm", self.norm, NORMS)):
             if value not in allowed:
                 raise ValueError(f"{name} == {value!r}, must be one of {allowed}.")
-        if self.embed_dim < 1 or self.n_classes < 2 or self.heads < 1:
+        if self.embed_dim < 0 or self.n_classes < 2 or self.heads < 1:
             raise ValueError(f"embed_dim == {self.embed_dim}, n_classes == {self.n_classes}, heads == {self.heads}; "
-                             "need embed_dim >= 1, n_classes >= 2, heads >= 1.")
+                             "need embed_dim >= 0, n_classes >= 2, heads >= 1.")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 < self.pool_fraction <= 1.0 or self.noise_std < 0:
             raise ValueError(f"dropout == {self.dropout} must be in [0, 1), pool_fraction == {self.pool_fraction} "
                              f"in (0, 1], noise_std == {self.noise_std} >= 0.")
         d = self.embed_dim
+        if not d:
+            return  # unbound: the paper's widths are resolved once d is known
         if self.dim_head == 0:  # resolve the paper's defaults so checkpoints record real values
             object.__setattr__(self, "dim_head", max(1, d // 4 if self.kind == "sa" else d // 32))
         if self.dim_ff == 0:
             object.__setattr__(self, "dim_ff", max(1, d // 4 if self.kind == "sa" else d // 8))
+
+    def bind(self, embed_dim: int, n_classes: int) -> "LatentDRConfig":
+        """This config for a cache of ``embed_dim``-d embeddings and ``n_classes`` classes (g has at least 2)."""
+        return replace(self, embed_dim=embed_dim, n_classes=max(2, n_classes))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,6 +161,8 @@ class LatentDR(nn.Module):
 
     def __init__(self, config: LatentDRConfig):
         super().__init__()
+        if config.embed_dim < 1:
+            raise ValueError("LatentDRConfig.embed_dim == 0: bind the config to a cache first (config.bind(embed_dim, n_classes)).")
         self.config = c = config
         d = c.embed_dim
         if c.mode in ("dr", "d") and c.degrade == "attention":

@@ -1,0 +1,142 @@
+"""Augmenting methods: the linear probe on the training rows plus sampled rows.
+
+``box``, ``dr`` and ``lads`` sample from a head trained by ``vlaug train-box``; ``gaussian``,
+``mixup`` and ``xdomain-mix`` need no head. Each adds its rows block by block with the
+block's own generator (:meth:`ProbeMethod.blocks`), so a streamed cache gives the same
+rows on every pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vlaug import augment
+from vlaug.methods import register
+from vlaug.methods.base import EnsembleOptions, check_positive
+from vlaug.methods.linear import ProbeMethod
+
+
+@dataclass(frozen=True)
+class AugmentOptions(EnsembleOptions):
+    n_aug: int = 1  # sampled rows per training row
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive(self, "n_aug")
+
+
+@dataclass(frozen=True)
+class BoxOptions(AugmentOptions):
+    n_aug: int = 5  # samples per box (LARE: 3 for CIFAR-100, 5 for CUB, 40 for DomainNet)
+
+
+@register
+class Box(ProbeMethod):
+    name = "box"
+    summary = "LARE: the probe on the training rows plus n_aug uniform samples inside each row's box (a box head)"
+    Options = BoxOptions
+    head_kinds = ("box",)
+
+    def extra_rows(self):
+        return self.options.n_aug
+
+    def augment(self, data, x, y, dom, generator):
+        head = data.heads[self.head].module.to(data.device)
+        return augment.box_samples(head, x, F.one_hot(y, data.n_classes).float(), self.options.n_aug, generator)
+
+
+@register
+class DR(ProbeMethod):
+    name = "dr"
+    summary = "LatentDR: the probe on the training rows plus degraded (soft labels) and restored rows from a dr head"
+    Options = AugmentOptions
+    head_kinds = ("dr-sa", "dr-pool")
+
+    def extra_rows(self):
+        return 2 * self.options.n_aug  # a degraded and a restored row per row and shuffle
+
+    def augment(self, data, x, y, dom, generator):
+        module = data.heads[self.head].module.to(data.device)
+        with torch.random.fork_rng(devices=[]):  # dropout draws from the global generator
+            torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+            return augment.dr_samples(module, x, y, self.options.n_aug, generator=generator)
+
+
+@register
+class LADS(ProbeMethod):
+    name = "lads"
+    summary = "LADS: the probe on the training rows plus one row per target domain from a lads head"
+    head_kinds = ("lads",)
+
+    def extra_rows(self):
+        return 8  # one per target domain; chunks are sized for up to 8
+
+    def augment(self, data, x, y, dom, generator):
+        head = data.heads[self.head].module.to(data.device)
+        return augment.lads_samples(head, x, F.one_hot(y, data.n_classes).float())
+
+
+@dataclass(frozen=True)
+class GaussianOptions(AugmentOptions):
+    sigma: float = 0.1  # noise norm: x + ε, ε ~ N(0, σ²/d · I)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.sigma > 0:
+            raise ValueError(f"sigma == {self.sigma}, must be > 0.")
+
+
+@register
+class Gaussian(ProbeMethod):
+    name = "gaussian"
+    summary = "the probe on the training rows plus n_aug noisy copies (x + ε, re-normalised)"
+    Options = GaussianOptions
+
+    def extra_rows(self):
+        return self.options.n_aug
+
+    def augment(self, data, x, y, dom, generator):
+        o = self.options
+        return augment.gaussian_noise(x, F.one_hot(y, data.n_classes).float(), o.n_aug, o.sigma, generator)
+
+
+@dataclass(frozen=True)
+class MixupOptions(AugmentOptions):
+    alpha: float = 0.2  # λ ~ Beta(α, α)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.alpha > 0:
+            raise ValueError(f"alpha == {self.alpha}, must be > 0.")
+
+
+@register
+class Mixup(ProbeMethod):
+    name = "mixup"
+    summary = "latent Mixup: the probe on the training rows plus n_aug mixes of random pairs (targets mixed alike)"
+    Options = MixupOptions
+    streams = False  # pairs across the whole training set
+
+    def extra_rows(self):
+        return self.options.n_aug
+
+    def augment(self, data, x, y, dom, generator):
+        o = self.options
+        return augment.latent_mixup(x, F.one_hot(y, data.n_classes).float(), o.n_aug, o.alpha, generator)
+
+
+@register
+class CrossDomainMix(ProbeMethod):
+    name = "xdomain-mix"
+    summary = "latent CDGA: the probe on the training rows plus mixes with same-class rows of other training domains"
+    Options = AugmentOptions
+    streams = False  # partners across the whole training set
+
+    def extra_rows(self):
+        return self.options.n_aug
+
+    def augment(self, data, x, y, dom, generator):
+        return augment.cross_domain_mix(x, F.one_hot(y, data.n_classes).float(), y, dom, self.options.n_aug, generator)

@@ -1,0 +1,189 @@
+"""What a stage-3 method is, and the data every method of a run shares.
+
+A method is one subclass of :class:`Method`, registered with
+:func:`vlaug.methods.register`: its name, the head kinds it needs, its typed
+:class:`Options` (defaults and checks), whether it can train on a cache streamed from
+disk, how many extra rows it adds per training row, and how it trains (:meth:`Method.fit`)
+and refits at the chosen hyperparameters (:meth:`Method.refit`). Every method returns a
+linear classifier ``x W + b`` (a :class:`~vlaug.probe.LinearProbe`), so that all of them
+are scored, ensembled and saved the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
+from urllib.parse import parse_qsl
+
+import numpy as np
+import torch
+
+from vlaug.cache import FeatureCache, take_rows
+from vlaug.errors import UsageError
+from vlaug.probe import LinearProbe, ProbeConfig
+from vlaug.zero_shot import TEMPERATURE
+
+if TYPE_CHECKING:  # imported for annotations only: evaluate imports this package
+    from vlaug.checkpoint import Checkpoint
+    from vlaug.evaluate import ProbeRunConfig
+    from vlaug.protocols import Splits
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+@dataclass(frozen=True)
+class Options:
+    """A method's options. Subclasses add fields, each with a default and a comment, and
+    check their values in ``__post_init__`` (raising ValueError with the observed value)."""
+
+    @classmethod
+    def parse(cls, query: str, where: str) -> "Options":
+        """Options from a query string such as ``n_aug=40&ensemble=0.7`` (``where`` names
+        the method spec in errors); unknown keys and bad values are UsageErrors."""
+        defaults = {f.name: f.default for f in fields(cls)}
+        values = {}
+        for key, text in parse_qsl(query, keep_blank_values=True):
+            if key not in defaults:
+                raise UsageError(f"--method {where!r}: unknown option {key!r}; it takes {sorted(defaults) or 'none'}.")
+            kind = type(defaults[key])
+            try:
+                values[key] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
+            except ValueError:
+                raise UsageError(f"--method {where!r}: option {key}={text!r} must be {_TYPE_NAMES.get(kind, kind.__name__)}.") from None
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise UsageError(f"--method {where!r}: {e}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EnsembleOptions(Options):
+    """Options of every method that trains a probe: the zero-shot ensemble weight."""
+
+    ensemble: float = 0.0  # weight of the zero-shot probabilities mixed into the probe's (0: the probe alone)
+
+    def __post_init__(self):
+        if not 0.0 <= self.ensemble <= 1.0:
+            raise ValueError(f"ensemble == {self.ensemble}, must be in [0, 1].")
+
+
+def check_positive(options: Options, *names: str, minimum: float = 1) -> None:
+    """Raise ValueError unless every option in ``names`` is >= ``minimum``."""
+    for name in names:
+        value = getattr(options, name)
+        if value < minimum:
+            raise ValueError(f"{name} == {value}, must be >= {minimum}.")
+
+
+@dataclass
+class Fit:
+    """One trained method: the linear classifier and what its selection chose."""
+
+    W: torch.Tensor  # (d, C)
+    b: torch.Tensor  # (C,)
+    selection: dict = field(default_factory=dict)  # the chosen hyperparameters (JSON-ready); refit() takes them back
+    search: list[dict] = field(default_factory=list)  # every candidate the selection tried
+
+
+@dataclass
+class RunData:
+    """What every method of a run shares: the cache's rows (in memory, or streamed from
+    disk chunk by chunk), labels, domains, class prompts and the trained heads."""
+
+    feats: FeatureCache  # without embeddings when streamed
+    x: torch.Tensor | None  # (n, d) on the device; None: streamed from disk
+    y: torch.Tensor  # (n,)
+    dom: torch.Tensor  # (n,) domain index
+    text: torch.Tensor  # (C, d) class prompt ensemble
+    heads: dict[str, "Checkpoint"]  # head path -> checkpoint
+    config: "ProbeRunConfig"
+    device: torch.device
+    chunks: Callable[[], Iterator[tuple[int, np.ndarray]]] | None = None  # the cache read from disk (streamed)
+    passes: int = 0  # reads of the cache from disk so far (streamed)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.feats.classes)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.feats.manifest.embed_dim
+
+    def rows(self, rows: np.ndarray) -> torch.Tensor:
+        """Row indices as a tensor on the device."""
+        return torch.as_tensor(rows, device=self.device)
+
+    def stream(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """The embeddings of ``rows`` as ``(positions in rows, (m, d) tensor)`` blocks: one
+        block in memory, one per chunk read from disk when streamed (in cache order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.x is not None:
+            yield np.arange(len(rows)), self.x[self.rows(rows)]
+            return
+        self.passes += 1
+        for pos, emb in take_rows(self.chunks(), rows):
+            yield pos, torch.as_tensor(emb, device=self.device)
+
+    def gather(self, rows: np.ndarray) -> torch.Tensor:
+        """The embeddings of ``rows`` in their order, in memory (for samples of rows)."""
+        out = torch.empty((len(rows), self.embed_dim), device=self.device)
+        for pos, x in self.stream(rows):
+            out[torch.as_tensor(pos, device=self.device)] = x
+        return out
+
+    def make_probe(self, W: torch.Tensor, b: torch.Tensor, ensemble: float = 0.0) -> LinearProbe:
+        """A probe with weights ``W`` (d, C), bias ``b`` and the class prompts for its ensemble."""
+        probe = LinearProbe(ProbeConfig(self.embed_dim, self.n_classes, ensemble, TEMPERATURE))
+        with torch.no_grad():
+            probe.linear.weight.copy_(W.T.cpu())
+            probe.linear.bias.copy_(b.cpu())
+            probe.text.copy_(self.text.cpu())
+        return probe.to(self.device).eval()
+
+
+class Method:
+    """A stage-3 method: subclass it, set the class attributes, implement :meth:`fit` and
+    :meth:`refit`, and register it with :func:`vlaug.methods.register`.
+
+    An instance is one ``--method`` spec: ``NAME[:HEAD_DIR][?key=value&...]``.
+    """
+
+    name: ClassVar[str]  # what users write in --method
+    summary: ClassVar[str] = ""  # one line for the method list
+    Options: ClassVar[type[Options]] = Options  # its options (a frozen dataclass)
+    head_kinds: ClassVar[tuple[str, ...]] = ()  # kinds of trained head it needs (vlaug train-box); () for none
+    streams: ClassVar[bool] = True  # whether it can train on a cache streamed from disk
+
+    def __init__(self, text: str, head: str = "", options: Options | None = None):
+        self.text = text  # as the user wrote it: the method's name in reports
+        self.head = head  # head directory (methods that need a head)
+        self.options = options if options is not None else self.Options()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.text!r})"
+
+    @property
+    def ensemble(self) -> float:
+        return getattr(self.options, "ensemble", 0.0)
+
+    def extra_rows(self) -> int:
+        """How many rows the method adds per training row (sizes the streamed chunks); 0 for
+        methods that add none."""
+        return 0
+
+    def augment(self, data: RunData, x: torch.Tensor, y: torch.Tensor, dom: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The extra training rows ``(x, soft targets)`` the method adds to rows ``x`` with
+        labels ``y`` and domain indices ``dom``; None when it adds none."""
+        return None
+
+    def fit(self, data: RunData, splits: "Splits", seed: int) -> Fit:
+        """Train on ``splits.train``, selecting hyperparameters on ``splits.val``."""
+        raise NotImplementedError
+
+    def refit(self, data: RunData, rows: np.ndarray, seed: int, selection: dict) -> Fit:
+        """Train on ``rows`` (train + val) at the hyperparameters ``selection`` chose."""
+        raise NotImplementedError

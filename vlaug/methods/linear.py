@@ -1,0 +1,177 @@
+"""Probe methods: a linear probe fitted by L-BFGS with its weight decay chosen on
+validation rows (:class:`ProbeMethod`), on the training rows alone (``linear``), anchored
+at the zero-shot classifier (``linear-zs``), or on the training rows plus the extra rows an
+augmenting method adds (:mod:`vlaug.methods.augmenting`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlaug.methods import register
+from vlaug.methods.base import EnsembleOptions, Fit, Method, RunData
+from vlaug.probe import Rows, as_labels, fit_probe, fit_reweighted, select_weight_decay, weight_decay_grid
+from vlaug.zero_shot import TEMPERATURE
+
+# --reweight: the update rule's step and schedule (Mei et al.'s η; q updated every t0
+# L-BFGS iterations for this many rounds)
+REWEIGHT_SCHEDULE = {"eta": 0.01, "t0": 10, "rounds": 10}
+
+
+def block_generator(seed: int, block: int) -> torch.Generator:
+    """The generator of block ``block``'s augmentations under ``seed``."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, block]).generate_state(1)[0]))
+
+
+class ProbeMethod(Method):
+    """The linear probe on the training rows plus the rows :meth:`augment` adds.
+
+    Every row weighs 1/N (or, with --class-weight, inversely to its class's count,
+    normalised to sum 1). The weight decay is chosen from the run's grid on validation
+    accuracy; the refit uses the chosen value on train + validation rows.
+    """
+
+    Options: ClassVar = EnsembleOptions
+
+    def start(self, data: RunData) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+        """The fit's initial weights and the weights it is regularised towards (None: zeros)."""
+        return None, None
+
+    def finish(self, W: torch.Tensor, b: torch.Tensor, anchor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The classifier kept once the fit is done."""
+        return W, b
+
+    def fit(self, data, splits, seed) -> Fit:
+        train = np.asarray(splits.train)
+        rows = self.training_rows(data, train, seed)
+        init, anchor = self.start(data)
+        cfg = data.config
+        best, search = select_weight_decay(rows, labelled_rows(data, np.asarray(splits.val)),
+                                           weight_decay_grid(cfg.grid_size), cfg.max_iter, init, anchor)
+        selection = {"weight_decay": best["weight_decay"], "iterations": best["iterations"],
+                     "val_accuracy": best["val_accuracy"]}
+        W, b = self._reweighted(data, rows, train, best["W"], best["b"], selection)
+        selection["n_train_rows"] = rows.n_rows
+        return Fit(*self.finish(W, b, anchor), selection, search)
+
+    def refit(self, data, rows, seed, selection) -> Fit:
+        train_rows = self.training_rows(data, rows, seed)
+        init, anchor = self.start(data)
+        W, b, _ = fit_probe(train_rows, selection["weight_decay"], data.config.max_iter, init=init, regularize_towards=anchor)
+        chosen = {k: v for k, v in selection.items() if k != "reweight"}
+        W, b = self._reweighted(data, train_rows, rows, W, b, chosen)
+        return Fit(*self.finish(W, b, anchor), chosen)
+
+    def _reweighted(self, data: RunData, rows: Rows, train: np.ndarray, W, b, selection: dict):
+        """With --reweight (in memory only: prepare refuses it for a streamed cache), the
+        reweighted probe at the chosen weight decay; else ``W``, ``b``."""
+        scheme = data.config.reweight
+        if scheme == "none":
+            return W, b
+        x, t, hard = materialize(rows)
+        dom = data.dom[data.rows(train)] if not self.extra_rows() else None  # extras have no domain
+        W, b, rw = fit_reweighted(x, t, hard, selection["weight_decay"], scheme, dom, **REWEIGHT_SCHEDULE)
+        selection["reweight"] = {"scheme": scheme, **REWEIGHT_SCHEDULE, **rw}
+        return W, b
+
+    def blocks(self, data: RunData, rows: np.ndarray, seed: int):
+        """Training rows ``rows`` block by block with the method's extras: ``(x, labels, extra)``,
+        ``extra`` = (x, soft targets) or None. Block k draws its augmentations from its own
+        generator (seeded by (seed, k)), so every pass over a streamed cache sees the same rows."""
+        for k, (pos, x) in enumerate(data.stream(rows)):
+            r = data.rows(rows[pos])
+            yield x, data.y[r], self.augment(data, x, data.y[r], data.dom[r], block_generator(seed, k))
+
+    def training_rows(self, data: RunData, rows: np.ndarray, seed: int) -> Rows:
+        """The probe's training set: ``rows`` plus the method's extras, weighted. In memory
+        the set is built once; streamed, it is rebuilt (same seeds, same rows) on every pass."""
+
+        def unweighted():
+            for x, y, extra in self.blocks(data, rows, seed):
+                yield x, y
+                if extra is not None:
+                    yield extra[0], as_labels(extra[1])
+
+        def hard(t):
+            return t if t.dim() == 1 else t.argmax(1)
+
+        c = data.n_classes
+        if data.x is not None:
+            built = list(unweighted())
+            unweighted = lambda: built  # noqa: E731
+        if not self.extra_rows():
+            counts = torch.bincount(data.y[data.rows(rows)], minlength=c).float()
+        else:  # labels of the extras: one more pass when streamed
+            counts = sum((torch.bincount(hard(t), minlength=c).float() for _, t in unweighted()),
+                         torch.zeros(c, device=data.device))
+        n = int(counts.sum())
+        if data.config.class_weight:
+            per_class = 1.0 / (counts.clamp(min=1) * int((counts > 0).sum()))
+        else:
+            per_class = torch.full((c,), 1.0 / max(1, n), device=data.device)
+
+        def weighted():
+            for x, t in unweighted():
+                yield x, t, per_class[hard(t)]
+
+        return Rows(weighted, data.embed_dim, c, n, data.device)
+
+
+def labelled_rows(data: RunData, rows: np.ndarray) -> Rows:
+    """Rows with their labels (validation rows: the probe's accuracy is read off them);
+    built once in memory, read again on every pass when streamed."""
+
+    def blocks():
+        for pos, x in data.stream(rows):
+            yield x, data.y[data.rows(rows[pos])], None
+
+    if data.x is not None:
+        built = list(blocks())
+        blocks = lambda: built  # noqa: E731
+    return Rows(blocks, data.embed_dim, data.n_classes, len(rows), data.device)
+
+
+def materialize(rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, soft targets, hard labels) of in-memory rows, concatenated."""
+    xs, ts = [], []
+    for x, t, _ in rows.blocks():
+        xs.append(x)
+        ts.append(F.one_hot(t, rows.n_classes).float() if t.dim() == 1 else t)
+    t = torch.cat(ts)
+    return torch.cat(xs), t, t.argmax(1)
+
+
+@register
+class Linear(ProbeMethod):
+    name = "linear"
+    summary = "linear probe on the training rows (multinomial logistic regression, weight decay chosen on validation)"
+
+
+@dataclass(frozen=True)
+class LinearZSOptions(EnsembleOptions):
+    wise: float = 0.5  # WiSE-FT mix: W = (1 - wise)·zero-shot + wise·fitted (0: zero-shot, 1: the fitted probe)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.wise <= 1.0:
+            raise ValueError(f"wise == {self.wise}, must be in [0, 1].")
+
+
+@register
+class LinearZS(ProbeMethod):
+    name = "linear-zs"
+    summary = "linear probe started from, and regularised towards, the zero-shot classifier; WiSE-style mix"
+    Options = LinearZSOptions
+
+    def start(self, data):
+        anchor = data.text.T / TEMPERATURE
+        return (anchor, torch.zeros(data.n_classes, device=data.device)), anchor
+
+    def finish(self, W, b, anchor):
+        lam = self.options.wise
+        return (1 - lam) * anchor + lam * W, lam * b

@@ -1,0 +1,21 @@
+"""Zero-shot classification with the class prompt ensemble: no training."""
+
+from __future__ import annotations
+
+import torch
+
+from vlaug.methods import register
+from vlaug.methods.base import Fit, Method
+from vlaug.zero_shot import TEMPERATURE
+
+
+@register
+class ZeroShot(Method):
+    name = "zero-shot"
+    summary = "zero-shot: cosine similarity with the class prompts (no training)"
+
+    def fit(self, data, splits, seed):
+        return Fit(data.text.T / TEMPERATURE, torch.zeros(data.n_classes, device=data.device))
+
+    def refit(self, data, rows, seed, selection):
+        return self.fit(data, None, seed)
