@@ -1,6 +1,6 @@
 """Where the time goes in stages 2 and 3: an operator profile of each hot loop.
 
-  train-box: one epoch of `vlaug.train.fit` on the box head (in memory);
+  train-box: one epoch of `vlaug.loop.fit` on the box head (in memory);
   probe:     `vlaug.probe.fit_probe`, one weight decay, in memory;
   streamed:  one pass of the probe's objective over a cache read from disk (what every
              L-BFGS evaluation costs when the cache is larger than --memory-budget): its
@@ -37,7 +37,7 @@ from vlaug.cache.read import embeddings_to_numpy  # noqa: E402
 from vlaug.devices import resolve_device  # noqa: E402
 from vlaug.heads import BoxConfig, BoxHead, box_loss  # noqa: E402
 from vlaug.probe import Rows, fit_probe, probe_objective  # noqa: E402
-from vlaug.train import fit  # noqa: E402
+from vlaug.loop import fit  # noqa: E402
 
 
 def profile(fn, top: int = 6) -> dict:
@@ -129,12 +129,12 @@ def main(argv=None) -> dict:
     x, y, text = synthetic(args.n, args.d, args.classes, dev)
     torch.manual_seed(0)
 
-    head = BoxHead(BoxConfig(embed_dim=args.d)).to(dev)
+    head = BoxHead(BoxConfig().bind(args.d, args.classes)).to(dev)
     loss = lambda m, xb, yb: box_loss(*m(xb), text, yb)  # noqa: E731
     split = int(0.8 * args.n)
-    fit(head, loss, x[:2048], y[:2048], x[:0], y[:0], 1, 512)  # warm-up
-    box = profile(lambda: fit(head, loss, x[:split], y[:split], x[split:], y[split:], 1, 512,
-                              generator=torch.Generator().manual_seed(0)))
+    fit(head, loss, x_train=x[:2048], y_train=y[:2048], x_val=x[:0], y_val=y[:0], epochs=1, batch_size=512)  # warm-up
+    box = profile(lambda: fit(head, loss, x_train=x[:split], y_train=y[:split], x_val=x[split:], y_val=y[split:],
+                              epochs=1, batch_size=512, generator=torch.Generator().manual_seed(0)))
 
     rows = Rows.of(x[:split], y[:split], n_classes=args.classes)
     fit_probe(Rows.of(x[:1000], y[:1000], n_classes=args.classes), 1e-3, max_iter=10)  # warm-up

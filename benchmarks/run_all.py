@@ -73,7 +73,7 @@ to 0.95 here, with bit-identical embeddings. Single runs vary by about ±5 % on 
 NOTES_TRAIN = """\
 Each head on a synthetic cache, same model, loss, AdamW settings and batch size (each
 head's default). reference: a `DataLoader` over a `TensorDataset` (shuffle=True); vlaug:
-`vlaug.train.fit`, which keeps the tensors on the device and slices batches from a seeded
+`vlaug.loop.fit`, which keeps the tensors on the device and slices batches from a seeded
 permutation. On a CPU every head is bound by its own arithmetic, so removing the
 DataLoader's per-sample indexing and collation buys 0-30 %, and single one-epoch runs
 vary a lot on a shared VM (dr-pool measured 1.19, 0.89, then 1.12 and 1.11 over two

@@ -4,7 +4,7 @@ For each head (box, dr-sa, dr-pool, lads) on a synthetic 50,000 x 512 cache with
 classes, one process, same model, loss, optimiser and batch size:
   reference: a torch DataLoader over a TensorDataset (shuffle=True), the loop most
              research code writes;
-  vlaug:     vlaug.train.fit (tensors stay on the device, batches sliced from a seeded
+  vlaug:     vlaug.loop.fit (tensors stay on the device, batches sliced from a seeded
              permutation; it also computes the validation loss, here on 0 rows).
 Reports training samples per second and the ratio vlaug / reference.
 
@@ -24,7 +24,9 @@ import torch
 
 from vlaug.cache import CacheManifest, FeatureCache
 from vlaug.devices import resolve_device
-from vlaug.train import HEAD_DEFAULTS, TrainConfig, build_training, fit
+from vlaug.heads import make_head_config
+from vlaug.loop import fit
+from vlaug.train import build_training
 
 
 def synthetic_cache(n: int, d: int, n_classes: int, seed: int = 0) -> FeatureCache:
@@ -53,24 +55,25 @@ def reference_loop(module, loss_fn, x, y, epochs, batch_size, lr, weight_decay):
 
 
 def time_head(head: str, feats: FeatureCache, device: torch.device, epochs: int) -> dict:
-    config = TrainConfig(head=head, source_prompts="photo", target_prompts=("sketch",), device=str(device))
-    batch_size = HEAD_DEFAULTS[head]["batch_size"]
+    options = {"source": "photo", "targets": ("sketch",)} if head == "lads" else {}
+    config = make_head_config(head, **options).bind(feats.manifest.embed_dim, len(feats.classes))
+    batch_size, lr, weight_decay = config.BATCH_SIZE, 1e-3, 0.01  # vlaug train-box's defaults
     x = torch.as_tensor(feats.embeddings, device=device)
     y = torch.as_tensor(feats.labels, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = {"head": head, "batch_size": batch_size}
     for name in ("reference", "vlaug"):
         torch.manual_seed(0)
-        module, loss_fn = build_training(config, feats, device)
+        module, loss_fn = build_training(config, feats.texts, device)
         # warm-up step outside the timing
         loss_fn(module, x[:batch_size], y[:batch_size])[0].backward()
         sync()
         start = time.perf_counter()
         if name == "reference":
-            reference_loop(module, loss_fn, x, y, epochs, batch_size, config.lr, config.weight_decay)
+            reference_loop(module, loss_fn, x, y, epochs, batch_size, lr, weight_decay)
         else:
-            fit(module, loss_fn, x, y, x[:0], y[:0], epochs, batch_size, config.lr, config.weight_decay,
-                torch.Generator().manual_seed(0))
+            fit(module, loss_fn, x_train=x, y_train=y, x_val=x[:0], y_val=y[:0], epochs=epochs, batch_size=batch_size,
+                lr=lr, weight_decay=weight_decay, generator=torch.Generator().manual_seed(0))
         sync()
         out[f"{name}_samples_per_s"] = epochs * len(x) / (time.perf_counter() - start)
     out["ratio"] = out["vlaug_samples_per_s"] / out["reference_samples_per_s"]

@@ -161,11 +161,21 @@ def test_streamed_read_of_a_damaged_part_is_a_cache_error_and_stops_the_reader(t
 @pytest.mark.parametrize("taken", [0, 1, 3])
 def test_prefetch_stops_whenever_the_caller_does(taken):
     import threading
-    import time
 
-    it = prefetch(iter(range(3)), depth=2)
+    pulled, blocked = [], threading.Event()
+
+    def items():  # tells the test when the reader holds more than the queue takes (or has read everything)
+        for i in range(3):
+            pulled.append(i)
+            if len(pulled) > taken + 2:
+                blocked.set()
+            yield i
+        blocked.set()
+
+    it = prefetch(items(), depth=2)
     assert [next(it) for _ in range(taken)] == list(range(taken))
-    time.sleep(0.3)  # the reader fills the queue, then waits to hand over the rest (or the end)
+    if taken:  # (the reader starts with the first item asked for)
+        assert blocked.wait(timeout=60)  # it filled the queue and waits to hand over the rest (or the end)
     it.close()
     assert not any(t.name == "vlaug-prefetch" for t in threading.enumerate())
     with pytest.raises(ZeroDivisionError):

@@ -3,14 +3,12 @@
 import json
 
 import pyarrow.parquet as pq
-import torch
 import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import write_synthetic_cache
 from vlaug.cli import app
-from vlaug.evaluate import parse_method
-from vlaug.errors import UsageError
+from vlaug.heads import make_head_config
 from vlaug.train import TrainConfig, train_head
 
 runner = CliRunner()
@@ -20,9 +18,9 @@ runner = CliRunner()
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     feats = write_synthetic_cache(root / "feat", n_per_class=25, d=32, n_classes=4)
-    for head, kw in [("box", {}), ("dr-sa", {}), ("lads", {"source_prompts": "photo", "target_prompts": ("sketch",)})]:
-        train_head(TrainConfig(features=str(feats), out=str(root / head), head=head, epochs=5, progress=False,
-                               device="cpu", train_domains=("photo",), **kw))
+    for head, kw in [("box", {}), ("dr-sa", {}), ("lads", {"source": "photo", "targets": ("sketch",)})]:
+        train_head(TrainConfig(features=str(feats), out=str(root / head), head=make_head_config(head, **kw), epochs=5,
+                               progress=False, device="cpu", train_domains=("photo",)))
     return root, feats
 
 
@@ -146,12 +144,6 @@ def test_predict_with_a_saved_probe(setup, tmp_path):
     assert r.exit_code == 2 and "not a probe" in r.stderr
 
 
-def test_parse_method_fills_defaults():
-    spec = parse_method("box:runs/b?n_aug=40&ensemble=0.7")
-    assert (spec.name, spec.head, spec.options) == ("box", "runs/b", {"ensemble": 0.7, "n_aug": 40})
-    assert parse_method("gaussian").options == {"ensemble": 0.0, "n_aug": 1, "sigma": 0.1}
-    with pytest.raises(UsageError, match="must be a int"):
-        parse_method("box:x?n_aug=many")
 
 
 def _saved_probe(report_dir, method):
@@ -175,8 +167,11 @@ def test_streamed_probe_equals_the_in_memory_probe(tmp_path):
         assert a["selection"].get("iterations") == b["selection"].get("iterations")
         for key in ("in_domain", "out_of_domain", "balanced_accuracy"):
             assert a[key] == pytest.approx(b[key], abs=1 / 150)  # at most one test row of 150 differs
+    # the same fit up to the order of float sums: compare at the scale of the weights (a bias near
+    # zero differs by 1e-4 in relative terms; measured: 2e-7 to 1e-4 of the largest weight)
     for k in w_mem:
-        torch.testing.assert_close(w_mem[k], w_disk[k], atol=1e-4, rtol=1e-4)  # measured: 2e-7
+        scale = w_mem["linear.weight"].abs().max()
+        assert (w_mem[k] - w_disk[k]).abs().max() <= 1e-3 * scale, k
 
 
 def test_streamed_augmenting_methods_are_reproducible_and_whole_set_methods_refused(setup, tmp_path):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from vlaug.errors import UsageError
-from vlaug.protocols import check_domains, stratified_split, training_rows
+from vlaug.protocols import check_domains, make_splits, parse_imbalance, stratified_split, training_rows
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -34,3 +34,46 @@ def test_training_rows_follow_domains_and_splits():
     with pytest.raises(UsageError, match="'c' is not in the cache"):
         check_domains(["c"], ["a", "b"])
     assert check_domains([], ["a", "b"]) == ["a", "b"]
+
+
+def _labels_domains(n_per=20, classes=5, domains=("a", "b", "c")):
+    labels = np.array([c for _ in domains for c in range(classes) for _ in range(n_per)])
+    doms = np.array([d for d in domains for _ in range(classes * n_per)])
+    return labels, doms
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("shots, imbalance", [(None, None), (4, None), (None, (40.0, 3)), (6, (60.0, 2))])
+def test_protocols_never_overlap_and_count_exactly(seed, shots, imbalance):
+    labels, doms = _labels_domains()
+    s = make_splits(labels, doms, np.array([""] * len(labels)), ["a"], seed, 0.2, 0.2, shots, imbalance)
+    parts = [s.train, s.val, s.test_in, s.test_out]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert len(np.intersect1d(parts[i], parts[j])) == 0
+    assert set(doms[s.train]) == set(doms[s.val]) == set(doms[s.test_in]) == {"a"}
+    assert set(doms[s.test_out]) == {"b", "c"} and len(s.test_out) == 200
+    counts = np.bincount(labels[s.train], minlength=5)
+    expected = np.full(5, shots if shots else 20 - 4 - 3)  # 4 test, 3 val (20 % of the remaining 16) per class
+    if imbalance:
+        assert len(s.reduced_classes) == round(imbalance[0] / 100 * 5)
+        expected[s.reduced_classes] = imbalance[1]
+    assert counts.tolist() == expected.tolist()
+
+
+def test_cache_splits_are_used():
+    labels, doms = _labels_domains(n_per=10, domains=("a", "b"))
+    splits = np.array((["train"] * 6 + ["val"] * 2 + ["test"] * 2) * 10)
+    s = make_splits(labels, doms, splits, ["a"], 0)
+    assert set(splits[s.train]) == {"train"} and set(splits[s.val]) == {"val"} and set(splits[s.test_in]) == {"test"}
+    assert set(splits[s.test_out]) == {"test"} and set(doms[s.test_out]) == {"b"}
+
+
+def test_protocol_errors():
+    labels, doms = _labels_domains()
+    with pytest.raises(UsageError, match="--shots 50"):
+        make_splits(labels, doms, np.array([""] * len(labels)), ["a"], 0, shots=50, class_names=list("vwxyz"))
+    for bad in ["120:3", "-1:3", "50", "50:0", "x:y"]:
+        with pytest.raises(UsageError, match="--imbalance"):
+            parse_imbalance(bad)
+    assert parse_imbalance("50:10") == (50.0, 10)

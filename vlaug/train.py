@@ -81,10 +81,14 @@ class TrainConfig:
         return self.epochs or self.head.EPOCHS, self.batch_size or self.head.BATCH_SIZE
 
 
-def head_config(kind: str, options: dict, flags: dict[str, str] | None = None) -> HeadConfig:
-    """The config of a ``kind`` head from user options, as a UsageError that names the
-    option (``flags`` maps a config field to its command-line flag) when it is refused."""
-    flag = lambda name: (flags or {}).get(name, "--" + name.replace("_", "-"))  # noqa: E731
+# vlaug train-box's flags for the head options whose config field has another name
+HEAD_FLAGS = {"mode": "--dr-mode", "heads": "--attention-heads", "source": "--source-prompts", "targets": "--target-prompts"}
+
+
+def head_config(kind: str, options: dict) -> HeadConfig:
+    """The config of a ``kind`` head from user options (config fields); a refused option is
+    a UsageError naming its vlaug train-box flag."""
+    flag = lambda name: HEAD_FLAGS.get(name, "--" + name.replace("_", "-"))  # noqa: E731
     if kind not in HEADS:
         raise UsageError(f"--head {kind!r}, must be one of {list(HEADS)}.")
     takes = lambda name: [k for k, (c, _) in HEADS.items() if name in {f.name for f in fields(c)}]  # noqa: E731

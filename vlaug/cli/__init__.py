@@ -121,10 +121,6 @@ def embed(
             raise EmbedFailuresError(f"--strict: {result.n_failed} input(s) failed.")
 
 
-# train-box options that belong to a head's config: config field -> its flag where the names differ
-HEAD_FLAGS = {"mode": "--dr-mode", "heads": "--attention-heads", "source": "--source-prompts", "targets": "--target-prompts"}
-
-
 @app.command("train-box")
 @_errors_to_exit
 def train_box(
@@ -165,7 +161,7 @@ def train_box(
                  source=source_prompts, targets=targets)
     options = {k: _value(v) for k, v in given.items() if v is not None}
     config = TrainConfig(
-        features=str(features), out=str(out), head=head_config(_value(head), options, HEAD_FLAGS),
+        features=str(features), out=str(out), head=head_config(_value(head), options),
         train_domains=tuple(train_domain or ()), val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, seed=seed, device=device, memory_budget=memory_budget, overwrite=overwrite,
         progress=progress,
