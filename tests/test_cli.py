@@ -74,6 +74,7 @@ def test_info_on_a_folder_that_is_not_a_cache(tmp_path):
     assert r.exit_code == 1 and "not a vlaug feature cache" in r.stderr
 
 
+@pytest.mark.slow
 def test_demo_runs_on_the_bundled_data(tmp_path):
     r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--no-progress"])
     assert r.exit_code == 0, r.output

@@ -1,6 +1,7 @@
 """torchrun: two CPU processes (gloo) write exactly the rows of a single-process run, and
 an interrupted torchrun resumes with another world size."""
 
+import pytest
 import json
 import os
 import shutil
@@ -55,6 +56,7 @@ def _rows(out):
     return [c.ids[i] for i in order], c.embeddings[order], c.labels[order]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_write_the_rows_of_one_process(tmp_path):
     source = make_class_folder(tmp_path / "src", classes=("a", "b", "c"), n=11)
     (source / "b" / "bad.png").write_bytes(b"not a png")
@@ -75,6 +77,7 @@ def test_two_gloo_ranks_write_the_rows_of_one_process(tmp_path):
     np.testing.assert_allclose(emb, ref_emb, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_interrupted_torchrun_resumes_in_one_process(tmp_path):
     source = make_class_folder(tmp_path / "src", classes=("a", "b", "c"), n=12)
     # rank 1 takes the odd pending inputs; a FIFO among them blocks it after it has committed parts

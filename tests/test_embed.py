@@ -211,6 +211,7 @@ def _unblock(source: Path) -> None:
     write_image(source / "b" / "003.png", seed=103)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, sig):
     source = _blocking_source(tmp_path / "src")

@@ -174,6 +174,7 @@ def test_streamed_probe_equals_the_in_memory_probe(tmp_path):
         assert (w_mem[k] - w_disk[k]).abs().max() <= 1e-3 * scale, k
 
 
+@pytest.mark.slow
 def test_streamed_augmenting_methods_are_reproducible_and_whole_set_methods_refused(setup, tmp_path):
     root, feats = setup
     methods = ["box:{root}/box?n_aug=3", "dr:{root}/dr-sa", "lads:{root}/lads", "gaussian"]

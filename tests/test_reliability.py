@@ -1,5 +1,6 @@
 """Fault injection: kills at random moments and inside writes, concurrent writers, hostile images."""
 
+import pytest
 import json
 import os
 import random
@@ -39,6 +40,7 @@ def _sorted_rows(out):
     return [c.ids[i] for i in order], c.embeddings[order]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_and_inside_writes(tmp_path):
     source = make_class_folder(tmp_path / "src", classes=tuple(f"c{i}" for i in range(5)), n=40, suffix=".png")
     out = tmp_path / "feat"
@@ -82,6 +84,7 @@ def test_sigkill_at_random_moments_and_inside_writes(tmp_path):
     assert cache.read_manifest(out).complete
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
     source = make_class_folder(tmp_path / "src", classes=("a", "b"), n=6)
     (source / "b" / "002.png").unlink()

@@ -90,6 +90,7 @@ def assert_matches_golden(name: str, report: dict, root: Path) -> None:
     assert json.dumps(got, sort_keys=True) == json.dumps(golden[name], sort_keys=True), name
 
 
+@pytest.mark.slow
 def test_report_numbers_are_unchanged(runs):
     for name, (report, root) in runs.items():
         assert_matches_golden(name, report, root)
