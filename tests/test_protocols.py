@@ -46,7 +46,8 @@ def _labels_domains(n_per=20, classes=5, domains=("a", "b", "c")):
 @pytest.mark.parametrize("shots, imbalance", [(None, None), (4, None), (None, (40.0, 3)), (6, (60.0, 2))])
 def test_protocols_never_overlap_and_count_exactly(seed, shots, imbalance):
     labels, doms = _labels_domains()
-    s = make_splits(labels, doms, np.array([""] * len(labels)), ["a"], seed, 0.2, 0.2, shots, imbalance)
+    s = make_splits(labels, doms, np.array([""] * len(labels)), train_domains=["a"], seed=seed, shots=shots,
+                    imbalance=imbalance)
     parts = [s.train, s.val, s.test_in, s.test_out]
     for i in range(4):
         for j in range(i + 1, 4):
@@ -64,7 +65,7 @@ def test_protocols_never_overlap_and_count_exactly(seed, shots, imbalance):
 def test_cache_splits_are_used():
     labels, doms = _labels_domains(n_per=10, domains=("a", "b"))
     splits = np.array((["train"] * 6 + ["val"] * 2 + ["test"] * 2) * 10)
-    s = make_splits(labels, doms, splits, ["a"], 0)
+    s = make_splits(labels, doms, splits, train_domains=["a"], seed=0)
     assert set(splits[s.train]) == {"train"} and set(splits[s.val]) == {"val"} and set(splits[s.test_in]) == {"test"}
     assert set(splits[s.test_out]) == {"test"} and set(doms[s.test_out]) == {"b"}
 
@@ -72,7 +73,8 @@ def test_cache_splits_are_used():
 def test_protocol_errors():
     labels, doms = _labels_domains()
     with pytest.raises(UsageError, match="--shots 50"):
-        make_splits(labels, doms, np.array([""] * len(labels)), ["a"], 0, shots=50, class_names=list("vwxyz"))
+        make_splits(labels, doms, np.array([""] * len(labels)), train_domains=["a"], seed=0, shots=50,
+                    class_names=list("vwxyz"))
     for bad in ["120:3", "-1:3", "50", "50:0", "x:y"]:
         with pytest.raises(UsageError, match="--imbalance"):
             parse_imbalance(bad)

@@ -365,8 +365,8 @@ def _embed_distributed(config, encoder, source, manifest, out, ctx: DistContext,
             done = set(cache.read_ids(out, manifest))
             pending = [r for r in source.records if r.id not in done]
             mine = pending[ctx.rank :: ctx.world_size]  # deterministic share of this rank
-            result = _embed_pending(config, encoder, source, manifest, mine, len(source.records) - len(pending),
-                                    n_removed, log, ctx=ctx)
+            result = _embed_pending(config, encoder, source, manifest, pending=mine,
+                                    n_skipped=len(source.records) - len(pending), n_removed=n_removed, log=log, ctx=ctx)
             counts = torch.tensor([result.n_embedded, result.n_failed], dtype=torch.float64, device=comm)
             dist.all_reduce(counts)
             _barrier(ctx)
@@ -435,15 +435,68 @@ def _embed_locked(config, encoder, source, manifest, out, log) -> EmbedResult:
         log(f"note: {orphans} row(s) in the cache are not in the source any more; they are kept")
     pending = [r for r in source.records if r.id not in done]
     n_skipped = len(source.records) - len(pending)
-    return _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_removed, log)
+    return _embed_pending(config, encoder, source, manifest, pending=pending, n_skipped=n_skipped, n_removed=n_removed,
+                          log=log)
 
 
-def _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_removed, log,
+class _PartWriter:
+    """Buffers embedded rows and commits them in parts of ``part_size`` rows: a single
+    process commits into manifest.json, a torchrun rank into its rank file."""
+
+    def __init__(self, out: Path, manifest: cache.CacheManifest, pending: list[ImageRecord], *, part_size: int,
+                 dtype: str, ctx: DistContext):
+        self.out, self.manifest, self.pending, self.part_size, self.dtype, self.ctx = out, manifest, pending, part_size, dtype, ctx
+        self.positions: list[int] = []  # buffered rows: positions in ``pending``
+        self.embeddings: list[np.ndarray] = []
+        self.failures: list[dict] = []
+        self.rank_parts: list[str] = []  # this rank's committed parts (torchrun)
+        self.part_rank = ctx.rank if ctx.distributed else None
+        self.next_index = _next_part_index(manifest.parts, self.part_rank)
+
+    def add(self, positions: list[int], embeddings: np.ndarray | None, failed: list[tuple[int, str]]) -> None:
+        for i, err in failed:
+            self.failures.append({"id": self.pending[i].id, "path": self.pending[i].path, "error": err})
+        if embeddings is not None:
+            self.embeddings.append(embeddings)
+            self.positions += positions
+
+    def _write_part(self, n: int) -> None:
+        """Write the first ``n`` buffered rows as the next part."""
+        emb = np.concatenate(self.embeddings)
+        recs = [self.pending[i] for i in self.positions[:n]]
+        rows = {key: [getattr(r, key) for r in recs] for key in ("id", "path", "label", "class_name", "domain", "split")}
+        name = cache.part_name(self.next_index, self.part_rank)
+        cache.write_part(self.out, name, rows, emb[:n], self.dtype)
+        if self.ctx.distributed:
+            self.rank_parts.append(name)
+        else:
+            self.manifest.parts.append(name)
+            self.manifest.n_images += n
+        self.next_index += 1
+        self.positions, self.embeddings = self.positions[n:], [emb[n:]]
+
+    def commit(self, final: bool) -> None:
+        """Write full parts (and the remainder when ``final``), then the manifest or rank
+        file: the commit point."""
+        first_new = self.next_index
+        while len(self.positions) >= self.part_size:
+            self._write_part(self.part_size)
+        if final and self.positions:
+            self._write_part(len(self.positions))
+        if not final and self.next_index == first_new:
+            return  # no new part: nothing to commit
+        if self.ctx.distributed:
+            cache.write_rank_commit(self.out, self.ctx.rank, self.rank_parts, self.failures)
+        else:
+            cache.write_failed(self.out, self.failures)
+            self.manifest.n_failed = len(self.failures)
+            cache.write_manifest(self.out, self.manifest)
+
+
+def _embed_pending(config: EmbedConfig, encoder, source: Source, manifest: cache.CacheManifest, *,
+                   pending: list[ImageRecord], n_skipped: int, n_removed: int, log,
                    ctx: DistContext = DistContext()) -> EmbedResult:
-    """The loop: batches through the model, parts committed every ``part_size`` rows.
-
-    A single process commits into manifest.json; a torchrun rank into its rank file.
-    """
+    """The loop: batches through the model, parts committed every ``part_size`` rows."""
     from tqdm.auto import tqdm
 
     out = Path(config.out)
@@ -459,82 +512,33 @@ def _embed_pending(config, encoder, source, manifest, pending, n_skipped, n_remo
         pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if workers > 0 else None,
     )
-
-    buffer_pos: list[int] = []
-    buffer_emb: list[np.ndarray] = []
-    failures: list[dict] = []
-    n_embedded = 0
-    rank_parts: list[str] = []  # this rank's committed parts (torchrun)
-    part_rank = ctx.rank if ctx.distributed else None
-    next_index = _next_part_index(manifest.parts, part_rank)
-
-    def write_part(n: int) -> None:
-        """Write the first ``n`` buffered rows as the next part."""
-        nonlocal next_index, buffer_pos, buffer_emb
-        emb = np.concatenate(buffer_emb)
-        recs = [pending[i] for i in buffer_pos[:n]]
-        rows = {
-            "id": [r.id for r in recs],
-            "path": [r.path for r in recs],
-            "label": [r.label for r in recs],
-            "class_name": [r.class_name for r in recs],
-            "domain": [r.domain for r in recs],
-            "split": [r.split for r in recs],
-        }
-        name = cache.part_name(next_index, part_rank)
-        cache.write_part(out, name, rows, emb[:n], config.dtype)
-        if ctx.distributed:
-            rank_parts.append(name)
-        else:
-            manifest.parts.append(name)
-            manifest.n_images += n
-        next_index += 1
-        buffer_pos, buffer_emb = buffer_pos[n:], [emb[n:]]
-
-    def commit(final: bool) -> None:
-        """Write full parts (and the remainder when ``final``), then the manifest: the commit point."""
-        first_new = next_index
-        while len(buffer_pos) >= config.part_size:
-            write_part(config.part_size)
-        if final and buffer_pos:
-            write_part(len(buffer_pos))
-        if not final and next_index == first_new:
-            return  # no new part: nothing to commit
-        if ctx.distributed:
-            cache.write_rank_commit(out, ctx.rank, rank_parts, failures)
-        else:
-            cache.write_failed(out, failures)
-            manifest.n_failed = len(failures)
-            cache.write_manifest(out, manifest)
-
+    writer = _PartWriter(out, manifest, pending, part_size=config.part_size, dtype=config.dtype, ctx=ctx)
     bar = tqdm(
         total=len(source.records), initial=n_skipped, unit="img", desc="embed", disable=not config.progress,
         file=sys.stderr, dynamic_ncols=True, smoothing=0.1, position=0,
     )
+    n_embedded = 0
     start = time.perf_counter()
     try:
         for positions, images, failed in loader:
-            for i, err in failed:
-                failures.append({"id": pending[i].id, "path": pending[i].path, "error": err})
-            if images is not None:
-                buffer_emb.append(encoder.encode_images(images).cpu().numpy())
-                buffer_pos += positions
-                n_embedded += len(positions)
+            writer.add(positions, encoder.encode_images(images).cpu().numpy() if images is not None else None, failed)
+            n_embedded += len(positions)
             bar.update(len(positions) + len(failed))
             if failed:
-                bar.set_postfix(failed=len(failures))
-            commit(final=False)
+                bar.set_postfix(failed=len(writer.failures))
+            writer.commit(final=False)
         seconds = time.perf_counter() - start
-        commit(final=True)
+        writer.commit(final=True)
     except KeyboardInterrupt:
         bar.close()
-        commit(final=True)  # keep what was embedded before Ctrl-C
+        writer.commit(final=True)  # keep what was embedded before Ctrl-C
         raise EmbedInterrupted(
             f"interrupted: {manifest.n_images} of {len(source.records)} images are in {str(out)!r} "
             f"({len(manifest.parts)} parts). Re-run the same command to resume."
         ) from None
     finally:
         bar.close()
+    failures = writer.failures
     if not ctx.distributed:
         manifest.complete = manifest.n_images + len(failures) >= len(source.records)
         cache.write_manifest(out, manifest)

@@ -149,8 +149,10 @@ def prepare(config: ProbeRunConfig) -> _Plan:
         chunks=(lambda: cache_io.iter_embeddings(config.features, chunk_rows)) if memory.streamed else None,
     )
     # the protocol of every seed, checked now so that a bad --shots fails before any training
-    splits = [make_splits(feats.labels, feats.domains, feats.splits, train_domains if config.train_domains else [],
-                          seed, config.test_fraction, config.val_fraction, config.shots, imbalance, feats.classes)
+    splits = [make_splits(feats.labels, feats.domains, feats.splits,
+                          train_domains=train_domains if config.train_domains else [], seed=seed,
+                          test_fraction=config.test_fraction, val_fraction=config.val_fraction, shots=config.shots,
+                          imbalance=imbalance, class_names=feats.classes)
               for seed in range(config.seeds)]
     for seed, s in enumerate(splits):
         if not len(s.train) or not len(s.val):
@@ -265,24 +267,14 @@ def _protocol(config: ProbeRunConfig, plan: _Plan, geometry_rows: int) -> dict:
     }
 
 
-def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) -> ProbeRun:
-    """Evaluate every method on every seed; refit each on seed 0's train + val rows.
-
-    Raises:
-        UsageError / CacheMismatchError / CheckpointError: bad input, found before training.
-    """
+def _fit_every_seed(plan: _Plan, progress: bool, sample: np.ndarray, x_sample: torch.Tensor):
+    """Every method on every seed: per-seed result rows; seed 0's fits (their selections),
+    feature geometry and projections of the augmented sample."""
     from tqdm.auto import tqdm
 
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    plan = prepare(config)
     data, methods = plan.data, plan.methods
-    if plan.memory.streamed:
-        log(plan.memory.streaming_note(plan.chunk_rows, "every evaluation of the probe's objective reads the cache once"))
-    start = time.perf_counter()
-    results, geometry, selections, projections = [], [], {}, {}
-    bar = tqdm(total=config.seeds * len(methods), desc="probe", unit="fit", disable=not config.progress, file=sys.stderr)
-    sample = _geometry_rows(plan.splits[0], 0)
-    x_sample = data.gather(sample)  # read once (streamed: one pass), shared by every method's geometry and the plot
+    results, geometry, first_fits, projections = [], [], {}, {}
+    bar = tqdm(total=len(plan.splits) * len(methods), desc="probe", unit="fit", disable=not progress, file=sys.stderr)
     for seed, splits in enumerate(plan.splits):
         for method in methods:
             fit = method.fit(data, splits, seed)
@@ -290,7 +282,7 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
             results.append({"method": method.text, "seed": seed, **evaluate_probe(probe, data, splits),
                             "selection": fit.selection})
             if seed == 0:
-                selections[method.text] = fit
+                first_fits[method.text] = fit
                 x_all, y_all = _augmented_sample(method, data, x_sample, sample, seed)
                 y = y_all[: len(sample)]
                 geometry.append({"method": method.text, **_feature_geometry(x_sample, y, x_all, y_all, seed)})
@@ -298,11 +290,29 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
                     projections[method.text] = (x_all.cpu().numpy(), y_all.cpu().numpy(), len(sample))
             bar.update(1)
     bar.close()
+    return results, geometry, first_fits, projections
+
+
+def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) -> ProbeRun:
+    """Evaluate every method on every seed; refit each on seed 0's train + val rows.
+
+    Raises:
+        UsageError / CacheMismatchError / CheckpointError: bad input, found before training.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    plan = prepare(config)
+    data, methods = plan.data, plan.methods
+    if plan.memory.streamed:
+        log(plan.memory.streaming_note(plan.chunk_rows, "every evaluation of the probe's objective reads the cache once"))
+    start = time.perf_counter()
+    sample = _geometry_rows(plan.splits[0], 0)
+    x_sample = data.gather(sample)  # read once (streamed: one pass), shared by every method's geometry and the plot
+    results, geometry, first_fits, projections = _fit_every_seed(plan, config.progress, sample, x_sample)
     # the probes users keep: first seed, refitted on train + val at the chosen hyperparameters
     refit_rows = np.concatenate([plan.splits[0].train, plan.splits[0].val])
     probes = {}
     for method in methods:
-        fit = method.refit(data, refit_rows, 0, selections[method.text].selection)
+        fit = method.refit(data, refit_rows, 0, first_fits[method.text].selection)
         probes[method.text] = data.make_probe(fit.W, fit.b, method.ensemble).cpu()
     m = data.feats.manifest
     report = {
@@ -317,8 +327,7 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
         "protocol": _protocol(config, plan, int(len(sample))),
         "methods": [{"method": x.text, "name": x.name, "head": x.head, "options": x.options.to_dict(),
                      "head_config": data.heads[x.head].config["head"] if x.head else None,
-                     "selection_seed0": _with_search(selections[x.text])}
-                    for x in methods],
+                     "selection_seed0": _with_search(first_fits[x.text])} for x in methods],
         "results": results,
         "summary": summarise(results, [x.text for x in methods]),
         "feature_geometry": geometry,

@@ -94,6 +94,7 @@ def make_splits(
     labels: np.ndarray,
     domains: np.ndarray,
     splits: np.ndarray,
+    *,
     train_domains: list[str],
     seed: int,
     test_fraction: float = 0.2,
@@ -114,9 +115,7 @@ def make_splits(
     """
     names = class_names or [str(c) for c in range(int(labels.max()) + 1)]
     in_train_domain = np.isin(domains, train_domains) if len(train_domains) else np.ones(len(labels), bool)
-    has_splits = (splits != "").any()
-    rng_seed = [seed, 7]
-    if has_splits:
+    if (splits != "").any():
         pool = np.flatnonzero(in_train_domain & (splits == "train"))
         val = np.flatnonzero(in_train_domain & (splits == "val"))
         test_in = np.flatnonzero(in_train_domain & (splits == "test"))
@@ -124,38 +123,46 @@ def make_splits(
         if not len(val):
             pool, val = stratified_split(pool, labels, val_fraction, seed)
     else:
-        rows = np.flatnonzero(in_train_domain)
-        rest, test_in = stratified_split(rows, labels, test_fraction, seed)
+        rest, test_in = stratified_split(np.flatnonzero(in_train_domain), labels, test_fraction, seed)
         pool, val = stratified_split(rest, labels, val_fraction, seed + 1)
         test_out = np.flatnonzero(~in_train_domain)
-    rng = np.random.default_rng(rng_seed)
-    train = pool
-    if shots is not None:
-        keep = []
-        for c in np.unique(labels[pool]):
-            rows = pool[labels[pool] == c]
-            if len(rows) < shots:
-                raise UsageError(
-                    f"--shots {shots}: class {names[c]!r} has only {len(rows)} training rows (after validation); "
-                    "pass a smaller K."
-                )
-            keep.append(rng.permutation(rows)[:shots])
-        train = np.sort(np.concatenate(keep))
+    rng = np.random.default_rng([seed, 7])
+    train = pool if shots is None else _keep_shots(pool, labels, shots, rng, names)
     reduced: list[int] = []
     if imbalance is not None:
-        pct, n_keep = imbalance
-        present = np.unique(labels[train])
-        n_cut = int(round(pct / 100 * len(present)))
-        reduced = sorted(int(c) for c in rng.permutation(present)[:n_cut])
-        keep = []
-        for c in present:
-            rows = train[labels[train] == c]
-            if c in reduced:
-                if len(rows) < n_keep:
-                    raise UsageError(
-                        f"--imbalance: class {names[c]!r} has only {len(rows)} training rows, fewer than N = {n_keep}."
-                    )
-                rows = rng.permutation(rows)[:n_keep]
-            keep.append(rows)
-        train = np.sort(np.concatenate(keep))
+        train, reduced = _cut_classes(train, labels, imbalance, rng, names)
     return Splits(np.sort(train), np.sort(val), np.sort(test_in), np.sort(test_out), reduced)
+
+
+def _keep_shots(pool: np.ndarray, labels: np.ndarray, shots: int, rng: np.random.Generator, names: list[str]) -> np.ndarray:
+    """K rows per class of ``pool``, drawn with ``rng``."""
+    keep = []
+    for c in np.unique(labels[pool]):
+        rows = pool[labels[pool] == c]
+        if len(rows) < shots:
+            raise UsageError(
+                f"--shots {shots}: class {names[c]!r} has only {len(rows)} training rows (after validation); "
+                "pass a smaller K."
+            )
+        keep.append(rng.permutation(rows)[:shots])
+    return np.sort(np.concatenate(keep))
+
+
+def _cut_classes(train: np.ndarray, labels: np.ndarray, imbalance: tuple[float, int], rng: np.random.Generator,
+                 names: list[str]) -> tuple[np.ndarray, list[int]]:
+    """X % of the classes present (drawn with ``rng``) cut to N training rows each."""
+    pct, n_keep = imbalance
+    present = np.unique(labels[train])
+    n_cut = int(round(pct / 100 * len(present)))
+    reduced = sorted(int(c) for c in rng.permutation(present)[:n_cut])
+    keep = []
+    for c in present:
+        rows = train[labels[train] == c]
+        if c in reduced:
+            if len(rows) < n_keep:
+                raise UsageError(
+                    f"--imbalance: class {names[c]!r} has only {len(rows)} training rows, fewer than N = {n_keep}."
+                )
+            rows = rng.permutation(rows)[:n_keep]
+        keep.append(rows)
+    return np.sort(np.concatenate(keep)), reduced

@@ -180,38 +180,35 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
     device = resolve_device(config.device)
     epochs, batch_size = config.schedule
     head = config.head.bind(manifest.embed_dim, len(feats.classes))
-    chunks = lambda: cache_io.iter_embeddings(config.features, chunk_rows)  # noqa: E731
-    streamed_rows = lambda r: (lambda: _rows_on(device, feats.labels, chunks, r))  # noqa: E731
+    if plan.streamed:
+        chunks = lambda: cache_io.iter_embeddings(config.features, chunk_rows)  # noqa: E731
+        rows_of = lambda r: (lambda: _rows_on(device, feats.labels, chunks, r))  # noqa: E731
+    else:
+        x, y = torch.as_tensor(feats.embeddings, device=device), torch.as_tensor(feats.labels, device=device)
+        rows_of = lambda r: (lambda: ((x[r[i : i + 8192]], y[r[i : i + 8192]]) for i in range(0, len(r), 8192)))  # noqa: E731
 
     start = time.perf_counter()
-    schedule = dict(epochs=epochs, batch_size=batch_size, lr=config.lr, weight_decay=config.weight_decay,
-                    progress=config.progress, val_seed=config.seed)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)  # initial weights, dropout, pool subsets
         module, loss_fn = build_training(head, feats.texts, device)
-        generator = torch.Generator().manual_seed(config.seed)
+        schedule = dict(epochs=epochs, batch_size=batch_size, lr=config.lr, weight_decay=config.weight_decay,
+                        generator=torch.Generator().manual_seed(config.seed), progress=config.progress,
+                        val_seed=config.seed)
         if plan.streamed:
             # a quarter of the budget for the shuffle buffer (a row costs d float32 and a label);
             # shuffling it makes one transient copy, so the buffer peaks at half the budget
             buffer_rows = max(4 * batch_size, plan.budget // 4 // (manifest.embed_dim * 4 + 8))
-            history, selected = loop.fit_streamed(
-                module, loss_fn, train_chunks=streamed_rows(train_rows),
-                val_chunks=streamed_rows(val_rows) if len(val_rows) else None, buffer_rows=buffer_rows,
-                generator=generator, **schedule)
+            history, selected = loop.fit_streamed(module, loss_fn, train_chunks=rows_of(train_rows),
+                                                  val_chunks=rows_of(val_rows) if len(val_rows) else None,
+                                                  buffer_rows=buffer_rows, **schedule)
         else:
-            x = torch.as_tensor(feats.embeddings, device=device)
-            y = torch.as_tensor(feats.labels, device=device)
             history, selected = loop.fit(module, loss_fn, x_train=x[train_rows], y_train=y[train_rows], x_val=x[val_rows],
-                                         y_val=y[val_rows], generator=generator, **schedule)
+                                         y_val=y[val_rows], **schedule)
     seconds = time.perf_counter() - start
     stats = None
     if isinstance(head, BoxConfig):
         text = torch.as_tensor(feats.texts[CLASSES_PROMPT_SET], device=device)
-        if plan.streamed:
-            batches = streamed_rows(rows)()
-        else:
-            batches = ((x[rows[i : i + 8192]], y[rows[i : i + 8192]]) for i in range(0, len(rows), 8192))
-        stats = box_stats(module, batches, feats.classes, text, seed=config.seed)
+        stats = box_stats(module, rows_of(rows)(), feats.classes, text, seed=config.seed)
 
     training = {k: v for k, v in asdict(config).items() if k not in ("head", "overwrite", "progress")}
     training.update(head=config.kind, epochs=epochs, batch_size=batch_size, train_domains=domains, device=str(device),

@@ -28,20 +28,26 @@ class AugmentOptions(EnsembleOptions):
         check_positive(self, "n_aug")
 
 
+class SamplingMethod(ProbeMethod):
+    """A probe method that adds ``n_aug`` rows per training row."""
+
+    Options = AugmentOptions
+
+    def extra_rows(self):
+        return self.options.n_aug
+
+
 @dataclass(frozen=True)
 class BoxOptions(AugmentOptions):
     n_aug: int = 5  # samples per box (LARE: 3 for CIFAR-100, 5 for CUB, 40 for DomainNet)
 
 
 @register
-class Box(ProbeMethod):
+class Box(SamplingMethod):
     name = "box"
     summary = "LARE: the probe on the training rows plus n_aug uniform samples inside each row's box (a box head)"
     Options = BoxOptions
     head_kinds = ("box",)
-
-    def extra_rows(self):
-        return self.options.n_aug
 
     def augment(self, data, x, y, dom, generator):
         head = data.heads[self.head].module.to(data.device)
@@ -90,13 +96,10 @@ class GaussianOptions(AugmentOptions):
 
 
 @register
-class Gaussian(ProbeMethod):
+class Gaussian(SamplingMethod):
     name = "gaussian"
     summary = "the probe on the training rows plus n_aug noisy copies (x + ε, re-normalised)"
     Options = GaussianOptions
-
-    def extra_rows(self):
-        return self.options.n_aug
 
     def augment(self, data, x, y, dom, generator):
         o = self.options
@@ -114,14 +117,11 @@ class MixupOptions(AugmentOptions):
 
 
 @register
-class Mixup(ProbeMethod):
+class Mixup(SamplingMethod):
     name = "mixup"
     summary = "latent Mixup: the probe on the training rows plus n_aug mixes of random pairs (targets mixed alike)"
     Options = MixupOptions
     streams = False  # pairs across the whole training set
-
-    def extra_rows(self):
-        return self.options.n_aug
 
     def augment(self, data, x, y, dom, generator):
         o = self.options
@@ -129,14 +129,10 @@ class Mixup(ProbeMethod):
 
 
 @register
-class CrossDomainMix(ProbeMethod):
+class CrossDomainMix(SamplingMethod):
     name = "xdomain-mix"
     summary = "latent CDGA: the probe on the training rows plus mixes with same-class rows of other training domains"
-    Options = AugmentOptions
     streams = False  # partners across the whole training set
-
-    def extra_rows(self):
-        return self.options.n_aug
 
     def augment(self, data, x, y, dom, generator):
         return augment.cross_domain_mix(x, F.one_hot(y, data.n_classes).float(), y, dom, self.options.n_aug, generator)
