@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from vlaug.errors import UsageError
-from vlaug.protocols import check_domains, make_splits, parse_imbalance, stratified_split, training_rows
+from vlaug.protocols import check_domains, id_fractions, make_splits, parse_imbalance, stratified_split, training_rows
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -26,11 +26,14 @@ def test_singleton_classes_stay_in_training():
     assert 0 in kept and len(held) == 1
 
 
-def test_training_rows_follow_domains_and_splits():
+def test_training_rows_follow_domains_splits_and_the_held_out_test_rows():
     domains = np.array(["a", "a", "b", "b"])
-    assert training_rows(domains, np.array([""] * 4), ["a"]).tolist() == [0, 1]
-    assert training_rows(domains, np.array(["train", "test", "train", "train"]), ["a"]).tolist() == [0]
-    assert training_rows(domains, np.array([""] * 4), []).tolist() == [0, 1, 2, 3]
+    fractions = np.array([0.5, 0.1, 0.7, 0.05])  # rows 1 and 3 are held-out test rows at test_fraction 0.2
+    none = np.array([""] * 4)
+    assert training_rows(domains, none, ["a"], fractions, 0.2).tolist() == [0]
+    assert training_rows(domains, np.array(["train", "test", "train", "train"]), ["a"], fractions, 0.2).tolist() == [0]
+    assert training_rows(domains, none, [], fractions, 0.2).tolist() == [0, 2]
+    assert training_rows(domains, none, [], fractions, 0.01).tolist() == [0, 1, 2, 3]
     with pytest.raises(UsageError, match="'c' is not in the cache"):
         check_domains(["c"], ["a", "b"])
     assert check_domains([], ["a", "b"]) == ["a", "b"]
@@ -42,20 +45,36 @@ def _labels_domains(n_per=20, classes=5, domains=("a", "b", "c")):
     return labels, doms
 
 
+def _fractions(n):
+    return id_fractions(f"img{i}.jpg" for i in range(n))
+
+
+def test_id_fractions_are_uniform_fixed_by_the_id_alone():
+    f = id_fractions([f"domain/class/{i}.jpg" for i in range(20000)])
+    assert f.min() >= 0 and f.max() < 1 and abs(f.mean() - 0.5) < 0.01
+    assert abs((f < 0.2).mean() - 0.2) < 0.01
+    # the same id gives the same number wherever it sits, and chunks read like one list
+    assert id_fractions(["x", "y"]).tolist() == id_fractions([["y"], ["x"]])[::-1].tolist()
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("shots, imbalance", [(None, None), (4, None), (None, (40.0, 3)), (6, (60.0, 2))])
 def test_protocols_never_overlap_and_count_exactly(seed, shots, imbalance):
     labels, doms = _labels_domains()
-    s = make_splits(labels, doms, np.array([""] * len(labels)), train_domains=["a"], seed=seed, shots=shots,
-                    imbalance=imbalance)
+    fractions = _fractions(len(labels))
+    s = make_splits(labels, doms, np.array([""] * len(labels)), fractions=fractions, train_domains=["a"], seed=seed,
+                    shots=shots, imbalance=imbalance)
     parts = [s.train, s.val, s.test_in, s.test_out]
     for i in range(4):
         for j in range(i + 1, 4):
             assert len(np.intersect1d(parts[i], parts[j])) == 0
     assert set(doms[s.train]) == set(doms[s.val]) == set(doms[s.test_in]) == {"a"}
     assert set(doms[s.test_out]) == {"b", "c"} and len(s.test_out) == 200
+    # the test rows are the rows of domain a whose id hashes below 0.2, whatever the seed
+    assert s.test_in.tolist() == np.flatnonzero((doms == "a") & (fractions < 0.2)).tolist()
+    rest = np.bincount(labels[(doms == "a") & (fractions >= 0.2)], minlength=5)
     counts = np.bincount(labels[s.train], minlength=5)
-    expected = np.full(5, shots if shots else 20 - 4 - 3)  # 4 test, 3 val (20 % of the remaining 16) per class
+    expected = np.full(5, shots) if shots else rest - np.round(0.2 * rest).astype(int)  # 20 % of the rest validates
     if imbalance:
         assert len(s.reduced_classes) == round(imbalance[0] / 100 * 5)
         expected[s.reduced_classes] = imbalance[1]
@@ -65,7 +84,7 @@ def test_protocols_never_overlap_and_count_exactly(seed, shots, imbalance):
 def test_cache_splits_are_used():
     labels, doms = _labels_domains(n_per=10, domains=("a", "b"))
     splits = np.array((["train"] * 6 + ["val"] * 2 + ["test"] * 2) * 10)
-    s = make_splits(labels, doms, splits, train_domains=["a"], seed=0)
+    s = make_splits(labels, doms, splits, fractions=_fractions(len(labels)), train_domains=["a"], seed=0)
     assert set(splits[s.train]) == {"train"} and set(splits[s.val]) == {"val"} and set(splits[s.test_in]) == {"test"}
     assert set(splits[s.test_out]) == {"test"} and set(doms[s.test_out]) == {"b"}
 
@@ -73,7 +92,7 @@ def test_cache_splits_are_used():
 def test_protocol_errors():
     labels, doms = _labels_domains()
     with pytest.raises(UsageError, match="--shots 50"):
-        make_splits(labels, doms, np.array([""] * len(labels)), train_domains=["a"], seed=0, shots=50,
+        make_splits(labels, doms, np.array([""] * len(labels)), fractions=_fractions(len(labels)), train_domains=["a"], seed=0, shots=50,
                     class_names=list("vwxyz"))
     for bad in ["120:3", "-1:3", "50", "50:0", "x:y"]:
         with pytest.raises(UsageError, match="--imbalance"):

@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -9,9 +11,11 @@ from typer.testing import CliRunner
 
 from tests.conftest import write_synthetic_cache
 from vlaug.checkpoint import load_head
+from vlaug import cache
 from vlaug.cli import app
 from vlaug.errors import UsageError
 from vlaug.heads import HEADS, make_head_config
+from vlaug.protocols import id_fractions
 from vlaug.train import TrainConfig, head_config, train_head
 
 runner = CliRunner()
@@ -50,7 +54,11 @@ def test_same_seed_same_weights_other_seed_other_weights(features, tmp_path, hea
 def test_validation_rows_come_only_from_training_domains_and_are_stratified(features, tmp_path):
     train_head(_config(features, tmp_path / "h", train_domains=("sketch",), val_fraction=0.2))
     t = json.loads((tmp_path / "h" / "config.json").read_text())["training"]
-    assert (t["n_train"], t["n_val"]) == (96, 24)  # 30 rows per class in sketch, 20 % of each held out
+    feats = cache.read_cache(features)
+    fit_rows = (feats.domains == "sketch") & (id_fractions(feats.ids) >= 0.2)  # outside the held-out test rows
+    per_class = np.bincount(feats.labels[fit_rows])
+    assert t["n_val"] == sum(round(0.2 * n) for n in per_class) and t["n_train"] + t["n_val"] == fit_rows.sum()
+    assert t["test_fraction"] == 0.2 and t["uses_cache_splits"] is False
 
 
 def test_lads_missing_prompt_set_lists_the_sets(features, tmp_path):
@@ -80,13 +88,16 @@ def test_bad_options_write_nothing(features, tmp_path):
 
 
 def test_cli_trains_every_head_and_info_describes_it(features, tmp_path):
+    feats = cache.read_cache(features)
+    fit_rows = id_fractions(feats.ids) >= 0.2  # every domain, outside the held-out test rows
+    n_fit, n_val = int(fit_rows.sum()), sum(round(0.2 * n) for n in np.bincount(feats.labels[fit_rows]))
     for head, extra in [("box", []), ("dr-sa", ["--norm", "pre"]), ("dr-pool", ["--dr-mode", "d"]),
                         ("lads", ["--source-prompts", "photo", "--target-prompts", "sketch"])]:
         out = tmp_path / head
         r = runner.invoke(app, ["train-box", str(features), "--out", str(out), "--head", head, "--epochs", "3",
                                 "--device", "cpu", "--no-progress", *extra])
         assert r.exit_code == 0, r.output
-        assert f"trained {head} on 192 rows (48 validation) for 3 epochs" in r.stdout
+        assert f"trained {head} on {n_fit - n_val} rows ({n_val} validation) for 3 epochs" in r.stdout
         r = runner.invoke(app, ["info", str(out)])
         assert r.exit_code == 0, r.output
         assert f"kind         {head}" in r.stdout and "selected     epoch" in r.stdout

@@ -25,7 +25,7 @@ from vlaug.errors import UsageError
 from vlaug.methods import Method, RunData, parse_method
 from vlaug.methods.linear import block_generator
 from vlaug.probe import LinearProbe, weight_decay_grid
-from vlaug.protocols import Splits, check_domains, make_splits, parse_imbalance
+from vlaug.protocols import Splits, check_domains, id_fractions, make_splits, parse_imbalance, training_rows
 from vlaug.zero_shot import TEMPERATURE
 
 GEOMETRY_ROWS = 20_000  # training rows (a seeded sample) behind the feature geometry and plots
@@ -123,6 +123,28 @@ def _load_heads(methods: list[Method], manifest: cache_io.CacheManifest, feature
     return heads
 
 
+def _check_head_saw_no_test_row(path: str, training: dict, feats: cache_io.FeatureCache, fractions: np.ndarray,
+                                 splits: Splits, config: ProbeRunConfig) -> None:
+    """Refuse a head whose training rows (recomputed from the rule it recorded) include any
+    of this probe's test rows, in domain or out of domain."""
+    if "test_fraction" not in training:
+        raise UsageError(f"head {path!r} was trained without a held-out test split (an older vlaug) and may have seen "
+                         f"this probe's test rows; train it again with vlaug train-box.")
+    seen = training_rows(feats.domains, feats.splits, training.get("train_domains") or [], fractions,
+                         training["test_fraction"])
+    overlap = np.intersect1d(seen, splits.test)
+    if not len(overlap):
+        return
+    test_domains = sorted({d for d in feats.domains[np.intersect1d(seen, splits.test_out)].tolist()})
+    if test_domains:
+        flags = " ".join(f"--train-domain {d}" for d in (config.train_domains or ["DOMAIN"]))
+        raise UsageError(f"head {path!r} was trained on the domains {training.get('train_domains')}, which include this "
+                         f"probe's out-of-domain test domains {test_domains}; train it with vlaug train-box {flags}.")
+    raise UsageError(f"head {path!r} was trained on {len(overlap)} of this probe's held-out test rows (it held out "
+                     f"--test-fraction {training['test_fraction']}, this probe {config.test_fraction}); use the same "
+                     "--test-fraction for both.")
+
+
 def prepare(config: ProbeRunConfig) -> _Plan:
     """Check everything before any work: methods, heads against the cache, domains, protocol."""
     cache_io.check_output(config.out, config.overwrite, lambda p: (p / "report.json").is_file(), "vlaug report")
@@ -149,7 +171,8 @@ def prepare(config: ProbeRunConfig) -> _Plan:
         chunks=(lambda: cache_io.iter_embeddings(config.features, chunk_rows)) if memory.streamed else None,
     )
     # the protocol of every seed, checked now so that a bad --shots fails before any training
-    splits = [make_splits(feats.labels, feats.domains, feats.splits,
+    fractions = id_fractions(cache_io.iter_ids(config.features))
+    splits = [make_splits(feats.labels, feats.domains, feats.splits, fractions=fractions,
                           train_domains=train_domains if config.train_domains else [], seed=seed,
                           test_fraction=config.test_fraction, val_fraction=config.val_fraction, shots=config.shots,
                           imbalance=imbalance, class_names=feats.classes)
@@ -157,6 +180,8 @@ def prepare(config: ProbeRunConfig) -> _Plan:
     for seed, s in enumerate(splits):
         if not len(s.train) or not len(s.val):
             raise UsageError(f"seed {seed}: {s.sizes()} rows; the protocol leaves no training or validation rows.")
+    for path, ckpt in heads.items():
+        _check_head_saw_no_test_row(path, ckpt.config.get("training", {}), feats, fractions, splits[0], config)
     return _Plan(methods, data, train_domains, splits, imbalance, memory, chunk_rows)
 
 

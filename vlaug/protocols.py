@@ -1,11 +1,21 @@
 """Which rows train, validate and test: domains, splits, seeded stratified splits.
 
 Pure numpy: takes the cache's label/domain/split arrays, returns row indices.
+
+One held-out test split serves every stage. When the cache has a ``split`` column, its
+``test`` rows are the test rows. When it has none, a row of a training domain is a test
+row when the hash of its id falls below ``test_fraction`` (:func:`id_fractions`): fixed
+by the row itself, independent of any seed and of the other rows (adding images to a
+cache never moves an old row across the split), and the same for ``vlaug train-box`` and
+``vlaug probe``. Heads and probes fit only on the other rows; seeds vary the
+train/validation partition and sampling.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 
@@ -22,14 +32,38 @@ def check_domains(requested: list[str] | tuple[str, ...], available: list[str]) 
     return list(requested) if requested else list(available)
 
 
-def training_rows(domains: np.ndarray, splits: np.ndarray, train_domains: list[str] | tuple[str, ...]) -> np.ndarray:
-    """Indices of rows in the training domains (all rows when none is given) that are
-    training rows: split ``train`` when the cache has splits, else every row."""
+def id_fractions(ids: Iterable[str] | Iterable[Iterable[str]]) -> np.ndarray:
+    """A number in [0, 1) per row id (or per id of each chunk of ids), from a hash of the id
+    alone: the row's place in the held-out test split."""
+    out = []
+    for item in ids:
+        chunk = [item] if isinstance(item, str) else item
+        out.append(np.fromiter((int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest(), "little")
+                                for i in chunk), dtype=np.uint64))
+    values = np.concatenate(out) if out else np.zeros(0, np.uint64)
+    return (values >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+def test_mask(splits: np.ndarray, fractions: np.ndarray, test_fraction: float) -> np.ndarray:
+    """The held-out test rows of a cache: its ``test`` rows when it has a split column, else
+    the rows whose id fraction is below ``test_fraction``."""
+    if (splits != "").any():
+        return splits == "test"
+    return fractions < test_fraction
+
+
+def training_rows(domains: np.ndarray, splits: np.ndarray, train_domains: list[str] | tuple[str, ...],
+                  fractions: np.ndarray, test_fraction: float) -> np.ndarray:
+    """Indices of the rows a head or probe may fit on: rows of the training domains (all
+    rows when none is given) that are not test rows (split ``train`` when the cache has
+    splits, else every row outside the held-out test split)."""
     keep = np.ones(len(domains), dtype=bool)
     if train_domains:
         keep &= np.isin(domains, list(train_domains))
     if (splits != "").any():
         keep &= splits == "train"
+    else:
+        keep &= ~test_mask(splits, fractions, test_fraction)
     return np.flatnonzero(keep)
 
 
@@ -95,6 +129,7 @@ def make_splits(
     domains: np.ndarray,
     splits: np.ndarray,
     *,
+    fractions: np.ndarray,
     train_domains: list[str],
     seed: int,
     test_fraction: float = 0.2,
@@ -107,9 +142,10 @@ def make_splits(
 
     Training domains' rows are split into train / val / in-domain test: by the cache's
     ``split`` column when it has one (``val`` rows, else a stratified ``val_fraction`` of
-    the ``train`` rows), else by seeded stratified splits (``test_fraction``, then
-    ``val_fraction`` of the rest). Every row of the other domains is out-of-domain test
-    (only its ``test`` rows when the cache has splits). Then ``shots`` keeps K training
+    the ``train`` rows), else the held-out test rows are fixed by the hash of their id
+    (``fractions`` from :func:`id_fractions`, below ``test_fraction``) and a seeded
+    stratified ``val_fraction`` of the rest validates. Every row of the other domains is
+    out-of-domain test (only its ``test`` rows when the cache has splits). Then ``shots`` keeps K training
     rows per class, and ``imbalance`` = (X, N) cuts X % of the classes (chosen with the
     seed) to N training rows.
     """
@@ -123,8 +159,9 @@ def make_splits(
         if not len(val):
             pool, val = stratified_split(pool, labels, val_fraction, seed)
     else:
-        rest, test_in = stratified_split(np.flatnonzero(in_train_domain), labels, test_fraction, seed)
-        pool, val = stratified_split(rest, labels, val_fraction, seed + 1)
+        held = test_mask(splits, fractions, test_fraction)
+        test_in = np.flatnonzero(in_train_domain & held)
+        pool, val = stratified_split(np.flatnonzero(in_train_domain & ~held), labels, val_fraction, seed + 1)
         test_out = np.flatnonzero(~in_train_domain)
     rng = np.random.default_rng([seed, 7])
     train = pool if shots is None else _keep_shots(pool, labels, shots, rng, names)

@@ -37,7 +37,7 @@ from vlaug.heads import (
     make_head_config,
 )
 from vlaug.metrics import box_stats
-from vlaug.protocols import check_domains, stratified_split, training_rows
+from vlaug.protocols import check_domains, id_fractions, stratified_split, training_rows
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class TrainConfig:
     out: str = ""  # head directory to write
     head: HeadConfig = field(default_factory=BoxConfig)  # the head to train, with its options (vlaug.heads)
     train_domains: tuple[str, ...] = ()  # empty: every domain
+    test_fraction: float = 0.2  # held-out test rows (by id hash) when the cache has no split: never trained on
     val_fraction: float = 0.2  # stratified part of the training rows that selects the epoch
     epochs: int | None = None  # None: the head's schedule (box 100, dr 100, lads 50)
     batch_size: int | None = None  # None: the head's schedule (box 512, dr 256, lads 256)
@@ -64,6 +65,8 @@ class TrainConfig:
             raise UsageError(f"head == {self.head!r}; pass a head config, e.g. make_head_config('box').")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UsageError(f"--val-fraction {self.val_fraction}, must be in [0, 1).")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise UsageError(f"--test-fraction {self.test_fraction}, must be in (0, 1).")
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -173,7 +176,8 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
     else:
         feats = cache_io.read_cache(config.features)
     domains = check_domains(config.train_domains, [d for d in np.unique(feats.domains).tolist() if d])
-    rows = training_rows(feats.domains, feats.splits, config.train_domains)
+    fractions = id_fractions(cache_io.iter_ids(config.features))
+    rows = training_rows(feats.domains, feats.splits, config.train_domains, fractions, config.test_fraction)
     if len(rows) < 2:
         raise UsageError(f"only {len(rows)} training row(s) in {config.features!r} for domains {domains}; need at least 2.")
     train_rows, val_rows = stratified_split(rows, feats.labels, config.val_fraction, config.seed)
@@ -212,6 +216,7 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
 
     training = {k: v for k, v in asdict(config).items() if k not in ("head", "overwrite", "progress")}
     training.update(head=config.kind, epochs=epochs, batch_size=batch_size, train_domains=domains, device=str(device),
+                    uses_cache_splits=bool((feats.splits != "").any()),
                     n_train=int(len(train_rows)), n_val=int(len(val_rows)), optimizer="AdamW",
                     features=str(Path(config.features).resolve()), streamed=plan.streamed, memory_budget_bytes=plan.budget)
     checkpoint.save_head(

@@ -44,6 +44,7 @@ from vlaug.cache.ranks import merge_rank_commits, rank_file, write_rank_commit
 from vlaug.cache.read import (
     FeatureCache,
     cache_info,
+    iter_ids,
     iter_metadata,
     read_cache,
     read_columns,
@@ -64,7 +65,7 @@ __all__ = [
     "CacheManifest", "FeatureCache", "MemoryPlan",
     "acquire_lock", "atomic_directory", "atomic_write", "cache_info", "check_output", "check_unlocked", "chunk_rows",
     "embedding_bytes", "fits_in_memory", "image_schema", "in_memory_bytes", "is_cache", "iter_embeddings",
-    "iter_metadata", "merge_rank_commits", "parse_memory_budget", "part_name", "plan_memory", "rank_file",
+    "iter_ids", "iter_metadata", "merge_rank_commits", "parse_memory_budget", "part_name", "plan_memory", "rank_file",
     "read_cache", "read_columns", "read_failed", "read_ids", "read_json_object", "read_manifest", "read_metadata",
     "read_table_columns", "read_texts", "release_lock", "take_rows", "unfinished_files", "write_failed",
     "write_json", "write_manifest", "write_part", "write_predictions", "write_rank_commit", "write_texts",

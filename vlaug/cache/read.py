@@ -178,6 +178,12 @@ def iter_metadata(path: str | os.PathLike, columns: Iterable[str]) -> Iterable[p
         yield _read_parquet(f, list(columns))
 
 
+def iter_ids(path: str | os.PathLike) -> Iterable[list[str]]:
+    """The ids of the listed parts, a list per part (in row order)."""
+    for table in iter_metadata(path, ["id"]):
+        yield table.column("id").to_pylist()
+
+
 def read_metadata(path: str | os.PathLike) -> FeatureCache:
     """A cache without its embeddings, ids or paths (labels, domains, splits and texts), for
     streaming the embeddings from disk with :func:`iter_embeddings`."""
