@@ -83,7 +83,7 @@ def _noisy_few(seed, n_train=30, d=64, flip=0.3):
     xv, yv = draw(600)
     flipped = rng.random(n_train) < flip
     yt[flipped] = (yt[flipped] + rng.integers(1, 3, flipped.sum())) % 3
-    return xt, yt, xv, yv
+    return xt, yt, xv, yv, *draw(2000)
 
 
 def _nuisance(seed, n_train=900, d=8):
@@ -102,7 +102,7 @@ def _nuisance(seed, n_train=900, d=8):
 
     xt, yt = draw(n_train)
     xv, yv = draw(600)
-    return xt, yt, xv, yv
+    return xt, yt, xv, yv, *draw(2000)
 
 
 @pytest.mark.parametrize("make", [_noisy_few, _nuisance])
@@ -112,7 +112,7 @@ def test_weight_decay_selection_finds_a_weight_decay_that_generalises(make, seed
     chosen weight decay scores within 2 points of the best of them, on data where the grid
     spans more than 10 points. A selection that ignored the validation rows would fail."""
     grid = weight_decay_grid(6)
-    xt, yt, xv, yv = (torch.tensor(a) for a in make(seed))
+    xt, yt, xv, yv = (torch.tensor(a) for a in make(seed)[:4])
     best, search = select_weight_decay(Rows.of(xt, yt), Rows.of(xv, yv), grid)
     assert [r["weight_decay"] for r in search] == grid
     acc = lambda W, b: ((xv @ W + b).argmax(1) == yv).float().mean().item()  # noqa: E731
@@ -120,3 +120,34 @@ def test_weight_decay_selection_finds_a_weight_decay_that_generalises(make, seed
     independent = [acc(*fit_probe(Rows.of(xt, yt), wd, 500)[:2]) for wd in grid]
     assert max(independent) - min(independent) > 0.1  # regularisation matters here
     assert independent[grid.index(best["weight_decay"])] >= max(independent) - 0.02
+
+
+def _accuracy_then_log_loss(estimator, x, y):
+    """vlaug's selection rule as a scikit-learn scorer: accuracy, ties to the lower log-loss."""
+    from sklearn.metrics import log_loss
+
+    return (estimator.predict(x) == y).mean() - 1e-6 * log_loss(y, estimator.predict_proba(x), labels=estimator.classes_)
+
+
+@pytest.mark.parametrize("make", [_noisy_few, _nuisance])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_selection_agrees_with_scikit_learn_logistic_regression_cv(make, seed):
+    """The same grid (C = 1 / (weight decay · n)), the same validation rows and the same
+    rule: the chosen C within one grid step, test accuracy within half a point."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import PredefinedSplit
+
+    xt, yt, xv, yv, xs, ys = make(seed)
+    grid = weight_decay_grid(8)
+    best, _ = select_weight_decay(Rows.of(torch.tensor(xt), torch.tensor(yt)), Rows.of(torch.tensor(xv), torch.tensor(yv)), grid)
+    cs = [1 / (wd * len(xt)) for wd in grid]
+    fold = np.r_[np.full(len(xt), -1), np.zeros(len(xv))]  # train on xt, validate on xv, as vlaug does
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk = LogisticRegressionCV(Cs=cs, cv=PredefinedSplit(fold), scoring=_accuracy_then_log_loss, refit=False,
+                                  max_iter=5000, tol=1e-8).fit(np.concatenate([xt, xv]), np.concatenate([yt, yv]))
+    assert abs(grid.index(best["weight_decay"]) - cs.index(sk.C_[0])) <= 1
+    ours = ((torch.tensor(xs) @ best["W"] + best["b"]).argmax(1).numpy() == ys).mean()
+    assert abs(ours - sk.score(xs, ys)) <= 0.005

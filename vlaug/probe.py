@@ -10,7 +10,8 @@ to the overall scale) when targets are one-hot and weights are 1. The weight dec
 chosen on validation rows from a log-spaced grid (as CLIP_benchmark does), warm-starting
 from the strongest regularisation; within a fit, the iteration count ("epoch") with the
 best validation accuracy is kept (LARE: "the epoch was set to the maximum of the
-validation data").
+validation data"). Ties in validation accuracy, within a fit and between weight decays,
+go to the lower validation log-loss.
 
 Rows come in blocks (:class:`Rows`): one block in memory, or blocks streamed from disk
 for caches larger than memory, where every evaluation of the objective reads the cache
@@ -109,12 +110,24 @@ def as_labels(targets: torch.Tensor) -> torch.Tensor:
     return targets
 
 
-def _accuracy(rows: Rows, W: torch.Tensor, b: torch.Tensor) -> float:
-    correct, n = 0, 0
+def _score(rows: Rows, W: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, mean log-loss) of ``x W + b`` on labelled rows (one pass)."""
+    correct, loss, n = 0, 0.0, 0
     for x, y, _ in rows.blocks():
-        correct += int((torch.addmm(b, x, W).argmax(1) == y).sum())
+        logits = torch.addmm(b, x, W)
+        correct += int((logits.argmax(1) == y).sum())
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
         n += len(y)
-    return correct / n if n else float("nan")
+    return (correct / n, loss / n) if n else (float("nan"), float("nan"))
+
+
+def _better(score: tuple[float, float], than: tuple[float, float] | None) -> bool:
+    """Selection's order: higher validation accuracy, then (at equal accuracy) lower
+    validation log-loss. Accuracy alone ties often on small validation sets (every value
+    of a grid can score the same), and a tie kept the first candidate: the fewest
+    iterations and the strongest weight decay, whatever the data. The log-loss ranks the
+    tied candidates by how well they fit the validation rows."""
+    return than is None or score[0] > than[0] or (score[0] == than[0] and score[1] < than[1])
 
 
 def probe_objective(x, W, b, targets, sample_weight, weight_decay, anchor=None) -> torch.Tensor:
@@ -145,8 +158,9 @@ def fit_probe(
     in-memory result up to the order of floating-point sums.
 
     With ``val`` rows (integer labels), the weights after the block of ``eval_every``
-    iterations with the best validation accuracy are returned (``info['iterations']`` says
-    how many), and the fit stops once ``patience`` blocks in a row have not improved it;
+    iterations with the best validation accuracy (ties: the lower validation log-loss) are
+    returned (``info['iterations']`` says how many), and the fit stops once ``patience``
+    blocks in a row have not improved them;
     without them, the weights after ``max_iter`` (or convergence: the largest gradient
     entry below ``tolerance_grad``; scikit-learn's lbfgs stops at 1e-4 on the same scale).
     """
@@ -165,24 +179,25 @@ def fit_probe(
             total = total + loss.detach()
         return total
 
-    best = (-1.0, W.detach().clone(), b.detach().clone(), 0)
+    best, best_score = (W.detach().clone(), b.detach().clone(), 0), None
     done, previous = 0, None
     while done < max_iter:
         loss = float(opt.step(closure))  # the loss at the start of this block
         done += eval_every
         if val is not None and val.n_rows:
             with torch.no_grad():
-                acc = _accuracy(val, W, b)
-            if acc > best[0]:
-                best = (acc, W.detach().clone(), b.detach().clone(), done)
-            elif done - best[3] >= patience * eval_every:
+                score = _score(val, W, b)
+            if _better(score, best_score):
+                best, best_score = (W.detach().clone(), b.detach().clone(), done), score
+            elif done - best[2] >= patience * eval_every:
                 break
         if previous is not None and abs(previous - loss) <= 1e-7 * max(1.0, abs(loss)):
             break  # converged: a whole block no longer moved the loss
         previous = loss
-    if val is None or not val.n_rows:
-        best = (float("nan"), W.detach().clone(), b.detach().clone(), done)
-    return best[1], best[2], {"val_accuracy": best[0], "iterations": best[3]}
+    if best_score is None:
+        return W.detach().clone(), b.detach().clone(), {"val_accuracy": float("nan"), "val_log_loss": float("nan"),
+                                                        "iterations": done}
+    return best[0], best[1], {"val_accuracy": best_score[0], "val_log_loss": best_score[1], "iterations": best[2]}
 
 
 def select_weight_decay(
@@ -194,17 +209,19 @@ def select_weight_decay(
     regularize_towards: torch.Tensor | None = None,
 ) -> tuple[dict, list[dict]]:
     """Fit each weight decay of ``grid`` (warm-started along it, strongest first) and keep
-    the fit with the best validation accuracy (ties: the stronger regularisation).
+    the fit with the best validation accuracy, ties broken by the lower validation
+    log-loss (see :func:`_better`).
 
     Returns:
-        the best ``{"weight_decay", "iterations", "val_accuracy", "W", "b"}`` and the search.
+        the best ``{"weight_decay", "iterations", "val_accuracy", "val_log_loss", "W", "b"}``
+        and the search.
     """
     search, warm, best = [], init, None
     for wd in grid:
         W, b, info = fit_probe(train, wd, max_iter, val=val, init=warm, regularize_towards=regularize_towards)
         warm = (W, b)
         search.append({"weight_decay": wd, **info})
-        if best is None or info["val_accuracy"] > best["val_accuracy"]:
+        if best is None or _better((info["val_accuracy"], info["val_log_loss"]), (best["val_accuracy"], best["val_log_loss"])):
             best = {"weight_decay": wd, **info, "W": W, "b": b}
     best["iterations"] = max(best["iterations"], 10)
     return best, search

@@ -53,8 +53,7 @@ class ProbeMethod(Method):
         cfg = data.config
         best, search = select_weight_decay(rows, labelled_rows(data, np.asarray(splits.val)),
                                            weight_decay_grid(cfg.grid_size), cfg.max_iter, init, anchor)
-        selection = {"weight_decay": best["weight_decay"], "iterations": best["iterations"],
-                     "val_accuracy": best["val_accuracy"]}
+        selection = {k: best[k] for k in ("weight_decay", "iterations", "val_accuracy", "val_log_loss")}
         W, b = self._reweighted(data, rows, train, best["W"], best["b"], selection)
         selection["n_train_rows"] = rows.n_rows
         return Fit(*self.finish(W, b, anchor), selection, search)
