@@ -9,7 +9,11 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
 from tests.conftest import synthetic_clusters
+from vlaug.zero_shot import zero_shot_logits
 from vlaug.probe import (
+    LinearProbe,
+    ProbeConfig,
+    calibrate_temperature,
     Rows,
     fit_probe,
     group_ids,
@@ -151,3 +155,36 @@ def test_selection_agrees_with_scikit_learn_logistic_regression_cv(make, seed):
     assert abs(grid.index(best["weight_decay"]) - cs.index(sk.C_[0])) <= 1
     ours = ((torch.tensor(xs) @ best["W"] + best["b"]).argmax(1).numpy() == ys).mean()
     assert abs(ours - sk.score(xs, ys)) <= 0.005
+
+
+def test_temperature_scaling_finds_the_log_loss_minimum():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 5, generator=g) * 3
+    labels = torch.distributions.Categorical(logits=logits / 2.5).sample()  # calibrated at T = 2.5
+    t = calibrate_temperature(logits, labels)
+    grid = np.exp(np.linspace(np.log(0.1), np.log(100), 4001))
+    losses = [float(F.cross_entropy(logits / v, labels)) for v in grid]
+    assert t == pytest.approx(grid[int(np.argmin(losses))], rel=2e-3)
+    assert 1.5 < t < 4
+    assert calibrate_temperature(10 * logits, labels) == pytest.approx(10 * t, rel=1e-4)  # scale-free
+
+
+def test_an_ensemble_weight_means_the_same_mix_whatever_the_probe_scale():
+    """A probe's logit scale depends on its weight decay; once calibrated, the ensemble's
+    probabilities do not (uncalibrated, the same λ gives another mix)."""
+    x, y, _, centres = synthetic_clusters(n_per_class=60, d=16, n_classes=3, noise=1.0)
+    x, y, text = torch.tensor(x), torch.tensor(y), torch.tensor(centres)
+    W, b, _ = fit_probe(Rows.of(x[::2], y[::2]), 1e-3, max_iter=100)
+    mixes = {}
+    for scale in (0.2, 1.0, 5.0):
+        for calibrated in (True, False):
+            logit_scale = 1 / calibrate_temperature(x[1::2] @ (scale * W) + scale * b, y[1::2]) if calibrated else 1.0
+            zs_t = calibrate_temperature(zero_shot_logits(x[1::2], text, 1.0), y[1::2]) if calibrated else 0.01
+            probe = LinearProbe(ProbeConfig(16, 3, ensemble=0.5, temperature=zs_t, logit_scale=logit_scale))
+            with torch.no_grad():
+                probe.linear.weight.copy_((scale * W).T)
+                probe.linear.bias.copy_(scale * b)
+                probe.text.copy_(text)
+            mixes[scale, calibrated] = probe.predict_proba(x)
+    torch.testing.assert_close(mixes[0.2, True], mixes[5.0, True], atol=1e-4, rtol=1e-4)
+    assert (mixes[0.2, False] - mixes[5.0, False]).abs().max() > 0.1

@@ -303,7 +303,9 @@ def _fit_every_seed(plan: _Plan, progress: bool, sample: np.ndarray, x_sample: t
     for seed, splits in enumerate(plan.splits):
         for method in methods:
             fit = method.fit(data, splits, seed)
-            probe = data.make_probe(fit.W, fit.b, method.ensemble)
+            if method.ensemble:  # both sides calibrated on the validation rows
+                fit.selection["calibration"] = data.calibration(fit.W, fit.b, np.asarray(splits.val))
+            probe = data.make_probe(fit.W, fit.b, method.ensemble, fit.selection.get("calibration"))
             results.append({"method": method.text, "seed": seed, **evaluate_probe(probe, data, splits),
                             "selection": fit.selection})
             if seed == 0:
@@ -337,8 +339,9 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
     refit_rows = np.concatenate([plan.splits[0].train, plan.splits[0].val])
     probes = {}
     for method in methods:
-        fit = method.refit(data, refit_rows, 0, first_fits[method.text].selection)
-        probes[method.text] = data.make_probe(fit.W, fit.b, method.ensemble).cpu()
+        chosen = first_fits[method.text].selection
+        fit = method.refit(data, refit_rows, 0, chosen)
+        probes[method.text] = data.make_probe(fit.W, fit.b, method.ensemble, chosen.get("calibration")).cpu()
     m = data.feats.manifest
     report = {
         "vlaug_version": __version__,

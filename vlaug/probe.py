@@ -40,10 +40,15 @@ class ProbeConfig:
     n_classes: int = 2
     ensemble: float = 0.0  # weight of the zero-shot probabilities mixed into the probe's
     temperature: float = TEMPERATURE  # zero-shot logits = cos / temperature (for ensembles)
+    # ensembles mix calibrated probabilities: the probe's logits are multiplied by logit_scale
+    # (both values fitted on validation rows by temperature scaling; 1 and 0.01 uncalibrated)
+    logit_scale: float = 1.0
 
     def __post_init__(self):
         if not 0.0 <= self.ensemble <= 1.0:
             raise ValueError(f"ensemble == {self.ensemble}, must be in [0, 1].")
+        if not (self.temperature > 0 and self.logit_scale > 0):
+            raise ValueError(f"temperature == {self.temperature} and logit_scale == {self.logit_scale}, must be > 0.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,12 +69,42 @@ class LinearProbe(nn.Module):
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.linear(x).softmax(-1)
+        if self.config.ensemble == 0:
+            return self.linear(x).softmax(-1)
+        p = (self.linear(x) * self.config.logit_scale).softmax(-1)
         lam = self.config.ensemble
         if lam > 0:
             zs = zero_shot_logits(x, self.text, self.config.temperature).softmax(-1)
             p = (1 - lam) * p + lam * zs
         return p
+
+
+def calibrate_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 50) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 that minimises the mean log-loss of
+    ``softmax(logits / T)`` on labelled rows. A 1-d convex problem in log T, solved by
+    golden-section search over T in [1e-4, 1e4].
+
+    An ensemble that mixes probabilities is only meaningful when both sides are calibrated:
+    otherwise a probe whose logits happen to be large (weak weight decay) or small (strong)
+    swamps or vanishes next to the other side, and the same weight λ means another mix on
+    every seed.
+    """
+    logits, labels = logits.double(), labels.long()
+    loss = lambda log_t: float(F.cross_entropy(logits / np.exp(log_t), labels))  # noqa: E731
+    lo, hi = np.log(1e-4), np.log(1e4)
+    ratio = (np.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    for _ in range(steps):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = loss(b)
+    return float(np.exp((lo + hi) / 2))
 
 
 def weight_decay_grid(n: int = 8, low: float = 1e-6, high: float = 1e-1) -> list[float]:

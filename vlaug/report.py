@@ -152,10 +152,10 @@ def format_markdown(report: dict) -> str:
         f"- features: `{report['features']}`",
         f"- model: `{report['model']}`, pretrained: `{pretrained}`, d = {report['embed_dim']}, {len(report['classes'])} classes",
         f"- training domains: {', '.join(p['train_domains']) or '(no domains)'}; out-of-domain: {', '.join(p['test_domains']) or '(none)'}",
-        f"- splits: one held-out test split for every stage and seed: "
+        "- splits: one held-out test split for every stage and seed: "
         + ("the cache’s `test` rows" if p["uses_cache_splits"] else
            f"the held-out test rows are the training-domain rows whose id hashes below {c['test_fraction']}")
-        + f", and every row of the out-of-domain domains; heads and probes fit only on the other rows (seeded "
+        + ", and every row of the out-of-domain domains; heads and probes fit only on the other rows (seeded "
         f"validation fraction {c['val_fraction']}); {sizes}",
         f"- protocol: {', '.join(protocol) or 'all training rows'}; seeds {p['seeds']} (mean ± std over seeds)",
         f"- probe: multinomial logistic regression, L-BFGS, up to {c['max_iter']} iterations, weight decay chosen on "

@@ -20,8 +20,8 @@ import torch
 
 from vlaug.cache import FeatureCache, take_rows
 from vlaug.errors import UsageError
-from vlaug.probe import LinearProbe, ProbeConfig
-from vlaug.zero_shot import TEMPERATURE
+from vlaug.probe import LinearProbe, ProbeConfig, calibrate_temperature
+from vlaug.zero_shot import TEMPERATURE, zero_shot_logits
 
 if TYPE_CHECKING:  # imported for annotations only: evaluate imports this package
     from vlaug.checkpoint import Checkpoint
@@ -134,9 +134,27 @@ class RunData:
             out[torch.as_tensor(pos, device=self.device)] = x
         return out
 
-    def make_probe(self, W: torch.Tensor, b: torch.Tensor, ensemble: float = 0.0) -> LinearProbe:
-        """A probe with weights ``W`` (d, C), bias ``b`` and the class prompts for its ensemble."""
-        probe = LinearProbe(ProbeConfig(self.embed_dim, self.n_classes, ensemble, TEMPERATURE))
+    def calibration(self, W: torch.Tensor, b: torch.Tensor, rows: np.ndarray) -> dict:
+        """Temperature scaling of both sides of an ensemble on labelled ``rows`` (validation
+        rows of the training domains): the probe's logit scale and the zero-shot temperature
+        that make each side's probabilities calibrated, so that an ensemble weight λ means
+        the same mix whatever the probe's weight decay."""
+        logits, zs, y = [], [], []
+        with torch.no_grad():
+            for pos, x in self.stream(rows):
+                logits.append(torch.addmm(b, x, W))
+                zs.append(zero_shot_logits(x, self.text, 1.0))
+                y.append(self.y[self.rows(rows[pos])])
+        logits, zs, y = torch.cat(logits), torch.cat(zs), torch.cat(y)
+        return {"logit_scale": 1.0 / calibrate_temperature(logits, y), "zero_shot_temperature": calibrate_temperature(zs, y)}
+
+    def make_probe(self, W: torch.Tensor, b: torch.Tensor, ensemble: float = 0.0,
+                   calibration: dict | None = None) -> LinearProbe:
+        """A probe with weights ``W`` (d, C), bias ``b``, the class prompts for its ensemble
+        and, for an ensemble, its :meth:`calibration`."""
+        c = calibration or {}
+        probe = LinearProbe(ProbeConfig(self.embed_dim, self.n_classes, ensemble,
+                                        c.get("zero_shot_temperature", TEMPERATURE), c.get("logit_scale", 1.0)))
         with torch.no_grad():
             probe.linear.weight.copy_(W.T.cpu())
             probe.linear.bias.copy_(b.cpu())
