@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from vlaug.heads import (
     BoxHead,
     LatentDR,
     LatentDRConfig,
-    box_log_volume,
+    box_center,
     box_loss,
     domain_directions,
     lads_loss,
@@ -88,29 +90,68 @@ def test_latentdr_loss_by_hand():
     assert loss.item() == pytest.approx(ce + ce_d + ce_r)
 
 
-def _train_box(seed):
-    x, y, _, centres = synthetic_clusters(n_per_class=40, d=32, n_classes=4, seed=seed)
-    x, y, text = torch.tensor(x), torch.tensor(y), torch.tensor(centres)
+def clip_like(n, d, n_classes, seed=0):
+    """CLIP-like latents: class prompts share a direction (prompt-prompt cosine ≈ 0.75),
+    images share a modality-gap direction, image-own-prompt cosine ≈ 0.3."""
+    rt = np.random.default_rng(123)
+    g = rt.standard_normal(d)
+    g /= np.linalg.norm(g)
+    gap = rt.standard_normal(d)
+    gap -= (gap @ g) * g
+    gap /= np.linalg.norm(gap)
+    e = rt.standard_normal((n_classes, d))
+    text = 0.87 * g + 0.5 * e / np.linalg.norm(e, axis=1, keepdims=True)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    centres = rt.standard_normal((n_classes, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    r = np.random.default_rng(seed)
+    y = r.integers(0, n_classes, n)
+    x = 0.3 * text[y] + 0.6 * gap + 0.35 * centres[y] + 0.6 * r.standard_normal((n, d)) / np.sqrt(d)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y), torch.tensor(text, dtype=torch.float32)
+
+
+def _train_box(n, alpha, d=32, n_classes=8, epochs=100, seed=0):
+    """A box head trained as vlaug train-box does (its defaults); returns the data, corners and head."""
+    x, y, text = clip_like(n, d, n_classes, seed=seed)
     torch.manual_seed(seed)
-    head = BoxHead(BoxConfig(embed_dim=32, hidden=64))
-    head.eval()
-    with torch.no_grad():
-        before = box_log_volume(*head(x)).mean().item()
-    loss = lambda m, xb, yb: box_loss(*m(xb), text, yb, 0.5, 0.01)  # noqa: E731
-    fit(head, loss, x_train=x, y_train=y, x_val=x[:0], y_val=y[:0], epochs=60, batch_size=64, lr=1e-3, generator=torch.Generator().manual_seed(seed))
+    config = BoxConfig(alpha=alpha).bind(d, n_classes)
+    head = BoxHead(config)
+    loss = lambda m, xb, yb: box_loss(*m(xb), text, yb, config.alpha, config.temperature)  # noqa: E731
+    history, _ = fit(head, loss, x_train=x, y_train=y, x_val=x[:0], y_val=y[:0], epochs=epochs,
+                     batch_size=BoxConfig.BATCH_SIZE, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         lo, hi = head(x)
-    return x, y, text, lo, hi, before
+    return x, y, text, lo, hi, history
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_box_training_grows_boxes_and_keeps_corners_classified(seed):
-    x, y, text, lo, hi, before = _train_box(seed)
-    after = box_log_volume(lo, hi).mean().item()
-    assert after > before + 10  # sum over 32 log side lengths
+@pytest.mark.slow
+def test_box_size_follows_alpha_not_the_cache_size():
+    """The learned boxes shrink smoothly as α (the weight of classification) grows, and by
+    about the same amount on a small and a 10x larger training set (measured: within 0.11).
+    From a point-sized start at temperature 0.01 the small set learned no box for any α
+    and the large one antipodal corners for every α."""
+    alphas = (0.3, 0.5, 0.7)
+    inner = {}
+    for n in (400, 4000):
+        for alpha in alphas:
+            _, _, _, lo, hi, history = _train_box(n, alpha)
+            inner[n, alpha] = (lo * hi).sum(-1).mean().item()
+            assert history[-1]["bv"] == pytest.approx(inner[n, alpha], abs=0.05)  # logged per epoch
+    for n in (400, 4000):
+        values = [inner[n, a] for a in alphas]
+        assert all(b - a > 0.05 for a, b in zip(values, values[1:])), values  # monotone, visibly
+        assert values[0] < -0.5 and values[-1] < 0.5  # from large boxes to smaller ones, never a point
+    assert all(abs(inner[400, a] - inner[4000, a]) < 0.2 for a in alphas), inner
+
+
+def test_box_corners_are_classified_better_than_the_points():
+    """The classification terms move the corners towards their class prompt: on CLIP-like
+    latents (points 33 % by zero-shot) corners and centres score about 95 %."""
+    x, y, text, lo, hi, _ = _train_box(1000, 0.5)
     acc = lambda p: (zero_shot_logits(p, text, 0.01).argmax(1) == y).float().mean().item()  # noqa: E731
-    assert acc(x) > 0.9  # the set is separable
-    assert acc(lo) >= acc(x) - 0.03 and acc(hi) >= acc(x) - 0.03
+    assert acc(x) < 0.5
+    assert min(acc(lo), acc(hi), acc(box_center(lo, hi))) >= 0.9
 
 
 @pytest.mark.parametrize("kind", ["sa", "pool"])

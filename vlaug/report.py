@@ -76,7 +76,8 @@ def format_head_info(path: str, config: dict, stats: dict | None = None, top: in
     if history and selected:
         row = history[selected - 1]
         val = f"{row['val_loss']:.4f}" if row.get("val_loss") is not None else "n/a"
-        lines.append(f"selected     epoch {selected} of {len(history)} (train loss {row['train_loss']:.4f}, val loss {val})")
+        corners = f", corner inner product {row['bv']:.3f}" if "bv" in row else ""
+        lines.append(f"selected     epoch {selected} of {len(history)} (train loss {row['train_loss']:.4f}, val loss {val}{corners})")
     lines.append(f"vlaug        {config.get('vlaug_version')}")
     if stats:
         lines.append(f"box volume   mean log-volume {stats['mean_log_volume']:.2f} over {stats['n_rows']} training rows, "

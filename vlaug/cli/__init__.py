@@ -137,7 +137,7 @@ def train_box(
     seed: Annotated[int, typer.Option(help="Seeds weights, batch order, validation split and dropout.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     alpha: Annotated[Optional[float], typer.Option(help="box: weight of the classification terms (default 0.5); lads: of the domain alignment (default 0.5).")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="box, lads: zero-shot logits are cos / temperature (default 0.01).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="box, lads: classification logits are cos / temperature (default: box 0.1, lads 0.01).")] = None,
     hidden: Annotated[Optional[int], typer.Option(help="box: f_Box hidden width (default 2·d); lads: f_aug width (default 384).")] = None,
     norm: Annotated[Optional[NormChoice], typer.Option(help="dr: post-norm (paper eq. 12, default) or pre-norm (eq. 13, long-tail).")] = None,
     dr_mode: Annotated[Optional[DRModeChoice], typer.Option(help="dr: both terms (default); d: degradation only; r: restoration only.")] = None,
