@@ -37,7 +37,8 @@ def test_box_checkpoint_round_trip_and_config(features, tmp_path):
     lo2, hi2 = load_head(tmp_path / "box").module(x)
     assert torch.equal(lo1, lo2) and torch.equal(hi1, hi2)
     config = json.loads((tmp_path / "box" / "config.json").read_text())
-    assert config["head"] == {"embed_dim": 32, "hidden": 64, "residual": True, "alpha": 0.7, "temperature": 0.01}
+    assert config["head"] == {"embed_dim": 32, "hidden": 64, "residual": True, "init_width": 0.5, "alpha": 0.7,
+                              "temperature": 0.1}
     assert config["cache"]["model"] == "synthetic" and config["cache"]["classes"] == [f"class{i}" for i in range(4)]
     t = config["training"]
     assert t["train_domains"] == ["photo"] and t["epochs"] == 8 and t["batch_size"] == 512 and t["n_train"] + t["n_val"] == _n_fit_rows(features, "photo")
