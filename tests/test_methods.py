@@ -20,9 +20,9 @@ runner = CliRunner()
 
 def test_registry_lists_every_method_once_in_order():
     assert list(REGISTRY) == ["zero-shot", "linear", "linear-zs", "box", "dr", "lads", "gaussian", "mixup", "xdomain-mix",
-                              "batchformer", "latentdr-sa", "latentdr-pool"]
-    assert {n for n, c in REGISTRY.items() if not c.streams} == {"mixup", "xdomain-mix", "batchformer", "latentdr-sa",
-                                                                  "latentdr-pool"}
+                              "linear-adamw", "batchformer", "latentdr-sa", "latentdr-pool"]
+    assert {n for n, c in REGISTRY.items() if not c.streams} == {"mixup", "xdomain-mix", "linear-adamw", "batchformer",
+                                                                  "latentdr-sa", "latentdr-pool"}
     assert {n: c.head_kinds for n, c in REGISTRY.items() if c.head_kinds} == {
         "box": ("box",), "dr": ("dr-sa", "dr-pool"), "lads": ("lads",)}
     with pytest.raises(ValueError, match="registered twice"):
@@ -36,7 +36,7 @@ def test_parse_method_fills_typed_defaults():
     g = parse_method("gaussian")
     assert isinstance(g, Gaussian) and g.options.to_dict() == {"ensemble": 0.0, "n_aug": 1, "sigma": 0.1}
     joint = parse_method("latentdr-sa?batch_size=64&lr=0.01")
-    assert (joint.options.batch_size, joint.options.lr, joint.options.epochs) == (64, 0.01, 100)
+    assert (joint.options.batch_size, joint.options.lr, joint.options.epochs) == (64, 0.01, 1000)
     assert parse_method("zero-shot").options.to_dict() == {}
 
 

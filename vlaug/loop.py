@@ -37,6 +37,8 @@ def fit(
     generator: torch.Generator | None = None,
     progress: bool = False,
     val_seed: int = 0,
+    select_on: str | None = None,
+    patience: int | None = None,
 ) -> tuple[list[dict], int]:
     """Train ``module`` with AdamW and keep the epoch with the lowest validation loss.
 
@@ -46,6 +48,10 @@ def fit(
         generator: CPU generator for the batch order.
         val_seed: the validation pass runs under this fixed seed, so its random parts
             (LatentDR's pool subsets) are the same every epoch and losses compare.
+        select_on: select on this part of the loss (e.g. the clean classification term)
+            instead of the whole loss.
+        patience: stop once this many epochs in a row have not lowered the validation
+            loss (None: train every epoch).
 
     Returns:
         per-epoch history and the selected epoch (1-based); ``module`` holds its weights.
@@ -58,10 +64,10 @@ def fit(
             yield x_train[idx], y_train[idx]
 
     def val_loss():
-        return mean_loss(module, loss_fn, x_val, y_val, batch_size, val_seed) if len(x_val) else None
+        return mean_loss(module, loss_fn, x_val, y_val, batch_size, val_seed, select_on) if len(x_val) else None
 
     return fit_batches(module, loss_fn, train_batches=train_batches, val_loss=val_loss, epochs=epochs, lr=lr,
-                       weight_decay=weight_decay, progress=progress)
+                       weight_decay=weight_decay, progress=progress, patience=patience)
 
 
 def fit_streamed(
@@ -131,9 +137,11 @@ def fit_batches(
     lr: float = 1e-3,
     weight_decay: float = 0.01,
     progress: bool = False,
+    patience: int | None = None,
 ) -> tuple[list[dict], int]:
     """The epoch loop behind :func:`fit` and :func:`fit_streamed`: ``train_batches()``
-    yields one epoch of (x, y) minibatches; ``val_loss()`` gives the epoch's validation loss."""
+    yields one epoch of (x, y) minibatches; ``val_loss()`` gives the epoch's validation loss;
+    ``patience`` stops the loop once that many epochs in a row have not lowered it."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
@@ -158,6 +166,8 @@ def fit_batches(
             best_loss, best_epoch = row["val_loss"], epoch
             best_state = copy.deepcopy(module.state_dict())
         bar.set_postfix(train=f"{row['train_loss']:.4f}", val=f"{row['val_loss']:.4f}" if row["val_loss"] is not None else "-")
+        if patience is not None and best_state is not None and epoch - best_epoch >= patience:
+            break
     bar.close()
     if best_state is not None:
         module.load_state_dict(best_state)
@@ -166,14 +176,15 @@ def fit_batches(
 
 
 @torch.no_grad()
-def mean_loss(module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0) -> float:
-    """Mean loss over ``x`` in eval mode, under a fixed seed."""
+def mean_loss(module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0,
+              part: str | None = None) -> float:
+    """Mean loss (or its ``part``) over ``x`` in eval mode, under a fixed seed."""
     module.eval()
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         total = 0.0
         for start in range(0, len(x), batch_size):
-            loss, _ = loss_fn(module, x[start : start + batch_size], y[start : start + batch_size])
-            total += float(loss) * len(x[start : start + batch_size])
+            loss, parts = loss_fn(module, x[start : start + batch_size], y[start : start + batch_size])
+            total += float(parts[part] if part else loss) * len(x[start : start + batch_size])
     return total / len(x)

@@ -15,8 +15,12 @@ post-norm (eq. 12), pre-norm (eq. 13) for long-tailed data. Ablations (Table 2):
 
 vlaug's choices where the paper is silent: 4 heads; z_d and z_r are L2-normalised (so
 they live on the same sphere as the cached embeddings and can be fed to stage 3's
-probes); the layers and g see embeddings scaled by √d (unit variance per dimension); randomness (dropout, pool subsets, noise) comes from torch's global generator,
-which the training stage seeds once.
+probes); the layers and g see embeddings scaled by √d (unit variance per dimension);
+attention scores are divided by √dim_head (the transformer's scaling; eq. 9 writes none:
+``scaled_attention=False`` follows it); restoration attends to the *other* samples of the
+batch, as the paper's Alg. 1 does (``restore_from="all"`` also lets a query see its own
+clean latent, which turns restoration into copying); randomness (dropout, pool subsets,
+noise) comes from torch's global generator, which the training stage seeds once.
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ class LatentDRConfig:
     degrade: str = "attention"  # attention | gaussian (noise ablation)
     noise_std: float = 0.1  # σ of the gaussian degradation
     pool_fraction: float = 0.5  # pool: probability that another sample joins the average
+    # restoration's keys/values: "others" (the paper's Alg. 1: the other samples of the batch)
+    # or "all" (also the query's own clean latent, vlaug's first choice: restoring is then
+    # copying the answer)
+    restore_from: str = "others"
+    scaled_attention: bool = True  # scores / √dim_head (the transformer's scaling; the paper's eq. 9 has none)
 
     # vlaug's training schedule (the paper trains end to end with the backbone)
     EPOCHS: ClassVar[int] = 100
@@ -55,7 +64,8 @@ class LatentDRConfig:
 
     def __post_init__(self):
         for name, value, allowed in (("kind", self.kind, KINDS), ("mode", self.mode, MODES),
-                                     ("degrade", self.degrade, DEGRADES), ("norm", self.norm, NORMS)):
+                                     ("degrade", self.degrade, DEGRADES), ("norm", self.norm, NORMS),
+                                     ("restore_from", self.restore_from, ("others", "all"))):
             if value not in allowed:
                 raise ValueError(f"{name} == {value!r}, must be one of {allowed}.")
         if self.embed_dim < 0 or self.n_classes < 2 or self.heads < 1:
@@ -87,9 +97,11 @@ class BatchAttention(nn.Module):
     subset of the other rows (LatentDR's Pool degradation).
     """
 
-    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float, pool: bool = False, pool_fraction: float = 0.5):
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float, pool: bool = False, pool_fraction: float = 0.5,
+                 scaled: bool = True):
         super().__init__()
         self.heads, self.dim_head, self.pool, self.pool_fraction = heads, dim_head, pool, pool_fraction
+        self.scale = dim_head**-0.5 if scaled else 1.0
         inner = heads * dim_head
         if not pool:
             self.to_q = nn.Linear(dim, inner, bias=False)
@@ -111,7 +123,7 @@ class BatchAttention(nn.Module):
         else:
             q = self.to_q(queries).view(n, h, dh).transpose(0, 1)  # (h, n, dh)
             k = self.to_k(keys).view(m, h, dh).transpose(0, 1)
-            scores = q @ k.transpose(1, 2) / dh**0.5  # (h, n, m)
+            scores = q @ k.transpose(1, 2) * self.scale  # (h, n, m)
             if exclude_self and n == m and m > 1:
                 scores = scores.masked_fill(torch.eye(n, dtype=torch.bool, device=scores.device), float("-inf"))
             weights = scores.softmax(-1)
@@ -166,10 +178,12 @@ class LatentDR(nn.Module):
         self.config = c = config
         d = c.embed_dim
         if c.mode in ("dr", "d") and c.degrade == "attention":
-            attn = BatchAttention(d, c.heads, c.dim_head, c.dropout, pool=c.kind == "pool", pool_fraction=c.pool_fraction)
+            attn = BatchAttention(d, c.heads, c.dim_head, c.dropout, pool=c.kind == "pool", pool_fraction=c.pool_fraction,
+                                  scaled=c.scaled_attention)
             self.degrader = BatchLayer(d, c.dim_ff, attn, c.dropout, c.norm)
         if c.mode in ("dr", "r"):
-            self.restorer = BatchLayer(d, c.dim_ff, BatchAttention(d, c.heads, c.dim_head, c.dropout), c.dropout, c.norm)
+            restore_attn = BatchAttention(d, c.heads, c.dim_head, c.dropout, scaled=c.scaled_attention)
+            self.restorer = BatchLayer(d, c.dim_ff, restore_attn, c.dropout, c.norm)
         self.classifier = nn.Linear(d, c.n_classes)
         # Unit-norm embeddings have per-dimension scale 1/√d; g (and the attention layers)
         # see them scaled by √d, the scale nn.Linear's initialisation and LayerNorm assume.
@@ -187,8 +201,10 @@ class LatentDR(nn.Module):
         return F.normalize(self.degrader(x, x, exclude_self=True), dim=-1)
 
     def restore(self, z_d: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """z_d -> z_r (normalised): queries from z_d, keys and values from the clean batch z."""
-        return F.normalize(self.restorer(z_d * self.input_scale, z * self.input_scale), dim=-1)
+        """z_d -> z_r (normalised): queries from z_d, keys and values from the clean batch z
+        (without the query's own row unless ``restore_from`` is "all")."""
+        others = self.config.restore_from == "others"  # Alg. 1: from the other samples of the batch
+        return F.normalize(self.restorer(z_d * self.input_scale, z * self.input_scale, exclude_self=others), dim=-1)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits of g on z, z_d and z_r (those the mode uses) and the soft labels ỹ."""
