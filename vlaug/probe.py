@@ -265,22 +265,52 @@ def select_weight_decay(
 # ----------------------------------------------------------------------------- reweighting
 
 
-def group_ids(labels: torch.Tensor, losses: torch.Tensor, domains: torch.Tensor | None, scheme: str, n_groups: int = 4) -> torch.Tensor:
-    """Groups for reweighting. ``groupdro``: one group per class (per class and domain
-    when domains are given). ``seed-category``: each class (or domain) split into
-    ``n_groups`` seed categories by loss rank (Mei et al.)."""
+def _compact(raw: torch.Tensor) -> torch.Tensor:
+    """Group ids 0..G-1 for the groups that have rows (no empty group holds weight)."""
+    return torch.unique(raw, return_inverse=True)[1]
+
+
+def kmeans(x: torch.Tensor, k: int, iterations: int = 20, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cluster index per row of ``x`` by Lloyd's k-means (k-means++ seeding from ``generator``)."""
+    n = len(x)
+    k = min(k, n)
+    first = int(torch.randint(n, (1,), generator=generator))
+    centres = [x[first]]
+    for _ in range(1, k):
+        d2 = torch.cdist(x, torch.stack(centres)).min(1).values ** 2
+        nxt = int(torch.multinomial(d2 / d2.sum() if d2.sum() > 0 else torch.ones(n) / n, 1, generator=generator))
+        centres.append(x[nxt])
+    centres = torch.stack(centres)
+    for _ in range(iterations):
+        assign = torch.cdist(x, centres).argmin(1)
+        for j in range(k):
+            if (assign == j).any():
+                centres[j] = x[assign == j].mean(0)
+    return torch.cdist(x, centres).argmin(1)
+
+
+def group_ids(labels: torch.Tensor, losses: torch.Tensor, domains: torch.Tensor | None, scheme: str, n_groups: int = 4,
+              x: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Groups for reweighting, numbered 0..G-1 with no empty group.
+
+    ``groupdro``: one group per class present (per class and training domain when
+    ``domains`` is given). ``seed-category``: the rows of each training domain (all rows
+    when ``domains`` is None, e.g. with augmented rows, which have none) split into
+    ``n_groups`` seed categories by the rank of their current loss (Mei et al.).
+    ``seed-category-kmeans``: the same, by k-means of the embeddings ``x`` instead of loss rank.
+    """
     if scheme == "groupdro":
-        if domains is None:
-            return labels.clone()
-        return labels * (int(domains.max()) + 1) + domains
-    key = labels if domains is None else domains
+        return _compact(labels if domains is None else labels * (int(domains.max()) + 1) + domains)
+    key = torch.zeros_like(labels) if domains is None else domains
     groups = torch.empty_like(labels)
     for k in key.unique():
         rows = torch.nonzero(key == k).flatten()
-        order = rows[losses[rows].argsort()]
-        rank = torch.arange(len(order), device=labels.device) * n_groups // max(1, len(order))
-        groups[order] = int(k) * n_groups + rank
-    return groups
+        if scheme == "seed-category-kmeans":
+            groups[rows] = int(k) * n_groups + kmeans(x[rows], n_groups, generator=generator).to(labels.device)
+        else:
+            order = rows[losses[rows].argsort()]
+            groups[order] = int(k) * n_groups + torch.arange(len(order), device=labels.device) * n_groups // max(1, len(order))
+    return _compact(groups)
 
 
 def update_group_weights(q: torch.Tensor, group_losses: torch.Tensor, eta: float = 0.01) -> torch.Tensor:
@@ -302,26 +332,52 @@ def fit_reweighted(
     weight_decay: float,
     scheme: str,
     domains: torch.Tensor | None = None,
-    rounds: int = 10,
-    t0: int = 10,
+    *,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    steps: int = 500,
+    period: int = 100,
     eta: float = 0.01,
+    lr: float = 0.01,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Reweighted probe: every ``t0`` L-BFGS iterations, regroup (seed categories) and
-    update the group weights q ← q·exp(η·loss_group) from the current per-group losses."""
-    W = torch.zeros(x.shape[1], targets.shape[1], device=x.device)
-    b = torch.zeros(targets.shape[1], device=x.device)
-    losses = torch.zeros(len(x), device=x.device)
-    groups = group_ids(labels, losses, domains, scheme)
-    n_groups = int(groups.max()) + 1
-    q = torch.full((n_groups,), 1.0 / n_groups, device=x.device)
-    for _ in range(rounds):
-        W, b, _ = fit_probe(Rows.of(x, targets, sample_weights_from_groups(groups, q)), weight_decay, max_iter=t0,
-                            eval_every=t0, init=(W, b))
+    """A probe trained on reweighted rows, from ``init`` (the selected probe), by ``steps``
+    full-batch Adam steps on Σ_i w_i·CE_i + (weight_decay / 2)·‖W‖².
+
+    At every step each group's weight follows its mean loss, q ← q·exp(η·loss_g)
+    (normalised; a row weighs q_g / |g|). ``seed-category`` schemes regroup every
+    ``period`` steps by the current losses (or k-means) and reset q to uniform, as Mei et
+    al. do; ``groupdro`` keeps its groups and its q. L-BFGS cannot follow an objective that
+    changes at every step, hence the first-order optimiser.
+
+    Returns:
+        W, b and ``{"groups", "group_weights", "steps", "period", "eta", "lr"}``.
+    """
+    d, c = x.shape[1], targets.shape[1]
+    W = (init[0].detach().clone() if init else torch.zeros(d, c, device=x.device)).requires_grad_(True)
+    b = (init[1].detach().clone() if init else torch.zeros(c, device=x.device)).requires_grad_(True)
+    opt = torch.optim.Adam([W, b], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+
+    def row_losses():
+        return -(targets * (x @ W + b).log_softmax(-1)).sum(-1)
+
+    with torch.no_grad():
+        groups = group_ids(labels, row_losses(), domains, scheme, x=x, generator=gen)
+    q = torch.full((int(groups.max()) + 1,), 1.0 / (int(groups.max()) + 1), device=x.device)
+    for step in range(steps):
+        losses = row_losses()
         with torch.no_grad():
-            losses = -(targets * (x @ W + b).log_softmax(-1)).sum(-1)
-            if scheme == "seed-category":
-                groups = group_ids(labels, losses, domains, scheme)
-            group_loss = torch.zeros(n_groups, device=x.device).index_add_(0, groups, losses)
+            n_groups = len(q)
+            group_loss = torch.zeros(n_groups, device=x.device).index_add_(0, groups, losses.detach())
             group_loss /= torch.bincount(groups, minlength=n_groups).clamp(min=1)
             q = update_group_weights(q, group_loss, eta)
-    return W, b, {"group_weights": q.tolist()}
+        objective = (sample_weights_from_groups(groups, q) * losses).sum() + 0.5 * weight_decay * (W * W).sum()
+        opt.zero_grad()
+        objective.backward()
+        opt.step()
+        if scheme != "groupdro" and (step + 1) % period == 0 and step + 1 < steps:
+            with torch.no_grad():  # regroup by the current model, and start the weights afresh
+                groups = group_ids(labels, row_losses(), domains, scheme, x=x, generator=gen)
+            q = torch.full((int(groups.max()) + 1,), 1.0 / (int(groups.max()) + 1), device=x.device)
+    return W.detach(), b.detach(), {"groups": len(q), "group_weights": q.tolist(), "steps": steps, "period": period,
+                                    "eta": eta, "lr": lr}

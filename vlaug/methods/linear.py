@@ -18,9 +18,8 @@ from vlaug.methods.base import EnsembleOptions, Fit, Method, RunData
 from vlaug.probe import Rows, as_labels, fit_probe, fit_reweighted, select_weight_decay, weight_decay_grid
 from vlaug.zero_shot import TEMPERATURE
 
-# --reweight: the update rule's step and schedule (Mei et al.'s η; q updated every t0
-# L-BFGS iterations for this many rounds)
-REWEIGHT_SCHEDULE = {"eta": 0.01, "t0": 10, "rounds": 10}
+# --reweight: Adam steps from the selected probe, regrouping period t0 and Mei et al.'s η
+REWEIGHT_SCHEDULE = {"steps": 500, "period": 100, "eta": 0.01, "lr": 0.01}
 
 
 def block_generator(seed: int, block: int) -> torch.Generator:
@@ -74,8 +73,8 @@ class ProbeMethod(Method):
             return W, b
         x, t, hard = materialize(rows)
         dom = data.dom[data.rows(train)] if not self.extra_rows() else None  # extras have no domain
-        W, b, rw = fit_reweighted(x, t, hard, selection["weight_decay"], scheme, dom, **REWEIGHT_SCHEDULE)
-        selection["reweight"] = {"scheme": scheme, **REWEIGHT_SCHEDULE, **rw}
+        W, b, rw = fit_reweighted(x, t, hard, selection["weight_decay"], scheme, dom, init=(W, b), **REWEIGHT_SCHEDULE)
+        selection["reweight"] = {"scheme": scheme, **rw}
         return W, b
 
     def blocks(self, data: RunData, rows: np.ndarray, seed: int):
