@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from vlaug.choices import PRECISIONS
 from vlaug.errors import UsageError
 
 
@@ -30,7 +31,7 @@ def resolve_device(device: str) -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: bf16 autocast on GPUs that support it (else fp16), fp32 on CPU."""
     if precision != "auto":
-        if precision not in ("fp32", "bf16", "fp16"):
+        if precision not in PRECISIONS:
             raise UsageError(f"--precision {precision!r}; use auto, fp32, bf16 or fp16.")
         return precision
     if device.type == "cuda":

@@ -74,7 +74,7 @@ class ProbeRunConfig:
 class ProbeRun:
     """What :func:`run_probe` returns: the report and what is written beside it."""
 
-    report: dict  # report.json's contents (JSON-ready)
+    report: dict  # report.json's contents but the files the writer adds (probe_dirs, plots)
     probes: dict[str, LinearProbe]  # method -> its probe refitted on train + val of seed 0 (probes/METHOD/)
     cache: dict  # the cache's identity (checkpoint.cache_identity), recorded in every saved probe
     first_train: tuple[np.ndarray, np.ndarray, np.ndarray]  # (x, labels, domains) of the geometry rows, seed 0
@@ -95,18 +95,22 @@ class _Plan:
     chunk_rows: int  # rows read from disk at a time when streamed
 
 
-def _check_methods(config: ProbeRunConfig, memory: cache_io.MemoryPlan) -> list[Method]:
+def _parse_methods(config: ProbeRunConfig) -> list[Method]:
     methods = [parse_method(m) for m in config.methods]
     texts = [m.text for m in methods]
     if len(set(texts)) != len(texts):
         raise UsageError(f"--method given twice: {sorted({t for t in texts if texts.count(t) > 1})}.")
+    return methods
+
+
+def _check_streaming(config: ProbeRunConfig, methods: list[Method], memory: cache_io.MemoryPlan) -> None:
+    """Refuse what needs every row at once when the cache is streamed."""
     if memory.streamed:
         for m in methods:
             if not m.streams:
                 raise UsageError(memory.refusal(f"--method {m.text!r}", "leave this method out"))
         if config.reweight != "none":
             raise UsageError(memory.refusal(f"--reweight {config.reweight}", "use --reweight none"))
-    return methods
 
 
 def _load_heads(methods: list[Method], manifest: cache_io.CacheManifest, features: str) -> dict:
@@ -147,11 +151,13 @@ def _check_head_saw_no_test_row(path: str, training: dict, feats: cache_io.Featu
 
 def prepare(config: ProbeRunConfig) -> _Plan:
     """Check everything before any work: methods, heads against the cache, domains, protocol."""
-    cache_io.check_output(config.out, config.overwrite, lambda p: (p / "report.json").is_file(), "vlaug report")
+    methods = _parse_methods(config)  # the options first (no file read yet), then the files
+    budget = cache_io.parse_memory_budget(config.memory_budget)
     imbalance = parse_imbalance(config.imbalance)
+    cache_io.check_output(config.out, config.overwrite, lambda p: (p / "report.json").is_file(), "vlaug report")
     manifest = cache_io.read_manifest(config.features)
-    memory = cache_io.plan_memory(manifest, config.memory_budget)
-    methods = _check_methods(config, memory)
+    memory = cache_io.plan_memory(manifest, config.memory_budget, budget)
+    _check_streaming(config, methods, memory)
     feats = cache_io.read_metadata(config.features) if memory.streamed else cache_io.read_cache(config.features)
     if CLASSES_PROMPT_SET not in feats.texts:
         raise UsageError(f"cache {config.features!r} has no class prompts (texts.parquet); re-run vlaug embed.")

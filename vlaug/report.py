@@ -1,5 +1,5 @@
-"""Human-readable output: summaries for the terminal (and, as later stages land, the
-JSON / Markdown reports and plots)."""
+"""Human-readable output: terminal summaries of caches and heads, and stage 3's report
+(report.json, report.md, plots and saved probes) from a :class:`~vlaug.evaluate.ProbeRun`."""
 
 from __future__ import annotations
 

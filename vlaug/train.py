@@ -166,9 +166,10 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
         CacheError: the cache is unreadable.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    budget = cache_io.parse_memory_budget(config.memory_budget)
     out = cache_io.check_output(config.out, config.overwrite, checkpoint.is_head, "vlaug head")
     manifest = cache_io.read_manifest(config.features)
-    plan = cache_io.plan_memory(manifest, config.memory_budget)
+    plan = cache_io.plan_memory(manifest, config.memory_budget, budget)
     chunk_rows = plan.chunk_rows()
     if plan.streamed:  # metadata in memory, embeddings streamed from disk each epoch
         feats = cache_io.read_metadata(config.features)

@@ -40,11 +40,6 @@ def in_memory_bytes(manifest: CacheManifest) -> int:
     return 3 * embedding_bytes(manifest)
 
 
-def fits_in_memory(manifest: CacheManifest, budget: int) -> bool:
-    """Whether the cache can be held in memory under ``budget`` bytes (else it is streamed)."""
-    return in_memory_bytes(manifest) <= budget
-
-
 def chunk_rows(budget: int, embed_dim: int, expansion: int = 1) -> int:
     """Rows to read from disk at a time when streaming under ``budget`` bytes: the reader
     holds about four chunks (one being decoded, two read ahead, one in use) at several
@@ -82,7 +77,8 @@ class MemoryPlan:
                 f"{self.budget_text}); raise --memory-budget or {instead}.")
 
 
-def plan_memory(manifest: CacheManifest, memory_budget: str) -> MemoryPlan:
-    """Parse ``memory_budget`` once and decide whether ``manifest``'s cache is streamed."""
-    return MemoryPlan(parse_memory_budget(memory_budget), memory_budget, in_memory_bytes(manifest), manifest.n_images,
-                      manifest.embed_dim)
+def plan_memory(manifest: CacheManifest, memory_budget: str, budget: int | None = None) -> MemoryPlan:
+    """Decide whether ``manifest``'s cache is streamed under ``memory_budget`` (the option as
+    given; ``budget``: its bytes when already parsed, so that it is parsed once)."""
+    budget = parse_memory_budget(memory_budget) if budget is None else budget
+    return MemoryPlan(budget, memory_budget, in_memory_bytes(manifest), manifest.n_images, manifest.embed_dim)

@@ -34,8 +34,7 @@ import torch.nn.functional as F
 
 from vlaug.choices import DR_DEGRADES, DR_MODES, DR_NORMS
 
-KINDS = ("sa", "pool")
-MODES, DEGRADES, NORMS = DR_MODES, DR_DEGRADES, DR_NORMS
+KINDS = ("sa", "pool")  # the degradation layer of dr-sa / dr-pool heads
 
 
 @dataclass(frozen=True)
@@ -63,11 +62,13 @@ class LatentDRConfig:
     BATCH_SIZE: ClassVar[int] = 256
 
     def __post_init__(self):
-        for name, value, allowed in (("kind", self.kind, KINDS), ("mode", self.mode, MODES),
-                                     ("degrade", self.degrade, DEGRADES), ("norm", self.norm, NORMS),
+        for name, value, allowed in (("kind", self.kind, KINDS), ("mode", self.mode, DR_MODES),
+                                     ("degrade", self.degrade, DR_DEGRADES), ("norm", self.norm, DR_NORMS),
                                      ("restore_from", self.restore_from, ("others", "all"))):
             if value not in allowed:
                 raise ValueError(f"{name} == {value!r}, must be one of {allowed}.")
+        if self.dim_head < 0 or self.dim_ff < 0:
+            raise ValueError(f"dim_head == {self.dim_head} and dim_ff == {self.dim_ff}, must be >= 0 (0: the paper's).")
         if self.embed_dim < 0 or self.n_classes < 2 or self.heads < 1:
             raise ValueError(f"embed_dim == {self.embed_dim}, n_classes == {self.n_classes}, heads == {self.heads}; "
                              "need embed_dim >= 0, n_classes >= 2, heads >= 1.")

@@ -39,7 +39,7 @@ def parse_method(text: str) -> Method:
         raise UsageError(f"--method {text!r}: {name} needs a head folder, e.g. {name}:runs/{name}1 (from vlaug train-box).")
     if head and not cls.head_kinds:
         raise UsageError(f"--method {text!r}: {name} takes no head folder.")
-    return cls(text, head, cls.Options.parse(query, text))
+    return cls(text, head, cls.Options.parse(query, text, name))
 
 
 def _import_all() -> None:

@@ -37,17 +37,20 @@ class Options:
     check their values in ``__post_init__`` (raising ValueError with the observed value)."""
 
     @classmethod
-    def parse(cls, query: str, where: str) -> "Options":
+    def parse(cls, query: str, where: str, method: str = "") -> "Options":
         """Options from a query string such as ``n_aug=40&ensemble=0.7`` (``where`` names
         the method spec in errors); unknown keys and bad values are UsageErrors."""
         defaults = {f.name: f.default for f in fields(cls)}
         values = {}
         for key, text in parse_qsl(query, keep_blank_values=True):
             if key not in defaults:
-                raise UsageError(f"--method {where!r}: unknown option {key!r}; it takes {sorted(defaults) or 'none'}.")
+                raise UsageError(f"--method {where!r}: unknown option {key!r} for {method or 'this method'}; "
+                                 f"it takes {sorted(defaults) or 'none'}.")
             kind = type(defaults[key])
             try:
-                values[key] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
+                if kind is bool and text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                values[key] = (text.lower() in ("true", "1")) if kind is bool else kind(text)
             except ValueError:
                 raise UsageError(f"--method {where!r}: option {key}={text!r} must be {_TYPE_NAMES.get(kind, kind.__name__)}.") from None
         try:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from vlaug.methods import register
 from vlaug.methods.base import EnsembleOptions, Fit, Method, RunData
 from vlaug.probe import Rows, as_labels, fit_probe, fit_reweighted, select_weight_decay, weight_decay_grid
-from vlaug.zero_shot import TEMPERATURE
+from vlaug.zero_shot import zero_shot_weights
 
 # --reweight: Adam steps from the selected probe, regrouping period t0 and Mei et al.'s η
 REWEIGHT_SCHEDULE = {"steps": 500, "period": 100, "eta": 0.01, "lr": 0.01}
@@ -63,6 +63,7 @@ class ProbeMethod(Method):
         W, b, _ = fit_probe(train_rows, selection["weight_decay"], data.config.max_iter, init=init, regularize_towards=anchor)
         chosen = {k: v for k, v in selection.items() if k != "reweight"}
         W, b = self._reweighted(data, train_rows, rows, W, b, chosen)
+        chosen["n_train_rows"] = train_rows.n_rows
         return Fit(*self.finish(W, b, anchor), chosen)
 
     def _reweighted(self, data: RunData, rows: Rows, train: np.ndarray, W, b, selection: dict):
@@ -167,7 +168,7 @@ class LinearZS(ProbeMethod):
     Options = LinearZSOptions
 
     def start(self, data):
-        anchor = data.text.T / TEMPERATURE
+        anchor = zero_shot_weights(data.text)
         return (anchor, torch.zeros(data.n_classes, device=data.device)), anchor
 
     def finish(self, W, b, anchor):

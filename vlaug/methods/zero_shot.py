@@ -6,7 +6,7 @@ import torch
 
 from vlaug.methods import register
 from vlaug.methods.base import Fit, Method
-from vlaug.zero_shot import TEMPERATURE
+from vlaug.zero_shot import zero_shot_weights
 
 
 @register
@@ -15,7 +15,7 @@ class ZeroShot(Method):
     summary = "zero-shot: cosine similarity with the class prompts (no training)"
 
     def fit(self, data, splits, seed):
-        return Fit(data.text.T / TEMPERATURE, torch.zeros(data.n_classes, device=data.device))
+        return Fit(zero_shot_weights(data.text), torch.zeros(data.n_classes, device=data.device))
 
     def refit(self, data, rows, seed, selection):
         return self.fit(data, None, seed)
