@@ -21,33 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vlaug import cache  # noqa: E402
 from vlaug.heads import make_head_config  # noqa: E402
+from vlaug.simulate import clip_like  # noqa: E402
 from vlaug.train import TrainConfig, train_head  # noqa: E402
-
-
-def clip_like(n: int, d: int, n_classes: int, seed: int = 0):
-    """(x (n, d), labels, class prompts (C, d)): CLIP-like unit-norm latents."""
-    rt = np.random.default_rng(123)
-    g = rt.standard_normal(d)
-    g /= np.linalg.norm(g)
-    gap = rt.standard_normal(d)
-    gap -= (gap @ g) * g
-    gap /= np.linalg.norm(gap)
-    e = rt.standard_normal((n_classes, d))
-    text = 0.87 * g + 0.5 * e / np.linalg.norm(e, axis=1, keepdims=True)
-    text /= np.linalg.norm(text, axis=1, keepdims=True)
-    centres = rt.standard_normal((n_classes, d))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    r = np.random.default_rng(seed)
-    y = r.integers(0, n_classes, n)
-    x = 0.3 * text[y] + 0.6 * gap + 0.35 * centres[y] + 0.6 * r.standard_normal((n, d)) / np.sqrt(d)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32), y, text.astype(np.float32)
 
 
 def write_cache(path: Path, n: int, d: int, n_classes: int) -> Path:

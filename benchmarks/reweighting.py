@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -24,18 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vlaug.choices import REWEIGHTS  # noqa: E402
 from vlaug.methods.linear import REWEIGHT_SCHEDULE  # noqa: E402
 from vlaug.probe import Rows, fit_reweighted, select_weight_decay, weight_decay_grid  # noqa: E402
-
-
-def planted(n: int, seed: int, d: int = 16, minority: float = 0.08):
-    """(x, labels, rare mask): class 0 with a rare pattern of ``minority`` of its rows."""
-    r = np.random.default_rng(seed)
-    y = r.integers(0, 2, n)
-    rare = (y == 0) & (r.random(n) < minority)
-    x = 0.35 * r.standard_normal((n, d))
-    x[:, 0] += np.where(y == 0, 1.0, -1.0)
-    x[rare, 0] = -0.6 + 0.35 * r.standard_normal(rare.sum())
-    x[rare, 1] += 2.0
-    return torch.tensor(x / 3, dtype=torch.float32), torch.tensor(y), torch.tensor(rare)
+from vlaug.simulate import planted  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:

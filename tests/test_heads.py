@@ -2,8 +2,6 @@
 
 import math
 
-import numpy as np
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,6 +23,7 @@ from vlaug.heads import (
 from vlaug.choices import HEAD_KINDS
 from vlaug.heads import HEADS, make_head_config
 from vlaug.loop import fit
+from vlaug.simulate import clip_like
 
 E = torch.eye(4)
 
@@ -90,30 +89,9 @@ def test_latentdr_loss_by_hand():
     assert loss.item() == pytest.approx(ce + ce_d + ce_r)
 
 
-def clip_like(n, d, n_classes, seed=0):
-    """CLIP-like latents: class prompts share a direction (prompt-prompt cosine ≈ 0.75),
-    images share a modality-gap direction, image-own-prompt cosine ≈ 0.3."""
-    rt = np.random.default_rng(123)
-    g = rt.standard_normal(d)
-    g /= np.linalg.norm(g)
-    gap = rt.standard_normal(d)
-    gap -= (gap @ g) * g
-    gap /= np.linalg.norm(gap)
-    e = rt.standard_normal((n_classes, d))
-    text = 0.87 * g + 0.5 * e / np.linalg.norm(e, axis=1, keepdims=True)
-    text /= np.linalg.norm(text, axis=1, keepdims=True)
-    centres = rt.standard_normal((n_classes, d))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    r = np.random.default_rng(seed)
-    y = r.integers(0, n_classes, n)
-    x = 0.3 * text[y] + 0.6 * gap + 0.35 * centres[y] + 0.6 * r.standard_normal((n, d)) / np.sqrt(d)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return torch.tensor(x, dtype=torch.float32), torch.tensor(y), torch.tensor(text, dtype=torch.float32)
-
-
 def _train_box(n, alpha, d=32, n_classes=8, epochs=100, seed=0):
     """A box head trained as vlaug train-box does (its defaults); returns the data, corners and head."""
-    x, y, text = clip_like(n, d, n_classes, seed=seed)
+    x, y, text = (torch.tensor(a) for a in clip_like(n, d, n_classes, seed=seed))
     torch.manual_seed(seed)
     config = BoxConfig(alpha=alpha).bind(d, n_classes)
     head = BoxHead(config)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
 from tests.conftest import synthetic_clusters
+from vlaug.simulate import planted
 from vlaug.zero_shot import zero_shot_logits
 from vlaug.probe import (
     LinearProbe,
@@ -78,27 +79,14 @@ def test_seed_category_weights_follow_the_update_rule():
     assert group_ids(labels, row_losses, torch.full((12,), 9), "groupdro").tolist() == [0] * 8 + [1] * 4
 
 
-def _planted(n, seed, d=16, minority=0.08):
-    """Two classes; class 0 has a majority pattern and a rare minority pattern (8 %) that
-    sits near class 1 along the main axis and apart along an axis of its own."""
-    r = np.random.default_rng(seed)
-    y = r.integers(0, 2, n)
-    rare = (y == 0) & (r.random(n) < minority)
-    x = 0.35 * r.standard_normal((n, d))
-    x[:, 0] += np.where(y == 0, 1.0, -1.0)
-    x[rare, 0] = -0.6 + 0.35 * r.standard_normal(rare.sum())
-    x[rare, 1] += 2.0
-    return torch.tensor(x / 3, dtype=torch.float32), torch.tensor(y), torch.tensor(rare)
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_reweighting_raises_a_planted_minority_pattern(seed):
     """From the selected probe: k-means seed categories give the rare pattern's cluster the
     weight of a quarter of the data (measured: 74-90 % -> 97-100 % on it, the whole set
     within a point); loss-rank seed categories move its weight, never lower its accuracy."""
-    xt, yt, _ = _planted(2000, seed)
-    xv, yv, _ = _planted(600, seed + 50)
-    xs, ys, rare = _planted(4000, seed + 100)
+    xt, yt, _ = planted(2000, seed)
+    xv, yv, _ = planted(600, seed + 50)
+    xs, ys, rare = planted(4000, seed + 100)
     best, _ = select_weight_decay(Rows.of(xt, yt), Rows.of(xv, yv), weight_decay_grid(8))
     acc = lambda W, b, m: ((xs[m] @ W + b).argmax(1) == ys[m]).float().mean().item()  # noqa: E731
     erm = acc(best["W"], best["b"], rare)
