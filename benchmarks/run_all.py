@@ -3,10 +3,15 @@ the library versions and the date.
 
     python benchmarks/run_all.py [--device auto] [--quick] [--out docs/benchmarks.md]
                                  [--larger-than-memory | --larger-than-memory-json FILE]
+                                 [--shift-json FILE]
 
 --quick shrinks every workload (for checking that the scripts run, not for figures).
 --larger-than-memory adds the 250k-2M-row streaming runs (about 25 minutes on 2 cores);
 --larger-than-memory-json reports an earlier `larger_than_memory.py --json FILE` run.
+The science sections (the domain-shift benchmark, box size against alpha, reweighting)
+always run; --shift-json reports an earlier `shift_benchmark.py --json FILE` run instead
+of running the shift benchmark again, and --science-only rewrites only those sections of
+the page (between its science markers), leaving the speed figures as they were.
 Run nothing else on the machine meanwhile: every figure is a timing.
 """
 
@@ -23,11 +28,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import box_sampling  # noqa: E402
+import box_size  # noqa: E402
 import embed_throughput  # noqa: E402
 import embed_variants  # noqa: E402
 import larger_than_memory  # noqa: E402
 import probe_speed  # noqa: E402
 import profile_stages  # noqa: E402
+import reweighting  # noqa: E402
+import shift_benchmark  # noqa: E402
 import train_heads  # noqa: E402
 
 
@@ -214,6 +222,48 @@ def variants_section(v) -> list[str]:
     ]
 
 
+SCIENCE_START, SCIENCE_END = "<!-- science:start -->", "<!-- science:end -->"
+SHIFT_SETTINGS = "default,small"  # the settings in docs/benchmarks.md (all five: shift_benchmark.py --settings ...)
+
+
+def _science(args) -> list[str]:
+    """Run the science benchmarks (or read an earlier shift benchmark run) and format them."""
+    boxes = box_size.main(["--quick"] if args.quick else [])
+    rew = reweighting.main(["--seeds", "2"] if args.quick else [])
+    if args.shift_json:
+        import json
+
+        shift = json.loads(Path(args.shift_json).read_text())
+    else:
+        shift = shift_benchmark.main(["--quick"] if args.quick else ["--settings", SHIFT_SETTINGS])
+    return science_section(boxes, rew, shift)
+
+
+def science_section(boxes, rew, shift) -> list[str]:
+    return [
+        SCIENCE_START,
+        "## Box size against alpha — `benchmarks/box_size.py`",
+        "",
+        "Mean corner inner product of the boxes a `vlaug train-box --head box` head learns (1: a point, −1: antipodal "
+        "corners) and, in brackets, the zero-shot accuracy of 5 uniform samples per box, on CLIP-like simulated caches "
+        "of two sizes and dimensions (10 classes, vlaug's defaults: 100 epochs, batch 512). The size follows α and "
+        "hardly the cache: the same α gives the same box on 400 and 4,000 rows.",
+        "",
+        *box_size.markdown(boxes),
+        "",
+        "## Pattern-imbalance reweighting — `benchmarks/reweighting.py`",
+        "",
+        "A planted rare pattern (8 % of class 0, near class 1 along the main axis): accuracy (%) of the selected probe "
+        "(`none`) and of each `--reweight` scheme started from it, on held-out rows, mean ± std over seeds.",
+        "",
+        *reweighting.markdown(rew),
+        "",
+        shift_benchmark.markdown(shift),
+        SCIENCE_END,
+        "",
+    ]
+
+
 def fmt(v, digits=1):
     return f"{v:,.{digits}f}"
 
@@ -227,8 +277,19 @@ def main(argv=None):
                    help="also run train-box and probe on 250k-2M row caches (about 25 minutes on 2 cores)")
     p.add_argument("--larger-than-memory-json", metavar="FILE",
                    help="report the results of an earlier `larger_than_memory.py --json FILE` run instead")
+    p.add_argument("--science-only", action="store_true",
+                   help="run only the science benchmarks and replace their sections of --out")
+    p.add_argument("--shift-json", metavar="FILE",
+                   help="report the results of an earlier `shift_benchmark.py --json FILE` run instead of running it")
     args = p.parse_args(argv)
     q = args.quick
+    science = _science(args)
+    if args.science_only:
+        page = Path(args.out).read_text(encoding="utf-8")
+        start, end = page.index(SCIENCE_START), page.index(SCIENCE_END) + len(SCIENCE_END)
+        Path(args.out).write_text(page[:start] + "\n".join(science) + page[end:], encoding="utf-8")
+        print(f"rewrote the science sections of {args.out}")
+        return
     dev = ["--device", args.device]
     embed = embed_throughput.main(["--n-images", "64" if q else "192", "--repeats", "1" if q else "2", *dev])
     train = train_heads.main(["--n", "5000" if q else "50000", *dev])
@@ -301,6 +362,7 @@ def main(argv=None):
         NOTES_SAMPLING,
         "",
         *profile_section(prof),
+        *science,
         *(ltm_section(ltm) if ltm else []),
         "## Not measured yet",
         "",

@@ -119,8 +119,8 @@ class SimParams:
     gamma: float = 0.20  # image-only appearance class signal
     kappa_v: float = 0.25  # per-direction noise of the appearance signal
     rho_app: dict = field(default_factory=lambda: {"photo": 1.0, "sketch": 0.10, "painting": 0.25, "clipart": 0.15})
-    delta: float = 0.40  # norm of each domain's style shift m_k
-    lambda_m: float = 0.8  # fraction of m_k made of photo appearance directions (what biases the probe)
+    delta: float = 0.35  # norm of each domain's style shift m_k
+    lambda_m: float = 0.55 # fraction of m_k made of photo appearance directions (what biases the probe)
     sigma: float = 0.25  # isotropic noise norm
     tau: float = 0.25  # shift of a domain prompt set along its text direction e_k
     rho_dt: float = 0.6  # correlation of the text direction e_k with the image style shift m_k
@@ -131,14 +131,24 @@ class SimParams:
         return dataclasses.asdict(self)
 
 
+ENSEMBLE_WEIGHTS = (0.3, 0.7)  # linear?ensemble=λ rows of every setting
+
+
+def _accuracy_then_log_loss(estimator, x, y) -> float:
+    """vlaug's selection rule as a scikit-learn scorer: accuracy, ties to the lower log-loss."""
+    from sklearn.metrics import log_loss
+
+    return float((estimator.predict(x) == y).mean()) - 1e-6 * log_loss(y, estimator.predict_proba(x), labels=estimator.classes_)
+
+
 @dataclass(frozen=True)
 class Setting:
     """A named setting: the simulator's parameters and how vlaug is run on it."""
 
     name: str
     sim: SimParams
-    head_epochs: int = 30  # vlaug train-box --epochs (every head)
-    joint_epochs: int = 30  # ?epochs= of methods that train jointly (batchformer, latentdr-*)
+    head_epochs: int | None = None  # vlaug train-box --epochs (None: each head's default schedule)
+    joint_epochs: int | None = None  # ?epochs= of the joint methods (None: their default, to convergence)
     grid_size: int = 8  # vlaug probe --grid-size
     max_iter: int = 200  # vlaug probe --max-iter
     description: str = ""
@@ -149,12 +159,12 @@ def _settings() -> dict[str, Setting]:
     return {
         "easy": Setting("easy", dataclasses.replace(
             base, kappa={"photo": 0.45, "sketch": 0.5, "painting": 0.45, "clipart": 0.42},
-            rho_app={"photo": 1.0, "sketch": 0.4, "painting": 0.55, "clipart": 0.45}, lambda_m=0.5, delta=0.3),
+            rho_app={"photo": 1.0, "sketch": 0.4, "painting": 0.55, "clipart": 0.45}, lambda_m=0.35, delta=0.3),
             description="milder shift: appearance features partly survive, weaker style bias, better zero-shot"),
         "default": Setting("default", base, description="16 classes, d = 512, 150 rows per class and domain"),
         "hard": Setting("hard", dataclasses.replace(
             base, kappa={"photo": 0.6, "sketch": 0.7, "painting": 0.62, "clipart": 0.58},
-            rho_app={"photo": 1.0, "sketch": 0.0, "painting": 0.1, "clipart": 0.05}, lambda_m=0.9, delta=0.45),
+            rho_app={"photo": 1.0, "sketch": 0.0, "painting": 0.1, "clipart": 0.05}, lambda_m=0.75, delta=0.4),
             description="stronger shift: appearance features do not transfer, strong style bias, weaker zero-shot"),
         "small": Setting("small", dataclasses.replace(base, n_per_class=24),
                          description="default geometry, 24 rows per class and domain (about 15 training rows per class)"),
@@ -167,7 +177,7 @@ SETTINGS = _settings()
 
 
 def _quick(setting: Setting) -> Setting:
-    sim = dataclasses.replace(setting.sim, n_classes=min(setting.sim.n_classes, 8), d=min(setting.sim.d, 128),
+    sim = dataclasses.replace(setting.sim, n_classes=min(setting.sim.n_classes, 8), d=setting.sim.d // 4,
                               n_per_class=min(setting.sim.n_per_class, 30))
     return dataclasses.replace(setting, sim=sim, head_epochs=3, joint_epochs=3, grid_size=4, max_iter=50,
                                description=f"--quick version of '{setting.name}': {sim.n_classes} classes, d = {sim.d}, "
@@ -290,11 +300,18 @@ def write_cache(path: Path, sim: dict, p: SimParams) -> Path:
 # ----------------------------------------------------------------------------- running vlaug
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+THREADS = {"n": None}  # --threads: set in main()
+
+
 def vlaug_cli(args: list[str], log) -> subprocess.CompletedProcess:
     """``python -m vlaug ARGS`` in a subprocess (the CLI exactly as users run it)."""
     cmd = [sys.executable, "-m", "vlaug", *args]
+    env = dict(os.environ)
+    if THREADS["n"]:
+        env.update({v: str(THREADS["n"]) for v in THREAD_VARS})
     log("$ " + " ".join(cmd))
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
 
 
 def _last_line(text: str) -> str:
@@ -312,7 +329,8 @@ def train_heads(cache_dir: Path, heads_dir: Path, kinds: list[str], epochs: int,
     for kind in kinds:
         folder = heads_dir / kind
         args = ["train-box", str(cache_dir), "--out", str(folder), "--head", kind, "--train-domain", TRAIN_DOMAIN,
-                "--epochs", str(epochs), "--seed", "0", "--device", "cpu", "--no-progress", *HEAD_OPTIONS.get(kind, [])]
+                *(["--epochs", str(epochs)] if epochs else []), "--seed", "0", "--device", "cpu", "--no-progress",
+                *HEAD_OPTIONS.get(kind, [])]
         t0 = time.perf_counter()
         proc = vlaug_cli(args, log)
         info = {"kind": kind, "dir": str(folder), "args": args[1:], "seconds": time.perf_counter() - t0,
@@ -346,7 +364,7 @@ def method_specs(heads: dict, joint_epochs: int) -> tuple[list[tuple[str, str]],
     for name, cls in REGISTRY.items():
         options = {}
         fields_ = {f.name for f in dataclasses.fields(cls.Options)} if dataclasses.is_dataclass(cls.Options) else set()
-        if "epochs" in fields_:
+        if "epochs" in fields_ and joint_epochs:
             options["epochs"] = joint_epochs
         query = ("?" + urlencode(options)) if options else ""
         if cls.head_kinds:
@@ -357,6 +375,8 @@ def method_specs(heads: dict, joint_epochs: int) -> tuple[list[tuple[str, str]],
             specs.append((f"{name}[{kind}]" + query, f"{name}:{heads[kind]['dir']}" + query))
         else:
             specs.append((name + query, name + query))
+    for weight in ENSEMBLE_WEIGHTS:  # ensembles with zero-shot: their spread over seeds is checked
+        specs.append((f"linear?ensemble={weight}", f"linear?ensemble={weight}"))
     return specs, missing
 
 
@@ -435,7 +455,7 @@ def sklearn_reference(x: np.ndarray, y: np.ndarray, dom: np.ndarray, splits: lis
             warnings.simplefilter("always", ConvergenceWarning)
             warnings.simplefilter("ignore", FutureWarning)
             cv = LogisticRegressionCV(Cs=[1.0 / (wd * n) for wd in grid], cv=PredefinedSplit(fold), refit=False,
-                                      scoring="accuracy", max_iter=max_iter).fit(x[rows], y[rows])
+                                      scoring=_accuracy_then_log_loss, max_iter=max(1000, max_iter)).fit(x[rows], y[rows])
         n_warn += sum(issubclass(w.category, ConvergenceWarning) for w in caught)
         test_in, test_out = np.asarray(s.test_in), np.asarray(s.test_out)
         acc = lambda r: float((cv.predict(x[r]) == y[r]).mean()) if len(r) else float("nan")  # noqa: E731
@@ -566,13 +586,24 @@ def plot(entry: dict, path: Path) -> None:
         ax.errorbar(pts[i][0], pts[i][1], xerr=100 * s["in_domain"]["std"], yerr=100 * s["out_of_domain"]["std"],
                     fmt="x" if ref else "o", color="tab:red" if on else ("0.3" if ref else "tab:blue"), ms=7 if on else 5,
                     capsize=3, zorder=3 if on else 2)
-        ax.annotate(s["method"], pts[i], textcoords="offset points", xytext=(4, 4), fontsize=7,
-                    fontweight="bold" if on else "normal", color="tab:red" if on else "0.2")
+    # labels: nudged down until they clear the labels already placed (data units scaled to the axes)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    sx, sy = max(1.0, max(xs) - min(xs)), max(1.0, max(ys) - min(ys))
+    placed = []
+    for i in sorted(range(len(pts)), key=lambda i: -pts[i][1]):
+        x, y = pts[i][0] + 0.01 * sx, pts[i][1] + 0.01 * sy
+        while any(abs(x - px) < 0.22 * sx and abs(y - py) < 0.035 * sy for px, py in placed):
+            y -= 0.035 * sy
+        placed.append((x, y))
+        on = i in front
+        ax.annotate(summary[i]["method"], pts[i], xytext=(x, y), fontsize=7, fontweight="bold" if on else "normal",
+                    color="tab:red" if on else "0.2",
+                    arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if abs(y - pts[i][1]) > 0.03 * sy else None)
     fp = sorted((pts[i] for i in front), key=lambda p: p[0])
     if fp:
         ax.plot([p[0] for p in fp], [p[1] for p in fp], "--", color="tab:red", lw=1, zorder=1,
                 label="Pareto front (in-domain vs out-of-domain)")
-        ax.legend(loc="lower left", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     ax.set_xlabel("in-domain accuracy (%) — photo, held-out rows")
     ax.set_ylabel("out-of-domain accuracy (%) — sketch, painting, clipart")
     st = entry["setting"]
@@ -636,7 +667,7 @@ def markdown_setting(entry: dict) -> str:
           f"- weight-decay grid: {', '.join(f'{w:.1e}' for w in entry['weight_decay_grid'])}; "
           f"sklearn C = 1/(wd·n_train), max_iter {st['max_iter']}, selection on the same validation rows",
           f"- vlaug probe: `{' '.join(entry['probe_args'])} -m ...`",
-          f"- methods: " + "; ".join(f"`{m['method']}` options {json.dumps(m.get('options'))}" for m in entry["methods"])]
+          "- methods: " + "; ".join(f"`{m['method']}` options {json.dumps(m.get('options'))}" for m in entry["methods"])]
     for kind, h in entry["heads"].items():
         tr = h.get("training") or {}
         keep = {k: tr[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "val_fraction", "test_fraction",
@@ -652,7 +683,7 @@ def markdown(run: dict) -> str:
     L = ["## Domain-shift benchmark on a simulated CLIP ViT-B/32 embedding space", "",
          f"`python benchmarks/shift_benchmark.py {' '.join(meta['argv'])}` — {meta['date']}, {meta['machine']}, "
          f"vlaug {meta['vlaug_version']} (git {meta['git']}), torch {meta['torch']}, scikit-learn {meta['sklearn']}, "
-         f"{meta['torch_threads']} torch threads; total {meta['seconds']:.0f} s.", "",
+         f"{meta['threads_env'] or 'default'} thread(s) per vlaug run ({meta['torch_threads']} torch threads here); total {meta['seconds']:.0f} s.", "",
          "Every method of `vlaug.methods.REGISTRY` is run through `python -m vlaug probe` on a feature cache written "
          "with vlaug's own writer; heads come from `python -m vlaug train-box` on `photo`. The simulator and the "
          "published figures it is calibrated to are described in the script's docstring. "
@@ -765,7 +796,7 @@ def _meta(argv: list[str]) -> dict:
     return {"argv": argv, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()} "
             f"{os.cpu_count()} cores, {platform.system()}", "python": platform.python_version(),
             "vlaug_version": __version__, "git": git, "torch": torch.__version__, "sklearn": sklearn.__version__,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "threads_env": THREADS["n"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -778,7 +809,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", help="write every number and setting here")
     ap.add_argument("--plot-dir", help="folder of the PNGs (default docs/; with --quick the work folder)")
     ap.add_argument("--workdir", help="folder for the caches, heads and reports (default: a temporary folder, removed)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads of every vlaug run and of the reference (OMP/MKL/OpenBLAS and torch; default 1: "
+                         "with another process on a 2-core machine, 2 torch threads each made training up to 10x slower); "
+                         "0 leaves the libraries' defaults")
     args = ap.parse_args(argv)
+    THREADS["n"] = args.threads or None
+    if args.threads:
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
