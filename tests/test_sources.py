@@ -15,7 +15,7 @@ def test_class_layout_is_detected_and_sorted(tmp_path):
     assert src.classes == ["ant", "moth", "zebra"]
     assert [r.id for r in src.records][:3] == ["ant/000.png", "ant/001.png", "moth/000.png"]
     assert [r.label for r in src.records] == [0, 0, 1, 1, 2, 2]
-    assert all(r.domain == "" and r.split == "" for r in src.records)
+    assert all(r.domain == "" and r.split is None for r in src.records)
     assert src.n_ignored_files == 1
 
 
@@ -86,7 +86,7 @@ def test_csv_manifest(tmp_path):
     assert [r.id for r in src.records] == ["007", "008", "009"]  # CSV cells stay strings
     assert src.records[0].path == str(tmp_path / "imgs" / "1.png")
     assert src.records[1].path == str(absolute)
-    assert [r.split for r in src.records] == ["train", "test", ""]
+    assert [r.split for r in src.records] == ["train", "test", None]
     assert src.domains == ["photo", "sketch"]
 
 
@@ -103,7 +103,6 @@ def test_parquet_manifest_with_integer_labels(tmp_path):
     "text, match",
     [
         ("file,class\na.png,x\n", "needs 'path'"),
-        ("path,domain\na.png,x\n", "needs 'path'"),
         ("path,class\n", "no rows"),
         ("path,class\na.png,x\na.png,y\n", "duplicate ids"),
         ("path,class\n,x\n", "empty 'path'"),
@@ -123,3 +122,27 @@ def test_manifest_labels_outside_classes_file(tmp_path):
     m.write_text("path,label\na.png,5\n")
     with pytest.raises(SourceError, match="outside 0..1"):
         load_source(m, classes=["a", "b"])
+
+
+def test_flat_folder_and_path_only_manifest_are_unlabeled(tmp_path):
+    for k in range(3):
+        write_image(tmp_path / "flat" / f"{k}.png", k)
+    src = load_source(tmp_path / "flat")
+    assert src.layout == "flat" and src.detected and not src.labeled and src.classes == []
+    assert [(r.id, r.label, r.class_name, r.split) for r in src.records][0] == ("0.png", None, None, None)
+    assert "no labels" in src.describe() and "layout flat (detected)" in src.describe()
+    m = tmp_path / "m.csv"
+    m.write_text("path,domain\nflat/0.png,x\nflat/1.png,y\n")
+    src = load_source(m)
+    assert src.layout == "manifest" and src.classes == [] and [r.label for r in src.records] == [None, None]
+    assert src.domains == ["x", "y"]
+    with pytest.raises(SourceError, match="--classes has nothing to order"):
+        load_source(m, classes=["a"])
+
+
+def test_describe_names_layout_classes_and_domains(tmp_path):
+    root = make_domain_folder(tmp_path / "src", domains=("photo", "sketch"), classes=("cat", "dog"), n=1)
+    line = load_source(root).describe()
+    assert "layout domain-class (detected)" in line
+    assert "4 images, 2 classes (cat, dog), 2 domains (photo, sketch)" in line
+    assert "layout class (given)" in load_source(root / "photo", "class").describe()

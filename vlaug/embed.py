@@ -9,6 +9,7 @@ same command after an interruption embeds only what is missing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -46,8 +47,8 @@ class EmbedConfig:
     pretrained: str = "laion2b_s34b_b79k"  # tag, checkpoint file, or "none" (random weights)
     layout: str = "auto"  # auto | class | domain-class | manifest
     classes_file: str | None = None  # one class per line: fixes the class order
-    templates: str = "simple"  # simple | openai | photo | FILE: class prompt ensemble
-    prompt_sets: tuple[str, ...] = ()  # extra "NAME=TEMPLATE" / "NAME=@FILE" prompt sets
+    templates: str | None = None  # simple | openai | photo | FILE; None: the cache's own, or simple for a new cache
+    prompt_sets: tuple[str, ...] = ()  # extra "NAME=TEMPLATE" / "NAME=@FILE" prompt sets (added to the cache's)
     device: str = "auto"  # auto | cpu | cuda[:N] | mps
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on GPU)
     batch_size: int = 64  # images per forward pass
@@ -56,6 +57,7 @@ class EmbedConfig:
     part_size: int = 4096  # rows per committed part: the most work an interruption can lose
     seed: int = 0  # seeds random weights when pretrained is "none"
     overwrite: bool = False  # replace an existing cache made with other settings
+    append: bool = False  # add the images of another source to an existing cache
     progress: bool = True  # show a progress bar on stderr
 
     def __post_init__(self):
@@ -178,9 +180,10 @@ def _check_out(out: Path) -> None:
 
 
 def _mismatches(old: cache.CacheManifest, new: cache.CacheManifest) -> list[str]:
-    """What differs between an existing cache and the run asked for now."""
+    """What differs between an existing cache's images and the run asked for now (texts are
+    not part of it: vlaug prompts changes them)."""
     diffs = []
-    for key in ("model", "pretrained", "classes", "templates", "prompt_sets", "dtype"):
+    for key in ("model", "pretrained", "classes", "dtype"):
         a, b = getattr(old, key), getattr(new, key)
         if a != b:
             show = lambda v: repr(v) if len(repr(v)) < 80 else repr(v)[:77] + "..."  # noqa: E731
@@ -190,6 +193,59 @@ def _mismatches(old: cache.CacheManifest, new: cache.CacheManifest) -> list[str]
     if old.pretrained_sha256 and new.pretrained_sha256 and old.pretrained_sha256 != new.pretrained_sha256:
         diffs.append("checkpoint file contents changed since the cache was made (sha256 differs)")
     return diffs
+
+
+def _text_changes(old: cache.CacheManifest, templates: list[str] | None, prompt_sets: dict[str, list[str]],
+                  out: Path) -> list[str]:
+    """Templates or prompt sets given now that would change the cache's texts: vlaug prompts does that."""
+    show = lambda v: repr(v) if len(repr(v)) < 80 else repr(v)[:77] + "..."  # noqa: E731
+    diffs = []
+    if templates is not None and templates != old.templates:
+        diffs.append(f"templates: cache has {show(old.templates)}, this run asks for {show(templates)}")
+    diffs += [f"prompt set {name!r}: cache has {show(old.prompt_sets[name])}, this run asks for {show(t)}"
+              for name, t in prompt_sets.items() if name in old.prompt_sets and old.prompt_sets[name] != t]
+    if diffs:
+        diffs[-1] += (f" (texts change without re-embedding any image: vlaug prompts {str(out)} --templates ... "
+                      "or --prompt-set NAME=TEMPLATE)")
+    return diffs
+
+
+def _source_changes(old: cache.CacheManifest, source: Source, append: bool) -> list[str]:
+    """Another source than the one(s) the cache was embedded from, without --append."""
+    known = old.source_identities
+    if append or not known or {"source": source.root, "layout": source.layout} in known:
+        return []
+    was = "; ".join(f"{k['source']} ({k['layout']} layout)" for k in known)
+    return [f"source: cache holds images of {was}, this run reads {source.root} ({source.layout} layout); "
+            "pass --append to add its images to the cache"]
+
+
+def _check_append(out: Path, old: cache.CacheManifest, source: Source) -> Source:
+    """The source of an --append run with its labels in the cache's class order; refused when
+    it has classes the cache lacks or ids the cache holds for other files."""
+    extra = [c for c in source.classes if c not in old.classes]
+    if extra:
+        raise CacheMismatchError(
+            f"--append: {source.root} has classes {extra[:5]} that the cache {str(out)!r} lacks (it has "
+            f"{len(old.classes)}). Embed it into another --out, or list every class with --classes."
+        )
+    index = {c: i for i, c in enumerate(old.classes)}
+    records = [r if r.class_name is None else ImageRecord(r.id, r.path, index[r.class_name], r.class_name, r.domain, r.split)
+               for r in source.records]
+    paths = {r.id: r.path for r in records}
+    clash = []
+    for table in cache.iter_metadata(out, ["id", "path"]):
+        for i, p in zip(table.column("id").to_pylist(), table.column("path").to_pylist()):
+            if i in paths and paths[i] != p:
+                clash.append(i)
+    if clash:
+        raise CacheMismatchError(
+            f"--append: {len(clash)} id(s) of {source.root} are already in {str(out)!r} for other files (e.g. "
+            f"{clash[0]!r}; ids are paths relative to the source). Give the new source its own ids (a manifest "
+            "with an 'id' column) or embed it into another --out."
+        )
+    return Source(source.root, source.layout, records, list(old.classes), source.domains, source.n_ignored_files,
+                  source.detected)
 
 
 def _remove_cache(out: Path) -> None:
@@ -256,32 +312,45 @@ def plan_embed(config: EmbedConfig) -> tuple[Source, cache.CacheManifest, Encode
     _check_out(out)
     classes = read_class_file(config.classes_file) if config.classes_file else None
     source = load_source(config.source, config.layout, classes)
-    templates = resolve_templates(config.templates)
+    templates = resolve_templates(config.templates) if config.templates else None
     prompt_sets = parse_prompt_sets(config.prompt_sets)
     spec = check_encoder_spec(config.model, config.pretrained)
+    cache.check_unlocked(out)
+    old = cache.read_manifest(out) if cache.is_cache(out) and not config.overwrite else None
+    if old is not None and config.append and not _source_changes(old, source, False):
+        config = dataclasses.replace(config, append=False)  # the cache's own source: a plain resume
+    if old is not None and config.append:
+        source = _check_append(out, old, source)
+    identity = {"source": source.root, "layout": source.layout}
     manifest = cache.CacheManifest(
         model=spec.model,
         pretrained=spec.pretrained,
         dtype=config.dtype,
         classes=source.classes,
         domains=source.domains,
-        templates=templates,
+        templates=templates if templates is not None else resolve_templates("simple"),
         prompt_sets=prompt_sets,
         seed=config.seed,
         pretrained_sha256=spec.checkpoint_sha256,
         source=source.root,
         layout=source.layout,
         n_inputs=len(source.records),
+        sources=[identity],
     )
-    cache.check_unlocked(out)
-    if cache.is_cache(out) and not config.overwrite:
-        old = cache.read_manifest(out)
-        diffs = _mismatches(old, manifest)
+    if old is not None:
+        diffs = _mismatches(old, manifest) + _source_changes(old, source, config.append)
+        diffs += _text_changes(old, templates, prompt_sets, out)
         if diffs:
             raise CacheMismatchError(
                 f"{str(out)!r} holds a cache made with other settings ({'; '.join(diffs)}). "
                 "Pass --overwrite to replace it, or choose another --out."
             )
+        # the cache keeps its texts (and its first source); this run may add prompt sets and sources
+        manifest.templates = list(old.templates) if templates is None else templates
+        manifest.prompt_sets = {**old.prompt_sets, **prompt_sets}
+        manifest.source, manifest.layout = old.source or source.root, old.layout or source.layout
+        manifest.sources = old.source_identities + ([identity] if identity not in old.source_identities else [])
+        manifest.domains = sorted(set(old.domains) | set(source.domains))
     return source, manifest, spec
 
 
@@ -306,6 +375,7 @@ def embed_source(config: EmbedConfig, log: Callable[[str], None] | None = None) 
     out = Path(config.out)
     if ctx.rank != 0:
         log = lambda msg: None  # noqa: E731  (rank 0 speaks for the run)
+    log(source.describe())
     if spec.random_weights:
         log(
             f"WARNING: --pretrained none: {spec.model} has RANDOM weights (seed {config.seed}); its embeddings "
@@ -375,7 +445,7 @@ def _embed_distributed(config, encoder, source, manifest, out, ctx: DistContext,
                 _, failures = cache.merge_rank_commits(out, final)
                 cache.write_failed(out, failures)
                 final.n_failed = len(failures)
-                final.complete = final.n_images + len(failures) >= len(source.records)
+                final.complete = final.n_images + len(failures) >= final.n_inputs
                 cache.write_manifest(out, final)
                 result.failures = failures
             result.n_embedded, result.n_failed = int(counts[0]), int(counts[1])
@@ -419,19 +489,32 @@ def _prepare_cache(config, encoder, source, manifest, out, log) -> tuple[set[str
         manifest.parts = list(existing.parts)
         manifest.n_images = existing.n_images
         done = set(cache.read_ids(out, existing))
-
-    texts = {CLASSES_PROMPT_SET: encoder.encode_prompts(source.classes, manifest.templates).numpy()}
-    for name, templates in manifest.prompt_sets.items():
-        texts[name] = encoder.encode_prompts(source.classes, templates).numpy()
-    cache.write_texts(out, texts, source.classes)
+    # every input of every source: the rows in the cache and the inputs of this source
+    manifest.n_inputs = len(done | {r.id for r in source.records})
+    _write_missing_texts(encoder, manifest, out, existing)
     cache.write_manifest(out, manifest)
     return done, n_removed
+
+
+def _write_missing_texts(encoder, manifest: cache.CacheManifest, out: Path, existing: cache.CacheManifest | None) -> None:
+    """Encode the prompt sets ``texts.parquet`` lacks (all of them for a new cache); the
+    cache's own texts are kept as they are. An unlabeled cache has no texts."""
+    if not manifest.classes:
+        return
+    texts = cache.read_texts(out, existing) if existing is not None else {}
+    wanted = {CLASSES_PROMPT_SET: manifest.templates, **manifest.prompt_sets}
+    missing = {name: t for name, t in wanted.items() if name not in texts}
+    if not missing:
+        return
+    for name, templates in missing.items():
+        texts[name] = encoder.encode_prompts(manifest.classes, templates).numpy()
+    cache.write_texts(out, {name: texts[name] for name in wanted}, manifest.classes)
 
 
 def _embed_locked(config, encoder, source, manifest, out, log) -> EmbedResult:
     done, n_removed = _prepare_cache(config, encoder, source, manifest, out, log)
     orphans = len(done - {r.id for r in source.records})
-    if orphans:
+    if orphans and len(manifest.sources) == 1:
         log(f"note: {orphans} row(s) in the cache are not in the source any more; they are kept")
     pending = [r for r in source.records if r.id not in done]
     n_skipped = len(source.records) - len(pending)
@@ -540,6 +623,6 @@ def _embed_pending(config: EmbedConfig, encoder, source: Source, manifest: cache
         bar.close()
     failures = writer.failures
     if not ctx.distributed:
-        manifest.complete = manifest.n_images + len(failures) >= len(source.records)
+        manifest.complete = manifest.n_images + len(failures) >= manifest.n_inputs
         cache.write_manifest(out, manifest)
     return EmbedResult(str(out), len(source.records), n_embedded, n_skipped, len(failures), seconds, n_removed, failures)

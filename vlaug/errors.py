@@ -44,3 +44,7 @@ class CheckpointError(UsageError):
 
 class CacheLockedError(UsageError):
     """Another live ``vlaug embed`` process is writing the same cache."""
+
+
+class IncompleteCacheError(UsageError):
+    """A cache whose embed run was interrupted, used without ``--allow-incomplete``."""

@@ -7,7 +7,7 @@ what makes ``vlaug embed`` resumable and its output reproducible.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
@@ -18,23 +18,25 @@ IMAGE_EXTENSIONS = frozenset(
 )
 MANIFEST_EXTENSIONS = frozenset({".csv", ".parquet", ".pq"})
 SPLITS = ("train", "val", "test", "")
+UNLABELED = "unlabeled"  # the layout of a flat folder of images or a path-only manifest
 
 
 class Layout(str, Enum):
     auto = "auto"
     class_folders = "class"  # ROOT/class/image
     domain_class_folders = "domain-class"  # ROOT/domain/class/image (DomainBed style)
-    manifest = "manifest"  # CSV or Parquet with columns path, class|label [, domain, split, id]
+    manifest = "manifest"  # CSV or Parquet with columns path [, class|label, domain, split, id]
+    flat = "flat"  # ROOT/image, no labels (for vlaug predict)
 
 
 @dataclass(frozen=True)
 class ImageRecord:
     id: str  # stable key: path relative to the source root, or the manifest's id
     path: str  # where the image is read from
-    label: int  # index into Source.classes
-    class_name: str
+    label: int | None  # index into Source.classes; None for an unlabeled image
+    class_name: str | None
     domain: str = ""  # "" when the source has no domains
-    split: str = ""  # train / val / test when the source says so, else ""
+    split: str | None = None  # train / val / test when the source says so, else None (null in the cache)
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,27 @@ class Source:
     root: str  # the folder or manifest file given by the user, resolved
     layout: str  # the Layout value that was used
     records: list[ImageRecord]
-    classes: list[str]  # ordered; ImageRecord.label indexes it
+    classes: list[str]  # ordered; ImageRecord.label indexes it; empty for an unlabeled source
     domains: list[str] = field(default_factory=list)  # sorted, without ""
     n_ignored_files: int = 0  # files without an image extension that were skipped
+    detected: bool = False  # the layout was detected (--layout auto), not given
+
+    @property
+    def labeled(self) -> bool:
+        return bool(self.classes)
+
+    def describe(self) -> str:
+        """One line saying what was found, printed before embedding: the layout, and the
+        classes and domains with their first few names."""
+        def first(names: list[str]) -> str:
+            return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+        how = "detected" if self.detected else "given"
+        what = [f"{len(self.records)} images"]
+        what.append(f"{len(self.classes)} classes ({first(self.classes)})" if self.classes else "no labels")
+        if self.domains:
+            what.append(f"{len(self.domains)} domains ({first(self.domains)})")
+        return f"source {self.root}: layout {self.layout} ({how}); " + ", ".join(what)
 
 
 def read_class_file(path: str | os.PathLike) -> list[str]:
@@ -90,7 +110,7 @@ def load_source(
     if layout is Layout.manifest or (layout is Layout.auto and root.is_file()):
         if not root.is_file():
             raise SourceError(f"--layout manifest needs a CSV or Parquet file, but {str(source)!r} is a folder.")
-        return _load_manifest(root.resolve(), classes)
+        return replace(_load_manifest(root.resolve(), classes), detected=layout is Layout.auto)
     if not root.is_dir():
         raise SourceError(f"source {str(source)!r} is neither a folder nor a CSV/Parquet manifest.")
     return _load_folder(root.resolve(), layout, classes)
@@ -157,12 +177,29 @@ def _detect_layout(root: Path, top_dirs: list[Path]) -> Layout:
     )
 
 
+def _load_flat(root: Path) -> Source:
+    """Every image below ``root`` (recursive), unlabeled: embeddings for vlaug predict."""
+    images, n_ignored = _walk_images(root)
+    if not images:
+        raise SourceError(
+            f"source folder {str(root)!r} holds no image files (extensions {sorted(IMAGE_EXTENSIONS)}). Check the path."
+        )
+    records = [ImageRecord(id=p.relative_to(root).as_posix(), path=str(p), label=None, class_name=None) for p in images]
+    return Source(str(root), Layout.flat.value, records, [], [], n_ignored)
+
+
 def _load_folder(root: Path, layout: Layout, classes: list[str] | None) -> Source:
+    detected = layout is Layout.auto
     top_dirs = [Path(e.path) for e in _visible_entries(root) if _is_dir(e)]
+    if layout is Layout.flat or (detected and not top_dirs and _has_direct_images(root)):
+        if classes is not None:
+            raise SourceError(f"source folder {str(root)!r} holds images without class folders (unlabeled); "
+                              "--classes needs ROOT/class/image.jpg or ROOT/domain/class/image.jpg.")
+        return replace(_load_flat(root), detected=detected)
     if not top_dirs:
         raise SourceError(
             f"source folder {str(root)!r} is empty or has no sub-folders. "
-            "Lay images out as ROOT/class/image.jpg or ROOT/domain/class/image.jpg."
+            "Lay images out as ROOT/class/image.jpg or ROOT/domain/class/image.jpg (or ROOT/image.jpg, unlabeled)."
         )
     if layout is Layout.auto:
         layout = _detect_layout(root, top_dirs)
@@ -199,7 +236,7 @@ def _load_folder(root: Path, layout: Layout, classes: list[str] | None) -> Sourc
             "Check the path."
         )
     domains = sorted({r.domain for r in records} - {""})
-    return Source(str(root), layout.value, records, class_names, domains, n_ignored)
+    return Source(str(root), layout.value, records, class_names, domains, n_ignored, detected)
 
 
 def _resolve_classes(found: list[str], classes: list[str] | None, where: str) -> list[str]:
@@ -228,11 +265,15 @@ def _load_manifest(path: Path, classes: list[str] | None) -> Source:
         )
     columns = read_table_columns(path)
     n_rows = len(next(iter(columns.values()))) if columns else 0
-    if "path" not in columns or not ({"class", "label"} & set(columns)):
+    if "path" not in columns:
         raise SourceError(
             f"manifest {str(path)!r} has columns {sorted(columns)}; it needs 'path' and 'class' (or 'label'), "
-            "optionally 'domain', 'split' and 'id'."
+            "optionally 'domain', 'split' and 'id' ('path' alone: unlabeled images, for vlaug predict)."
         )
+    labeled = bool({"class", "label"} & set(columns))
+    if not labeled and classes is not None:
+        raise SourceError(f"manifest {str(path)!r} has no 'class' or 'label' column, so --classes has nothing to order. "
+                          "Add a 'class' column or leave out --classes.")
     if n_rows == 0:
         raise SourceError(f"manifest {str(path)!r} has no rows. Add one row per image.")
 
@@ -242,7 +283,7 @@ def _load_manifest(path: Path, classes: list[str] | None) -> Source:
     if empty:
         raise SourceError(f"manifest {str(path)!r} rows {empty[:5]} have an empty 'path'. Fill them or delete them.")
 
-    class_of_row, class_names = _manifest_classes(columns, classes, path)
+    class_of_row, class_names = _manifest_classes(columns, classes, path) if labeled else ([None] * n_rows, [])
     index = {name: i for i, name in enumerate(class_names)}
 
     domains = [_cell(v) for v in columns.get("domain", [""] * n_rows)]
@@ -272,7 +313,7 @@ def _load_manifest(path: Path, classes: list[str] | None) -> Source:
         p = Path(paths[i])
         resolved = p if p.is_absolute() else base / p
         name = class_of_row[i]
-        records.append(ImageRecord(ids[i], str(resolved), index[name], name, domains[i], splits[i]))
+        records.append(ImageRecord(ids[i], str(resolved), index.get(name), name, domains[i], splits[i] or None))
     return Source(str(path), Layout.manifest.value, records, class_names, sorted(set(domains) - {""}), 0)
 
 

@@ -43,6 +43,7 @@ from vlaug.cache.ranks import merge_rank_commits, rank_file, write_rank_commit
 from vlaug.cache.read import (
     FeatureCache,
     cache_info,
+    check_complete,
     iter_ids,
     iter_metadata,
     read_cache,
@@ -62,7 +63,7 @@ __all__ = [
     "CLASSES_PROMPT_SET", "FAILED_NAME", "FAULT_ENV", "FORMAT_VERSION", "IMAGES_DIR", "LOCK_NAME", "MANIFEST_NAME",
     "ROW_GROUP_ROWS", "STORAGE_DTYPES", "TEXTS_NAME", "TMP_MARKER",
     "CacheManifest", "FeatureCache", "MemoryPlan",
-    "acquire_lock", "atomic_directory", "atomic_write", "cache_info", "check_output", "check_unlocked", "chunk_rows",
+    "acquire_lock", "atomic_directory", "atomic_write", "cache_info", "check_complete", "check_output", "check_unlocked", "chunk_rows",
     "embedding_bytes", "image_schema", "in_memory_bytes", "is_cache", "iter_embeddings",
     "iter_ids", "iter_metadata", "merge_rank_commits", "parse_memory_budget", "part_name", "plan_memory", "rank_file",
     "read_cache", "read_columns", "read_failed", "read_ids", "read_json_object", "read_manifest", "read_metadata",

@@ -47,7 +47,24 @@ class CacheManifest:
     updated: str = field(default_factory=_now)
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they were
 
+    sources: list[dict] = field(default_factory=list)  # every source embedded into it: {"source", "layout"}
+
     REQUIRED = ("model", "embed_dim", "dtype", "classes", "parts")
+
+    @property
+    def n_missing(self) -> int:
+        """Inputs of the source neither embedded nor failed: > 0 when an embed run was
+        interrupted. 0 for a cache that does not record its inputs (written by another tool)."""
+        if self.complete or self.n_inputs is None:
+            return 0
+        return max(0, self.n_inputs - self.n_images - self.n_failed)
+
+    @property
+    def source_identities(self) -> list[dict]:
+        """The sources embedded into this cache (older manifests record only one)."""
+        if self.sources:
+            return list(self.sources)
+        return [{"source": self.source, "layout": self.layout}] if self.source else []
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -10,13 +10,14 @@ from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vlaug.cache.layout import FAILED_NAME, IMAGES_DIR, TEXTS_NAME, TMP_MARKER
 from vlaug.cache.manifest import CacheManifest, read_manifest
 from vlaug.cache.write import image_schema
 from vlaug.choices import CLASSES_PROMPT_SET
-from vlaug.errors import CacheError
+from vlaug.errors import CacheError, IncompleteCacheError
 
 
 @dataclass
@@ -26,9 +27,9 @@ class FeatureCache:
     manifest: CacheManifest
     ids: list[str]
     paths: list[str]
-    labels: np.ndarray  # (n,) int64
+    labels: np.ndarray  # (n,) int64; -1 for an unlabeled row (null in the cache)
     domains: np.ndarray  # (n,) str
-    splits: np.ndarray  # (n,) str
+    splits: np.ndarray  # (n,) str; "" where the cache's split is null
     embeddings: np.ndarray  # (n, d) float32, L2-normalised
     texts: dict[str, np.ndarray]  # prompt set -> (n_classes, d) float32
 
@@ -121,18 +122,54 @@ def read_failed(path: str | os.PathLike) -> list[dict]:
     return _read_parquet(file).to_pylist()
 
 
-def read_cache(path: str | os.PathLike) -> FeatureCache:
+def check_complete(path: str | os.PathLike, manifest: CacheManifest, allow_incomplete: bool = False) -> None:
+    """Refuse a cache whose embed run was interrupted (fewer rows than its source has
+    inputs), unless ``allow_incomplete``.
+
+    Raises:
+        IncompleteCacheError: naming how much is missing and the two ways on.
+    """
+    missing = manifest.n_missing
+    if missing and not allow_incomplete:
+        raise IncompleteCacheError(
+            f"cache {str(path)!r} is incomplete: {manifest.n_images} of {manifest.n_inputs} inputs embedded "
+            f"({manifest.n_failed} failed, {missing} not reached; the embed run was interrupted). Re-run the same "
+            "vlaug embed command to finish it, or pass --allow-incomplete to use it as it is."
+        )
+
+
+def _labels(column, path: Path, manifest: CacheManifest) -> np.ndarray:
+    """The label column as int64, -1 where it is null (an unlabeled row), checked against the classes."""
+    labels = np.asarray(pc.fill_null(column, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
+    if len(labels) and (labels.min() < -1 or labels.max() >= len(manifest.classes)):
+        raise CacheError(
+            f"cache {str(path)!r} has labels outside 0..{len(manifest.classes) - 1} (the manifest's classes)."
+        )
+    return labels
+
+
+def _strings(column) -> np.ndarray:
+    """A string column as a numpy ``str`` array, "" where it is null."""
+    return np.asarray(pc.fill_null(column, "").to_pylist(), dtype=str)
+
+
+def read_cache(path: str | os.PathLike, allow_incomplete: bool = False) -> FeatureCache:
     """Read a whole cache into memory.
+
+    Args:
+        allow_incomplete: read a cache whose embed run was interrupted (else refused).
 
     Returns:
         a :class:`FeatureCache` with float32 embeddings in the order of the listed parts.
 
     Raises:
+        IncompleteCacheError: the embed run was interrupted (without ``allow_incomplete``).
         CacheError: missing manifest or part, wrong embedding length, NaN/Inf, labels
             outside the class list, duplicate ids.
     """
     path = Path(path)
     manifest = read_manifest(path)
+    check_complete(path, manifest, allow_incomplete)
     schema = image_schema(manifest.embed_dim, manifest.dtype)
     tables = []
     for f in listed_part_files(path, manifest):
@@ -151,11 +188,7 @@ def read_cache(path: str | os.PathLike) -> FeatureCache:
         meta = pa.table({n: pa.array([], schema.field(n).type) for n in schema.names[:-1]})
         embeddings = np.zeros((0, d), np.float32)
     ids = meta.column("id").to_pylist()
-    labels = np.asarray(meta.column("label").to_numpy(zero_copy_only=False), dtype=np.int64)
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(manifest.classes)):
-        raise CacheError(
-            f"cache {str(path)!r} has labels outside 0..{len(manifest.classes) - 1} (the manifest's classes)."
-        )
+    labels = _labels(meta.column("label"), path, manifest)
     if len(set(ids)) != len(ids):
         raise CacheError(f"cache {str(path)!r} has duplicate ids across its parts; it was edited or damaged.")
     return FeatureCache(
@@ -163,8 +196,8 @@ def read_cache(path: str | os.PathLike) -> FeatureCache:
         ids=ids,
         paths=meta.column("path").to_pylist(),
         labels=labels,
-        domains=np.asarray(meta.column("domain").to_pylist(), dtype=str),
-        splits=np.asarray(meta.column("split").to_pylist(), dtype=str),
+        domains=_strings(meta.column("domain")),
+        splits=_strings(meta.column("split")),
         embeddings=embeddings,
         texts=read_texts(path, manifest),
     )
@@ -184,13 +217,15 @@ def iter_ids(path: str | os.PathLike) -> Iterable[list[str]]:
         yield table.column("id").to_pylist()
 
 
-def read_metadata(path: str | os.PathLike) -> FeatureCache:
+def read_metadata(path: str | os.PathLike, allow_incomplete: bool = False) -> FeatureCache:
     """A cache without its embeddings, ids or paths (labels, domains, splits and texts), for
-    streaming the embeddings from disk with :func:`iter_embeddings`."""
+    streaming the embeddings from disk with :func:`iter_embeddings`. Refuses an incomplete
+    cache like :func:`read_cache`."""
     manifest = read_manifest(path)
+    check_complete(path, manifest, allow_incomplete)
     cols = read_columns(path, ["label", "domain", "split"])
     labels = cols["label"].astype(np.int64)
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(manifest.classes)):
+    if len(labels) and (labels.min() < -1 or labels.max() >= len(manifest.classes)):
         raise CacheError(f"cache {str(path)!r} has labels outside 0..{len(manifest.classes) - 1} (the manifest's classes).")
     return FeatureCache(manifest, [], [], labels, cols["domain"].astype(str), cols["split"].astype(str),
                         np.zeros((0, manifest.embed_dim), np.float32), read_texts(path, manifest))
@@ -200,7 +235,8 @@ def read_columns(path: str | os.PathLike, columns: list[str]) -> dict[str, np.nd
     """Metadata columns of the listed parts as numpy arrays (no embedding, no ids).
 
     String columns come back as fixed-width ``str`` arrays built from their dictionary
-    (no Python object per row: a 2M-row cache would otherwise hold ~100 MB of them).
+    (no Python object per row: a 2M-row cache would otherwise hold ~100 MB of them), with
+    "" for null; a null label is -1 (an unlabeled row).
     """
     path = Path(path)
     manifest = read_manifest(path)
@@ -209,6 +245,8 @@ def read_columns(path: str | os.PathLike, columns: list[str]) -> dict[str, np.nd
         t = _read_parquet(f, columns)
         for c in columns:
             col = t.column(c)
+            if col.null_count:
+                col = pc.fill_null(col, "" if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) else -1)
             if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
                 enc = col.dictionary_encode().combine_chunks()
                 values = np.asarray(enc.dictionary.to_pylist(), dtype=str)
@@ -239,7 +277,7 @@ def cache_info(path: str | os.PathLike) -> dict:
     for table in iter_metadata(path, list(counts)):
         n_rows += len(table)
         for col, acc in counts.items():
-            for value, n in zip(*np.unique(np.asarray(table.column(col).to_pylist(), dtype=str), return_counts=True)):
+            for value, n in zip(*np.unique(_strings(table.column(col)), return_counts=True)):
                 acc[str(value)] = acc.get(str(value), 0) + int(n)
     prompt_sets = {}
     texts_file = path / TEXTS_NAME
