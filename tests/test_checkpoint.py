@@ -64,7 +64,7 @@ def test_head_refuses_another_cache(features, tmp_path):
         check_head_matches_cache(head_cache, cache.read_manifest(other_model))
     with pytest.raises(CacheMismatchError, match="embed_dim: head has 32, cache has 16"):
         check_head_matches_cache(head_cache, cache.read_manifest(other_dim))
-    with pytest.raises(CacheMismatchError, match="classes: head has 4 .* cache has 5"):
+    with pytest.raises(CacheMismatchError, match=r"classes: head has 4, cache has 5; only in the head: \[\], only in the cache: \[.class4.\]"):
         check_head_matches_cache(head_cache, cache.read_manifest(other_classes))
 
 

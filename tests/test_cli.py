@@ -73,7 +73,9 @@ def test_usage_errors_from_typer_exit_2(tmp_path):
 
 def test_info_on_a_folder_that_is_not_a_cache(tmp_path):
     r = runner.invoke(app, ["info", str(tmp_path)])
-    assert r.exit_code == 1 and "not a vlaug feature cache" in r.stderr
+    assert r.exit_code == 2 and "not a vlaug feature cache" in r.stderr
+    r = runner.invoke(app, ["info", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
 
 
 @pytest.mark.slow

@@ -131,8 +131,9 @@ def test_predict_with_a_saved_probe(setup, tmp_path):
     r = runner.invoke(app, ["predict", str(feats), "--probe", str(probe_dir), "--out", str(out), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     table = pq.read_table(out)
-    assert table.column_names == ["id", "label", "class_name", "probabilities"]
+    assert table.column_names == ["id", "path", "label", "class_name", "probabilities"]
     assert table.num_rows == 200
+    assert table.column("path").to_pylist()[:2] == ["/x/0.jpg", "/x/1.jpg"]
     probs = table.column("probabilities").to_pylist()
     assert all(abs(sum(p) - 1) < 1e-4 for p in probs)
     assert "agreement with the cache's labels" in r.stdout

@@ -40,7 +40,9 @@ def test_written_report_and_its_probes(run, tmp_path):
     assert on_disk == public and on_disk["results"] == _json_ready(result.report["results"])
     assert not any(k.startswith("_") for k in on_disk)
     probe = load_head(tmp_path / "rep" / on_disk["probe_dirs"]["linear"])
-    assert probe.kind == "probe" and probe.cache == result.cache and probe.cache["seed"] == 0
+    assert probe.kind == "probe" and probe.cache == {**result.cache, "texts": {}} and probe.cache["seed"] == 0
+    zero_shot = load_head(tmp_path / "rep" / on_disk["probe_dirs"]["zero-shot"])
+    assert zero_shot.cache["texts"] == {"classes": ["a photo of a {}."]}  # the prompts its predictions use
     assert "- model: `synthetic`" in (tmp_path / "rep" / "report.md").read_text()
 
 

@@ -89,10 +89,14 @@ def build_head(kind: str, head_config: dict, where: str = "head config") -> torc
         raise CheckpointError(f"{where}: {e}") from None
 
 
-def cache_identity(manifest: CacheManifest) -> dict:
-    """What a head remembers of the cache it was trained on."""
-    return {"model": manifest.model, "pretrained": manifest.pretrained, "embed_dim": manifest.embed_dim,
-            "classes": list(manifest.classes), "seed": manifest.seed if manifest.pretrained == "none" else None}
+def cache_identity(manifest: CacheManifest, texts: dict[str, list[str]] | None = None) -> dict:
+    """What a head remembers of the cache it was trained on; ``texts``: the prompt sets it
+    used, each with the templates its text embeddings were encoded from."""
+    identity = {"model": manifest.model, "pretrained": manifest.pretrained, "embed_dim": manifest.embed_dim,
+                "classes": list(manifest.classes), "seed": manifest.seed if manifest.pretrained == "none" else None}
+    if texts is not None:
+        identity["texts"] = {name: list(t) for name, t in texts.items()}
+    return identity
 
 
 def save_head(
@@ -185,18 +189,56 @@ def load_head(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(config["kind"], module.eval(), config, str(path))
 
 
-def check_head_matches_cache(head_cache: dict, manifest: CacheManifest, head_path: str = "head", cache_path: str = "cache") -> None:
-    """Refuse a head trained on a cache of another model, dimension or class list, naming both sides."""
+def _show(names: list[str]) -> str:
+    return f"{names[:5]}{'...' if len(names) > 5 else ''}"
+
+
+def check_head_matches_cache(head_cache: dict, manifest: CacheManifest, head_path: str = "head", cache_path: str = "cache",
+                             text_templates: dict[str, list[str]] | None = None) -> list[int] | None:
+    """Refuse a head trained on a cache of another model, dimension or class set, or whose
+    prompt sets changed since (when ``text_templates``, the cache's
+    :func:`vlaug.cache.read_text_templates`, is given), naming both sides.
+
+    Returns:
+        None when the classes are in the same order; else, for each class of the head, the
+        index of the class of that name in the cache (the same names in another order).
+
+    Raises:
+        CacheMismatchError: naming the differences.
+    """
     ours = cache_identity(manifest)
     diffs = []
     for key in ("model", "pretrained", "embed_dim"):
         if head_cache.get(key) != ours[key]:
             diffs.append(f"{key}: head has {head_cache.get(key)!r}, cache has {ours[key]!r}")
-    if list(head_cache.get("classes", [])) != ours["classes"]:
-        a, b = head_cache.get("classes", []), ours["classes"]
-        diffs.append(f"classes: head has {len(a)} {a[:5]}{'...' if len(a) > 5 else ''}, cache has {len(b)} {b[:5]}{'...' if len(b) > 5 else ''}")
+    theirs, mine = list(head_cache.get("classes", [])), ours["classes"]
+    order = None
+    if mine and theirs != mine:  # an unlabeled cache (no classes) takes any head
+        only_head = [c for c in theirs if c not in set(mine)]
+        only_cache = [c for c in mine if c not in set(theirs)]
+        if only_head or only_cache or len(theirs) != len(mine):
+            diffs.append(f"classes: head has {len(theirs)}, cache has {len(mine)}; only in the head: {_show(only_head)}, "
+                         f"only in the cache: {_show(only_cache)}")
+        else:
+            index = {c: i for i, c in enumerate(mine)}
+            order = [index[c] for c in theirs]
     if diffs:
         raise CacheMismatchError(
             f"head {head_path!r} was trained on another cache than {cache_path!r} ({'; '.join(diffs)}). "
             "Train a head on this cache with vlaug train-box, or use the cache the head was trained on."
         )
+    if text_templates is not None:
+        for name, used in (head_cache.get("texts") or {}).items():
+            now = text_templates.get(name)
+            if now is None:
+                raise CacheMismatchError(
+                    f"head {head_path!r} used prompt set {name!r}, which the cache {cache_path!r} no longer has. Add it "
+                    f"back with vlaug prompts {cache_path} --prompt-set \"{name}=...\", or train the head again."
+                )
+            if list(now) != list(used):
+                raise CacheMismatchError(
+                    f"prompt set {name!r} of the cache {cache_path!r} changed since head {head_path!r} was trained "
+                    f"(head used {_show(list(used))}, cache has {_show(list(now))}). Train the head again on this "
+                    f"cache, or restore the set with vlaug prompts."
+                )
+    return order

@@ -502,13 +502,14 @@ def _write_missing_texts(encoder, manifest: cache.CacheManifest, out: Path, exis
     if not manifest.classes:
         return
     texts = cache.read_texts(out, existing) if existing is not None else {}
+    made_from = cache.read_text_templates(out, existing) if existing is not None else {}
     wanted = {CLASSES_PROMPT_SET: manifest.templates, **manifest.prompt_sets}
-    missing = {name: t for name, t in wanted.items() if name not in texts}
+    missing = {name: t for name, t in wanted.items() if name not in texts or made_from.get(name) != t}
     if not missing:
         return
     for name, templates in missing.items():
         texts[name] = encoder.encode_prompts(manifest.classes, templates).numpy()
-    cache.write_texts(out, {name: texts[name] for name in wanted}, manifest.classes)
+    cache.write_texts(out, {name: texts[name] for name in wanted}, manifest.classes, wanted)
 
 
 def _embed_locked(config, encoder, source, manifest, out, log) -> EmbedResult:

@@ -258,6 +258,7 @@ def load_encoder(
     device: str = "auto",
     precision: str = "auto",
     seed: int = 0,
+    text_only: bool = False,
 ) -> Encoder:
     """Build an open_clip model in eval mode.
 
@@ -267,6 +268,8 @@ def load_encoder(
             ``none`` for random weights seeded by ``seed`` (same seed -> same weights).
         device: ``auto``, ``cpu``, ``cuda[:N]`` or ``mps``.
         precision: ``auto`` (bf16/fp16 autocast on GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
+        text_only: drop the image tower before moving the model to ``device`` (for
+            encoding prompts only: ``encode_images`` then cannot be used).
 
     Raises:
         EncoderError: unknown model or tag, a checkpoint that does not fit the model, a
@@ -299,11 +302,13 @@ def load_encoder(
         ) from None
     except (OSError, ValueError) as e:
         raise EncoderError(f"could not load {spec.model} weights {spec.pretrained!r}: {str(e).splitlines()[0][:300]}.") from None
+    if text_only:
+        net.visual = None  # prompts need only the text tower: the image tower never reaches the device
     net = net.to(dev).eval()
     for p in net.parameters():
         p.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(spec.model)
-    embed_dim = _embed_dim(net)
+    embed_dim = _text_dim(net, tokenizer) if text_only else _embed_dim(net)
     split = split_preprocess(preprocess)
     pil_part, mean, std = split if split else (None, None, None)
     return Encoder(net, preprocess, tokenizer, spec, embed_dim, dev, prec, pil_part, mean, std)
@@ -320,6 +325,13 @@ def _quiet_open_clip(quiet: bool):
         yield
     finally:
         root.setLevel(level)
+
+
+def _text_dim(net: torch.nn.Module, tokenizer: Callable) -> int:
+    """Output dimension of encode_text, read from one encoded prompt."""
+    device = next(net.parameters()).device
+    with torch.no_grad():
+        return int(net.encode_text(tokenizer(["a"]).to(device)).shape[-1])
 
 
 def _embed_dim(net: torch.nn.Module) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +26,7 @@ from vlaug.methods import Method, RunData, parse_method
 from vlaug.methods.linear import block_generator
 from vlaug.probe import LinearProbe, weight_decay_grid
 from vlaug.protocols import Splits, check_domains, id_fractions, make_splits, parse_imbalance, training_rows
+from vlaug.train import check_labeled, classes_without_rows
 from vlaug.zero_shot import TEMPERATURE
 
 GEOMETRY_ROWS = 20_000  # training rows (a seeded sample) behind the feature geometry and plots
@@ -52,6 +53,7 @@ class ProbeRunConfig:
     device: str = "auto"
     memory_budget: str = "auto"  # stream the cache from disk when it needs more memory (auto: RAM / 4)
     tsne: bool = False  # t-SNE instead of PCA for the embedding plot
+    allow_incomplete: bool = False  # probe a cache whose embed run was interrupted (the report says so)
     overwrite: bool = False
     progress: bool = True
 
@@ -80,6 +82,7 @@ class ProbeRun:
     first_train: tuple[np.ndarray, np.ndarray, np.ndarray]  # (x, labels, domains) of the geometry rows, seed 0
     projections: dict[str, tuple[np.ndarray, np.ndarray, int]]  # method -> (x with extras, labels, n originals)
     box_stats: dict[str, dict | None]  # box head folder -> its stats.json
+    texts_used: dict[str, dict] = field(default_factory=dict)  # method -> {prompt set: templates} its probe holds
 
 
 @dataclass
@@ -93,6 +96,7 @@ class _Plan:
     imbalance: tuple[float, int] | None
     memory: cache_io.MemoryPlan
     chunk_rows: int  # rows read from disk at a time when streamed
+    warnings: list[str] = field(default_factory=list)  # printed, and at the top of the report
 
 
 def _parse_methods(config: ProbeRunConfig) -> list[Method]:
@@ -113,16 +117,19 @@ def _check_streaming(config: ProbeRunConfig, methods: list[Method], memory: cach
             raise UsageError(memory.refusal(f"--reweight {config.reweight}", "use --reweight none"))
 
 
-def _load_heads(methods: list[Method], manifest: cache_io.CacheManifest, features: str) -> dict:
-    """The heads the methods name, each checked against its method and the cache."""
+def _load_heads(methods: list[Method], manifest: cache_io.CacheManifest, features: str, warnings: list[str]) -> dict:
+    """The heads the methods name, each checked against its method, the cache and the
+    prompt sets it was trained with."""
     heads = {}
+    made_from = cache_io.read_text_templates(features, manifest)
     for m in methods:
         if m.head and m.head not in heads:
             ckpt = checkpoint.load_head(m.head)
             if ckpt.kind not in m.head_kinds:
                 raise UsageError(f"--method {m.text!r}: {m.head!r} is a {ckpt.kind} head; {m.name} needs "
                                  f"{' or '.join(m.head_kinds)}.")
-            checkpoint.check_head_matches_cache(ckpt.cache, manifest, m.head, features)
+            if checkpoint.check_head_matches_cache(ckpt.cache, manifest, m.head, features, made_from) is not None:
+                warnings.append(f"head {m.head} lists the cache's classes in another order; they are mapped by name")
             heads[m.head] = ckpt
     return heads
 
@@ -156,14 +163,21 @@ def prepare(config: ProbeRunConfig) -> _Plan:
     imbalance = parse_imbalance(config.imbalance)
     cache_io.check_output(config.out, config.overwrite, lambda p: (p / "report.json").is_file(), "vlaug report")
     manifest = cache_io.read_manifest(config.features)
+    check_labeled(manifest, config.features, "vlaug probe")
+    cache_io.check_complete(config.features, manifest, config.allow_incomplete)
+    warnings = []
+    if manifest.n_missing:
+        warnings.append(f"INCOMPLETE CACHE (--allow-incomplete): {manifest.n_missing} of {manifest.n_inputs} inputs "
+                        "were never embedded; these numbers cover only the rows the cache holds")
     memory = cache_io.plan_memory(manifest, config.memory_budget, budget)
     _check_streaming(config, methods, memory)
-    feats = cache_io.read_metadata(config.features) if memory.streamed else cache_io.read_cache(config.features)
+    read = cache_io.read_metadata if memory.streamed else cache_io.read_cache
+    feats = read(config.features, allow_incomplete=True)
     if CLASSES_PROMPT_SET not in feats.texts:
         raise UsageError(f"cache {config.features!r} has no class prompts (texts.parquet); re-run vlaug embed.")
     domain_names, domain_index = np.unique(feats.domains, return_inverse=True)  # sorted names, index per row
     train_domains = check_domains(config.train_domains, [d for d in domain_names.tolist() if d])
-    heads = _load_heads(methods, feats.manifest, config.features)
+    heads = _load_heads(methods, feats.manifest, config.features, warnings)
     device = resolve_device(config.device)
     # streamed, a block of rows grows by its extras
     chunk_rows = memory.chunk_rows(max(1 + m.extra_rows() for m in methods))
@@ -188,7 +202,14 @@ def prepare(config: ProbeRunConfig) -> _Plan:
             raise UsageError(f"seed {seed}: {s.sizes()} rows; the protocol leaves no training or validation rows.")
     for path, ckpt in heads.items():
         _check_head_saw_no_test_row(path, ckpt.config.get("training", {}), feats, fractions, splits[0], config)
-    return _Plan(methods, data, train_domains, splits, imbalance, memory, chunk_rows)
+    empty = classes_without_rows(feats.labels[splits[0].train], feats.classes)
+    if empty:
+        warnings.append(f"{len(empty)} of {len(feats.classes)} classes have no training rows (seed 0): "
+                        f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
+    if len(train_domains) < 2 and any(m.name == "xdomain-mix" for m in methods):
+        warnings.append(f"xdomain-mix: one training domain ({', '.join(train_domains) or 'none'}), so it mixes rows "
+                        "of the same class within that domain (plain same-class mixup), not across domains")
+    return _Plan(methods, data, train_domains, splits, imbalance, memory, chunk_rows, warnings)
 
 
 def _predict(probe: LinearProbe, data: RunData, rows: np.ndarray) -> torch.Tensor:
@@ -335,6 +356,8 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     plan = prepare(config)
     data, methods = plan.data, plan.methods
+    for warning in plan.warnings:
+        log(f"WARNING: {warning}")
     if plan.memory.streamed:
         log(plan.memory.streaming_note(plan.chunk_rows, "every evaluation of the probe's objective reads the cache once"))
     start = time.perf_counter()
@@ -366,21 +389,40 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
         "summary": summarise(results, [x.text for x in methods]),
         "feature_geometry": geometry,
         "seconds": time.perf_counter() - start,
+        "warnings": plan.warnings,
+        "incomplete_cache": bool(m.n_missing),
     }
     return ProbeRun(
         report=report, probes=probes, cache=checkpoint.cache_identity(m),
         first_train=(x_sample.cpu().numpy(), data.feats.labels[sample], data.feats.domains[sample]),
         projections=projections,
         box_stats={x.head: checkpoint.read_head_stats(x.head) for x in methods if "box" in x.head_kinds},
+        texts_used=_texts_used(methods, cache_io.read_text_templates(config.features, m)),
     )
 
 
+def _texts_used(methods: list[Method], made_from: dict[str, list[str]]) -> dict[str, dict]:
+    """Per method, the prompt sets its probe's predictions use (the class prompts, for
+    zero-shot and ensembles; the probe stores their embeddings), with their templates."""
+    uses = lambda x: x.name in ("zero-shot", "linear-zs") or x.ensemble > 0  # noqa: E731
+    return {x.text: ({CLASSES_PROMPT_SET: made_from.get(CLASSES_PROMPT_SET, [])} if uses(x) else {}) for x in methods}
+
+
 def predict(features: str, probe_dir: str, out: str, overwrite: bool = False, device: str = "auto") -> dict:
-    """Classify every row of a cache with a probe saved by ``vlaug probe``; write a Parquet file.
+    """Classify every row of a cache with a probe saved by ``vlaug probe``; write a Parquet
+    file with ``id``, ``path``, the predicted ``label`` and ``class_name`` and the
+    ``probabilities``, in the cache's class order (the probe's for an unlabeled cache).
+
+    The cache may be unlabeled (a flat folder or a path-only manifest), or list the probe's
+    classes in another order (mapped by name).
+
+    Returns:
+        ``out``, ``n``, ``accuracy_against_cache_labels`` (None without labels) and
+        ``class_order`` (``"same"``, ``"mapped by name"`` or ``"probe's (unlabeled cache)"``).
 
     Raises:
         CheckpointError: not a probe; CacheMismatchError: the cache was embedded with
-            another model, dimension or class list; UsageError: ``out`` exists.
+            another model or dimension, or has another class set; UsageError: ``out`` exists.
     """
     if Path(out).is_dir():
         raise UsageError(f"--out {out!r} is a folder; pass a file name such as predictions.parquet.")
@@ -388,13 +430,22 @@ def predict(features: str, probe_dir: str, out: str, overwrite: bool = False, de
     ckpt = checkpoint.load_head(probe_dir)
     if ckpt.kind != "probe":
         raise UsageError(f"--probe {probe_dir!r} is a {ckpt.kind} head, not a probe; use a folder from REPORT_DIR/probes/.")
-    feats = cache_io.read_metadata(features)  # the embeddings are streamed: any cache size fits
-    checkpoint.check_head_matches_cache(ckpt.cache, feats.manifest, probe_dir, features)
+    feats = cache_io.read_metadata(features, allow_incomplete=True)  # the embeddings are streamed: any cache size fits
+    order = checkpoint.check_head_matches_cache(ckpt.cache, feats.manifest, probe_dir, features)
+    labeled = bool(feats.classes)
+    classes = feats.classes if labeled else list(ckpt.cache["classes"])
     dev = resolve_device(device)
     probe = ckpt.module.to(dev)
     probs = [probe.predict_proba(torch.as_tensor(emb, device=dev)).cpu() for _, emb in cache_io.iter_embeddings(features)]
-    probs = torch.cat(probs) if probs else torch.zeros(0, len(feats.classes))
+    probs = torch.cat(probs) if probs else torch.zeros(0, len(classes))
+    if order is not None:  # the probe's column j is the cache's class order[j]
+        mapped = torch.empty_like(probs)
+        mapped[:, torch.as_tensor(order)] = probs
+        probs = mapped
     pred = probs.argmax(1).numpy()
-    cache_io.write_predictions(out_path, cache_io.read_ids(features, feats.manifest), pred, feats.classes, probs.numpy())
-    labelled = feats.labels
-    return {"out": str(out_path), "n": len(feats), "accuracy_against_cache_labels": float((pred == labelled).mean()) if len(feats) else None}
+    ids_paths = cache_io.read_columns(features, ["id", "path"])
+    cache_io.write_predictions(out_path, ids_paths["id"].tolist(), pred, classes, probs.numpy(), paths=ids_paths["path"].tolist())
+    has_labels = feats.labels >= 0
+    agreement = float((pred[has_labels] == feats.labels[has_labels]).mean()) if labeled and has_labels.any() else None
+    return {"out": str(out_path), "n": len(feats), "accuracy_against_cache_labels": agreement,
+            "class_order": "same" if order is None and labeled else "mapped by name" if labeled else "probe's (unlabeled cache)"}

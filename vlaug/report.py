@@ -147,9 +147,11 @@ def format_markdown(report: dict) -> str:
                         f"{p['imbalance']['n_images']} training images (LARE Table 3)")
     sizes = "; ".join(f"seed {s['seed']}: train {s['train']}, val {s['val']}, test in {s['test_in']}, out {s['test_out']}"
                       for s in p["splits"])
+    warnings = [f"> **Warning: {w}.**" for w in report.get("warnings", [])]
     lines = [
         "# vlaug probe report",
         "",
+        *[line for w in warnings for line in (w, "")],
         f"- features: `{report['features']}`",
         f"- model: `{report['model']}`, pretrained: `{pretrained}`, d = {report['embed_dim']}, {len(report['classes'])} classes",
         f"- training domains: {', '.join(p['train_domains']) or '(no domains)'}; out-of-domain: {', '.join(p['test_domains']) or '(none)'}",
@@ -328,7 +330,7 @@ def write_report(out, run: "ProbeRun", tsne: bool = False) -> dict:
             checkpoint.save_head(
                 tmp / "probes" / name, "probe", probe,
                 {"training": {"method": method, "refit_on": "train + val rows of seed 0", **public["config"]},
-                 "cache": run.cache, "history": [], "selected_epoch": 0},
+                 "cache": {**run.cache, "texts": run.texts_used.get(method, {})}, "history": [], "selected_epoch": 0},
             )
         public["probe_dirs"] = probe_dirs
         public["plots"] = {"accuracy": "accuracy.png", "embeddings": "embeddings.png", "box": {}}

@@ -57,6 +57,7 @@ class TrainConfig:
     seed: int = 0  # initial weights, batch order, validation split, dropout
     device: str = "auto"
     memory_budget: str = "auto"  # stream the cache from disk when its embeddings need more (auto: RAM / 4)
+    allow_incomplete: bool = False  # train on a cache whose embed run was interrupted
     overwrite: bool = False
     progress: bool = True
 
@@ -151,6 +152,29 @@ def build_training(config: HeadConfig, texts: dict[str, np.ndarray], device: tor
     return module, lambda m, x, y: lads_loss(x, m(x), class_text, directions, y, config.alpha, config.temperature)
 
 
+def prompt_sets_used(config: HeadConfig) -> list[str]:
+    """The prompt sets a head's training reads (recorded in its checkpoint)."""
+    if isinstance(config, BoxConfig):
+        return [CLASSES_PROMPT_SET]
+    if isinstance(config, LADSConfig):
+        return list(dict.fromkeys([CLASSES_PROMPT_SET, config.source, *config.targets]))
+    return []
+
+
+def check_labeled(manifest: cache_io.CacheManifest, features: str, stage: str) -> None:
+    """Refuse an unlabeled cache (a flat folder or a path-only manifest) in stages 2 and 3."""
+    if not manifest.classes:
+        raise UsageError(f"cache {features!r} has no labels (it was embedded from unlabeled images); {stage} needs a "
+                         "labeled cache. Use this one with vlaug predict.")
+
+
+def classes_without_rows(labels: np.ndarray, classes: list[str]) -> list[str]:
+    """The names of the classes that no label in ``labels`` points to."""
+    present = np.zeros(len(classes), dtype=bool)
+    present[labels[labels >= 0]] = True
+    return [c for c, p in zip(classes, present) if not p]
+
+
 def _rows_on(device: torch.device, labels: np.ndarray, chunks: Callable, rows: np.ndarray):
     """Chunks of the streamed cache's ``rows`` as (x, y) on ``device``."""
     for pos, emb in cache_io.take_rows(chunks(), rows):
@@ -169,18 +193,27 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
     budget = cache_io.parse_memory_budget(config.memory_budget)
     out = cache_io.check_output(config.out, config.overwrite, checkpoint.is_head, "vlaug head")
     manifest = cache_io.read_manifest(config.features)
+    check_labeled(manifest, config.features, "vlaug train-box")
+    cache_io.check_complete(config.features, manifest, config.allow_incomplete)
     plan = cache_io.plan_memory(manifest, config.memory_budget, budget)
     chunk_rows = plan.chunk_rows()
     if plan.streamed:  # metadata in memory, embeddings streamed from disk each epoch
-        feats = cache_io.read_metadata(config.features)
+        feats = cache_io.read_metadata(config.features, allow_incomplete=True)
         log(plan.streaming_note(chunk_rows))
     else:
-        feats = cache_io.read_cache(config.features)
+        feats = cache_io.read_cache(config.features, allow_incomplete=True)
+    if manifest.n_missing:
+        log(f"WARNING: --allow-incomplete: {config.features} is incomplete ({manifest.n_missing} of "
+            f"{manifest.n_inputs} inputs never embedded); the head sees only the rows it holds")
     domains = check_domains(config.train_domains, [d for d in np.unique(feats.domains).tolist() if d])
     fractions = id_fractions(cache_io.iter_ids(config.features))
     rows = training_rows(feats.domains, feats.splits, config.train_domains, fractions, config.test_fraction)
     if len(rows) < 2:
         raise UsageError(f"only {len(rows)} training row(s) in {config.features!r} for domains {domains}; need at least 2.")
+    empty = classes_without_rows(feats.labels[rows], feats.classes)
+    if empty:
+        log(f"WARNING: {len(empty)} of {len(feats.classes)} classes have no training rows: {', '.join(empty[:10])}"
+            f"{' ...' if len(empty) > 10 else ''}")
     train_rows, val_rows = stratified_split(rows, feats.labels, config.val_fraction, config.seed)
     device = resolve_device(config.device)
     epochs, batch_size = config.schedule
@@ -219,10 +252,13 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
     training.update(head=config.kind, epochs=epochs, batch_size=batch_size, train_domains=domains, device=str(device),
                     uses_cache_splits=bool((feats.splits != "").any()),
                     n_train=int(len(train_rows)), n_val=int(len(val_rows)), optimizer="AdamW",
-                    features=str(Path(config.features).resolve()), streamed=plan.streamed, memory_budget_bytes=plan.budget)
+                    features=str(Path(config.features).resolve()), streamed=plan.streamed, memory_budget_bytes=plan.budget,
+                    incomplete_cache=bool(manifest.n_missing), classes_without_training_rows=empty)
+    made_from = cache_io.read_text_templates(config.features, manifest)
+    texts = {name: made_from.get(name, []) for name in prompt_sets_used(head)}
     checkpoint.save_head(
         out, config.kind, module.cpu(),
-        {"training": training, "cache": checkpoint.cache_identity(feats.manifest), "history": history,
+        {"training": training, "cache": checkpoint.cache_identity(feats.manifest, texts), "history": history,
          "selected_epoch": selected},
         stats=stats, overwrite=config.overwrite,
     )

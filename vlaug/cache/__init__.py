@@ -51,6 +51,7 @@ from vlaug.cache.read import (
     read_failed,
     read_ids,
     read_metadata,
+    read_text_templates,
     read_texts,
     unfinished_files,
 )
@@ -67,6 +68,6 @@ __all__ = [
     "embedding_bytes", "image_schema", "in_memory_bytes", "is_cache", "iter_embeddings",
     "iter_ids", "iter_metadata", "merge_rank_commits", "parse_memory_budget", "part_name", "plan_memory", "rank_file",
     "read_cache", "read_columns", "read_failed", "read_ids", "read_json_object", "read_manifest", "read_metadata",
-    "read_table_columns", "read_texts", "release_lock", "take_rows", "unfinished_files", "write_failed",
+    "read_table_columns", "read_text_templates", "read_texts", "release_lock", "take_rows", "unfinished_files", "write_failed",
     "write_json", "write_manifest", "write_part", "write_predictions", "write_rank_commit", "write_texts",
 ]

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from vlaug.cache.layout import FAILED_NAME, IMAGES_DIR, TEXTS_NAME, TMP_MARKER
 from vlaug.cache.manifest import CacheManifest, read_manifest
-from vlaug.cache.write import image_schema
+from vlaug.cache.write import TEMPLATES_KEY, image_schema
 from vlaug.choices import CLASSES_PROMPT_SET
 from vlaug.errors import CacheError, IncompleteCacheError
 
@@ -113,6 +113,23 @@ def read_texts(path: str | os.PathLike, manifest: CacheManifest) -> dict[str, np
             )
         out[name] = emb[order]
     return out
+
+
+def read_text_templates(path: str | os.PathLike, manifest: CacheManifest) -> dict[str, list[str]]:
+    """Prompt set -> the templates its texts were encoded from: from ``texts.parquet``'s own
+    metadata, else (a file written without it) from the manifest. Empty without texts."""
+    import json
+
+    file = Path(path) / TEXTS_NAME
+    if not file.is_file():
+        return {}
+    try:
+        meta = pq.read_schema(file).metadata or {}
+    except (OSError, pa.ArrowException) as e:
+        raise CacheError(f"cannot read {str(file)!r}: {e}. The file is damaged; re-run vlaug prompts or vlaug embed.") from None
+    if TEMPLATES_KEY in meta:
+        return json.loads(meta[TEMPLATES_KEY])
+    return {CLASSES_PROMPT_SET: list(manifest.templates), **{k: list(v) for k, v in manifest.prompt_sets.items()}}
 
 
 def read_failed(path: str | os.PathLike) -> list[dict]:

@@ -66,8 +66,16 @@ def write_part(path: str | os.PathLike, name: str, rows: dict, embeddings: np.nd
     atomic_write(folder / name, lambda tmp: _write_table(table, tmp, row_group_size=max(1, min(len(table), ROW_GROUP_ROWS))))
 
 
-def write_texts(path: str | os.PathLike, texts: dict[str, np.ndarray], classes: list[str]) -> None:
-    """Write ``texts.parquet``: one row per (prompt set, class); ``texts[name]`` is (n_classes, d)."""
+TEMPLATES_KEY = b"vlaug.templates"  # texts.parquet metadata: JSON {prompt set: templates it was encoded from}
+
+
+def write_texts(path: str | os.PathLike, texts: dict[str, np.ndarray], classes: list[str],
+                templates: dict[str, list[str]] | None = None) -> None:
+    """Write ``texts.parquet``: one row per (prompt set, class); ``texts[name]`` is (n_classes, d).
+
+    ``templates`` (prompt set -> the templates its rows were encoded from) is stored in the
+    file's own metadata, so the file says what it holds even if the manifest is older.
+    """
     prompt_set, label, class_name, chunks = [], [], [], []
     for name, emb in texts.items():
         prompt_set += [name] * len(classes)
@@ -84,6 +92,10 @@ def write_texts(path: str | os.PathLike, texts: dict[str, np.ndarray], classes: 
         }
     )
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), d)
+    if templates is not None:
+        import json
+
+        table = table.replace_schema_metadata({TEMPLATES_KEY: json.dumps({k: templates[k] for k in texts if k in templates})})
     atomic_write(Path(path) / TEXTS_NAME, lambda tmp: _write_table(table, tmp))
 
 
@@ -98,11 +110,12 @@ def write_failed(path: str | os.PathLike, failures: list[dict]) -> None:
 
 
 def write_predictions(path: str | os.PathLike, ids: list[str], labels: np.ndarray, classes: list[str],
-                      probabilities: np.ndarray) -> None:
-    """Write a predictions Parquet file atomically: id, label, class_name, probabilities[C]."""
+                      probabilities: np.ndarray, paths: list[str] | None = None) -> None:
+    """Write a predictions Parquet file atomically: id, path, label, class_name, probabilities[C]."""
     labels = np.asarray(labels, dtype=np.int32)
     table = pa.table({
         "id": pa.array(ids, pa.string()),
+        **({"path": pa.array(paths, pa.string())} if paths is not None else {}),
         "label": pa.array(labels, pa.int32()),
         "class_name": pa.array([classes[i] for i in labels], pa.string()),
         "probabilities": _embedding_array(np.asarray(probabilities, np.float32), "float32"),

@@ -14,13 +14,39 @@ from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from vlaug import choices
 from vlaug._version import __version__
 from vlaug.errors import VlaugError
 from vlaug.sources import Layout
 
+def _plain_flags(params: list) -> list:
+    """Flags take no value: show none (typer would print ``<bool>``)."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    """A command whose usage line reads ``vlaug embed [OPTIONS] SOURCE`` (no braces) and
+    whose flags show no ``<bool>``."""
+
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx):
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
+
 app = typer.Typer(
+    cls=_Group,
     name="vlaug",
     help="Latent augmentation for classifiers on frozen CLIP/CoCa embeddings. "
     "Pipeline: vlaug embed (images -> feature cache) -> vlaug train-box (heads on the cache) "
@@ -77,16 +103,16 @@ def _root(
     pass
 
 
-@app.command()
+@app.command(cls=_Command)
 @_errors_to_exit
 def embed(
-    source: Annotated[Path, typer.Argument(help="Image folder (class/img or domain/class/img) or CSV/Parquet manifest.")],
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="Image folder (class/img, domain/class/img, or img alone: unlabeled) or CSV/Parquet manifest.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Feature cache folder to create, or to resume.")],
     model: Annotated[str, typer.Option(help="open_clip model name (ViT-B-32, coca_ViT-B-32, ...), hf-hub:ORG/REPO or local-dir:PATH.")] = "ViT-B-32",
     pretrained: Annotated[str, typer.Option(help="Pretrained tag (e.g. laion2b_s34b_b79k), a local checkpoint file, or 'none' for random weights.")] = "laion2b_s34b_b79k",
     layout: Annotated[Layout, typer.Option(help="Source layout; auto detects folders and manifests.")] = Layout.auto,
     classes: Annotated[Optional[Path], typer.Option("--classes", help="Text file, one class per line: the class order.")] = None,
-    templates: Annotated[str, typer.Option(help="Class prompt templates: simple (7), openai (80), photo (1), or a file with one template per line.")] = "simple",
+    templates: Annotated[Optional[str], typer.Option(help="Class prompt templates: simple (7), openai (80), photo (1), or a file with one template per line. Default: simple for a new cache, the cache's own when resuming.")] = None,
     prompt_set: Annotated[Optional[List[str]], typer.Option("--prompt-set", help="Extra named prompt set NAME=TEMPLATE or NAME=@FILE; repeatable, a repeated NAME adds templates.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     precision: Annotated[PrecisionChoice, typer.Option(help="auto: bf16/fp16 autocast on GPU, fp32 on CPU.")] = "auto",
@@ -96,6 +122,7 @@ def embed(
     part_size: Annotated[int, typer.Option(help="Rows per committed part: the most work an interruption can lose.")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of the random weights with --pretrained none.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache made with other settings.")] = False,
+    append: Annotated[bool, typer.Option("--append", help="Add the images of another source to an existing cache (same model, classes within the cache's).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit with code 1 if any image could not be embedded.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ):
@@ -107,7 +134,7 @@ def embed(
         source=str(source), out=str(out), model=model, pretrained=pretrained, layout=_value(layout),
         classes_file=str(classes) if classes else None, templates=templates, prompt_sets=tuple(prompt_set or ()),
         device=device, precision=_value(precision), batch_size=batch_size, workers=workers, dtype=_value(dtype),
-        part_size=part_size, seed=seed, overwrite=overwrite, progress=progress,
+        part_size=part_size, seed=seed, overwrite=overwrite, append=append, progress=progress,
     )
     from vlaug.embed import dist_context
 
@@ -121,10 +148,29 @@ def embed(
             raise EmbedFailuresError(f"--strict: {result.n_failed} input(s) failed.")
 
 
-@app.command("train-box")
+@app.command(cls=_Command)
+@_errors_to_exit
+def prompts(
+    features: Annotated[Path, typer.Argument(metavar="FEATURES", help="Feature cache written by vlaug embed.")],
+    prompt_set: Annotated[Optional[List[str]], typer.Option("--prompt-set", help="Prompt set NAME=TEMPLATE or NAME=@FILE to add, or to replace one of that name; repeatable, a repeated NAME adds templates.")] = None,
+    templates: Annotated[Optional[str], typer.Option(help="New class prompt templates: simple (7), openai (80), photo (1), or a file with one template per line.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Default: the model the cache records (another one is refused).")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="Default: the weights the cache records; for a checkpoint file that moved, its new path (checked by its recorded sha256).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[PrecisionChoice, typer.Option(help="auto: bf16/fp16 autocast on GPU, fp32 on CPU.")] = "auto",
+):
+    """Add or replace prompt sets and class templates of a cache without re-embedding its images."""
+    from vlaug.prompts import PromptsConfig, update_prompts
+
+    config = PromptsConfig(features=str(features), prompt_sets=tuple(prompt_set or ()), templates=templates, model=model,
+                           pretrained=pretrained, device=device, precision=_value(precision))
+    typer.echo(update_prompts(config).summary())
+
+
+@app.command("train-box", cls=_Command)
 @_errors_to_exit
 def train_box(
-    features: Annotated[Path, typer.Argument(help="Feature cache written by vlaug embed.")],
+    features: Annotated[Path, typer.Argument(metavar="FEATURES", help="Feature cache written by vlaug embed.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Head folder to write (model.safetensors + config.json).")],
     head: Annotated[HeadChoice, typer.Option(help="box (LARE), dr-sa / dr-pool (LatentDR), lads (baseline).")] = "box",
     train_domain: Annotated[Optional[List[str]], typer.Option("--train-domain", help="Train on this domain; repeatable. Default: all.")] = None,
@@ -150,6 +196,7 @@ def train_box(
     source_prompts: Annotated[Optional[str], typer.Option(help="lads: prompt set of the training domain (e.g. photo).")] = None,
     target_prompts: Annotated[Optional[str], typer.Option(help="lads: comma-separated prompt sets of unseen domains.")] = None,
     memory_budget: Annotated[str, typer.Option(help="Stream the cache from disk when its embeddings need more memory than this (auto: a quarter of the RAM; or e.g. 1.5G).")] = "auto",
+    allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="Train on a cache whose embed run was interrupted (refused otherwise).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing head folder.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ):
@@ -165,15 +212,15 @@ def train_box(
         features=str(features), out=str(out), head=head_config(_value(head), options),
         train_domains=tuple(train_domain or ()), test_fraction=test_fraction, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, seed=seed, device=device, memory_budget=memory_budget, overwrite=overwrite,
-        progress=progress,
+        allow_incomplete=allow_incomplete, progress=progress,
     )
     typer.echo(train_head(config).summary())
 
 
-@app.command()
+@app.command(cls=_Command)
 @_errors_to_exit
 def probe(
-    features: Annotated[Path, typer.Argument(help="Feature cache written by vlaug embed.")],
+    features: Annotated[Path, typer.Argument(metavar="FEATURES", help="Feature cache written by vlaug embed.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder to write.")],
     method: Annotated[List[str], typer.Option("--method", "-m", help="NAME[:HEAD_DIR][?key=value&...]; repeatable. "
                       "zero-shot, linear, linear-zs, box:DIR, dr:DIR, lads:DIR, gaussian, mixup, xdomain-mix, batchformer, "
@@ -192,6 +239,7 @@ def probe(
     memory_budget: Annotated[str, typer.Option(help="Stream the cache from disk when its embeddings need more memory than this "
                              "(auto: a quarter of the RAM; or e.g. 1.5G). Streamed, every L-BFGS step reads the cache.")] = "auto",
     tsne: Annotated[bool, typer.Option("--tsne", help="t-SNE instead of PCA for the embedding plot.")] = False,
+    allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="Probe a cache whose embed run was interrupted (refused otherwise); the report says so.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report folder.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ):
@@ -203,19 +251,19 @@ def probe(
         features=str(features), out=str(out), methods=tuple(method), train_domains=tuple(train_domain or ()), seeds=seeds,
         test_fraction=test_fraction, val_fraction=val_fraction, shots=shots, imbalance=imbalance, reweight=_value(reweight),
         grid_size=grid_size, max_iter=max_iter, class_weight=class_weight, device=device, tsne=tsne, overwrite=overwrite,
-        memory_budget=memory_budget, progress=progress,
+        memory_budget=memory_budget, allow_incomplete=allow_incomplete, progress=progress,
     )
     report = write_report(out, run_probe(config), tsne=tsne)
     typer.echo(format_table(report))
     typer.echo(f"report: {out / 'report.md'}, {out / 'report.json'}; plots and probes in {out}/")
 
 
-@app.command()
+@app.command(cls=_Command)
 @_errors_to_exit
 def predict(
-    features: Annotated[Path, typer.Argument(help="Feature cache to classify (same model as the probe).")],
+    features: Annotated[Path, typer.Argument(metavar="FEATURES", help="Feature cache to classify (same model as the probe; labels not needed).")],
     probe: Annotated[Path, typer.Option("--probe", help="A probe folder: REPORT_DIR/probes/METHOD.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write: id, label, class_name, probabilities.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write: id, path, label, class_name, probabilities.")],
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
 ):
@@ -225,25 +273,35 @@ def predict(
     result = run_predict(str(features), str(probe), str(out), overwrite=overwrite, device=device)
     acc = result["accuracy_against_cache_labels"]
     typer.echo(f"predicted {result['n']} rows -> {result['out']}"
-               + (f" (agreement with the cache's labels: {100 * acc:.1f} %)" if acc is not None else ""))
+               + (f" (agreement with the cache's labels: {100 * acc:.1f} %)" if acc is not None else " (the cache has no labels)"))
+    if result["class_order"] == "mapped by name":
+        typer.echo("note: the cache lists the probe's classes in another order; they were mapped by name "
+                   "(labels and probabilities follow the cache's class order)")
 
 
-@app.command()
+@app.command(cls=_Command)
 @_errors_to_exit
-def info(path: Annotated[Path, typer.Argument(help="A feature cache folder or a head folder.")]):
+def info(path: Annotated[Path, typer.Argument(metavar="PATH", help="A feature cache folder or a head folder.")]):
     """Describe a feature cache (counts, prompt sets, failures) or a trained head (config, selected epoch, box ranking)."""
     from vlaug.checkpoint import is_head, read_head_config, read_head_stats
     from vlaug.report import format_cache_info, format_head_info
 
+    from vlaug.cache import cache_info, is_cache
+    from vlaug.errors import UsageError
+
+    if not path.exists():
+        raise UsageError(f"{str(path)!r} does not exist. Pass a feature cache folder (vlaug embed) or a head folder (vlaug train-box).")
     if is_head(path):
         typer.echo(format_head_info(str(path), read_head_config(path), read_head_stats(path)))
         return
-    from vlaug.cache import cache_info
+    if not is_cache(path):
+        raise UsageError(f"{str(path)!r} is not a vlaug feature cache (no manifest.json) nor a head (no config.json and "
+                         "model.safetensors). Pass a folder written by vlaug embed, train-box or probe.")
 
     typer.echo(format_cache_info(cache_info(path)))
 
 
-@app.command()
+@app.command(cls=_Command)
 @_errors_to_exit
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's outputs.")] = Path("vlaug-demo"),
