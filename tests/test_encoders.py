@@ -159,3 +159,38 @@ def test_unknown_transform_is_not_split():
     import torchvision.transforms as T
 
     assert split_preprocess(T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3), T.RandomErasing()])) is None
+
+
+def test_default_tag_fails_fast_and_whole_when_the_hub_is_unreachable(tmp_path, monkeypatch):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from tests.conftest import make_class_folder
+    from vlaug.cli import app
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache: the weights are not there
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    attempts = []
+
+    def unreachable(address, timeout=None, *args, **kwargs):
+        attempts.append((address, timeout))
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    src = make_class_folder(tmp_path / "src", n=1)
+    r = CliRunner().invoke(app, ["embed", str(src), "--out", str(tmp_path / "feat"), "--workers", "0", "--no-progress"])
+    assert r.exit_code == 2, r.output
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cannot download ViT-B-32 weights 'laion2b_s34b_b79k': huggingface.co cannot be reached")
+    assert line.endswith("(--pretrained none gives random weights, for tests only).")  # the whole message, with the fix
+    assert "--pretrained PATH" in line
+    assert attempts == [(("huggingface.co", 443), 3.0)]  # one short attempt
+    assert not (tmp_path / "feat").exists()
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    attempts.clear()
+    r = CliRunner().invoke(app, ["embed", str(src), "--out", str(tmp_path / "feat"), "--workers", "0", "--no-progress"])
+    assert r.exit_code == 2 and "HF_HUB_OFFLINE is set" in r.stderr and attempts == []

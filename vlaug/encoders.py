@@ -276,6 +276,7 @@ def load_encoder(
             failed download.
     """
     spec = pretrained if isinstance(pretrained, EncoderSpec) else check_encoder_spec(model, pretrained)
+    check_weights_reachable(spec)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     kwargs = dict(device="cpu", precision="fp32")
@@ -290,7 +291,7 @@ def load_encoder(
             torch.manual_seed(seed)
             net, _, preprocess = open_clip.create_model_and_transforms(spec.model, **kwargs)
     except RuntimeError as e:
-        reason = str(e).splitlines()[0][:300]
+        reason = str(e).splitlines()[0]
         if "Error(s) in loading state_dict" in str(e) or "size mismatch" in str(e):
             raise EncoderError(
                 f"checkpoint {spec.pretrained!r} does not fit model {spec.model}: {reason}. "
@@ -301,7 +302,8 @@ def load_encoder(
             "checkpoint elsewhere and pass its file with --pretrained PATH."
         ) from None
     except (OSError, ValueError) as e:
-        raise EncoderError(f"could not load {spec.model} weights {spec.pretrained!r}: {str(e).splitlines()[0][:300]}.") from None
+        raise EncoderError(f"could not load {spec.model} weights {spec.pretrained!r}: {' '.join(str(e).split())}. "
+                           f"{_OFFLINE_FIX}") from None
     if text_only:
         net.visual = None  # prompts need only the text tower: the image tower never reaches the device
     net = net.to(dev).eval()
@@ -312,6 +314,82 @@ def load_encoder(
     split = split_preprocess(preprocess)
     pil_part, mean, std = split if split else (None, None, None)
     return Encoder(net, preprocess, tokenizer, spec, embed_dim, dev, prec, pil_part, mean, std)
+
+
+_OFFLINE_FIX = ("Without internet access: download the weights once on a machine with access (open_clip caches them "
+                "in ~/.cache/huggingface), or pass a local checkpoint file with --pretrained PATH (--pretrained none "
+                "gives random weights, for tests only).")
+
+
+def _weights_source(spec: EncoderSpec) -> tuple[str, list[tuple[str, str]]] | None:
+    """Where open_clip would download ``spec``'s weights from: (host, [(hub repo, file), ...]
+    that may already be in the local hub cache); None when nothing is downloaded."""
+    from urllib.parse import urlparse
+
+    if spec.random_weights or spec.checkpoint_sha256:
+        return None
+    hub_host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    if spec.model.startswith("hf-hub:"):
+        repo = spec.model[len("hf-hub:"):]
+        return hub_host, [(repo, f) for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")]
+    if spec.model.startswith("local-dir:") or not spec.pretrained:
+        return None
+    cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained) or {}
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"])  # "org/name/" (default file names) or "org/name/file"
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith(".bin"):
+            names.insert(0, filename[: -len(".bin")] + ".safetensors")
+        return hub_host, [(repo, n) for n in names]
+    if cfg.get("url"):
+        return urlparse(cfg["url"]).hostname or "", []
+    return None
+
+
+def _is_cached(files: list[tuple[str, str]]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return any(isinstance(try_to_load_from_cache(repo, name), str) for repo, name in files)
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """One short TCP connection to ``host``:443 (a proxy, when one is set, is trusted instead)."""
+    import socket
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_weights_reachable(spec: EncoderSpec) -> None:
+    """Fail fast, before open_clip spends a minute in download retries, when the weights of
+    ``spec`` are not in the local cache and cannot be downloaded: offline mode
+    (``HF_HUB_OFFLINE``) or the host unreachable after one short attempt.
+
+    Raises:
+        EncoderError: naming the weights, why, and the fix.
+    """
+    where = _weights_source(spec)
+    if where is None:
+        return
+    host, files = where
+    if files and _is_cached(files):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline and files:
+        why = "HF_HUB_OFFLINE is set and they are not in the local cache"
+    elif not _reachable(host):
+        why = f"{host} cannot be reached (no internet access?)"
+    else:
+        return
+    name = spec.model if spec.model.startswith("hf-hub:") else f"{spec.model} weights {spec.pretrained!r}"
+    raise EncoderError(f"cannot download {name}: {why}. {_OFFLINE_FIX}")
 
 
 @contextlib.contextmanager
