@@ -278,3 +278,30 @@ def test_predict_maps_classes_by_name_and_refuses_another_class_set(probe_dir, t
     r = runner.invoke(app, ["predict", str(tmp_path / "sub"), "--probe", probe, "--out", str(tmp_path / "x.parquet")])
     _one_line_error(r, "only in the head: ['fox']", "only in the cache: ['owl']")
     assert not (tmp_path / "x.parquet").exists()
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def test_small_budgets_are_shown_in_kib_and_mib(tmp_path):
+    from tests.conftest import write_synthetic_cache
+
+    feats = write_synthetic_cache(tmp_path / "feat", n_per_class=10, d=32, n_classes=4)
+    r = runner.invoke(app, ["probe", str(feats), "--out", str(tmp_path / "rep"), "-m", "mixup", *FAST_PROBE,
+                            "--memory-budget", "2K"])
+    _one_line_error(r, "about 30 KiB, more than --memory-budget 2K")
+    assert "0.00 GiB" not in r.stderr
+    r = runner.invoke(app, ["probe", str(feats), "--out", str(tmp_path / "rep"), "-m", "linear", *FAST_PROBE,
+                            "--memory-budget", "2K"])
+    assert r.exit_code == 0, r.output
+    assert "in memory they would need about 30 KiB, more than --memory-budget 2K (2 KiB)" in r.stderr
+
+
+def test_usage_lines_have_no_braces_and_flags_no_bool_metavar():
+    for command, arg in (("embed", "SOURCE"), ("prompts", "FEATURES"), ("train-box", "FEATURES"), ("probe", "FEATURES"),
+                         ("predict", "FEATURES"), ("info", "PATH")):
+        r = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert r.exit_code == 0
+        assert f"Usage: vlaug {command} [OPTIONS] {arg}" in r.stdout and "{" not in r.stdout.splitlines()[1]
+        assert "<bool>" not in r.stdout
+    assert "--append" in runner.invoke(app, ["embed", "--help"], env={"COLUMNS": "200"}).stdout

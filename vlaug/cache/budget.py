@@ -12,6 +12,14 @@ from vlaug.cache.manifest import CacheManifest
 from vlaug.errors import UsageError
 
 
+def format_size(n: int) -> str:
+    """Bytes in the largest binary unit that keeps a number >= 1: ``1.50 GiB``, ``20.0 KiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} bytes"
+
+
 def embedding_bytes(manifest: CacheManifest) -> int:
     """Memory the embeddings take once read as float32."""
     return manifest.n_images * manifest.embed_dim * 4
@@ -68,12 +76,12 @@ class MemoryPlan:
     def streaming_note(self, chunk_rows: int, consequence: str = "") -> str:
         """The line a stage prints when it streams ``chunk_rows`` rows at a time."""
         return (f"streaming {self.n_rows} rows from disk, {chunk_rows} at a time: in memory they would need about "
-                f"{self.need / 2**30:.2f} GiB, more than --memory-budget {self.budget_text} ({self.budget / 2**30:.2f} GiB)"
+                f"{format_size(self.need)}, more than --memory-budget {self.budget_text} ({format_size(self.budget)})"
                 + (f"; {consequence}" if consequence else ""))
 
     def refusal(self, what: str, instead: str) -> str:
         """The message refusing ``what`` (which needs every row at once) on a streamed cache."""
-        return (f"{what} needs the whole cache in memory (about {self.need / 2**30:.2f} GiB, more than --memory-budget "
+        return (f"{what} needs the whole cache in memory (about {format_size(self.need)}, more than --memory-budget "
                 f"{self.budget_text}); raise --memory-budget or {instead}.")
 
 
