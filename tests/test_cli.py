@@ -85,6 +85,9 @@ def test_demo_runs_on_the_bundled_data(tmp_path):
     assert "embedded 300, skipped 0 (already in cache), failed 0" in r.stdout
     assert "per domain   painting 100, photo 100, sketch 100" in r.stdout
     assert "--pretrained laion2b_s34b_b79k" in r.stdout
+    from vlaug.demo import bundled_data_dir
+
+    assert f"vlaug embed {bundled_data_dir()} --out features" in r.stdout  # the folder it embedded, which exists
     manifest = json.loads((tmp_path / "demo" / "features" / "manifest.json").read_text())
     assert manifest["model"] == "vlaug-tiny" and manifest["pretrained"] == "none"
     assert set(manifest["prompt_sets"]) == {"photo", "sketch", "painting"}

@@ -54,6 +54,7 @@ class DemoResult:
     heads: list[TrainResult]
     report: dict
     report_dir: str
+    data: str = ""  # the image folder the demo embedded (the bundled one, or one it drew)
 
 
 def run_demo(out: str | Path = "vlaug-demo", progress: bool = True, log: Callable[[str], None] | None = None) -> DemoResult:
@@ -89,4 +90,4 @@ def run_demo(out: str | Path = "vlaug-demo", progress: bool = True, log: Callabl
                                "gaussian", "mixup"),
     )
     report = write_report(report_dir, run_probe(probe, log=log))
-    return DemoResult(embedded, heads, report, str(report_dir))
+    return DemoResult(embedded, heads, report, str(report_dir), str(data))

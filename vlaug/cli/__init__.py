@@ -324,7 +324,7 @@ def demo(
     typer.echo(
         "\nThe demo model has random weights: its features only show that the pipeline runs.\n"
         "With real CLIP / CoCa weights (downloaded by open_clip on first use):\n"
-        + real_weights_commands("data/shapes", "features")
+        + real_weights_commands(result.data, "features")
     )
 
 
