@@ -182,7 +182,7 @@ def test_incomplete_cache_is_refused_unless_allowed_and_the_report_says_so(tmp_p
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["incomplete_cache"] is True and len(report["warnings"]) == 2
     r = runner.invoke(app, ["info", str(out)])
-    assert "incomplete" in r.stdout
+    assert "INCOMPLETE (12 of 24 inputs not reached)" in r.stdout and "--allow-incomplete" in r.stdout
 
 
 def test_another_source_needs_append(tmp_path):
@@ -207,6 +207,8 @@ def test_another_source_needs_append(tmp_path):
     c = cache.read_cache(out)
     assert c.labels[[c.ids.index("dog/000.jpg")]].tolist() == [1]  # labels in the cache's class order
     assert "embedded 0, skipped 4" in _embed(a, out).stdout  # each recorded source resumes without --append
+    info = runner.invoke(app, ["info", str(out)]).stdout
+    assert f"source       {a.resolve()} (class layout)\nappended     {b.resolve()} (class layout)" in info
 
 
 def test_embed_prints_what_it_found_and_stores_a_missing_split_as_null(domains, tmp_path):
@@ -241,6 +243,7 @@ def test_predict_on_unlabeled_images(probe_dir, tmp_path):
         r = _embed(src, out)
         assert "no labels" in r.stderr
         assert cache.read_manifest(out).classes == [] and not (out / "texts.parquet").exists()
+        assert "classes      none: unlabeled images" in runner.invoke(app, ["info", str(out)]).stdout
         r = runner.invoke(app, ["predict", str(out), "--probe", str(probe_dir / "rep" / "probes" / "linear"),
                                 "--out", str(tmp_path / f"pred-{n}.parquet"), "--device", "cpu"])
         assert r.exit_code == 0, r.output

@@ -19,23 +19,30 @@ def format_cache_info(info: dict, max_failures: int = 10) -> str:
     pretrained = m["pretrained"] or "(from the model source)"
     if pretrained == "none":
         pretrained = f"none (RANDOM weights, seed {m.get('seed')})"
-    state = "complete" if m.get("complete") else "incomplete: re-run the same vlaug embed command to finish it"
+    missing = (m.get("n_inputs") or 0) - info["n_rows"] - m.get("n_failed", 0)
+    state = ("complete" if m.get("complete") or m.get("n_inputs") is None else
+             f"INCOMPLETE ({max(missing, 0)} of {m.get('n_inputs')} inputs not reached): re-run the same vlaug embed "
+             "command to finish it; train-box and probe refuse it without --allow-incomplete")
     lines = [
         f"cache        {info['path']}",
         f"model        {m['model']}",
         f"pretrained   {pretrained}",
         f"embeddings   d={m['embed_dim']}, stored as {m['dtype']}, {'L2-normalised' if m.get('normalized') else 'not normalised'}",
         f"images       {info['n_rows']} in {len(m['parts'])} part(s); {m.get('n_failed', 0)} failed; {state}",
-        f"classes      {len(m['classes'])}: {', '.join(m['classes'][:20])}{' ...' if len(m['classes']) > 20 else ''}",
-        f"per class    {_counts_line(info['per_class'], '?')}",
+        f"classes      {len(m['classes'])}: {', '.join(m['classes'][:20])}{' ...' if len(m['classes']) > 20 else ''}"
+        if m["classes"] else "classes      none: unlabeled images (for vlaug predict)",
     ]
+    if m["classes"]:
+        lines.append(f"per class    {_counts_line(info['per_class'], '?')}")
     if m.get("domains") or set(info["per_domain"]) - {""}:
         lines.append(f"per domain   {_counts_line(info['per_domain'], '(none)')}")
     if set(info["per_split"]) - {""}:
         lines.append(f"per split    {_counts_line(info['per_split'], '(none)')}")
     sets = ", ".join(f"{name} ({n} template{'s' if n != 1 else ''})" for name, n in info["prompt_sets"].items())
-    lines.append(f"prompt sets  {sets or '(none: texts.parquet is missing)'}")
-    lines.append(f"source       {m.get('source') or '?'} ({m.get('layout') or '?'} layout)")
+    lines.append(f"prompt sets  {sets or ('(none: texts.parquet is missing)' if m['classes'] else '(none)')}")
+    sources = m.get("sources") or [{"source": m.get("source") or "?", "layout": m.get("layout") or "?"}]
+    for i, src in enumerate(sources):
+        lines.append(f"{'source' if i == 0 else 'appended':<12} {src['source']} ({src['layout']} layout)")
     lines.append(f"created      {m.get('created')} by vlaug {m.get('vlaug_version')}")
     if info["failures"]:
         lines.append(f"failures     {len(info['failures'])} (failed.parquet):")
