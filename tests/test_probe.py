@@ -213,3 +213,23 @@ def test_an_ensemble_weight_means_the_same_mix_whatever_the_probe_scale():
             mixes[scale, calibrated] = probe.predict_proba(x)
     torch.testing.assert_close(mixes[0.2, True], mixes[5.0, True], atol=1e-4, rtol=1e-4)
     assert (mixes[0.2, False] - mixes[5.0, False]).abs().max() > 0.1
+
+
+def test_library_probe_fit_save_load_predict_on_tensors(tmp_path):
+    """The README's probe example: fit, save, load and predict on plain tensors."""
+    import vlaug
+    from vlaug.probe import weight_decay_grid
+
+    x, y, _, _ = synthetic_clusters(n_per_class=40, d=32, n_classes=4, seed=3)
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    val = torch.arange(len(x)) % 5 == 0
+    probe = vlaug.fit_linear_probe(x[~val], y[~val], x[val], y[val], grid_size=3, max_iter=50)
+    p = probe.predict_proba(x)
+    assert p.shape == (160, 4) and torch.allclose(p.sum(1), torch.ones(160))
+    assert (p.argmax(1) == y).float().mean() > 0.9 and probe.selection_["weight_decay"] in weight_decay_grid(3)
+    vlaug.save_probe(tmp_path / "probe", probe, ["a", "b", "c", "d"])
+    again = vlaug.load_probe(tmp_path / "probe")
+    assert again.classes_ == ["a", "b", "c", "d"]
+    torch.testing.assert_close(again.predict_proba(x), p)
+    with pytest.raises(ValueError, match="3 class names for a probe of 4 classes"):
+        vlaug.save_probe(tmp_path / "p2", probe, ["a", "b", "c"])

@@ -38,6 +38,9 @@ __all__ = [
     "load_head",
     "TrainConfig",
     "train_head",
+    "fit_linear_probe",
+    "save_probe",
+    "load_probe",
 ]
 
 
@@ -63,6 +66,14 @@ def __getattr__(name):
         from vlaug.checkpoint import load_head
 
         return load_head
+    if name == "fit_linear_probe":
+        from vlaug.probe import fit_linear_probe
+
+        return fit_linear_probe
+    if name in ("save_probe", "load_probe"):
+        from vlaug import checkpoint as _checkpoint
+
+        return getattr(_checkpoint, name)
     if name in ("TrainConfig", "train_head"):
         from vlaug import train as _train
 

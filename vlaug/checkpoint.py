@@ -136,6 +136,38 @@ def save_head(
     return path
 
 
+def save_probe(path: str | os.PathLike, probe: LinearProbe, classes: list[str], *, model: str = "", pretrained: str = "",
+               overwrite: bool = False) -> Path:
+    """Save a :class:`~vlaug.probe.LinearProbe` in the format ``vlaug probe`` writes, so that
+    :func:`load_probe` and ``vlaug predict`` (with ``model`` / ``pretrained`` of the cache
+    its embeddings came from) can use it.
+
+    Raises:
+        UsageError: ``path`` exists and ``overwrite`` is False; ValueError: ``classes``
+            does not match the probe's number of classes.
+    """
+    if len(classes) != probe.config.n_classes:
+        raise ValueError(f"{len(classes)} class names for a probe of {probe.config.n_classes} classes.")
+    cache = {"model": model, "pretrained": pretrained, "embed_dim": probe.config.embed_dim, "classes": list(classes),
+             "seed": None, "texts": {}}
+    return save_head(path, "probe", probe.cpu(), {"training": {"method": "library"}, "cache": cache, "history": [],
+                                                    "selected_epoch": 0}, overwrite=overwrite)
+
+
+def load_probe(path: str | os.PathLike) -> LinearProbe:
+    """A probe saved by :func:`save_probe` or by ``vlaug probe`` (``REPORT_DIR/probes/METHOD``),
+    on the CPU in eval mode; its class names are in ``classes_``.
+
+    Raises:
+        CheckpointError: not a probe, or a damaged one.
+    """
+    ckpt = load_head(path)
+    if ckpt.kind != "probe":
+        raise CheckpointError(f"{str(path)!r} is a {ckpt.kind} head, not a probe.")
+    ckpt.module.classes_ = list(ckpt.cache["classes"])
+    return ckpt.module
+
+
 def is_head(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file() and (Path(path) / WEIGHTS_NAME).is_file()
 

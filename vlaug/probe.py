@@ -381,3 +381,30 @@ def fit_reweighted(
             q = torch.full((int(groups.max()) + 1,), 1.0 / (int(groups.max()) + 1), device=x.device)
     return W.detach(), b.detach(), {"groups": len(q), "group_weights": q.tolist(), "steps": steps, "period": period,
                                     "eta": eta, "lr": lr}
+
+
+# ----------------------------------------------------------------------------- library use
+
+
+def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+                     grid_size: int = 8, max_iter: int = 200, n_classes: int | None = None) -> LinearProbe:
+    """The linear probe of ``vlaug probe -m linear`` on tensors: multinomial logistic
+    regression, the weight decay chosen on the validation rows from ``grid_size``
+    log-spaced values (1e-1 ... 1e-6).
+
+    Args:
+        x, x_val: (n, d) embeddings (L2-normalised, as in a cache); y, y_val: (n,) labels.
+
+    Returns:
+        a :class:`LinearProbe` (``predict_proba(x)`` -> (n, C)); its ``selection_`` holds
+        the chosen weight decay and its validation accuracy.
+    """
+    c = n_classes or int(max(int(y.max()), int(y_val.max()))) + 1
+    best, _ = select_weight_decay(Rows.of(x, y, n_classes=c), Rows.of(x_val, y_val, n_classes=c),
+                                  weight_decay_grid(grid_size), max_iter)
+    probe = LinearProbe(ProbeConfig(embed_dim=x.shape[1], n_classes=c)).to(x.device)
+    with torch.no_grad():
+        probe.linear.weight.copy_(best["W"].T)
+        probe.linear.bias.copy_(best["b"])
+    probe.selection_ = {k: v for k, v in best.items() if k not in ("W", "b")}
+    return probe.eval()
