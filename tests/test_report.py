@@ -55,3 +55,52 @@ def test_a_failed_write_leaves_the_old_report(run, tmp_path):
         write_report(tmp_path / "rep", broken)
     assert (tmp_path / "rep" / "report.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["rep"]  # no temporary folder left
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def test_embedding_plot_one_projection_every_method_and_a_class_legend(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from vlaug.report import _plot_embeddings, _project
+
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((60, 8)).astype(np.float32)
+    y0, d0 = np.arange(60) % 3, np.array(["photo", "sketch"] * 30)
+    # one projection: the originals' coordinates do not depend on what else is drawn, and an
+    # augmentation equal to an original lands exactly on it
+    xy_alone, _ = _project(x0, [], tsne=False, seed=0)
+    xy0, (xy_copy, xy_far) = _project(x0, [x0[:5], 10 + x0[:5]], tsne=False, seed=0)
+    np.testing.assert_allclose(xy0, xy_alone, atol=1e-6)
+    np.testing.assert_allclose(xy_copy, xy0[:5], atol=1e-6)
+    assert not np.allclose(xy_far, xy0[:5])
+    projections = {f"method{k}": (np.concatenate([x0, x0 + 0.1 * k]), np.concatenate([y0, y0]), 60) for k in range(5)}
+    drawn = _plot_embeddings((x0, y0, d0), projections, tmp_path / "e.png", tsne=False, classes=["cat", "dog", "fox"])
+    assert (tmp_path / "e.png").stat().st_size > 0
+    assert len(drawn["panels"]) == 6 and all(any(f"method{k}" in t for t in drawn["panels"]) for k in range(5))
+    assert drawn["legend"] == ["cat", "dog", "fox"]
+    assert len(drawn["limits"]) == 1  # every panel has the same axes
+
+
+def test_box_volume_plot_ranks_differences_and_per_domain_heat_map(run, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from vlaug.report import _plot_box_volume, _plot_per_domain
+
+    per_class = [{"class": f"c{i}", "rank": i + 1, "mean_log_volume": -2800.0 - i * 0.5, "n": 3} for i in range(40)]
+    per_dim = [{"dim": j, "classes": ["c1", "c2", "c3"], "mean_side": [0.01 * j, 0.0, 0.0]} for j in range(16)]
+    drawn = _plot_box_volume({"per_class": per_class, "per_dimension": per_dim, "n_rows": 120}, "heads/box",
+                             tmp_path / "b.png", top=15)
+    assert drawn["classes"] == [f"c{i}" for i in list(range(15)) + list(range(25, 40))]  # top and bottom, in rank order
+    assert drawn["x"][0] == pytest.approx(9.75) and drawn["x"][-1] == pytest.approx(-9.75)  # around the mean, not -2800
+    assert drawn["dims"] == [15, 14, 13, 12, 11, 10, 9, 8]  # the dimensions with the longest sides (Table 5)
+    _, result = run
+    public = write_report(tmp_path / "rep", result)
+    values = _plot_per_domain(public, tmp_path / "d.png")
+    assert public["plots"]["per_domain"] == "per_domain.png" and (tmp_path / "rep" / "per_domain.png").is_file()
+    assert values.shape == (3, 2)  # methods x domains (photo, sketch)
+    for i, s in enumerate(public["summary"]):
+        assert values[i].tolist() == pytest.approx([100 * s["per_domain"][d]["mean"] for d in ("photo", "sketch")])

@@ -248,67 +248,151 @@ def _plot_accuracy(report: dict, file) -> None:
     plt.close(fig)
 
 
-def _plot_box_volume(stats: dict, name: str, file) -> None:
+def _plot_box_volume(stats: dict, name: str, file, top: int = 15, n_dims: int = 8) -> dict:
+    """LARE's Tables 4 and 5 as a figure: the classes ranked by mean box log-volume, drawn as
+    the difference from the mean over classes (the log-volumes themselves are large negative
+    numbers whose differences bars from zero would hide), and, for the dimensions along which
+    boxes are longest, the classes with the longest sides."""
     import matplotlib.pyplot as plt
 
     ranked = stats["per_class"]
-    fig, ax = plt.subplots(figsize=(6, max(2.5, 0.22 * len(ranked) + 1)))
-    ax.barh([r["class"] for r in ranked][::-1], [r["mean_log_volume"] for r in ranked][::-1])
-    ax.set_xlabel("mean box log-volume (rank 1 at the top)")
-    ax.set_title(f"classes by box volume: {name}", fontsize=9)
-    ax.tick_params(axis="y", labelsize=7)
+    shown = ranked if len(ranked) <= 2 * top else ranked[:top] + ranked[-top:]
+    mean = sum(r["mean_log_volume"] for r in ranked) / max(1, len(ranked))
+    dims = sorted(stats.get("per_dimension", []), key=lambda d: -max(d["mean_side"] or [0]))[:n_dims]
+    fig, (ax, tab) = plt.subplots(1, 2, figsize=(10, max(3.0, 0.24 * len(shown) + 1.2)),
+                                  gridspec_kw={"width_ratios": [1.1, 1]})
+    y = list(range(len(shown)))
+    diffs = [r["mean_log_volume"] - mean for r in shown]
+    ax.hlines(y, 0, diffs, color="0.75", linewidth=1)
+    ax.scatter(diffs, y, c=["tab:blue" if v >= 0 else "tab:orange" for v in diffs], s=18, zorder=3)
+    ax.axvline(0, color="0.3", linewidth=0.8)
+    ax.set_yticks(y, [f"{r['rank']}. {r['class']}" for r in shown], fontsize=7)
+    ax.invert_yaxis()  # rank 1 (largest boxes) at the top
+    if len(shown) < len(ranked):
+        ax.axhline(top - 0.5, color="0.5", linestyle=":", linewidth=0.8)
+        ax.text(ax.get_xlim()[0], top - 0.5, f"  {len(ranked) - 2 * top} classes not shown", fontsize=6, va="bottom")
+    ax.set_xlabel(f"mean box log-volume − mean over classes ({mean:.1f})", fontsize=8)
+    ax.set_title("Table 4: classes ranked by box volume", fontsize=9)
+    tab.axis("off")
+    if dims:
+        cells = [[str(d["dim"]), ", ".join(d["classes"]), f"{d['mean_side'][0]:.3g}"] for d in dims]
+        table = tab.table(cellText=cells, colLabels=["dim", "classes with the longest sides", "longest"],
+                          loc="upper center", cellLoc="left", colWidths=[0.12, 0.68, 0.2])
+        table.auto_set_font_size(False)
+        table.set_fontsize(7)
+        tab.set_title(f"Table 5: the {len(dims)} dimensions with the longest sides", fontsize=9)
+    fig.suptitle(f"box head {name}: {stats['n_rows']} training rows", fontsize=9)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     plt.close(fig)
+    return {"classes": [r["class"] for r in shown], "x": diffs, "dims": [d["dim"] for d in dims]}
 
 
-def _plot_embeddings(first_train: tuple, projections: dict, file, tsne: bool, seed: int = 0) -> None:
-    """Training embeddings (colour: class, marker: domain) and, for up to three augmenting
-    methods, originals against their augmentations; PCA or t-SNE."""
+def _project(x0, extra: list, tsne: bool, seed: int):
+    """2-d coordinates of ``x0`` and of each array of ``extra`` from ONE projection, so that
+    every panel shares its axes: PCA fitted on ``x0`` (the original rows), or one t-SNE of
+    all points together."""
+    import numpy as np
+
+    if tsne:
+        from sklearn.manifold import TSNE
+
+        pts = np.concatenate([x0, *extra])
+        xy = TSNE(n_components=2, random_state=seed, init="pca", perplexity=min(30, max(2, len(pts) // 4))).fit_transform(pts)
+        bounds = np.cumsum([len(x0)] + [len(e) for e in extra])
+        return xy[: bounds[0]], [xy[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    mean = x0.mean(0)
+    _, _, vt = np.linalg.svd(x0 - mean, full_matrices=False)
+    basis = vt[:2].T
+    return (x0 - mean) @ basis, [(e - mean) @ basis for e in extra]
+
+
+def _plot_embeddings(first_train: tuple, projections: dict, file, tsne: bool, seed: int = 0,
+                     classes: list[str] | None = None, max_points: int = 2000) -> dict:
+    """Training embeddings (colour: class, marker: domain) and, for every augmenting method,
+    the originals (dots) with its augmentations (crosses), all in one projection (PCA fitted
+    once on the originals, or one t-SNE of every point) with shared axes and a class legend."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.lines import Line2D
+
+    x0, y0, d0 = first_train
+    rng = np.random.default_rng(seed)
+    keep0 = np.sort(rng.permutation(len(x0))[:max_points])
+    extras, names = [], []
+    for name, (x, y, n_orig) in projections.items():
+        aug = np.arange(n_orig, len(x))
+        pick = np.sort(rng.permutation(aug)[:max_points]) if len(aug) else aug
+        extras.append((x[pick], y[pick]))
+        names.append(name)
+    xy0, xys = _project(x0[keep0], [e[0] for e in extras], tsne, seed)
+    y0k, d0k = y0[keep0], d0[keep0]
+    n_classes = len(classes) if classes else int(max([y0.max(initial=0)] + [e[1].max(initial=0) for e in extras])) + 1
+    cmap = plt.get_cmap("tab10" if n_classes <= 10 else "tab20")
+    colour = lambda labels: [cmap(int(v) % cmap.N) for v in labels]  # noqa: E731
+    domains = sorted(set(d0k.tolist()))
+    markers = "os^DvP*X"
+    n_panels = 1 + len(extras)
+    cols = min(4, n_panels)
+    rows = -(-n_panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows + 0.8), squeeze=False, sharex=True, sharey=True)
+    for i, dom in enumerate(domains):
+        m = d0k == dom
+        axes[0][0].scatter(xy0[m, 0], xy0[m, 1], c=colour(y0k[m]), s=8, marker=markers[i % len(markers)])
+    axes[0][0].set_title(f"original ({len(keep0)} rows)", fontsize=8)
+    if len(domains) > 1:
+        axes[0][0].legend([Line2D([], [], marker=markers[i % len(markers)], color="0.3", linestyle="") for i in range(len(domains))],
+                          [d or "(none)" for d in domains], fontsize=6, title="domain", title_fontsize=6)
+    for k, (name, (_, ya), xya) in enumerate(zip(names, extras, xys), start=1):
+        ax = axes[k // cols][k % cols]
+        ax.scatter(xy0[:, 0], xy0[:, 1], c=colour(y0k), s=6, marker="o", alpha=0.35)
+        ax.scatter(xya[:, 0], xya[:, 1], c=colour(ya), s=8, marker="x", linewidths=0.8)
+        ax.set_title(f"{name}: originals (dots) + {len(xya)} augmentations (x)", fontsize=7)
+    for k in range(n_panels, rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    shown = sorted(set(y0k.tolist()))[:20]
+    handles = [Line2D([], [], marker="o", color=cmap(c % cmap.N), linestyle="") for c in shown]
+    labels = [classes[c] if classes and c < len(classes) else str(c) for c in shown]
+    fig.legend(handles, labels, loc="lower center", ncol=min(10, len(shown)), fontsize=7, frameon=False,
+               title="class" + (" (first 20)" if len(set(y0k.tolist())) > 20 else ""), title_fontsize=7)
+    how = "one t-SNE of all points" if tsne else "PCA fitted once on the original rows"
+    fig.suptitle(f"training embeddings, seed 0: {how}, the same axes in every panel", fontsize=8)
+    fig.tight_layout(rect=(0, 0.1 if rows == 1 else 0.06, 1, 1))
+    fig.savefig(file, dpi=110)
+    drawn = {"panels": [ax.get_title() for ax in axes.flat if ax.axison], "legend": labels,
+             "limits": {(ax.get_xlim(), ax.get_ylim()) for ax in axes.flat if ax.axison}}
+    plt.close(fig)
+    return drawn
+
+
+def _plot_per_domain(report: dict, file):
+    """Mean accuracy per method (rows) and domain (columns), as a heat map with the values."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    x0, y0, d0 = first_train
-    panels = [("original", x0, y0, d0, None)]
-    for name, (x, y, n_orig) in list(projections.items())[:3]:
-        panels.append((name, x, y, None, n_orig))
-    rng = np.random.default_rng(seed)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
-    domains = sorted(set(d0.tolist()))
-    markers = "os^DvP*X"
-    for ax, (name, x, y, dom, n_orig) in zip(axes[0], panels):
-        keep = rng.permutation(len(x))[:2000]
-        pts = x[keep]
-        if tsne:
-            from sklearn.manifold import TSNE
-
-            xy = TSNE(n_components=2, random_state=seed, init="pca", perplexity=min(30, max(2, len(pts) // 4))).fit_transform(pts)
-        else:
-            centred = pts - pts.mean(0)
-            _, _, vt = np.linalg.svd(centred, full_matrices=False)
-            xy = centred @ vt[:2].T
-        labels = y[keep]
-        if dom is not None:
-            for i, d in enumerate(domains):
-                m = dom[keep] == d
-                ax.scatter(xy[m, 0], xy[m, 1], c=labels[m], cmap="tab10", s=8, marker=markers[i % len(markers)],
-                           vmin=0, vmax=max(9, int(y.max())), label=d or "(none)")
-            if len(domains) > 1:
-                ax.legend(fontsize=6, markerscale=1.5)
-        else:
-            augmented = keep >= n_orig
-            ax.scatter(xy[~augmented, 0], xy[~augmented, 1], c=labels[~augmented], cmap="tab10", s=8, marker="o",
-                       vmin=0, vmax=max(9, int(y.max())), label="original")
-            ax.scatter(xy[augmented, 0], xy[augmented, 1], c=labels[augmented], cmap="tab10", s=6, marker="x",
-                       vmin=0, vmax=max(9, int(y.max())), alpha=0.5, label="augmented")
-            ax.legend(fontsize=6)
-        ax.set_title(f"{name} ({'t-SNE' if tsne else 'PCA'})", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle("training embeddings, seed 0: colour = class, marker = domain (original) / original vs augmented", fontsize=8)
+    rows = report["summary"]
+    domains = sorted({d for r in rows for d in r["per_domain"]})
+    train = set(report["protocol"]["train_domains"])
+    values = np.array([[100 * r["per_domain"][d]["mean"] if d in r["per_domain"] else np.nan for d in domains]
+                       for r in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(domains) + 2.5), max(2.5, 0.35 * len(rows) + 1.2)))
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(domains)):
+            if not np.isnan(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=7,
+                        color="white" if values[i, j] < 60 else "black")
+    ax.set_xticks(range(len(domains)), [f"{d}{' (train)' if d in train else ''}" for d in domains], fontsize=8)
+    ax.set_yticks(range(len(rows)), [r["method"] for r in rows], fontsize=7)
+    fig.colorbar(image, ax=ax, label="top-1 accuracy (%)")
+    ax.set_title(f"accuracy per domain, mean over {len(report['protocol']['seeds'])} seeds", fontsize=9)
     fig.tight_layout()
-    fig.savefig(file, dpi=110)
+    fig.savefig(file, dpi=120)
     plt.close(fig)
+    return values  # (methods, domains) in %
 
 
 def write_report(out, run: "ProbeRun", tsne: bool = False) -> dict:
@@ -340,14 +424,16 @@ def write_report(out, run: "ProbeRun", tsne: bool = False) -> dict:
                  "cache": {**run.cache, "texts": run.texts_used.get(method, {})}, "history": [], "selected_epoch": 0},
             )
         public["probe_dirs"] = probe_dirs
-        public["plots"] = {"accuracy": "accuracy.png", "embeddings": "embeddings.png", "box": {}}
+        public["plots"] = {"accuracy": "accuracy.png", "embeddings": "embeddings.png", "per_domain": "per_domain.png",
+                           "box": {}}
         _plot_accuracy(public, tmp / "accuracy.png")
+        _plot_per_domain(public, tmp / "per_domain.png")
         for head, stats in run.box_stats.items():
             if stats:
                 file = f"box_volume_{_safe_name(head)}.png"
                 _plot_box_volume(stats, head, tmp / file)
                 public["plots"]["box"][head] = file
-        _plot_embeddings(run.first_train, run.projections, tmp / "embeddings.png", tsne)
+        _plot_embeddings(run.first_train, run.projections, tmp / "embeddings.png", tsne, classes=public["classes"])
         public = _json_ready(public)
         (tmp / "report.json").write_text(json.dumps(public, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(format_markdown(public), encoding="utf-8")
