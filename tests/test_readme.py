@@ -74,3 +74,19 @@ def test_quick_start_runs_as_written(tmp_path, monkeypatch):
         assert r.exit_code == 0, f"{shlex.join(command)}\n{r.output}"
     assert (tmp_path / "predictions.parquet").is_file()
     assert (tmp_path / "reports/dn40/report.md").is_file()
+
+
+def test_library_examples_run(tmp_path, monkeypatch):
+    """The README's heads example and the probe example after it (tensors in, tensors out)."""
+    text = README.read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    heads = next(b for b in blocks if "BoxHead" in b)
+    heads = heads[: heads.index('head = vlaug.load_head("heads/box")')]  # needs a trained head folder
+    probe = next(b for b in blocks if "fit_linear_probe" in b)
+    probe = probe.replace("grid_size=8, max_iter=200", "grid_size=2, max_iter=20")  # the same calls, a smaller search
+    assert "grid_size=2, max_iter=20" in probe
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(heads + probe, "README.md", "exec"), scope)
+    assert scope["proba"].shape == (64, 10) and scope["pred"].shape == (64,)
+    assert scope["probe"].classes_ == [f"class{i}" for i in range(10)] and (tmp_path / "my_probe" / "config.json").is_file()

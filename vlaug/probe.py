@@ -399,6 +399,7 @@ def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_va
         a :class:`LinearProbe` (``predict_proba(x)`` -> (n, C)); its ``selection_`` holds
         the chosen weight decay and its validation accuracy.
     """
+    x, x_val = x.detach(), x_val.detach()  # e.g. samples of a head that is still training: the probe is fitted apart
     c = n_classes or int(max(int(y.max()), int(y_val.max()))) + 1
     best, _ = select_weight_decay(Rows.of(x, y, n_classes=c), Rows.of(x_val, y_val, n_classes=c),
                                   weight_decay_grid(grid_size), max_iter)
