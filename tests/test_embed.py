@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import make_class_folder, tiny_config, write_image
 from vlaug import cache
 from vlaug.embed import EmbedConfig, embed_source
-from vlaug.errors import CacheMismatchError, EncoderError, SourceError, UsageError
+from vlaug.errors import CacheMismatchError, EncoderError, IncompleteCacheError, SourceError, UsageError
 
 DESIGN_KEYS = {
     "format_version", "vlaug_version", "model", "pretrained", "embed_dim", "dtype", "normalized", "classes",
@@ -226,6 +226,8 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, sig):
     else:
         assert proc.returncode == -signal.SIGKILL
     assert cache.read_manifest(out).parts == ["part-00000.parquet", "part-00001.parquet"]
+    with pytest.raises(IncompleteCacheError, match="8 of 18 inputs embedded"):  # stages 2 and 3 refuse it
+        cache.read_cache(out)
 
     _unblock(source)
     result = subprocess.run(_embed_command(source, out), capture_output=True, text=True, timeout=120)
