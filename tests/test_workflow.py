@@ -198,6 +198,9 @@ def test_another_source_needs_append(tmp_path):
                     "already in", "'cat/000.png'")
     other = make_class_folder(tmp_path / "d", classes=("fox",), n=1)
     _one_line_error(runner.invoke(app, ["embed", str(other), "--out", str(out), *TINY, "--append"]), "classes ['fox']")
+    write_image(tmp_path / "flat" / "x.png", 5)
+    _one_line_error(runner.invoke(app, ["embed", str(tmp_path / "flat"), "--out", str(out), *TINY, "--append"]),
+                    "has labels and", "has none")
     assert (out / "manifest.json").read_text() == before
     r = _embed(b, out, "--append")
     assert "embedded 3, skipped 0" in r.stdout
@@ -276,6 +279,16 @@ def test_predict_maps_classes_by_name_and_refuses_another_class_set(probe_dir, t
         assert other["class_name"] == row["class_name"]
         assert other["label"] == ["fox", "cat", "dog"].index(row["class_name"])
         np.testing.assert_allclose([other["probabilities"][k] for k in (1, 2, 0)], row["probabilities"], atol=1e-6)
+    # a head (here: a box head) on a cache with its classes in another order: mapped by name, and the report says so
+    head = tmp_path / "box"
+    r = runner.invoke(app, ["train-box", str(probe_dir / "feat"), "--out", str(head), "--epochs", "2", "--device", "cpu",
+                            "--no-progress", "--train-domain", "photo"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["probe", str(reordered), "--out", str(tmp_path / "rep"), "-m", f"box:{head}", "--train-domain",
+                            "photo", *FAST_PROBE])
+    assert r.exit_code == 0, r.output
+    assert "lists the cache's classes in another order; they are mapped by name" in r.stderr
+    assert "mapped by name" in (tmp_path / "rep" / "report.md").read_text().splitlines()[2]
     subset = make_class_folder(tmp_path / "subset", classes=("cat", "dog", "owl"), n=1)
     _embed(subset, tmp_path / "sub")
     r = runner.invoke(app, ["predict", str(tmp_path / "sub"), "--probe", probe, "--out", str(tmp_path / "x.parquet")])

@@ -223,6 +223,12 @@ def _source_changes(old: cache.CacheManifest, source: Source, append: bool) -> l
 def _check_append(out: Path, old: cache.CacheManifest, source: Source) -> Source:
     """The source of an --append run with its labels in the cache's class order; refused when
     it has classes the cache lacks or ids the cache holds for other files."""
+    if bool(source.classes) != bool(old.classes):
+        has, lacks = ("labels", "none") if old.classes else ("no labels", "labels")
+        raise CacheMismatchError(
+            f"--append: the cache {str(out)!r} has {has} and {source.root} has {lacks}; labeled and unlabeled images "
+            "do not share a cache. Embed it into another --out."
+        )
     extra = [c for c in source.classes if c not in old.classes]
     if extra:
         raise CacheMismatchError(
