@@ -172,6 +172,9 @@ def test_incomplete_cache_is_refused_unless_allowed_and_the_report_says_so(tmp_p
                             "--device", "cpu", "--allow-incomplete"])
     assert r.exit_code == 0, r.output
     assert "2 of 4 classes have no training rows: cat, dog" in r.stderr
+    info = runner.invoke(app, ["info", str(tmp_path / "box")]).stdout
+    assert "WARNING      trained on an incomplete cache (--allow-incomplete), no training rows for cat, dog" in info
+    assert "prompt sets  classes (7 templates)" in info
     r = runner.invoke(app, ["probe", str(out), "--out", str(tmp_path / "rep"), "-m", "linear", *FAST_PROBE,
                             "--allow-incomplete"])
     assert r.exit_code == 0, r.output

@@ -80,6 +80,14 @@ def format_head_info(path: str, config: dict, stats: dict | None = None, top: in
         f"training     {t.get('n_train')} rows, {t.get('n_val')} validation; {t.get('epochs')} epochs, batch "
         f"{t.get('batch_size')}, AdamW lr {t.get('lr')}, weight decay {t.get('weight_decay')}, seed {t.get('seed')}",
     ]
+    if c.get("texts"):
+        lines.append("prompt sets  " + "; ".join(f"{name} ({len(t)} template{'s' if len(t) != 1 else ''})"
+                                                  for name, t in c["texts"].items()))
+    if t.get("incomplete_cache") or t.get("classes_without_training_rows"):
+        empty = t.get("classes_without_training_rows") or []
+        lines.append("WARNING      " + ", ".join(filter(None, [
+            "trained on an incomplete cache (--allow-incomplete)" if t.get("incomplete_cache") else "",
+            f"no training rows for {', '.join(empty[:10])}" if empty else ""])))
     if history and selected:
         row = history[selected - 1]
         val = f"{row['val_loss']:.4f}" if row.get("val_loss") is not None else "n/a"
