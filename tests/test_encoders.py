@@ -5,6 +5,7 @@ from safetensors.torch import save_file
 
 from vlaug.encoders import (
     TEMPLATE_PRESETS,
+    TINY_MODEL,
     check_encoder_spec,
     load_encoder,
     parse_prompt_sets,
@@ -194,3 +195,42 @@ def test_default_tag_fails_fast_and_whole_when_the_hub_is_unreachable(tmp_path, 
     attempts.clear()
     r = CliRunner().invoke(app, ["embed", str(src), "--out", str(tmp_path / "feat"), "--workers", "0", "--no-progress"])
     assert r.exit_code == 2 and "HF_HUB_OFFLINE is set" in r.stderr and attempts == []
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_text_only_encoder_reads_no_image_weights_and_equals_the_full_model(tmp_path, monkeypatch, suffix):
+    import safetensors
+
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in open_clip.create_model(TINY_MODEL).state_dict().items()}
+    path = tmp_path / f"tiny{suffix}"
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    full = load_encoder(TINY_MODEL, str(path), "cpu")
+    read = []
+    original = safetensors.safe_open
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.inner = original(*args, **kwargs)
+
+        def __enter__(self):
+            self.f = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.f.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    text = load_encoder(TINY_MODEL, str(path), "cpu", text_only=True)
+    assert text.model.visual is None and text.embed_dim == full.embed_dim
+    torch.testing.assert_close(text.encode_prompts(["cat", "dog"], ["a {}.", "a photo of a {}."]),
+                               full.encode_prompts(["cat", "dog"], ["a {}.", "a photo of a {}."]))
+    if suffix == ".safetensors":
+        assert read and not any(k.startswith("visual.") for k in read)  # the image tower is never read

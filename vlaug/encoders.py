@@ -289,7 +289,8 @@ def load_encoder(
         # the caller's global RNG is left as it was.
         with torch.random.fork_rng(devices=[]), _quiet_open_clip(spec.random_weights):
             torch.manual_seed(seed)
-            net, _, preprocess = open_clip.create_model_and_transforms(spec.model, **kwargs)
+            built = _create_text_only(spec) if text_only and "pretrained" in kwargs else None
+            net, preprocess = built or open_clip.create_model_and_transforms(spec.model, **kwargs)[::2]
     except RuntimeError as e:
         reason = str(e).splitlines()[0]
         if "Error(s) in loading state_dict" in str(e) or "size mismatch" in str(e):
@@ -403,6 +404,45 @@ def _quiet_open_clip(quiet: bool):
         yield
     finally:
         root.setLevel(level)
+
+
+def _state_without_visual(path: str) -> dict:
+    """A checkpoint's state dict without the image tower: from a safetensors file only the
+    other tensors are read; other formats are read whole, then filtered."""
+    visual = ("visual.", "module.visual.")
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(visual)}
+    else:
+        state = open_clip.factory.load_state_dict(path)
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.startswith("visual.")}
+
+
+def _create_text_only(spec: EncoderSpec) -> tuple[torch.nn.Module, Callable] | None:
+    """The model with its text tower loaded from the checkpoint and its image tower never
+    read (for ``vlaug prompts``); None when the checkpoint's layout is not the plain one,
+    and the caller then loads the whole model."""
+    from open_clip.factory import convert_state_dict, convert_to_custom_text_state_dict, resize_text_pos_embed
+
+    if spec.checkpoint_sha256:
+        path = spec.pretrained
+    else:
+        path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(spec.model, spec.pretrained))
+    if not path or Path(path).suffix in (".npz", ".npy"):
+        return None
+    with _quiet_open_clip(True):  # built without weights on purpose: the text tower's come next
+        net, _, preprocess = open_clip.create_model_and_transforms(spec.model, device="cpu", precision="fp32")
+    state = convert_state_dict(net, _state_without_visual(path))
+    if "positional_embedding" in state and not hasattr(net, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    resize_text_pos_embed(state, net)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("visual.") for k in missing):
+        return None  # not the layout we know: the caller loads the whole checkpoint the usual way
+    return net, preprocess
 
 
 def _text_dim(net: torch.nn.Module, tokenizer: Callable) -> int:
