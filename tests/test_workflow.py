@@ -213,6 +213,10 @@ def test_another_source_needs_append(tmp_path):
     c = cache.read_cache(out)
     assert c.labels[[c.ids.index("dog/000.jpg")]].tolist() == [1]  # labels in the cache's class order
     assert "embedded 0, skipped 4" in _embed(a, out).stdout  # each recorded source resumes without --append
+    write_image(b / "dog" / "new.jpg", 77)
+    assert "embedded 1, skipped 3" in _embed(b, out).stdout
+    c = cache.read_cache(out)
+    assert c.labels[[c.ids.index("dog/new.jpg")]].tolist() == [1] and len(c) == 8
     info = runner.invoke(app, ["info", str(out)]).stdout
     assert f"source       {a.resolve()} (class layout)\nappended     {b.resolve()} (class layout)" in info
 

@@ -235,10 +235,8 @@ def _check_append(out: Path, old: cache.CacheManifest, source: Source) -> Source
             f"--append: {source.root} has classes {extra[:5]} that the cache {str(out)!r} lacks (it has "
             f"{len(old.classes)}). Embed it into another --out, or list every class with --classes."
         )
-    index = {c: i for i, c in enumerate(old.classes)}
-    records = [r if r.class_name is None else ImageRecord(r.id, r.path, index[r.class_name], r.class_name, r.domain, r.split)
-               for r in source.records]
-    paths = {r.id: r.path for r in records}
+    source = _in_class_order(source, old.classes)
+    paths = {r.id: r.path for r in source.records}
     clash = []
     for table in cache.iter_metadata(out, ["id", "path"]):
         for i, p in zip(table.column("id").to_pylist(), table.column("path").to_pylist()):
@@ -250,8 +248,17 @@ def _check_append(out: Path, old: cache.CacheManifest, source: Source) -> Source
             f"{clash[0]!r}; ids are paths relative to the source). Give the new source its own ids (a manifest "
             "with an 'id' column) or embed it into another --out."
         )
-    return Source(source.root, source.layout, records, list(old.classes), source.domains, source.n_ignored_files,
-                  source.detected)
+    return source
+
+
+def _in_class_order(source: Source, classes: list[str]) -> Source:
+    """``source`` with its labels indexing ``classes`` (which holds every class it has): an
+    appended source's images are labeled in the cache's class order."""
+    if source.classes == classes or not set(source.classes) <= set(classes):
+        return source
+    index = {c: i for i, c in enumerate(classes)}
+    records = [r if r.class_name is None else dataclasses.replace(r, label=index[r.class_name]) for r in source.records]
+    return dataclasses.replace(source, records=records, classes=list(classes))
 
 
 def _remove_cache(out: Path) -> None:
@@ -323,10 +330,10 @@ def plan_embed(config: EmbedConfig) -> tuple[Source, cache.CacheManifest, Encode
     spec = check_encoder_spec(config.model, config.pretrained)
     cache.check_unlocked(out)
     old = cache.read_manifest(out) if cache.is_cache(out) and not config.overwrite else None
-    if old is not None and config.append and not _source_changes(old, source, False):
-        config = dataclasses.replace(config, append=False)  # the cache's own source: a plain resume
-    if old is not None and config.append:
-        source = _check_append(out, old, source)
+    if old is not None:
+        recorded = not _source_changes(old, source, False)  # one of the cache's sources: a plain resume
+        config = dataclasses.replace(config, append=config.append and not recorded)
+        source = _check_append(out, old, source) if config.append else _in_class_order(source, old.classes)
     identity = {"source": source.root, "layout": source.layout}
     manifest = cache.CacheManifest(
         model=spec.model,
