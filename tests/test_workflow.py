@@ -328,3 +328,19 @@ def test_usage_lines_have_no_braces_and_flags_no_bool_metavar():
         assert f"Usage: vlaug {command} [OPTIONS] {arg}" in r.stdout and "{" not in r.stdout.splitlines()[1]
         assert "<bool>" not in r.stdout
     assert "--append" in runner.invoke(app, ["embed", "--help"], env={"COLUMNS": "200"}).stdout
+
+
+def test_xdomain_mix_with_one_training_domain_says_so(tmp_path):
+    from tests.conftest import write_synthetic_cache
+
+    feats = write_synthetic_cache(tmp_path / "feat", n_per_class=10, d=16, n_classes=3)
+    for domains, warned in ((["photo"], True), (["photo", "sketch"], False)):
+        out = tmp_path / f"rep{len(domains)}"
+        args = ["probe", str(feats), "--out", str(out), "-m", "xdomain-mix", *FAST_PROBE]
+        for d in domains:
+            args += ["--train-domain", d]
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+        line = "xdomain-mix: one training domain (photo), so it mixes rows of the same class within that domain"
+        assert (line in r.stderr) == warned
+        assert any(line in w for w in json.loads((out / "report.json").read_text())["warnings"]) == warned
