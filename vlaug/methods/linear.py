@@ -52,7 +52,7 @@ class ProbeMethod(Method):
         cfg = data.config
         best, search = select_weight_decay(rows, labelled_rows(data, np.asarray(splits.val)),
                                            weight_decay_grid(cfg.grid_size), cfg.max_iter, init, anchor)
-        selection = {k: best[k] for k in ("weight_decay", "iterations", "val_accuracy", "val_log_loss")}
+        selection = {k: best[k] for k in ("weight_decay", "iterations", "converged", "val_accuracy", "val_log_loss")}
         W, b = self._reweighted(data, rows, train, best["W"], best["b"], selection)
         selection["n_train_rows"] = rows.n_rows
         return Fit(*self.finish(W, b, anchor), selection, search)
