@@ -20,7 +20,6 @@ gradient block by block - the same fit, in bounded memory.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vlaug.devices import threads_for
 from vlaug.zero_shot import TEMPERATURE, zero_shot_logits
 
 
@@ -154,12 +154,6 @@ def as_labels(targets: torch.Tensor) -> torch.Tensor:
 # this many float32 values (32 MB), whatever the block size: it bounds the temporaries (and
 # the float32 copy of half-precision rows) while keeping matrix products large.
 PIECE_VALUES = 2**23
-# Below this many multiply-adds per evaluation (rows x features x problems x classes) a
-# problem is too small to share between threads: one thread is faster, and far faster on a
-# busy machine, where threads wait for each other at every operator.
-SMALL_PROBLEM = 2**25
-
-
 def _pieces(rows: Rows, width: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """``rows`` as float32 ``(x, targets, weights)`` pieces sized for ``width`` logits per row."""
     step = int(np.clip(PIECE_VALUES // max(1, width), 256, 65536))
@@ -170,20 +164,6 @@ def _pieces(rows: Rows, width: int) -> Iterable[tuple[torch.Tensor, torch.Tensor
             j = min(len(t), i + step)
             xs = x[index[i:j]] if index is not None else x[i:j]
             yield xs.float(), t[i:j], None if w is None else w[i:j]
-
-
-@contextmanager
-def _threads_for(work: float, device: torch.device):
-    """One intra-op thread for CPU problems below :data:`SMALL_PROBLEM`."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or work >= SMALL_PROBLEM or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _stacked(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,6 +249,34 @@ def probe_objective(x, W, b, targets, sample_weight, weight_decay, anchor=None) 
     return (sample_weight * ce).sum() + 0.5 * weight_decay * (reg * reg).sum()
 
 
+def _inverse_hessian_times(S: torch.Tensor, Y: torch.Tensor, valid: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """H·g for the L-BFGS inverse-Hessian estimate H of each of A problems, in the compact
+    form of Byrd, Nocedal and Schnabel (1994) - the two-loop recursion's result in a few
+    batched products instead of 4m small operations per problem:
+
+        H = γI + [S  γY] [[R⁻ᵀ(D + γYᵀY)R⁻¹, −R⁻ᵀ], [−R⁻¹, 0]] [Sᵀ; γYᵀ],
+
+    R = the upper triangle of SᵀY, D its diagonal, γ = sᵀy / yᵀy of the newest pair.
+    ``S``, ``Y`` (A, m, n) hold the pairs oldest first, ``valid`` (A, m) which are stored
+    (an empty slot has zero vectors and a unit diagonal in R, so it adds nothing). The
+    m × m algebra runs in float64.
+    """
+    a = torch.bmm(S, g.unsqueeze(2)).squeeze(2).double()  # Sᵀg
+    yg = torch.bmm(Y, g.unsqueeze(2)).squeeze(2).double()  # Yᵀg
+    sy = torch.bmm(S, Y.transpose(1, 2)).double()  # (SᵀY)_ij = s_i·y_j
+    yy = torch.bmm(Y, Y.transpose(1, 2)).double()
+    newest = valid[:, -1]
+    gamma = torch.where(newest, sy[:, -1, -1] / yy[:, -1, -1].clamp(min=1e-300), torch.ones_like(sy[:, -1, -1]))
+    eye = torch.diag_embed((~valid).double())
+    R = torch.triu(sy) + eye
+    D = torch.diag_embed(torch.diagonal(sy, dim1=1, dim2=2))
+    r1 = torch.linalg.solve_triangular(R, a.unsqueeze(2), upper=True)  # R⁻¹Sᵀg
+    inner = torch.bmm(D + gamma.view(-1, 1, 1) * yy, r1) - gamma.view(-1, 1, 1) * yg.unsqueeze(2)
+    top = torch.linalg.solve_triangular(R.transpose(1, 2), inner, upper=False)
+    coef_s, coef_y = top.squeeze(2).to(g.dtype), (-gamma.view(-1, 1) * r1.squeeze(2)).to(g.dtype)
+    return gamma.to(g.dtype).view(-1, 1) * g + torch.bmm(coef_s.unsqueeze(1), S).squeeze(1) + torch.bmm(coef_y.unsqueeze(1), Y).squeeze(1)
+
+
 def fit_probes(
     train: Rows,
     weight_decays: list[float],
@@ -304,7 +312,7 @@ def fit_probes(
     S, Y = torch.zeros(p, m, size, device=device), torch.zeros(p, m, size, device=device)
     rho = torch.zeros(p, m, device=device)  # 1 / sᵀy of each stored pair; 0: no pair (adds nothing below)
     iterations = [0] * p
-    with _threads_for(train.n_rows * d * p * c, device):
+    with threads_for(train.n_rows * d * p * c, device):
         f, g = _objectives(train, theta, wd, regularize_towards)
         block_start = f.clone()
         converged = [float(g[k].abs().max()) <= tolerance_grad for k in range(p)]
@@ -315,27 +323,14 @@ def fit_probes(
                 break
             ai = torch.tensor(a, device=device)
             ga = g[ai].view(len(a), size)
-            Sa, Ya, ra = S[ai], Y[ai], rho[ai]
-            # the two-loop recursion, vectorised over problems
-            q, alpha = ga.clone(), torch.zeros(len(a), m, device=device)
-            for i in reversed(range(m)):
-                alpha[:, i] = ra[:, i] * (Sa[:, i] * q).sum(1)
-                q -= alpha[:, i, None] * Ya[:, i]
-            has_pair = ra[:, -1] > 0
-            yy = (Ya[:, -1] * Ya[:, -1]).sum(1)
-            gamma = torch.where(has_pair, 1 / (ra[:, -1] * yy).clamp(min=1e-30), torch.ones_like(yy))  # sᵀy / yᵀy
-            r = q * gamma[:, None]
-            for i in range(m):
-                beta = ra[:, i] * (Ya[:, i] * r).sum(1)
-                r += Sa[:, i] * (alpha[:, i] - beta)[:, None]
-            direction = -r
+            direction = -_inverse_hessian_times(S[ai], Y[ai], rho[ai] > 0, ga)
             gtd = (ga * direction).sum(1)
             ascent = ~(gtd < 0)  # numerically not a descent direction: steepest descent instead
             if bool(ascent.any()):
                 direction[ascent] = -ga[ascent]
                 gtd = (ga * direction).sum(1)
             first = (1 / ga.abs().sum(1).clamp(min=1e-30)).clamp(max=1.0)
-            step = torch.where(has_pair & ~ascent, torch.ones_like(first), first)
+            step = torch.where((rho[ai, -1] > 0) & ~ascent, torch.ones_like(first), first)
             fa, theta_a = f[ai], theta[ai]
             shaped = direction.view(-1, d + 1, c)
             trial = theta_a + step.view(-1, 1, 1) * shaped
@@ -417,7 +412,7 @@ def select_weight_decay(
         and the search (the same without W and b, per weight decay).
     """
     fits = fit_probes(train, grid, max_iter, init, regularize_towards)
-    with _threads_for(val.n_rows * train.n_features * len(grid) * train.n_classes, train.device):
+    with threads_for(val.n_rows * train.n_features * len(grid) * train.n_classes, train.device):
         scores = _scores(val, torch.stack([torch.cat([W, b[None]]) for W, b, _ in fits]))
     search, best = [], None
     for wd, (W, b, info), (accuracy, log_loss) in zip(grid, fits, scores):
