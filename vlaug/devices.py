@@ -18,18 +18,25 @@ SMALL_PROBLEM = 2**25
 
 
 @contextlib.contextmanager
-def threads_for(work: float, device: torch.device | str = "cpu"):
-    """Run the block with one intra-op thread when ``work`` (multiply-adds per step) is
-    below :data:`SMALL_PROBLEM` on the CPU; else with the threads torch has."""
-    threads = torch.get_num_threads()
-    if torch.device(device).type != "cpu" or work >= SMALL_PROBLEM or threads == 1:
+def num_threads(n: int):
+    """Run the block with ``n`` intra-op threads (torch.set_num_threads), then restore them."""
+    before = torch.get_num_threads()
+    if n == before:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+
+
+def threads_for(work: float, device: torch.device | str = "cpu", threads: int | None = None):
+    """A context with one intra-op thread when ``work`` (multiply-adds per step) is below
+    :data:`SMALL_PROBLEM` on the CPU; else with ``threads`` (default: those torch has)."""
+    if torch.device(device).type == "cpu" and work < SMALL_PROBLEM:
+        return num_threads(1)
+    return num_threads(threads or torch.get_num_threads())
 
 
 def resolve_device(device: str) -> torch.device:

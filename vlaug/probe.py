@@ -179,14 +179,21 @@ def _target_logits(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.einsum("mpc,mc->mp", z, t)
 
 
-def _objectives(rows: Rows, theta: torch.Tensor, weight_decay: torch.Tensor,
-                anchor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _objectives(rows: Rows, theta: torch.Tensor, weight_decay: torch.Tensor, anchor: torch.Tensor | None,
+                threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`probe_objective` of P problems at once, and its gradient, in one pass over ``rows``.
 
     ``theta`` (P, d + 1, C) holds each problem's W (first d rows) and b (last row);
     ``weight_decay`` (P,). Returns the losses (P,) and the gradients (P, d + 1, C),
-    computed in closed form: d/dz CE(z, t) = softmax(z) − t.
+    computed in closed form: d/dz CE(z, t) = softmax(z) − t. ``threads``: intra-op threads
+    for a problem large enough to share (:func:`vlaug.devices.threads_for`).
     """
+    p, d1, c = theta.shape
+    with threads_for(rows.n_rows * (d1 - 1) * p * c, theta.device, threads):
+        return _objectives_pass(rows, theta, weight_decay, anchor)
+
+
+def _objectives_pass(rows, theta, weight_decay, anchor):
     p, d1, c = theta.shape
     W, b = _stacked(theta)
     loss = torch.zeros(p, device=theta.device)
@@ -312,8 +319,12 @@ def fit_probes(
     S, Y = torch.zeros(p, m, size, device=device), torch.zeros(p, m, size, device=device)
     rho = torch.zeros(p, m, device=device)  # 1 / sᵀy of each stored pair; 0: no pair (adds nothing below)
     iterations = [0] * p
-    with threads_for(train.n_rows * d * p * c, device):
-        f, g = _objectives(train, theta, wd, regularize_towards)
+    threads = torch.get_num_threads()
+    # the optimiser's own arithmetic (vectors of (d + 1)·C per problem) on one thread; the
+    # objective's products on all of them when the problem is large enough to share
+    objective = lambda th, w: _objectives(train, th, w, regularize_towards, threads)  # noqa: E731
+    with threads_for(0, device):
+        f, g = objective(theta, wd)
         block_start = f.clone()
         converged = [float(g[k].abs().max()) <= tolerance_grad for k in range(p)]
         active = [bool(torch.isfinite(f[k])) and not converged[k] for k in range(p)]
@@ -334,7 +345,7 @@ def fit_probes(
             fa, theta_a = f[ai], theta[ai]
             shaped = direction.view(-1, d + 1, c)
             trial = theta_a + step.view(-1, 1, 1) * shaped
-            f_new, g_new = _objectives(train, trial, wd[ai], regularize_towards)
+            f_new, g_new = objective(trial, wd[ai])
             ok = torch.isfinite(f_new) & (f_new <= fa + 1e-4 * step * gtd)
             for _ in range(30):  # backtrack: the minimum of the quadratic through f, f'·d and f_new, within [0.1, 0.5]·t
                 if bool(ok.all()):
@@ -346,7 +357,7 @@ def fit_probes(
                                    -gtd[redo] * t * t / (2 * curve.clamp(min=1e-30)), 0.5 * t)
                 step[redo] = torch.minimum(torch.maximum(quad, 0.1 * t), 0.5 * t)
                 trial[redo] = theta_a[redo] + step[redo].view(-1, 1, 1) * shaped[redo]
-                fr, gr = _objectives(train, trial[redo], wd[ai[redo]], regularize_towards)
+                fr, gr = objective(trial[redo], wd[ai[redo]])
                 f_new[redo], g_new[redo] = fr, gr
                 ok[redo] = torch.isfinite(fr) & (fr <= fa[redo] + 1e-4 * step[redo] * gtd[redo])
             s = step[:, None] * direction
