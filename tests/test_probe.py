@@ -233,3 +233,38 @@ def test_library_probe_fit_save_load_predict_on_tensors(tmp_path):
     torch.testing.assert_close(again.predict_proba(x), p)
     with pytest.raises(ValueError, match="3 class names for a probe of 4 classes"):
         vlaug.save_probe(tmp_path / "p2", probe, ["a", "b", "c"])
+
+
+def _two_loop(pairs, g):
+    """The textbook L-BFGS two-loop recursion (Nocedal & Wright, Alg. 7.4), pairs oldest first."""
+    q, alphas = g.clone(), []
+    for s, y in reversed(pairs):
+        alpha = (s @ q) / (y @ s)
+        q -= alpha * y
+        alphas.append(alpha)
+    s, y = pairs[-1]
+    r = (s @ y) / (y @ y) * q
+    for (s, y), alpha in zip(pairs, reversed(alphas)):
+        r += s * (alpha - (y @ r) / (y @ s))
+    return r
+
+
+def test_compact_inverse_hessian_equals_the_two_loop_recursion():
+    """The batched compact form gives the two-loop recursion's H·g for every problem, whatever
+    how many of its m slots hold a pair (empty slots first, as fit_probes stores them)."""
+    from vlaug.probe import _inverse_hessian_times
+
+    g = torch.Generator().manual_seed(0)
+    n, m = 12, 4
+    S, Y, grads, expected = torch.zeros(3, m, n, dtype=torch.float64), torch.zeros(3, m, n, dtype=torch.float64), [], []
+    valid = torch.zeros(3, m, dtype=torch.bool)
+    for k, stored in enumerate((4, 2, 1)):
+        A = torch.randn(n, n, generator=g, dtype=torch.float64)
+        A = A @ A.T + 0.5 * torch.eye(n, dtype=torch.float64)  # SPD: every pair has sᵀy > 0
+        pairs = [(s, A @ s) for s in torch.randn(stored, n, generator=g, dtype=torch.float64)]
+        for i, (s, y) in enumerate(pairs):
+            S[k, m - stored + i], Y[k, m - stored + i], valid[k, m - stored + i] = s, y, True
+        grads.append(torch.randn(n, generator=g, dtype=torch.float64))
+        expected.append(_two_loop(pairs, grads[-1]))
+    got = _inverse_hessian_times(S, Y, valid, torch.stack(grads))
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-9, atol=1e-9)

@@ -308,16 +308,18 @@ def test_predict_maps_classes_by_name_and_refuses_another_class_set(probe_dir, t
 
 def test_small_budgets_are_shown_in_kib_and_mib(tmp_path):
     from tests.conftest import write_synthetic_cache
+    from vlaug.cache.budget import format_size
 
     feats = write_synthetic_cache(tmp_path / "feat", n_per_class=10, d=32, n_classes=4)
+    r = runner.invoke(app, ["train-box", str(feats), "--out", str(tmp_path / "box"), "--epochs", "1", "--device", "cpu",
+                            "--no-progress", "--memory-budget", "2K"])
+    assert r.exit_code == 0, r.output
+    assert "in memory they would need about 30 KiB, more than --memory-budget 2K (2 KiB)" in r.stderr  # 3 x 80 x 32 x 4 B
     r = runner.invoke(app, ["probe", str(feats), "--out", str(tmp_path / "rep"), "-m", "mixup", *FAST_PROBE,
                             "--memory-budget", "2K"])
-    _one_line_error(r, "about 30 KiB, more than --memory-budget 2K")
-    assert "0.00 GiB" not in r.stderr
-    r = runner.invoke(app, ["probe", str(feats), "--out", str(tmp_path / "rep"), "-m", "linear", *FAST_PROBE,
-                            "--memory-budget", "2K"])
-    assert r.exit_code == 0, r.output
-    assert "in memory they would need about 30 KiB, more than --memory-budget 2K (2 KiB)" in r.stderr
+    need = cache.plan_memory(cache.read_manifest(feats), "2K", resident=True).need
+    _one_line_error(r, f"about {format_size(need)}, more than --memory-budget 2K")
+    assert "GiB" not in r.stderr and format_size(2048) == "2 KiB" and format_size(3 * 2**30 // 2) == "1.5 GiB"
 
 
 def test_usage_lines_have_no_braces_and_flags_no_bool_metavar():

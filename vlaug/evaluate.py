@@ -20,7 +20,7 @@ from vlaug import cache as cache_io
 from vlaug import checkpoint, metrics
 from vlaug._version import __version__
 from vlaug.choices import CLASSES_PROMPT_SET, REWEIGHTS
-from vlaug.devices import resolve_device
+from vlaug.devices import resolve_device, threads_for
 from vlaug.errors import UsageError
 from vlaug.methods import Method, RunData, parse_method
 from vlaug.methods.linear import block_generator
@@ -169,10 +169,9 @@ def prepare(config: ProbeRunConfig) -> _Plan:
     if manifest.n_missing:
         warnings.append(f"INCOMPLETE CACHE (--allow-incomplete): {manifest.n_missing} of {manifest.n_inputs} inputs "
                         "were never embedded; these numbers cover only the rows the cache holds")
-    memory = cache_io.plan_memory(manifest, config.memory_budget, budget)
+    memory = cache_io.plan_memory(manifest, config.memory_budget, budget, resident=True)
     _check_streaming(config, methods, memory)
-    read = cache_io.read_metadata if memory.streamed else cache_io.read_cache
-    feats = read(config.features, allow_incomplete=True)
+    feats = cache_io.read_metadata(config.features, allow_incomplete=True)
     if CLASSES_PROMPT_SET not in feats.texts:
         raise UsageError(f"cache {config.features!r} has no class prompts (texts.parquet); re-run vlaug embed.")
     domain_names, domain_index = np.unique(feats.domains, return_inverse=True)  # sorted names, index per row
@@ -183,7 +182,8 @@ def prepare(config: ProbeRunConfig) -> _Plan:
     chunk_rows = memory.chunk_rows(max(1 + m.extra_rows() for m in methods))
     data = RunData(
         feats=feats,
-        x=None if memory.streamed else torch.as_tensor(feats.embeddings, device=device),
+        # resident in the stored precision (float16 stays float16), on the device
+        x=None if memory.streamed else torch.as_tensor(cache_io.read_embeddings(config.features, manifest), device=device),
         y=torch.as_tensor(feats.labels, device=device),
         dom=torch.as_tensor(domain_index.reshape(-1), device=device, dtype=torch.long),
         text=torch.as_tensor(feats.texts[CLASSES_PROMPT_SET], device=device),
@@ -355,6 +355,13 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     plan = prepare(config)
+    m = plan.data.feats.manifest
+    # a small cache runs on one thread: its operators are too small to share (see devices.threads_for)
+    with threads_for(m.n_images * m.embed_dim * len(m.classes) * config.grid_size, plan.data.device):
+        return _run(plan, config, log)
+
+
+def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None]) -> ProbeRun:
     data, methods = plan.data, plan.methods
     for warning in plan.warnings:
         log(f"WARNING: {warning}")

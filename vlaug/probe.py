@@ -1,21 +1,21 @@
 """Stage 3 compute: zero-shot classification and the linear probe. Pure tensors.
 
-The probe is multinomial logistic regression in torch, trained full-batch with L-BFGS
-(strong-Wolfe line search) on soft targets:
+The probe is multinomial logistic regression in torch, trained full-batch with L-BFGS on
+soft targets:
 
     Σ_i  w_i · CE(x_i W + b, t_i)  +  (weight_decay / 2) · ||W||²      (w_i = 1/n by default)
 
 which is scikit-learn's ``LogisticRegression(C=1 / (weight_decay · n))`` objective (up
 to the overall scale) when targets are one-hot and weights are 1. The weight decay is
-chosen on validation rows from a log-spaced grid (as CLIP_benchmark does), warm-starting
-from the strongest regularisation; within a fit, the iteration count ("epoch") with the
-best validation accuracy is kept (LARE: "the epoch was set to the maximum of the
-validation data"). Ties in validation accuracy, within a fit and between weight decays,
-go to the lower validation log-loss.
+chosen on validation rows from a log-spaced grid (as CLIP_benchmark does): every value of
+the grid is fitted at once, as one batched problem (:func:`fit_probes`: one pass over the
+rows evaluates all of them), each to convergence; the best validation accuracy wins, ties
+going to the lower validation log-loss.
 
-Rows come in blocks (:class:`Rows`): one block in memory, or blocks streamed from disk
-for caches larger than memory, where every evaluation of the objective reads the cache
-once and accumulates the gradient block by block - the same fit, in bounded memory.
+Rows come in blocks (:class:`Rows`): one block in memory (float32, or float16 converted
+piece by piece inside the objective), or blocks streamed from disk for caches larger than
+memory, where every evaluation of the objective reads the cache once and accumulates the
+gradient block by block - the same fit, in bounded memory.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vlaug.devices import threads_for
 from vlaug.zero_shot import TEMPERATURE, zero_shot_logits
-
 
 
 @dataclass(frozen=True)
@@ -113,12 +113,16 @@ def weight_decay_grid(n: int = 8, low: float = 1e-6, high: float = 1e-1) -> list
 
 
 class Rows:
-    """The rows a probe is fitted or scored on, as blocks of ``(x, targets, weights)``.
+    """The rows a probe is fitted or scored on, as blocks of ``(x, targets, weights)`` or
+    ``(x, targets, weights, index)``.
 
     ``targets`` is an (m,) integer label tensor or an (m, C) soft-target tensor; ``weights``
-    an (m,) tensor of per-row weights (the objective sums weight · loss). In memory there is
-    one block (:meth:`of`); for caches larger than memory, ``blocks()`` reads the rows from
-    disk again on every call, so each pass of the optimiser costs one read of the cache.
+    an (m,) tensor of per-row weights (the objective sums weight · loss), or None for rows
+    that are only scored. ``x`` may be float16: it stays so in memory and is converted to
+    float32 piece by piece inside the objective. With ``index``, the block's rows are
+    ``x[index]`` and ``x`` is a whole resident cache (never copied). In memory there is one
+    block (:meth:`of`); for caches larger than memory, ``blocks()`` reads the rows from disk
+    again on every call, so each pass of the optimiser costs one read of the cache.
     """
 
     def __init__(self, blocks: Callable[[], Iterable[tuple]], n_features: int, n_classes: int, n_rows: int,
@@ -128,14 +132,15 @@ class Rows:
 
     @classmethod
     def of(cls, x: torch.Tensor, targets: torch.Tensor, sample_weight: torch.Tensor | None = None,
-           n_classes: int | None = None) -> "Rows":
-        """Rows in memory. One-hot soft targets become integer labels (the faster kernel);
-        without ``sample_weight`` every row weighs 1/n."""
+           n_classes: int | None = None, index: torch.Tensor | None = None) -> "Rows":
+        """Rows in memory (``x[index]`` when ``index`` is given). One-hot soft targets become
+        integer labels (the faster kernel); without ``sample_weight`` every row weighs 1/n."""
         targets = as_labels(targets)
-        c = n_classes or (targets.shape[1] if targets.dim() == 2 else int(targets.max()) + 1 if len(targets) else 1)
-        w = sample_weight if sample_weight is not None else torch.full((len(x),), 1.0 / max(1, len(x)), device=x.device)
-        block = [(x, targets, w)]
-        return cls(lambda: block, x.shape[1], c, len(x), x.device)
+        n = len(targets)
+        c = n_classes or (targets.shape[1] if targets.dim() == 2 else int(targets.max()) + 1 if n else 1)
+        w = sample_weight if sample_weight is not None else torch.full((n,), 1.0 / max(1, n), device=x.device)
+        block = [(x, targets, w) if index is None else (x, targets, w, index)]
+        return cls(lambda: block, x.shape[1], c, n, x.device)
 
 
 def as_labels(targets: torch.Tensor) -> torch.Tensor:
@@ -145,15 +150,91 @@ def as_labels(targets: torch.Tensor) -> torch.Tensor:
     return targets
 
 
+# The objective works on pieces of rows whose logits (rows x problems x classes) hold at most
+# this many float32 values (32 MB), whatever the block size: it bounds the temporaries (and
+# the float32 copy of half-precision rows) while keeping matrix products large.
+PIECE_VALUES = 2**23
+def _pieces(rows: Rows, width: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """``rows`` as float32 ``(x, targets, weights)`` pieces sized for ``width`` logits per row."""
+    step = int(np.clip(PIECE_VALUES // max(1, width), 256, 65536))
+    for block in rows.blocks():
+        x, t, w = block[:3]
+        index = block[3] if len(block) > 3 else None
+        for i in range(0, len(t), step):
+            j = min(len(t), i + step)
+            xs = x[index[i:j]] if index is not None else x[i:j]
+            yield xs.float(), t[i:j], None if w is None else w[i:j]
+
+
+def _stacked(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, P·C) weights and (P·C,) biases of P problems ``theta`` (P, d + 1, C), side by side."""
+    p, d1, c = theta.shape
+    return theta[:, :-1].permute(1, 0, 2).reshape(d1 - 1, p * c), theta[:, -1].reshape(p * c)
+
+
+def _target_logits(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(m, P): each row's logit of its label (integer ``t``) or its targets' mean logit (soft)."""
+    if t.dim() == 1:
+        return z.gather(2, t.view(-1, 1, 1).expand(-1, z.shape[1], 1)).squeeze(2)
+    return torch.einsum("mpc,mc->mp", z, t)
+
+
+def _objectives(rows: Rows, theta: torch.Tensor, weight_decay: torch.Tensor, anchor: torch.Tensor | None,
+                threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`probe_objective` of P problems at once, and its gradient, in one pass over ``rows``.
+
+    ``theta`` (P, d + 1, C) holds each problem's W (first d rows) and b (last row);
+    ``weight_decay`` (P,). Returns the losses (P,) and the gradients (P, d + 1, C),
+    computed in closed form: d/dz CE(z, t) = softmax(z) − t. ``threads``: intra-op threads
+    for a problem large enough to share (:func:`vlaug.devices.threads_for`).
+    """
+    p, d1, c = theta.shape
+    with threads_for(rows.n_rows * (d1 - 1) * p * c, theta.device, threads):
+        return _objectives_pass(rows, theta, weight_decay, anchor)
+
+
+def _objectives_pass(rows, theta, weight_decay, anchor):
+    p, d1, c = theta.shape
+    W, b = _stacked(theta)
+    loss = torch.zeros(p, device=theta.device)
+    gW, gb = torch.zeros_like(W), torch.zeros_like(b)
+    for x, t, w in _pieces(rows, p * c):
+        z = torch.addmm(b, x, W).view(len(x), p, c)
+        lse = z.logsumexp(2)
+        loss += (w[:, None] * (lse - _target_logits(z, t))).sum(0)
+        g = z.sub_(lse.unsqueeze(2)).exp_()  # softmax, in place of the logits
+        if t.dim() == 1:
+            g.scatter_add_(2, t.view(-1, 1, 1).expand(-1, p, 1), torch.full((len(x), p, 1), -1.0, device=g.device))
+        else:
+            g -= t.unsqueeze(1)
+        g = (g * w.view(-1, 1, 1)).view(len(x), p * c)
+        gW.addmm_(x.T, g)
+        gb += g.sum(0)
+    reg = theta[:, :-1] if anchor is None else theta[:, :-1] - anchor
+    loss += 0.5 * weight_decay * (reg * reg).sum((1, 2))
+    grad = torch.cat([gW.view(d1 - 1, p, c).permute(1, 0, 2) + weight_decay.view(-1, 1, 1) * reg,
+                      gb.view(1, p, c).permute(1, 0, 2)], 1)
+    return loss, grad
+
+
+def _scores(rows: Rows, theta: torch.Tensor) -> list[tuple[float, float]]:
+    """(accuracy, mean log-loss) of each of P problems ``theta`` on labelled rows (one pass)."""
+    p, _, c = theta.shape
+    W, b = _stacked(theta)
+    correct, loss, n = torch.zeros(p, device=theta.device), torch.zeros(p, device=theta.device), 0
+    for x, y, _ in _pieces(rows, p * c):
+        z = torch.addmm(b, x, W).view(len(x), p, c)
+        correct += (z.argmax(2) == y[:, None]).sum(0)
+        loss += (z.logsumexp(2) - _target_logits(z, y)).sum(0)
+        n += len(y)
+    if not n:
+        return [(float("nan"), float("nan"))] * p
+    return [(a / n, v / n) for a, v in zip(correct.tolist(), loss.tolist())]
+
+
 def _score(rows: Rows, W: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """(accuracy, mean log-loss) of ``x W + b`` on labelled rows (one pass)."""
-    correct, loss, n = 0, 0.0, 0
-    for x, y, _ in rows.blocks():
-        logits = torch.addmm(b, x, W)
-        correct += int((logits.argmax(1) == y).sum())
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        n += len(y)
-    return (correct / n, loss / n) if n else (float("nan"), float("nan"))
+    return _scores(rows, torch.cat([W, b[None]])[None])[0]
 
 
 def _better(score: tuple[float, float], than: tuple[float, float] | None) -> bool:
@@ -175,64 +256,147 @@ def probe_objective(x, W, b, targets, sample_weight, weight_decay, anchor=None) 
     return (sample_weight * ce).sum() + 0.5 * weight_decay * (reg * reg).sum()
 
 
+def _inverse_hessian_times(S: torch.Tensor, Y: torch.Tensor, valid: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """H·g for the L-BFGS inverse-Hessian estimate H of each of A problems, in the compact
+    form of Byrd, Nocedal and Schnabel (1994) - the two-loop recursion's result in a few
+    batched products instead of 4m small operations per problem:
+
+        H = γI + [S  γY] [[R⁻ᵀ(D + γYᵀY)R⁻¹, −R⁻ᵀ], [−R⁻¹, 0]] [Sᵀ; γYᵀ],
+
+    R = the upper triangle of SᵀY, D its diagonal, γ = sᵀy / yᵀy of the newest pair.
+    ``S``, ``Y`` (A, m, n) hold the pairs oldest first, ``valid`` (A, m) which are stored
+    (an empty slot has zero vectors and a unit diagonal in R, so it adds nothing). The
+    m × m algebra runs in float64.
+    """
+    a = torch.bmm(S, g.unsqueeze(2)).squeeze(2).double()  # Sᵀg
+    yg = torch.bmm(Y, g.unsqueeze(2)).squeeze(2).double()  # Yᵀg
+    sy = torch.bmm(S, Y.transpose(1, 2)).double()  # (SᵀY)_ij = s_i·y_j
+    yy = torch.bmm(Y, Y.transpose(1, 2)).double()
+    newest = valid[:, -1]
+    gamma = torch.where(newest, sy[:, -1, -1] / yy[:, -1, -1].clamp(min=1e-300), torch.ones_like(sy[:, -1, -1]))
+    eye = torch.diag_embed((~valid).double())
+    R = torch.triu(sy) + eye
+    D = torch.diag_embed(torch.diagonal(sy, dim1=1, dim2=2))
+    r1 = torch.linalg.solve_triangular(R, a.unsqueeze(2), upper=True)  # R⁻¹Sᵀg
+    inner = torch.bmm(D + gamma.view(-1, 1, 1) * yy, r1) - gamma.view(-1, 1, 1) * yg.unsqueeze(2)
+    top = torch.linalg.solve_triangular(R.transpose(1, 2), inner, upper=False)
+    coef_s, coef_y = top.squeeze(2).to(g.dtype), (-gamma.view(-1, 1) * r1.squeeze(2)).to(g.dtype)
+    return gamma.to(g.dtype).view(-1, 1) * g + torch.bmm(coef_s.unsqueeze(1), S).squeeze(1) + torch.bmm(coef_y.unsqueeze(1), Y).squeeze(1)
+
+
+def fit_probes(
+    train: Rows,
+    weight_decays: list[float],
+    max_iter: int = 200,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    regularize_towards: torch.Tensor | None = None,
+    tolerance_grad: float = 1e-5,
+    history_size: int = 10,
+) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """Fit one probe per weight decay, all at once: P independent L-BFGS problems whose
+    objectives are evaluated together, one pass over the rows for all of them (streamed
+    rows are read once per evaluation, not once per problem), each fitted until it
+    converges (the largest gradient entry below ``tolerance_grad``; scikit-learn's lbfgs
+    stops at 1e-4 on the same scale; or a step, or a block of 10 iterations, that no
+    longer moves the loss) or ``max_iter`` iterations.
+
+    Each problem keeps its own L-BFGS memory (``history_size`` pairs), step length and
+    stopping state; the line search backtracks on the Armijo condition (c₁ = 1e-4,
+    interpolating a quadratic), the first step is min(1, 1/‖g‖₁) as in torch.optim.LBFGS,
+    then 1. The objective is convex, so accepted steps have sᵀy > 0 and keep the
+    inverse-Hessian estimate positive definite (pairs with sᵀy ≤ 1e-10 are skipped).
+
+    Returns:
+        per weight decay, ``(W, b, {"iterations", "converged"})``.
+    """
+    d, c, device = train.n_features, train.n_classes, train.device
+    p, m, size = len(weight_decays), history_size, (d + 1) * c
+    wd = torch.tensor(weight_decays, dtype=torch.float32, device=device)
+    theta = torch.zeros(p, d + 1, c, device=device)
+    if init is not None:
+        theta[:, :d] = init[0]
+        theta[:, d] = init[1]
+    S, Y = torch.zeros(p, m, size, device=device), torch.zeros(p, m, size, device=device)
+    rho = torch.zeros(p, m, device=device)  # 1 / sᵀy of each stored pair; 0: no pair (adds nothing below)
+    iterations = [0] * p
+    threads = torch.get_num_threads()
+    # the optimiser's own arithmetic (vectors of (d + 1)·C per problem) on one thread; the
+    # objective's products on all of them when the problem is large enough to share
+    objective = lambda th, w: _objectives(train, th, w, regularize_towards, threads)  # noqa: E731
+    with threads_for(0, device):
+        f, g = objective(theta, wd)
+        block_start = f.clone()
+        converged = [float(g[k].abs().max()) <= tolerance_grad for k in range(p)]
+        active = [bool(torch.isfinite(f[k])) and not converged[k] for k in range(p)]
+        for it in range(1, max_iter + 1):
+            a = [k for k in range(p) if active[k]]
+            if not a:
+                break
+            ai = torch.tensor(a, device=device)
+            ga = g[ai].view(len(a), size)
+            direction = -_inverse_hessian_times(S[ai], Y[ai], rho[ai] > 0, ga)
+            gtd = (ga * direction).sum(1)
+            ascent = ~(gtd < 0)  # numerically not a descent direction: steepest descent instead
+            if bool(ascent.any()):
+                direction[ascent] = -ga[ascent]
+                gtd = (ga * direction).sum(1)
+            first = (1 / ga.abs().sum(1).clamp(min=1e-30)).clamp(max=1.0)
+            step = torch.where((rho[ai, -1] > 0) & ~ascent, torch.ones_like(first), first)
+            fa, theta_a = f[ai], theta[ai]
+            shaped = direction.view(-1, d + 1, c)
+            trial = theta_a + step.view(-1, 1, 1) * shaped
+            f_new, g_new = objective(trial, wd[ai])
+            ok = torch.isfinite(f_new) & (f_new <= fa + 1e-4 * step * gtd)
+            for _ in range(30):  # backtrack: the minimum of the quadratic through f, f'·d and f_new, within [0.1, 0.5]·t
+                if bool(ok.all()):
+                    break
+                redo = (~ok).nonzero().flatten()
+                t = step[redo]
+                curve = f_new[redo] - fa[redo] - gtd[redo] * t
+                quad = torch.where(torch.isfinite(curve) & (curve > 0),
+                                   -gtd[redo] * t * t / (2 * curve.clamp(min=1e-30)), 0.5 * t)
+                step[redo] = torch.minimum(torch.maximum(quad, 0.1 * t), 0.5 * t)
+                trial[redo] = theta_a[redo] + step[redo].view(-1, 1, 1) * shaped[redo]
+                fr, gr = objective(trial[redo], wd[ai[redo]])
+                f_new[redo], g_new[redo] = fr, gr
+                ok[redo] = torch.isfinite(fr) & (fr <= fa[redo] + 1e-4 * step[redo] * gtd[redo])
+            s = step[:, None] * direction
+            y = (g_new - g[ai]).view(len(a), size)
+            sy = (s * y).sum(1)
+            keep = ok & (sy > 1e-10)
+            if bool(keep.any()):
+                ki = ai[keep]
+                S[ki] = torch.cat([S[ki, 1:], s[keep, None]], 1)
+                Y[ki] = torch.cat([Y[ki, 1:], y[keep, None]], 1)
+                rho[ki] = torch.cat([rho[ki, 1:], (1 / sy[keep])[:, None]], 1)
+            oi = ai[ok]
+            theta[oi], f[oi], g[oi] = trial[ok], f_new[ok], g_new[ok]
+            small = (g_new.abs().flatten(1).amax(1) <= tolerance_grad) | (s.abs().amax(1) <= 1e-10) | ((f_new - fa).abs() < 1e-10)
+            stuck = (~ok).tolist()  # no step decreased the loss: as far as float32 goes
+            small = (small & ok).tolist()
+            for j, k in enumerate(a):
+                iterations[k] = it
+                stalled = False
+                if it % 10 == 0:
+                    stalled = abs(float(block_start[k]) - float(f[k])) <= 1e-7 * max(1.0, abs(float(f[k])))
+                    block_start[k] = f[k]
+                if small[j] or stuck[j] or stalled:
+                    active[k], converged[k] = False, True
+    return [(theta[k, :d].clone(), theta[k, d].clone(), {"iterations": iterations[k], "converged": converged[k]})
+            for k in range(p)]
+
+
 def fit_probe(
     train: Rows,
     weight_decay: float,
     max_iter: int = 200,
-    eval_every: int = 10,
-    val: Rows | None = None,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     regularize_towards: torch.Tensor | None = None,
-    patience: int = 5,
     tolerance_grad: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Fit W (d, C) and b (C,) by L-BFGS on the ``train`` rows.
-
-    Every evaluation of the objective is one pass over ``train.blocks()`` (gradients
-    accumulate block by block; the penalty is added once), so streamed rows give the
-    in-memory result up to the order of floating-point sums.
-
-    With ``val`` rows (integer labels), the weights after the block of ``eval_every``
-    iterations with the best validation accuracy (ties: the lower validation log-loss) are
-    returned (``info['iterations']`` says how many), and the fit stops once ``patience``
-    blocks in a row have not improved them;
-    without them, the weights after ``max_iter`` (or convergence: the largest gradient
-    entry below ``tolerance_grad``; scikit-learn's lbfgs stops at 1e-4 on the same scale).
-    """
-    d, c, device = train.n_features, train.n_classes, train.device
-    W = (init[0].detach().clone(memory_format=torch.contiguous_format) if init else torch.zeros(d, c, device=device)).requires_grad_(True)
-    b = (init[1].detach().clone() if init else torch.zeros(c, device=device)).requires_grad_(True)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=eval_every, max_eval=eval_every * 3, history_size=10,
-                            line_search_fn="strong_wolfe", tolerance_grad=tolerance_grad, tolerance_change=1e-10)
-
-    def closure():
-        opt.zero_grad()
-        total = 0.0
-        for i, (x, t, w) in enumerate(train.blocks()):
-            loss = probe_objective(x, W, b, t, w, weight_decay if i == 0 else 0.0, regularize_towards)
-            loss.backward()
-            total = total + loss.detach()
-        return total
-
-    best, best_score = (W.detach().clone(), b.detach().clone(), 0), None
-    done, previous = 0, None
-    while done < max_iter:
-        loss = float(opt.step(closure))  # the loss at the start of this block
-        done += eval_every
-        if val is not None and val.n_rows:
-            with torch.no_grad():
-                score = _score(val, W, b)
-            if _better(score, best_score):
-                best, best_score = (W.detach().clone(), b.detach().clone(), done), score
-            elif done - best[2] >= patience * eval_every:
-                break
-        if previous is not None and abs(previous - loss) <= 1e-7 * max(1.0, abs(loss)):
-            break  # converged: a whole block no longer moved the loss
-        previous = loss
-    if best_score is None:
-        return W.detach().clone(), b.detach().clone(), {"val_accuracy": float("nan"), "val_log_loss": float("nan"),
-                                                        "iterations": done}
-    return best[0], best[1], {"val_accuracy": best_score[0], "val_log_loss": best_score[1], "iterations": best[2]}
+    """Fit W (d, C) and b (C,) by L-BFGS on the ``train`` rows at one weight decay (the
+    one-problem case of :func:`fit_probes`)."""
+    return fit_probes(train, [weight_decay], max_iter, init, regularize_towards, tolerance_grad)[0]
 
 
 def select_weight_decay(
@@ -243,22 +407,30 @@ def select_weight_decay(
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     regularize_towards: torch.Tensor | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Fit each weight decay of ``grid`` (warm-started along it, strongest first) and keep
-    the fit with the best validation accuracy, ties broken by the lower validation
-    log-loss (see :func:`_better`).
+    """Fit every weight decay of ``grid`` as one batched problem (:func:`fit_probes`), each
+    to convergence, and keep the one with the best validation accuracy, ties broken by the
+    lower validation log-loss (see :func:`_better`), then by the grid's order: the rule of
+    scikit-learn's LogisticRegressionCV with an accuracy-then-log-loss scorer.
+
+    The weight decay is the only thing selected. Keeping instead the L-BFGS iterate with
+    the best validation accuracy (as one keeps an SGD epoch) selects unconverged weights
+    that depend on the optimiser's path and starting point, not on the data: on 30 noisy
+    rows such a rule chose another weight decay than scikit-learn and scored 1.3 points
+    off its test accuracy.
 
     Returns:
-        the best ``{"weight_decay", "iterations", "val_accuracy", "val_log_loss", "W", "b"}``
-        and the search.
+        the best ``{"weight_decay", "iterations", "converged", "val_accuracy", "val_log_loss", "W", "b"}``
+        and the search (the same without W and b, per weight decay).
     """
-    search, warm, best = [], init, None
-    for wd in grid:
-        W, b, info = fit_probe(train, wd, max_iter, val=val, init=warm, regularize_towards=regularize_towards)
-        warm = (W, b)
-        search.append({"weight_decay": wd, **info})
-        if best is None or _better((info["val_accuracy"], info["val_log_loss"]), (best["val_accuracy"], best["val_log_loss"])):
-            best = {"weight_decay": wd, **info, "W": W, "b": b}
-    best["iterations"] = max(best["iterations"], 10)
+    fits = fit_probes(train, grid, max_iter, init, regularize_towards)
+    with threads_for(val.n_rows * train.n_features * len(grid) * train.n_classes, train.device):
+        scores = _scores(val, torch.stack([torch.cat([W, b[None]]) for W, b, _ in fits]))
+    search, best = [], None
+    for wd, (W, b, info), (accuracy, log_loss) in zip(grid, fits, scores):
+        entry = {"weight_decay": wd, **info, "val_accuracy": accuracy, "val_log_loss": log_loss}
+        search.append(entry)
+        if best is None or _better((accuracy, log_loss), (best["val_accuracy"], best["val_log_loss"])):
+            best = {**entry, "W": W, "b": b}
     return best, search
 
 

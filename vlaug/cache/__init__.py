@@ -25,6 +25,7 @@ from vlaug.cache.budget import (
     in_memory_bytes,
     parse_memory_budget,
     plan_memory,
+    resident_bytes,
 )
 from vlaug.cache.files import FAULT_ENV, atomic_directory, atomic_write, check_output, read_json_object, write_json
 from vlaug.cache.layout import (
@@ -49,6 +50,7 @@ from vlaug.cache.read import (
     read_cache,
     read_columns,
     read_failed,
+    read_embeddings,
     read_ids,
     read_metadata,
     read_text_templates,
@@ -66,7 +68,7 @@ __all__ = [
     "CacheManifest", "FeatureCache", "MemoryPlan",
     "acquire_lock", "atomic_directory", "atomic_write", "cache_info", "check_complete", "check_output", "check_unlocked", "chunk_rows",
     "embedding_bytes", "image_schema", "in_memory_bytes", "is_cache", "iter_embeddings",
-    "iter_ids", "iter_metadata", "merge_rank_commits", "parse_memory_budget", "part_name", "plan_memory", "rank_file",
+    "iter_ids", "iter_metadata", "merge_rank_commits", "parse_memory_budget", "part_name", "plan_memory", "rank_file", "read_embeddings", "resident_bytes",
     "read_cache", "read_columns", "read_failed", "read_ids", "read_json_object", "read_manifest", "read_metadata",
     "read_table_columns", "read_text_templates", "read_texts", "release_lock", "take_rows", "unfinished_files", "write_failed",
     "write_json", "write_manifest", "write_part", "write_predictions", "write_rank_commit", "write_texts",

@@ -43,9 +43,23 @@ def parse_memory_budget(value: str) -> int:
 
 
 def in_memory_bytes(manifest: CacheManifest) -> int:
-    """What stages 2 and 3 need to hold a cache in memory: about three float32 copies of its
+    """What stage 2 needs to hold a cache in memory: about three float32 copies of its
     embeddings at their peak (the cache, the training rows and the validation rows)."""
     return 3 * embedding_bytes(manifest)
+
+
+# stage 3's working memory beside the resident embeddings: the objective's float32 pieces and
+# logits (vlaug.probe.PIECE_VALUES), the optimiser's state, the geometry sample, the allocator
+PROBE_WORKING_BYTES = 384 * 2**20
+PROBE_BYTES_PER_ROW = 48  # labels, domains, row indices and weights (int64 / float32)
+
+
+def resident_bytes(manifest: CacheManifest) -> int:
+    """What stage 3 needs to hold a cache in memory: its embeddings once, in their stored
+    precision (float16: half of float32; rows are converted to float32 piece by piece inside
+    the objective and are never copied whole), plus per-row metadata and working memory."""
+    stored = manifest.n_images * manifest.embed_dim * np.dtype(manifest.dtype).itemsize
+    return stored + PROBE_BYTES_PER_ROW * manifest.n_images + PROBE_WORKING_BYTES
 
 
 def chunk_rows(budget: int, embed_dim: int, expansion: int = 1) -> int:
@@ -85,8 +99,12 @@ class MemoryPlan:
                 f"{self.budget_text}); raise --memory-budget or {instead}.")
 
 
-def plan_memory(manifest: CacheManifest, memory_budget: str, budget: int | None = None) -> MemoryPlan:
+def plan_memory(manifest: CacheManifest, memory_budget: str, budget: int | None = None,
+                resident: bool = False) -> MemoryPlan:
     """Decide whether ``manifest``'s cache is streamed under ``memory_budget`` (the option as
-    given; ``budget``: its bytes when already parsed, so that it is parsed once)."""
+    given; ``budget``: its bytes when already parsed, so that it is parsed once).
+    ``resident``: the stage holds the embeddings once in their stored precision
+    (:func:`resident_bytes`, stage 3), else as float32 copies (:func:`in_memory_bytes`)."""
     budget = parse_memory_budget(memory_budget) if budget is None else budget
-    return MemoryPlan(budget, memory_budget, in_memory_bytes(manifest), manifest.n_images, manifest.embed_dim)
+    need = resident_bytes(manifest) if resident else in_memory_bytes(manifest)
+    return MemoryPlan(budget, memory_budget, need, manifest.n_images, manifest.embed_dim)

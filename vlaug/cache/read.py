@@ -59,7 +59,9 @@ def listed_part_files(path: Path, manifest: CacheManifest) -> list[Path]:
     return files
 
 
-def embeddings_to_numpy(column: pa.ChunkedArray, embed_dim: int, where: str) -> np.ndarray:
+def embeddings_to_numpy(column: pa.ChunkedArray, embed_dim: int, where: str, keep_dtype: bool = False) -> np.ndarray:
+    """(m, d) float32 embeddings of an ``embedding`` column (``keep_dtype``: in the stored
+    precision, possibly a read-only view), checked for shape, nulls and NaN/Inf."""
     if not pa.types.is_fixed_size_list(column.type) or column.type.list_size != embed_dim:
         raise CacheError(
             f"{where}: column 'embedding' has type {column.type}; the manifest says "
@@ -71,6 +73,13 @@ def embeddings_to_numpy(column: pa.ChunkedArray, embed_dim: int, where: str) -> 
     import torch  # converts half to float, and sums, several times faster than numpy
 
     values = arr.flatten().to_numpy(zero_copy_only=False)  # .values would ignore a slice offset
+    if keep_dtype:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            if not bool(torch.isfinite(torch.from_numpy(values).sum(dtype=torch.float32))):
+                bad = ~np.isfinite(values.reshape(len(arr), embed_dim)).all(axis=1)
+                raise CacheError(f"{where}: {int(bad.sum())} rows have NaN or Inf in 'embedding'; the cache was edited or damaged.")
+        return values.reshape(len(arr), embed_dim)
     if values.dtype == np.float16:  # read-only view; .float() makes the copy callers may write
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -81,6 +90,29 @@ def embeddings_to_numpy(column: pa.ChunkedArray, embed_dim: int, where: str) -> 
     if not bool(torch.isfinite(t.sum())):  # a NaN or Inf anywhere makes the sum one (the cheap check)
         bad = ~np.isfinite(out).all(axis=1)
         raise CacheError(f"{where}: {int(bad.sum())} rows have NaN or Inf in 'embedding'; the cache was edited or damaged.")
+    return out
+
+
+def read_embeddings(path: str | os.PathLike, manifest: CacheManifest | None = None) -> np.ndarray:
+    """Every listed row's embedding, (n, d), in the cache's stored precision (float16 stays
+    float16: half the memory of float32), read part by part into one preallocated array,
+    so that the peak is the array plus one part. Checked like :func:`read_cache`."""
+    path = Path(path)
+    manifest = manifest or read_manifest(path)
+    dtype = np.dtype(manifest.dtype)
+    files = listed_part_files(path, manifest)
+    tables = []  # (file, row count) first, so that the array is allocated once
+    for f in files:
+        try:
+            tables.append(pq.ParquetFile(f).metadata.num_rows)
+        except (OSError, pa.ArrowException) as e:
+            raise CacheError(f"cannot read {str(f)!r}: {e}. The file is damaged; re-run vlaug embed to rebuild it.") from None
+    out = np.empty((sum(tables), manifest.embed_dim), dtype)
+    start = 0
+    for f, n in zip(files, tables):
+        column = _read_parquet(f, ["embedding"]).column("embedding")
+        out[start:start + n] = embeddings_to_numpy(column, manifest.embed_dim, str(f), keep_dtype=True)
+        start += n
     return out
 
 

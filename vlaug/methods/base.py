@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # imported for annotations only: evaluate imports this packag
     from vlaug.evaluate import ProbeRunConfig
     from vlaug.protocols import Splits
 
+STREAM_ROWS = 65536  # rows per float32 block read off a resident cache (256 MB at d = 1024)
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
@@ -97,7 +98,7 @@ class RunData:
     disk chunk by chunk), labels, domains, class prompts and the trained heads."""
 
     feats: FeatureCache  # without embeddings when streamed
-    x: torch.Tensor | None  # (n, d) on the device; None: streamed from disk
+    x: torch.Tensor | None  # (n, d) on the device, in the cache's stored precision; None: streamed from disk
     y: torch.Tensor  # (n,)
     dom: torch.Tensor  # (n,) domain index
     text: torch.Tensor  # (C, d) class prompt ensemble
@@ -123,8 +124,9 @@ class RunData:
         """The embeddings of ``rows`` as ``(positions in rows, (m, d) tensor)`` blocks: one
         block in memory, one per chunk read from disk when streamed (in cache order)."""
         rows = np.asarray(rows, dtype=np.int64)
-        if self.x is not None:
-            yield np.arange(len(rows)), self.x[self.rows(rows)]
+        if self.x is not None:  # resident (maybe float16): float32 blocks of at most STREAM_ROWS rows
+            for i in range(0, len(rows), STREAM_ROWS):
+                yield np.arange(i, min(len(rows), i + STREAM_ROWS)), self.x[self.rows(rows[i:i + STREAM_ROWS])].float()
             return
         self.passes += 1
         for pos, emb in take_rows(self.chunks(), rows):

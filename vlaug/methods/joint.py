@@ -55,7 +55,7 @@ class JointMethod(Method):
             module, loss = self.build(data.embed_dim, max(2, c))
             module = module.to(dev)
             tr, va = data.rows(train), data.rows(val)
-            history, selected = loop.fit(module, loss, x_train=data.x[tr], y_train=data.y[tr], x_val=data.x[va],
+            history, selected = loop.fit(module, loss, x_train=data.x[tr].float(), y_train=data.y[tr], x_val=data.x[va].float(),
                                          y_val=data.y[va], epochs=epochs, batch_size=o.batch_size, lr=o.lr,
                                          weight_decay=o.weight_decay, generator=torch.Generator().manual_seed(seed),
                                          val_seed=seed, select_on="ce", patience=o.patience if len(val) else None)

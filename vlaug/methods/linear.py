@@ -52,7 +52,7 @@ class ProbeMethod(Method):
         cfg = data.config
         best, search = select_weight_decay(rows, labelled_rows(data, np.asarray(splits.val)),
                                            weight_decay_grid(cfg.grid_size), cfg.max_iter, init, anchor)
-        selection = {k: best[k] for k in ("weight_decay", "iterations", "val_accuracy", "val_log_loss")}
+        selection = {k: best[k] for k in ("weight_decay", "iterations", "converged", "val_accuracy", "val_log_loss")}
         W, b = self._reweighted(data, rows, train, best["W"], best["b"], selection)
         selection["n_train_rows"] = rows.n_rows
         return Fit(*self.finish(W, b, anchor), selection, search)
@@ -100,7 +100,10 @@ class ProbeMethod(Method):
             return t if t.dim() == 1 else t.argmax(1)
 
         c = data.n_classes
-        if data.x is not None:
+        if data.x is not None and not self.extra_rows():  # the resident cache itself, indexed: no copy
+            index = data.rows(rows)
+            unweighted = lambda: [(data.x, data.y[index], index)]  # noqa: E731
+        elif data.x is not None:
             built = list(unweighted())
             unweighted = lambda: built  # noqa: E731
         if not self.extra_rows():
@@ -115,8 +118,8 @@ class ProbeMethod(Method):
             per_class = torch.full((c,), 1.0 / max(1, n), device=data.device)
 
         def weighted():
-            for x, t in unweighted():
-                yield x, t, per_class[hard(t)]
+            for x, t, *index in unweighted():
+                yield x, t, per_class[hard(t)], *index
 
         return Rows(weighted, data.embed_dim, c, n, data.device)
 
@@ -129,8 +132,9 @@ def labelled_rows(data: RunData, rows: np.ndarray) -> Rows:
         for pos, x in data.stream(rows):
             yield x, data.y[data.rows(rows[pos])], None
 
-    if data.x is not None:
-        built = list(blocks())
+    if data.x is not None:  # the resident cache itself, indexed: no copy
+        index = data.rows(rows)
+        built = [(data.x, data.y[index], None, index)]
         blocks = lambda: built  # noqa: E731
     return Rows(blocks, data.embed_dim, data.n_classes, len(rows), data.device)
 
@@ -138,8 +142,8 @@ def labelled_rows(data: RunData, rows: np.ndarray) -> Rows:
 def materialize(rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x, soft targets, hard labels) of in-memory rows, concatenated."""
     xs, ts = [], []
-    for x, t, _ in rows.blocks():
-        xs.append(x)
+    for x, t, _, *index in rows.blocks():
+        xs.append((x[index[0]] if index else x).float())
         ts.append(F.one_hot(t, rows.n_classes).float() if t.dim() == 1 else t)
     t = torch.cat(ts)
     return torch.cat(xs), t, t.argmax(1)
