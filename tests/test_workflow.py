@@ -346,3 +346,16 @@ def test_xdomain_mix_with_one_training_domain_says_so(tmp_path):
         line = "xdomain-mix: one training domain (photo), so it mixes rows of the same class within that domain"
         assert (line in r.stderr) == warned
         assert any(line in w for w in json.loads((out / "report.json").read_text())["warnings"]) == warned
+
+
+def test_other_parquet_readers_read_images_not_the_cache_folder(tmp_path):
+    """What the README says of other readers (pandas' read_parquet uses pyarrow's dataset reader)."""
+    import pyarrow as pa
+
+    from tests.conftest import write_synthetic_cache
+
+    feats = write_synthetic_cache(tmp_path / "feat", n_per_class=5, d=8, n_classes=2)
+    table = pq.read_table(feats / "images")
+    assert table.num_rows == 20 and table.column_names[:6] == ["id", "path", "label", "class_name", "domain", "split"]
+    with pytest.raises(pa.ArrowInvalid, match="manifest.json"):
+        pq.read_table(feats)
