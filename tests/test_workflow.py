@@ -66,6 +66,11 @@ def test_prompts_adds_sets_without_touching_images_and_match_embed(domains, tmp_
     r = _embed(domains, out)
     assert "embedded 0, skipped 16" in r.stdout
     np.testing.assert_array_equal(cache.read_cache(out).texts["sketch"], got.texts["sketch"])
+    _embed(domains, out, "--prompt-set", "clipart=a clipart of a {}.")  # a new set on resume: encoded, the rest kept
+    again = cache.read_cache(out)
+    assert list(again.texts) == ["classes", "photo", "sketch", "clipart"]
+    np.testing.assert_array_equal(again.texts["photo"], got.texts["photo"])
+    assert _images_snapshot(out) == images
     # changing texts through embed is refused and points to vlaug prompts
     r = runner.invoke(app, ["embed", str(domains), "--out", str(out), *TINY, "--templates", "photo"])
     _one_line_error(r, "templates: cache has", "vlaug prompts")
