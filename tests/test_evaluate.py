@@ -230,3 +230,51 @@ def test_large_training_sets_select_on_a_sample_then_refit_on_every_row(tmp_path
     # without a limit (or under it) the search uses every row and records no sample
     whole = parse_method(method).fit(prepare(ProbeRunConfig(**{**config.__dict__, "selection_rows": 0})).data, splits, 0)
     assert "selected_on" not in whole.selection
+
+
+def test_float16_cache_stays_resident_in_float16_and_fits_as_float32(tmp_path):
+    """A float16 cache is held once, in float16 (the path a GPU run takes, here with
+    device="cpu"), under a budget its float32 copies would not fit; the probe fitted on it
+    equals the probe fitted on the same values as float32 rows."""
+    import numpy as np
+    import torch
+
+    from vlaug import cache
+    from vlaug.evaluate import ProbeRunConfig, prepare
+    from vlaug.methods import parse_method
+    from vlaug.probe import Rows, select_weight_decay, weight_decay_grid
+
+    feats = write_synthetic_cache(tmp_path / "f32", n_per_class=60, d=32, n_classes=4)
+    half = tmp_path / "f16"
+    whole = cache.read_cache(feats)
+    rows = {"id": whole.ids, "path": whole.paths, "label": whole.labels.tolist(),
+            "class_name": [whole.classes[c] for c in whole.labels], "domain": whole.domains.tolist(),
+            "split": whole.splits.tolist()}
+    cache.write_part(half, "part-00000.parquet", rows, whole.embeddings, "float16")
+    cache.write_texts(half, whole.texts, whole.classes)
+    m = whole.manifest
+    m.dtype = "float16"
+    cache.write_manifest(half, m)
+    # the rule: the stored bytes once, plus per-row metadata and working memory; a 2M x 512
+    # float16 cache fits 3 GiB that way (it needed 12 GiB as three float32 copies)
+    from dataclasses import replace
+
+    from vlaug.cache.budget import PROBE_BYTES_PER_ROW, PROBE_WORKING_BYTES
+
+    n, d = m.n_images, m.embed_dim
+    assert cache.resident_bytes(m) == n * d * 2 + PROBE_BYTES_PER_ROW * n + PROBE_WORKING_BYTES
+    big = replace(m, n_images=2_000_000, embed_dim=512)
+    assert cache.resident_bytes(big) < 3 * 2**30 < cache.in_memory_bytes(big)
+    budget = str(cache.resident_bytes(m))
+    plan = prepare(ProbeRunConfig(features=str(half), out=str(tmp_path / "rep"), methods=("linear",), seeds=1,
+                                  grid_size=4, max_iter=60, device="cpu", memory_budget=budget))
+    assert not plan.memory.streamed and plan.data.x.dtype == torch.float16
+    splits = plan.splits[0]
+    fit = parse_method("linear").fit(plan.data, splits, 0)
+    x = plan.data.x.float()  # the same values, as float32 rows
+    y = plan.data.y
+    best, _ = select_weight_decay(Rows.of(x[splits.train], y[splits.train], n_classes=4),
+                                  Rows.of(x[splits.val], y[splits.val]), weight_decay_grid(4), 60)
+    assert fit.selection["weight_decay"] == best["weight_decay"]
+    torch.testing.assert_close(fit.W, best["W"], atol=1e-5, rtol=1e-4)
+    assert np.allclose(x.numpy(), whole.embeddings, atol=1e-3)  # float16 rounding of the float32 originals
