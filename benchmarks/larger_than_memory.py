@@ -31,7 +31,8 @@ import numpy as np
 from vlaug import cache
 
 
-def write_cache(path: Path, n: int, d: int = 512, n_classes: int = 100, part_rows: int = 65_536, seed: int = 0) -> None:
+def write_cache(path: Path, n: int, d: int = 512, n_classes: int = 100, part_rows: int = 65_536, seed: int = 0,
+                noise: float = 3.0) -> None:
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((n_classes, d)).astype(np.float32)
     classes = [f"c{i}" for i in range(n_classes)]
@@ -40,7 +41,7 @@ def write_cache(path: Path, n: int, d: int = 512, n_classes: int = 100, part_row
     for k, start in enumerate(range(0, n, part_rows)):
         m = min(part_rows, n - start)
         y = rng.integers(0, n_classes, m)
-        x = centres[y] + 3 * rng.standard_normal((m, d), dtype=np.float32)
+        x = centres[y] + noise * rng.standard_normal((m, d), dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         rows = {"id": [str(start + i) for i in range(m)], "path": [""] * m, "label": y.tolist(),
                 "class_name": [classes[c] for c in y], "domain": [""] * m, "split": [""] * m}

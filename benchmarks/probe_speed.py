@@ -1,22 +1,33 @@
-"""Probe speed and accuracy: vlaug's torch L-BFGS probe against scikit-learn.
+"""Probe speed and accuracy: vlaug's L-BFGS probe against scikit-learn, `vlaug probe` on a
+small cache against importing torch, and the default search on a 2M-row cache.
 
-Synthetic, L2-normalised features (default 40,000 train + 10,000 validation + 10,000 test,
-d = 512, 100 classes), one process:
+sklearn (default 40,000 train + 10,000 validation + 10,000 test synthetic rows, d = 512,
+100 classes, one process):
   single fit:  vlaug.probe.fit_probe at weight decay λ against
                sklearn.linear_model.LogisticRegression(C = 1 / (λ · n_train), lbfgs);
   selection:   vlaug.probe.select_weight_decay over the 8-value grid against
                LogisticRegressionCV with the same C values and the same validation split
                (PredefinedSplit, refit=False).
-Reports test accuracy of each and the speed ratio sklearn time / vlaug time.
+small: `vlaug probe` with 5 methods x 3 seeds on a 2,000-row, 64-d, 10-class cache against
+  `python -c "import torch"`, best of 3 each, on an idle machine and while a second
+  CPU-bound process (a Python busy loop) runs beside it.
+large: the default `vlaug probe -m linear` on a 2M x 512 x 100-class float16 cache at
+  --memory-budget 3G (wall time, peak RSS) against the time of one streamed pass of the
+  probe's objective over that cache (vlaug's streaming reader, 1G budget's chunks); and the
+  default (sampled) search against the full search (--selection-rows 0) on a 250k-row cache.
 
-    python benchmarks/probe_speed.py [--n-train 40000] [--d 512] [--classes 100] [--device auto]
+    python benchmarks/probe_speed.py [--sections sklearn,small,large] [--n-train 40000] [--d 512]
+                                     [--classes 100] [--device auto] [--large-rows 2000000] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +38,8 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import PredefinedSplit
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from larger_than_memory import run_child, write_cache  # noqa: E402
 from vlaug.devices import resolve_device
 from vlaug.probe import Rows, fit_probe, select_weight_decay, weight_decay_grid
 
@@ -38,6 +51,95 @@ def make_data(n: int, d: int, n_classes: int, noise: float = 5.0, seed: int = 0)
     x = centres[y] + rng.standard_normal((n, d)).astype(np.float32) * noise
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x, y
+
+
+NOISE = 8.0  # class centres + 8 x Gaussian noise in 512 d: about 59 % accuracy, not a separable toy
+SMALL_METHODS = ("zero-shot", "linear", "linear-zs", "gaussian", "mixup")
+
+
+def _best_of(command: list[str], repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def small(workdir: Path, repeats: int = 3) -> dict:
+    """`vlaug probe`, 5 methods x 3 seeds on a 2,000-row 64-d cache, against importing torch."""
+    cache = workdir / "small"
+    write_cache(cache, 2000, 64, 10)
+    probe = [sys.executable, "-m", "vlaug", "probe", str(cache), "--out", str(workdir / "small-report"), "--seeds", "3",
+             "--device", "cpu", "--no-progress", "--overwrite"] + [a for m in SMALL_METHODS for a in ("-m", m)]
+    torch_cmd = [sys.executable, "-c", "import torch"]
+    out = {"methods": list(SMALL_METHODS), "seeds": 3, "rows": 2000, "d": 64, "classes": 10, "repeats": repeats}
+    out["torch_s"], out["probe_s"] = _best_of(torch_cmd, repeats), _best_of(probe, repeats)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        out["torch_busy_s"], out["probe_busy_s"] = _best_of(torch_cmd, repeats), _best_of(probe, repeats)
+    finally:
+        busy.kill()
+        busy.wait()
+    out["ratio"], out["ratio_busy"] = out["probe_s"] / out["torch_s"], out["probe_busy_s"] / out["torch_busy_s"]
+    return out
+
+
+STREAMED_PASS = """
+import json, sys, time, numpy as np, torch
+from vlaug.evaluate import ProbeRunConfig, prepare
+from vlaug.methods.linear import Linear
+from vlaug.probe import _objectives
+plan = prepare(ProbeRunConfig(features=sys.argv[1], out=sys.argv[2], methods=("linear",), seeds=1, memory_budget="1G",
+                              device="cpu"))
+assert plan.memory.streamed
+rows = Linear("linear").training_rows(plan.data, np.asarray(plan.splits[0].train), 0)
+theta = torch.zeros(1, rows.n_features + 1, rows.n_classes)
+times = []
+for _ in range(3):
+    t0 = time.perf_counter()
+    _objectives(rows, theta, torch.tensor([1e-4]), None)
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"pass_s": min(times), "chunk_rows": plan.chunk_rows, "train_rows": rows.n_rows}))
+"""
+
+
+def large(workdir: Path, n: int, accuracy_rows: int) -> dict:
+    """The default `vlaug probe -m linear` on an n-row float16 cache at --memory-budget 3G
+    against one streamed pass; sampled against full search on ``accuracy_rows`` rows."""
+    out = {"rows": n, "d": 512, "classes": 100, "budget": "3G", "noise": NOISE}
+    cache = workdir / f"large-{n}"
+    if not (cache / "manifest.json").is_file():  # a --workdir keeps its caches between runs
+        write_cache(cache, n, 512, 100, noise=NOISE)
+    passed = subprocess.run([sys.executable, "-c", STREAMED_PASS, str(cache), str(workdir / "unused")], check=True,
+                            capture_output=True, text=True)
+    out.update(json.loads(passed.stdout.strip().splitlines()[-1]))
+    report = workdir / "large-report"
+    out["probe_s"], out["probe_peak_rss_mib"], rc = run_child(
+        [sys.executable, "-m", "vlaug", "probe", str(cache), "--out", str(report), "-m", "linear", "--memory-budget",
+         "3G", "--device", "cpu", "--no-progress"])
+    assert rc == 0, "vlaug probe failed on the large cache"
+    r = json.loads((report / "report.json").read_text())
+    out["streamed"], out["seeds"] = r["protocol"]["streamed"], len(r["protocol"]["seeds"])
+    out["in_domain"] = r["summary"][0]["in_domain"]["mean"]
+    out["passes_equivalent"] = out["probe_s"] / out["pass_s"]
+    # sampled selection against the full search, one seed, on a cache that the full search can afford
+    cache = workdir / f"accuracy-{accuracy_rows}"
+    if not (cache / "manifest.json").is_file():
+        write_cache(cache, accuracy_rows, 512, 100, noise=NOISE)
+    for name, extra in (("full", ["--selection-rows", "0"]), ("sampled", [])):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "vlaug", "probe", str(cache), "--out", str(workdir / name), "-m", "linear",
+                        "--seeds", "1", "--device", "cpu", "--no-progress", *extra], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        r = json.loads((workdir / name / "report.json").read_text())
+        out[f"{name}_s"] = time.perf_counter() - t0
+        out[f"{name}_accuracy"] = r["results"][0]["in_domain"]
+        out[f"{name}_weight_decay"] = r["results"][0]["selection"]["weight_decay"]
+    grid = weight_decay_grid(8)
+    out["accuracy_rows"] = accuracy_rows
+    out["grid_steps_apart"] = abs(grid.index(out["full_weight_decay"]) - grid.index(out["sampled_weight_decay"]))
+    return out
 
 
 def main(argv=None) -> dict:
@@ -52,8 +154,33 @@ def main(argv=None) -> dict:
     p.add_argument("--grid-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-cv", action="store_true", help="only the single fit")
+    p.add_argument("--sections", default="sklearn,small,large", help="comma-separated: sklearn, small, large")
+    p.add_argument("--large-rows", type=int, default=2_000_000)
+    p.add_argument("--accuracy-rows", type=int, default=250_000)
+    p.add_argument("--workdir", help="where to write the caches (default: a temporary folder)")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    sections = set(args.sections.split(","))
+    result = {}
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vlaug-probe-speed-"))
+    try:
+        if "small" in sections:
+            result["small"] = small(workdir)
+            print(json.dumps(result["small"]), flush=True)
+        if "large" in sections:
+            result["large"] = large(workdir, args.large_rows, args.accuracy_rows)
+            print(json.dumps(result["large"]), flush=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if "sklearn" in sections:
+        result["sklearn"] = sklearn_rows(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def sklearn_rows(args) -> dict:
     dev = resolve_device(args.device)
     n = args.n_train + args.n_val + args.n_test
     x, y = make_data(n, args.d, args.classes)
@@ -93,8 +220,6 @@ def main(argv=None) -> dict:
         out["select_speed_ratio"] = out["sklearn_cv_s"] / out["vlaug_select_s"]
     for k, v in out.items():
         print(f"{k:32} {v:.4g}" if isinstance(v, float) else f"{k:32} {v}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
     return out
 
 

@@ -104,6 +104,7 @@ def test_few_shot_and_imbalance_protocols(setup, tmp_path):
         (["linear"], ["--shots", "100"], "--shots 100"),
         (["linear"], ["--imbalance", "101:2"], "must be in 0-100"),
         (["linear"], ["--train-domain", "clipart"], "'clipart' is not in the cache"),
+        (["linear"], ["--selection-rows", "5"], "--selection-rows 5"),
     ],
 )
 def test_bad_input_exits_2_and_writes_no_report(setup, tmp_path, methods, extra, match):
@@ -189,3 +190,92 @@ def test_streamed_augmenting_methods_are_reproducible_and_whole_set_methods_refu
         r = _probe(root, feats, tmp_path / "c", [method], "--memory-budget", "1K", *extra)
         assert r.exit_code == 2 and "needs the whole cache in memory" in r.stderr and "--memory-budget" in r.stderr
         assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("method", ["linear", "linear-zs"])
+def test_large_training_sets_select_on_a_sample_then_refit_on_every_row(tmp_path, method):
+    """Above --selection-rows training rows, the weight decay is the one a search on the
+    seeded sample alone chooses, and the probe is then fitted on every training row,
+    warm-started from the sample's: the same weights as those steps done by hand."""
+    import numpy as np
+    import torch
+
+    from vlaug.evaluate import ProbeRunConfig, prepare
+    from vlaug.methods import parse_method
+    from vlaug.methods.linear import _selection_sample
+    from vlaug.probe import Rows, fit_probe, select_weight_decay, weight_decay_grid
+    from vlaug.zero_shot import zero_shot_weights
+
+    feats = write_synthetic_cache(tmp_path / "feat", n_per_class=100, d=16, n_classes=4)
+    config = ProbeRunConfig(features=str(feats), out=str(tmp_path / "rep"), methods=(method,), seeds=1, grid_size=4,
+                            max_iter=60, selection_rows=150, device="cpu")
+    plan = prepare(config)
+    data, splits = plan.data, plan.splits[0]
+    fit = parse_method(method).fit(data, splits, 0)
+    sub_train, sub_val = _selection_sample(np.asarray(splits.train), np.asarray(splits.val), 150, 0)
+    assert len(sub_train) == 150 and len(splits.train) > 150 and set(sub_train) <= set(splits.train)
+    assert fit.selection["selected_on"] == {"train_rows": 150, "val_rows": len(sub_val)}
+    assert fit.selection["n_train_rows"] == len(splits.train)
+    x, y = data.x.float(), data.y
+    anchor = zero_shot_weights(data.text) if method == "linear-zs" else None
+    init = (anchor, torch.zeros(4)) if anchor is not None else None
+    best, _ = select_weight_decay(Rows.of(x[sub_train], y[sub_train], n_classes=4), Rows.of(x[sub_val], y[sub_val]),
+                                  weight_decay_grid(4), 60, init, anchor)
+    assert fit.selection["weight_decay"] == best["weight_decay"]
+    W, b, _ = fit_probe(Rows.of(x[splits.train], y[splits.train], n_classes=4), best["weight_decay"], 60,
+                        init=(best["W"], best["b"]), regularize_towards=anchor)
+    if anchor is not None:  # linear-zs keeps the WiSE mix of the fitted weights and the zero-shot ones
+        W, b = 0.5 * anchor + 0.5 * W, 0.5 * b
+    torch.testing.assert_close(fit.W, W, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fit.b, b, atol=1e-5, rtol=1e-4)
+    # without a limit (or under it) the search uses every row and records no sample
+    whole = parse_method(method).fit(prepare(ProbeRunConfig(**{**config.__dict__, "selection_rows": 0})).data, splits, 0)
+    assert "selected_on" not in whole.selection
+
+
+def test_float16_cache_stays_resident_in_float16_and_fits_as_float32(tmp_path):
+    """A float16 cache is held once, in float16 (the path a GPU run takes, here with
+    device="cpu"), under a budget its float32 copies would not fit; the probe fitted on it
+    equals the probe fitted on the same values as float32 rows."""
+    import numpy as np
+    import torch
+
+    from vlaug import cache
+    from vlaug.evaluate import ProbeRunConfig, prepare
+    from vlaug.methods import parse_method
+    from vlaug.probe import Rows, select_weight_decay, weight_decay_grid
+
+    feats = write_synthetic_cache(tmp_path / "f32", n_per_class=60, d=32, n_classes=4)
+    half = tmp_path / "f16"
+    whole = cache.read_cache(feats)
+    rows = {"id": whole.ids, "path": whole.paths, "label": whole.labels.tolist(),
+            "class_name": [whole.classes[c] for c in whole.labels], "domain": whole.domains.tolist(),
+            "split": whole.splits.tolist()}
+    cache.write_part(half, "part-00000.parquet", rows, whole.embeddings, "float16")
+    cache.write_texts(half, whole.texts, whole.classes)
+    m = whole.manifest
+    m.dtype = "float16"
+    cache.write_manifest(half, m)
+    # the rule: the stored bytes once, plus per-row metadata and working memory; a 2M x 512
+    # float16 cache fits 3 GiB that way (it needed 12 GiB as three float32 copies)
+    from dataclasses import replace
+
+    from vlaug.cache.budget import PROBE_BYTES_PER_ROW, PROBE_WORKING_BYTES
+
+    n, d = m.n_images, m.embed_dim
+    assert cache.resident_bytes(m) == n * d * 2 + PROBE_BYTES_PER_ROW * n + PROBE_WORKING_BYTES
+    big = replace(m, n_images=2_000_000, embed_dim=512)
+    assert cache.resident_bytes(big) < 3 * 2**30 < cache.in_memory_bytes(big)
+    budget = str(cache.resident_bytes(m))
+    plan = prepare(ProbeRunConfig(features=str(half), out=str(tmp_path / "rep"), methods=("linear",), seeds=1,
+                                  grid_size=4, max_iter=60, device="cpu", memory_budget=budget))
+    assert not plan.memory.streamed and plan.data.x.dtype == torch.float16
+    splits = plan.splits[0]
+    fit = parse_method("linear").fit(plan.data, splits, 0)
+    x = plan.data.x.float()  # the same values, as float32 rows
+    y = plan.data.y
+    best, _ = select_weight_decay(Rows.of(x[splits.train], y[splits.train], n_classes=4),
+                                  Rows.of(x[splits.val], y[splits.val]), weight_decay_grid(4), 60)
+    assert fit.selection["weight_decay"] == best["weight_decay"]
+    torch.testing.assert_close(fit.W, best["W"], atol=1e-5, rtol=1e-4)
+    assert np.allclose(x.numpy(), whole.embeddings, atol=1e-3)  # float16 rounding of the float32 originals

@@ -268,3 +268,16 @@ def test_compact_inverse_hessian_equals_the_two_loop_recursion():
         expected.append(_two_loop(pairs, grads[-1]))
     got = _inverse_hessian_times(S, Y, valid, torch.stack(grads))
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-9, atol=1e-9)
+
+
+def test_small_problems_run_on_one_thread_and_the_count_is_restored():
+    from vlaug.devices import SMALL_PROBLEM, threads_for
+
+    before = torch.get_num_threads()
+    with threads_for(SMALL_PROBLEM - 1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with threads_for(SMALL_PROBLEM, threads=before):
+        assert torch.get_num_threads() == before
+    with threads_for(SMALL_PROBLEM - 1, "cuda"):  # a GPU problem keeps the host's threads
+        assert torch.get_num_threads() == before

@@ -49,6 +49,9 @@ class ProbeRunConfig:
     reweight: str = "none"  # none | groupdro | seed-category
     grid_size: int = 8  # log-spaced weight-decay grid from 1e-1 to 1e-6
     max_iter: int = 200  # L-BFGS iterations per fit
+    # above this many training rows, the weight decay is selected on a seeded sample of this
+    # many training (and validation) rows, then one warm-started refit uses every row; 0: never
+    selection_rows: int = 25_000
     class_weight: bool = False  # weight rows by inverse class frequency
     device: str = "auto"
     memory_budget: str = "auto"  # stream the cache from disk when it needs more memory (auto: RAM / 4)
@@ -70,6 +73,8 @@ class ProbeRunConfig:
             raise UsageError("give at least one --method.")
         if self.grid_size < 1 or self.max_iter < 10:
             raise UsageError(f"--grid-size {self.grid_size} must be >= 1 and --max-iter {self.max_iter} >= 10.")
+        if self.selection_rows < 0 or 0 < self.selection_rows < 100:
+            raise UsageError(f"--selection-rows {self.selection_rows}; use 0 (select on every row) or at least 100.")
 
 
 @dataclass

@@ -150,13 +150,13 @@ def as_labels(targets: torch.Tensor) -> torch.Tensor:
     return targets
 
 
-# The objective works on pieces of rows whose logits (rows x problems x classes) hold at most
-# this many float32 values (32 MB), whatever the block size: it bounds the temporaries (and
-# the float32 copy of half-precision rows) while keeping matrix products large.
+# The objective works on pieces of rows whose logits (rows x problems x classes) and float32
+# features (rows x d) each hold at most this many values (32 MB), whatever the block size: it
+# bounds the temporaries while keeping matrix products large.
 PIECE_VALUES = 2**23
 def _pieces(rows: Rows, width: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """``rows`` as float32 ``(x, targets, weights)`` pieces sized for ``width`` logits per row."""
-    step = int(np.clip(PIECE_VALUES // max(1, width), 256, 65536))
+    step = int(np.clip(PIECE_VALUES // max(1, width, rows.n_features), 256, 65536))
     for block in rows.blocks():
         x, t, w = block[:3]
         index = block[3] if len(block) > 3 else None

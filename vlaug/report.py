@@ -176,8 +176,11 @@ def format_markdown(report: dict) -> str:
         + ", and every row of the out-of-domain domains; heads and probes fit only on the other rows (seeded "
         f"validation fraction {c['val_fraction']}); {sizes}",
         f"- protocol: {', '.join(protocol) or 'all training rows'}; seeds {p['seeds']} (mean ± std over seeds)",
-        f"- probe: multinomial logistic regression, L-BFGS, up to {c['max_iter']} iterations, weight decay chosen on "
-        f"validation accuracy from {len(p['weight_decay_grid'])} values {p['weight_decay_grid'][0]:g} … {p['weight_decay_grid'][-1]:g}; "
+        f"- probe: multinomial logistic regression, L-BFGS, each weight decay fitted to convergence (at most {c['max_iter']} "
+        f"iterations), chosen on validation accuracy from {len(p['weight_decay_grid'])} values {p['weight_decay_grid'][0]:g} … {p['weight_decay_grid'][-1]:g}"
+        + (f" on a seeded sample of at most {c['selection_rows']} training and {c['selection_rows']} validation rows "
+           "(--selection-rows), then refitted on every training row" if any("selected_on" in r.get("selection", {})
+                                                                            for r in report["results"]) else "") + "; "
         f"reweight: {c['reweight']}; class weights: {c['class_weight']}; zero-shot logits cos / {p['zero_shot_temperature']}",
         f"- data: {'streamed from disk, ' + str(p.get('passes_over_cache')) + ' reads of the cache' if p.get('streamed') else 'in memory'} (--memory-budget {c.get('memory_budget', 'auto')}"
         f" = {_size(p.get('memory_budget_bytes', 0))}); device {c['device']}",

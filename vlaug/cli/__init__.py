@@ -234,7 +234,9 @@ def probe(
     reweight: Annotated[ReweightChoice, typer.Option(help="Probe reweighting: none, groupdro, seed-category (pattern imbalance).")] = "none",
     class_weight: Annotated[bool, typer.Option("--class-weight/--no-class-weight", help="Weight rows by inverse class frequency.")] = False,
     grid_size: Annotated[int, typer.Option(help="Weight-decay values, log-spaced from 1e-1 to 1e-6.")] = 8,
-    max_iter: Annotated[int, typer.Option(help="L-BFGS iterations per fit.")] = 200,
+    max_iter: Annotated[int, typer.Option(help="L-BFGS iterations per fit (each weight decay is fitted to convergence or this).")] = 200,
+    selection_rows: Annotated[int, typer.Option(help="Above this many training rows, select the weight decay on a seeded "
+                              "sample of this many rows, then refit once on every row (0: never).")] = 25_000,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     memory_budget: Annotated[str, typer.Option(help="Stream the cache from disk when its embeddings need more memory than this "
                              "(auto: a quarter of the RAM; or e.g. 1.5G). Streamed, every L-BFGS step reads the cache.")] = "auto",
@@ -250,7 +252,7 @@ def probe(
     config = ProbeRunConfig(
         features=str(features), out=str(out), methods=tuple(method), train_domains=tuple(train_domain or ()), seeds=seeds,
         test_fraction=test_fraction, val_fraction=val_fraction, shots=shots, imbalance=imbalance, reweight=_value(reweight),
-        grid_size=grid_size, max_iter=max_iter, class_weight=class_weight, device=device, tsne=tsne, overwrite=overwrite,
+        grid_size=grid_size, max_iter=max_iter, selection_rows=selection_rows, class_weight=class_weight, device=device, tsne=tsne, overwrite=overwrite,
         memory_budget=memory_budget, allow_incomplete=allow_incomplete, progress=progress,
     )
     report = write_report(out, run_probe(config), tsne=tsne)

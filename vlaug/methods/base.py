@@ -11,7 +11,7 @@ are scored, ensembled and saved the same way.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
 from urllib.parse import parse_qsl
 
@@ -131,6 +131,12 @@ class RunData:
         self.passes += 1
         for pos, emb in take_rows(self.chunks(), rows):
             yield pos, torch.as_tensor(emb, device=self.device)
+
+    def subset(self, rows: np.ndarray) -> "RunData":
+        """The rows ``rows`` as a run held in memory (its row i is row ``rows[i]`` here), read
+        once: a sample to fit on without reading a streamed cache again."""
+        r = self.rows(rows)
+        return replace(self, x=self.gather(rows), y=self.y[r], dom=self.dom[r], chunks=None, passes=0)
 
     def gather(self, rows: np.ndarray) -> torch.Tensor:
         """The embeddings of ``rows`` in their order, in memory (for samples of rows)."""

@@ -46,21 +46,42 @@ class ProbeMethod(Method):
         return W, b
 
     def fit(self, data, splits, seed) -> Fit:
-        train = np.asarray(splits.train)
-        rows = self.training_rows(data, train, seed)
+        train, val = np.asarray(splits.train), np.asarray(splits.val)
         init, anchor = self.start(data)
         cfg = data.config
-        best, search = select_weight_decay(rows, labelled_rows(data, np.asarray(splits.val)),
-                                           weight_decay_grid(cfg.grid_size), cfg.max_iter, init, anchor)
+        grid = weight_decay_grid(cfg.grid_size)
+        sample = _selection_sample(train, val, cfg.selection_rows, seed)
+        if sample is None:
+            rows = self.training_rows(data, train, seed)
+            best, search = select_weight_decay(rows, labelled_rows(data, val), grid, cfg.max_iter, init, anchor)
+            W, b = best["W"], best["b"]
+        else:  # select on a seeded sample held in memory, then refit on every training row, warm-started
+            sub_train, sub_val = sample
+            held = data.subset(np.concatenate([sub_train, sub_val]))
+            local = np.arange(len(sub_train) + len(sub_val))
+            best, search = select_weight_decay(self.training_rows(held, local[:len(sub_train)], seed),
+                                               labelled_rows(held, local[len(sub_train):]), grid, cfg.max_iter, init, anchor)
+            rows = self.training_rows(data, train, seed)
+            W, b, info = fit_probe(rows, best["weight_decay"], cfg.max_iter, init=(best["W"], best["b"]),
+                                   regularize_towards=anchor)
         selection = {k: best[k] for k in ("weight_decay", "iterations", "converged", "val_accuracy", "val_log_loss")}
-        W, b = self._reweighted(data, rows, train, best["W"], best["b"], selection)
+        if sample is not None:
+            selection["selected_on"] = {"train_rows": len(sample[0]), "val_rows": len(sample[1])}
+            selection["refit"] = {"iterations": info["iterations"], "converged": info["converged"]}
+        W, b = self._reweighted(data, rows, train, W, b, selection)
         selection["n_train_rows"] = rows.n_rows
         return Fit(*self.finish(W, b, anchor), selection, search)
 
     def refit(self, data, rows, seed, selection) -> Fit:
         train_rows = self.training_rows(data, rows, seed)
         init, anchor = self.start(data)
-        W, b, _ = fit_probe(train_rows, selection["weight_decay"], data.config.max_iter, init=init, regularize_towards=anchor)
+        wd, cfg = selection["weight_decay"], data.config
+        sample = _selection_sample(rows, rows[:0], cfg.selection_rows, seed)
+        if sample is not None:  # as in fit: first on a seeded sample, then on every row, warm-started
+            held = data.subset(sample[0])
+            init = fit_probe(self.training_rows(held, np.arange(len(sample[0])), seed), wd, cfg.max_iter, init=init,
+                             regularize_towards=anchor)[:2]
+        W, b, _ = fit_probe(train_rows, wd, cfg.max_iter, init=init, regularize_towards=anchor)
         chosen = {k: v for k, v in selection.items() if k != "reweight"}
         W, b = self._reweighted(data, train_rows, rows, W, b, chosen)
         chosen["n_train_rows"] = train_rows.n_rows
@@ -122,6 +143,18 @@ class ProbeMethod(Method):
                 yield x, t, per_class[hard(t)], *index
 
         return Rows(weighted, data.embed_dim, c, n, data.device)
+
+
+def _selection_sample(train: np.ndarray, val: np.ndarray, limit: int, seed: int):
+    """``(train rows, validation rows)``, each a seeded sample of at most ``limit`` rows (in
+    cache order), when there are more than ``limit`` training rows; else None (``limit`` 0:
+    never). The weight-decay search fits every grid value to convergence, so its cost grows
+    with the rows; on a large cache it runs on the sample and one refit uses every row."""
+    if not limit or len(train) <= limit:
+        return None
+    rng = np.random.default_rng([seed, 0x5E1EC7])
+    pick = lambda rows: rows if len(rows) <= limit else np.sort(rng.choice(rows, limit, replace=False))  # noqa: E731
+    return pick(train), pick(val)
 
 
 def labelled_rows(data: RunData, rows: np.ndarray) -> Rows:
