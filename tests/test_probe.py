@@ -281,3 +281,31 @@ def test_small_problems_run_on_one_thread_and_the_count_is_restored():
         assert torch.get_num_threads() == before
     with threads_for(SMALL_PROBLEM - 1, "cuda"):  # a GPU problem keeps the host's threads
         assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_batched_objective_and_gradient_equal_autograd_on_each_problem(soft, monkeypatch):
+    """_objectives evaluates P problems (each its own W, b and weight decay) in one pass, with
+    closed-form gradients, in pieces; each equals probe_objective and its autograd gradient."""
+    import vlaug.probe as probe_module
+
+    g = torch.Generator().manual_seed(0)
+    n, d, c, p = 700, 5, 3, 4
+    x = torch.randn(n, d, generator=g).half()  # float16 rows are converted piece by piece
+    labels = torch.randint(0, c, (n,), generator=g)
+    targets = torch.softmax(torch.randn(n, c, generator=g), 1) if soft else labels
+    w = torch.rand(n, generator=g)
+    index = torch.randperm(n, generator=g)[:600]
+    rows = Rows(lambda: [(x, targets[index], w[index], index)], d, c, 600)
+    theta = torch.randn(p, d + 1, c, generator=g, dtype=torch.float64).float()
+    wd = torch.tensor([0.0, 1e-3, 0.1, 1.0])
+    anchor = torch.randn(d, c, generator=g)
+    monkeypatch.setattr(probe_module, "PIECE_VALUES", 256 * c * p)  # several pieces of 256 rows
+    loss, grad = probe_module._objectives(rows, theta, wd, anchor)
+    for k in range(p):
+        W, b = theta[k, :d].clone().requires_grad_(True), theta[k, d].clone().requires_grad_(True)
+        expected = probe_objective(x[index].float(), W, b, targets[index], w[index], float(wd[k]), anchor)
+        expected.backward()
+        assert loss[k].item() == pytest.approx(expected.item(), rel=1e-5)
+        torch.testing.assert_close(grad[k, :d], W.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad[k, d], b.grad, rtol=1e-4, atol=1e-5)
