@@ -228,6 +228,17 @@ def test_large_training_sets_select_on_a_sample_then_refit_on_every_row(tmp_path
         W, b = 0.5 * anchor + 0.5 * W, 0.5 * b
     torch.testing.assert_close(fit.W, W, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fit.b, b, atol=1e-5, rtol=1e-4)
+    # the refit on train + val rows (the saved probe) starts from this seed's fit on the training rows
+    probe_method = parse_method(method)
+    first = probe_method.fit(data, splits, 0)
+    both = np.concatenate([splits.train, splits.val])
+    refit = probe_method.refit(data, both, 0, first.selection)
+    start = probe_method._fitted[0]
+    W2, b2, _ = fit_probe(Rows.of(x[both], y[both], n_classes=4), best["weight_decay"], 60, init=start,
+                          regularize_towards=anchor)
+    if anchor is not None:
+        W2, b2 = 0.5 * anchor + 0.5 * W2, 0.5 * b2
+    torch.testing.assert_close(refit.W, W2, atol=1e-5, rtol=1e-4)
     # without a limit (or under it) the search uses every row and records no sample
     whole = parse_method(method).fit(prepare(ProbeRunConfig(**{**config.__dict__, "selection_rows": 0})).data, splits, 0)
     assert "selected_on" not in whole.selection

@@ -64,6 +64,8 @@ class ProbeMethod(Method):
             rows = self.training_rows(data, train, seed)
             W, b, info = fit_probe(rows, best["weight_decay"], cfg.max_iter, init=(best["W"], best["b"]),
                                    regularize_towards=anchor)
+            # where refit (this seed's train + val rows, the same weight decay) starts from: a few iterations away
+            self._fitted = {**getattr(self, "_fitted", {}), seed: (W, b)}
         selection = {k: best[k] for k in ("weight_decay", "iterations", "converged", "val_accuracy", "val_log_loss")}
         if sample is not None:
             selection["selected_on"] = {"train_rows": len(sample[0]), "val_rows": len(sample[1])}
@@ -77,7 +79,9 @@ class ProbeMethod(Method):
         init, anchor = self.start(data)
         wd, cfg = selection["weight_decay"], data.config
         sample = _selection_sample(rows, rows[:0], cfg.selection_rows, seed)
-        if sample is not None:  # as in fit: first on a seeded sample, then on every row, warm-started
+        if sample is not None and seed in getattr(self, "_fitted", {}):  # from this seed's fit on the training rows
+            init = self._fitted[seed]
+        elif sample is not None:  # as in fit: first on a seeded sample, then on every row, warm-started
             held = data.subset(sample[0])
             init = fit_probe(self.training_rows(held, np.arange(len(sample[0])), seed), wd, cfg.max_iter, init=init,
                              regularize_towards=anchor)[:2]
