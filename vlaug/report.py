@@ -313,8 +313,11 @@ def _project(x0, extra: list, tsne: bool, seed: int):
         bounds = np.cumsum([len(x0)] + [len(e) for e in extra])
         return xy[: bounds[0]], [xy[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     mean = x0.mean(0)
-    _, _, vt = np.linalg.svd(x0 - mean, full_matrices=False)
-    basis = vt[:2].T
+    centred = (x0 - mean).astype(np.float64)
+    # the top two eigenvectors of the d x d covariance: the PCA basis, without an SVD of the
+    # (n, d) rows (about 0.35 s per panel on 2,000 rows on a busy 2-core machine)
+    _, vecs = np.linalg.eigh(centred.T @ centred)
+    basis = vecs[:, ::-1][:, :2].astype(x0.dtype)
     return (x0 - mean) @ basis, [(e - mean) @ basis for e in extra]
 
 
