@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # imported for annotations only: evaluate imports this packag
     from vlaug.evaluate import ProbeRunConfig
     from vlaug.protocols import Splits
 
-STREAM_ROWS = 65536  # rows per float32 block read off a resident cache (256 MB at d = 1024)
+STREAM_ROWS = 16384  # rows per float32 block read off a resident cache (64 MB at d = 1024)
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
