@@ -136,7 +136,8 @@ class RunData:
         """The rows ``rows`` as a run held in memory (its row i is row ``rows[i]`` here), read
         once: a sample to fit on without reading a streamed cache again."""
         r = self.rows(rows)
-        return replace(self, x=self.gather(rows), y=self.y[r], dom=self.dom[r], chunks=None, passes=0)
+        x = self.x[r] if self.x is not None else self.gather(rows)  # resident: kept in its precision
+        return replace(self, x=x, y=self.y[r], dom=self.dom[r], chunks=None, passes=0)
 
     def gather(self, rows: np.ndarray) -> torch.Tensor:
         """The embeddings of ``rows`` in their order, in memory (for samples of rows)."""
