@@ -117,7 +117,7 @@ def large(workdir: Path, n: int, accuracy_rows: int) -> dict:
     report = workdir / "large-report"
     out["probe_s"], out["probe_peak_rss_mib"], rc = run_child(
         [sys.executable, "-m", "vlaug", "probe", str(cache), "--out", str(report), "-m", "linear", "--memory-budget",
-         "3G", "--device", "cpu", "--no-progress"])
+         "3G", "--device", "cpu", "--no-progress", "--overwrite"])
     assert rc == 0, "vlaug probe failed on the large cache"
     r = json.loads((report / "report.json").read_text())
     out["streamed"], out["seeds"] = r["protocol"]["streamed"], len(r["protocol"]["seeds"])
@@ -130,7 +130,7 @@ def large(workdir: Path, n: int, accuracy_rows: int) -> dict:
     for name, extra in (("full", ["--selection-rows", "0"]), ("sampled", [])):
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "vlaug", "probe", str(cache), "--out", str(workdir / name), "-m", "linear",
-                        "--seeds", "1", "--device", "cpu", "--no-progress", *extra], check=True,
+                        "--seeds", "1", "--device", "cpu", "--no-progress", "--overwrite", *extra], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         r = json.loads((workdir / name / "report.json").read_text())
         out[f"{name}_s"] = time.perf_counter() - t0

@@ -39,6 +39,20 @@ def threads_for(work: float, device: torch.device | str = "cpu", threads: int | 
     return num_threads(threads or torch.get_num_threads())
 
 
+def release_memory() -> None:
+    """Hand the C allocator's free pages back to the system (glibc's malloc_trim; a no-op
+    elsewhere). Large temporaries freed by torch and Arrow otherwise stay in the process's
+    resident memory, and on a cache held near --memory-budget they add up across fits."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; an unavailable device is an error."""
     if device == "auto":

@@ -20,7 +20,7 @@ from vlaug import cache as cache_io
 from vlaug import checkpoint, metrics
 from vlaug._version import __version__
 from vlaug.choices import CLASSES_PROMPT_SET, REWEIGHTS
-from vlaug.devices import resolve_device, threads_for
+from vlaug.devices import release_memory, resolve_device, threads_for
 from vlaug.errors import UsageError
 from vlaug.methods import Method, RunData, parse_method
 from vlaug.methods.linear import block_generator
@@ -335,6 +335,7 @@ def _fit_every_seed(plan: _Plan, progress: bool, sample: np.ndarray, x_sample: t
     for seed, splits in enumerate(plan.splits):
         for method in methods:
             fit = method.fit(data, splits, seed)
+            release_memory()  # the fit's temporaries, before the next one
             if method.ensemble:  # both sides calibrated on the validation rows
                 fit.selection["calibration"] = data.calibration(fit.W, fit.b, np.asarray(splits.val))
             probe = data.make_probe(fit.W, fit.b, method.ensemble, fit.selection.get("calibration"))
@@ -372,6 +373,7 @@ def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None]) -> Pro
         log(f"WARNING: {warning}")
     if plan.memory.streamed:
         log(plan.memory.streaming_note(plan.chunk_rows, "every evaluation of the probe's objective reads the cache once"))
+    release_memory()  # what reading the cache left behind
     start = time.perf_counter()
     sample = _geometry_rows(plan.splits[0], 0)
     x_sample = data.gather(sample)  # read once (streamed: one pass), shared by every method's geometry and the plot

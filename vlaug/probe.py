@@ -151,9 +151,9 @@ def as_labels(targets: torch.Tensor) -> torch.Tensor:
 
 
 # The objective works on pieces of rows whose logits (rows x problems x classes) and float32
-# features (rows x d) each hold at most this many values (32 MB), whatever the block size: it
+# features (rows x d) each hold at most this many values (16 MB), whatever the block size: it
 # bounds the temporaries while keeping matrix products large.
-PIECE_VALUES = 2**23
+PIECE_VALUES = 2**22
 def _pieces(rows: Rows, width: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """``rows`` as float32 ``(x, targets, weights)`` pieces sized for ``width`` logits per row."""
     step = int(np.clip(PIECE_VALUES // max(1, width, rows.n_features), 256, 65536))

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # imported for annotations only: evaluate imports this packag
     from vlaug.evaluate import ProbeRunConfig
     from vlaug.protocols import Splits
 
-STREAM_ROWS = 65536  # rows per float32 block read off a resident cache (256 MB at d = 1024)
+STREAM_ROWS = 16384  # rows per float32 block read off a resident cache (64 MB at d = 1024)
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
@@ -136,7 +136,8 @@ class RunData:
         """The rows ``rows`` as a run held in memory (its row i is row ``rows[i]`` here), read
         once: a sample to fit on without reading a streamed cache again."""
         r = self.rows(rows)
-        return replace(self, x=self.gather(rows), y=self.y[r], dom=self.dom[r], chunks=None, passes=0)
+        x = self.x[r] if self.x is not None else self.gather(rows)  # resident: kept in its precision
+        return replace(self, x=x, y=self.y[r], dom=self.dom[r], chunks=None, passes=0)
 
     def gather(self, rows: np.ndarray) -> torch.Tensor:
         """The embeddings of ``rows`` in their order, in memory (for samples of rows)."""

@@ -18,6 +18,12 @@ from vlaug.methods.base import EnsembleOptions, Fit, Method, RunData
 from vlaug.probe import Rows, as_labels, fit_probe, fit_reweighted, select_weight_decay, weight_decay_grid
 from vlaug.zero_shot import zero_shot_weights
 
+# A refit on every row of a large training set starts from a probe fitted at the same weight
+# decay (on a sample, or on this seed's training rows): it stops at scikit-learn's default
+# tolerance (largest gradient entry 1e-4) rather than the search's 1e-5; each of its
+# evaluations is a pass over every row.
+REFIT_TOLERANCE = 1e-4
+
 # --reweight: Adam steps from the selected probe, regrouping period t0 and Mei et al.'s η
 REWEIGHT_SCHEDULE = {"steps": 500, "period": 100, "eta": 0.01, "lr": 0.01}
 
@@ -63,7 +69,7 @@ class ProbeMethod(Method):
                                                labelled_rows(held, local[len(sub_train):]), grid, cfg.max_iter, init, anchor)
             rows = self.training_rows(data, train, seed)
             W, b, info = fit_probe(rows, best["weight_decay"], cfg.max_iter, init=(best["W"], best["b"]),
-                                   regularize_towards=anchor)
+                                   regularize_towards=anchor, tolerance_grad=REFIT_TOLERANCE)
             # where refit (this seed's train + val rows, the same weight decay) starts from: a few iterations away
             self._fitted = {**getattr(self, "_fitted", {}), seed: (W, b)}
         selection = {k: best[k] for k in ("weight_decay", "iterations", "converged", "val_accuracy", "val_log_loss")}
@@ -85,7 +91,8 @@ class ProbeMethod(Method):
             held = data.subset(sample[0])
             init = fit_probe(self.training_rows(held, np.arange(len(sample[0])), seed), wd, cfg.max_iter, init=init,
                              regularize_towards=anchor)[:2]
-        W, b, _ = fit_probe(train_rows, wd, cfg.max_iter, init=init, regularize_towards=anchor)
+        W, b, _ = fit_probe(train_rows, wd, cfg.max_iter, init=init, regularize_towards=anchor,
+                            tolerance_grad=REFIT_TOLERANCE if sample is not None else 1e-5)
         chosen = {k: v for k, v in selection.items() if k != "reweight"}
         W, b = self._reweighted(data, train_rows, rows, W, b, chosen)
         chosen["n_train_rows"] = train_rows.n_rows
