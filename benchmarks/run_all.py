@@ -286,7 +286,9 @@ PROBE_START, PROBE_END = "<!-- probe:start -->", "<!-- probe:end -->"
 
 
 def probe_section(probe: dict) -> list[str]:
-    lines = [PROBE_START, "## Probe speed and accuracy — `benchmarks/probe_speed.py`", ""]
+    lines = [PROBE_START, "## Probe speed and accuracy — `benchmarks/probe_speed.py`", "",
+             f"Measured {dt.date.today().isoformat()} on {machine()}.", ""]
+    verdict = []
     sk = probe.get("sklearn")
     if sk:
         lines += [
@@ -304,6 +306,8 @@ def probe_section(probe: dict) -> list[str]:
             f"{sk['sklearn_selected_weight_decay']:.3g}.",
             "",
         ]
+        verdict.append(f"selection {sk['select_speed_ratio']:.2f}x scikit-learn (target >= 2: "
+                       f"{'met' if sk['select_speed_ratio'] >= 2 else 'not met'})")
     sm = probe.get("small")
     if sm:
         lines += [
@@ -316,6 +320,8 @@ def probe_section(probe: dict) -> list[str]:
             f"| a CPU-bound process beside it | {sm['torch_busy_s']:.2f} | {sm['probe_busy_s']:.2f} | **{sm['ratio_busy']:.2f}** |",
             "",
         ]
+        verdict.append(f"small cache {sm['ratio']:.2f}x / {sm['ratio_busy']:.2f}x `import torch` (targets <= 2 / <= 3: "
+                       f"{'met' if sm['ratio'] <= 2 else 'not met'} / {'met' if sm['ratio_busy'] <= 3 else 'not met'})")
     lg = probe.get("large")
     if lg:
         lines += [
@@ -340,6 +346,13 @@ def probe_section(probe: dict) -> list[str]:
             f"{100 * abs(lg['full_accuracy'] - lg['sampled_accuracy']):.2f} point.",
             "",
         ]
+        gap = abs(lg["full_accuracy"] - lg["sampled_accuracy"])
+        verdict.append(f"large cache {lg['passes_equivalent']:.0f} streamed passes (target <= 30: "
+                       f"{'met' if lg['passes_equivalent'] <= 30 else 'not met'}), peak "
+                       f"{lg['probe_peak_rss_mib'] / 1024:.2f} GiB (target < 3: {'met' if lg['probe_peak_rss_mib'] < 3 * 1024 else 'not met'}), "
+                       f"sampled search {100 * gap:.2f} point from the full one (target <= 0.5: {'met' if gap <= 0.005 else 'not met'})")
+    if verdict:
+        lines += ["Against the targets: " + "; ".join(verdict) + ".", ""]
     return lines + [NOTES_PROBE, "", PROBE_END, ""]
 
 
