@@ -102,6 +102,7 @@ class _Plan:
     memory: cache_io.MemoryPlan
     chunk_rows: int  # rows read from disk at a time when streamed
     warnings: list[str] = field(default_factory=list)  # printed, and at the top of the report
+    texts_made_from: dict[str, list[str]] = field(default_factory=dict)  # prompt set -> the templates it was encoded from
 
 
 def _parse_methods(config: ProbeRunConfig) -> list[Method]:
@@ -122,11 +123,11 @@ def _check_streaming(config: ProbeRunConfig, methods: list[Method], memory: cach
             raise UsageError(memory.refusal(f"--reweight {config.reweight}", "use --reweight none"))
 
 
-def _load_heads(methods: list[Method], manifest: cache_io.CacheManifest, features: str, warnings: list[str]) -> dict:
+def _load_heads(methods: list[Method], manifest: cache_io.CacheManifest, features: str, warnings: list[str],
+                made_from: dict[str, list[str]]) -> dict:
     """The heads the methods name, each checked against its method, the cache and the
-    prompt sets it was trained with."""
+    prompt sets it was trained with (``made_from``: the cache's, set -> templates)."""
     heads = {}
-    made_from = cache_io.read_text_templates(features, manifest)
     for m in methods:
         if m.head and m.head not in heads:
             ckpt = checkpoint.load_head(m.head)
@@ -181,7 +182,8 @@ def prepare(config: ProbeRunConfig) -> _Plan:
         raise UsageError(f"cache {config.features!r} has no class prompts (texts.parquet); re-run vlaug embed.")
     domain_names, domain_index = np.unique(feats.domains, return_inverse=True)  # sorted names, index per row
     train_domains = check_domains(config.train_domains, [d for d in domain_names.tolist() if d])
-    heads = _load_heads(methods, feats.manifest, config.features, warnings)
+    made_from = cache_io.read_text_templates(config.features, feats.manifest)
+    heads = _load_heads(methods, feats.manifest, config.features, warnings, made_from)
     device = resolve_device(config.device)
     # streamed, a block of rows grows by its extras
     chunk_rows = memory.chunk_rows(max(1 + m.extra_rows() for m in methods))
@@ -214,7 +216,7 @@ def prepare(config: ProbeRunConfig) -> _Plan:
     if len(train_domains) < 2 and any(m.name == "xdomain-mix" for m in methods):
         warnings.append(f"xdomain-mix: one training domain ({', '.join(train_domains) or 'none'}), so it mixes rows "
                         "of the same class within that domain (plain same-class mixup), not across domains")
-    return _Plan(methods, data, train_domains, splits, imbalance, memory, chunk_rows, warnings)
+    return _Plan(methods, data, train_domains, splits, imbalance, memory, chunk_rows, warnings, made_from)
 
 
 def _predict(probe: LinearProbe, data: RunData, rows: np.ndarray) -> torch.Tensor:
@@ -411,7 +413,7 @@ def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None]) -> Pro
         first_train=(x_sample.cpu().numpy(), data.feats.labels[sample], data.feats.domains[sample]),
         projections=projections,
         box_stats={x.head: checkpoint.read_head_stats(x.head) for x in methods if "box" in x.head_kinds},
-        texts_used=_texts_used(methods, cache_io.read_text_templates(config.features, m)),
+        texts_used=_texts_used(methods, plan.texts_made_from),
     )
 
 

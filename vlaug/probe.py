@@ -232,11 +232,6 @@ def _scores(rows: Rows, theta: torch.Tensor) -> list[tuple[float, float]]:
     return [(a / n, v / n) for a, v in zip(correct.tolist(), loss.tolist())]
 
 
-def _score(rows: Rows, W: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """(accuracy, mean log-loss) of ``x W + b`` on labelled rows (one pass)."""
-    return _scores(rows, torch.cat([W, b[None]])[None])[0]
-
-
 def _better(score: tuple[float, float], than: tuple[float, float] | None) -> bool:
     """Selection's order: higher validation accuracy, then (at equal accuracy) lower
     validation log-loss. Accuracy alone ties often on small validation sets (every value
@@ -254,6 +249,11 @@ def probe_objective(x, W, b, targets, sample_weight, weight_decay, anchor=None) 
     ce = F.cross_entropy(torch.addmm(b, x, W), targets, reduction="none")
     reg = W if anchor is None else W - anchor
     return (sample_weight * ce).sum() + 0.5 * weight_decay * (reg * reg).sum()
+
+
+# L-BFGS stops once the largest gradient entry is below this (scikit-learn's lbfgs stops at
+# 1e-4 on the same objective scale; on small-scale features 1e-4 stops before convergence)
+TOLERANCE_GRAD = 1e-5
 
 
 def _inverse_hessian_times(S: torch.Tensor, Y: torch.Tensor, valid: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -290,7 +290,7 @@ def fit_probes(
     max_iter: int = 200,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     regularize_towards: torch.Tensor | None = None,
-    tolerance_grad: float = 1e-5,
+    tolerance_grad: float = TOLERANCE_GRAD,
     history_size: int = 10,
 ) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
     """Fit one probe per weight decay, all at once: P independent L-BFGS problems whose
@@ -392,7 +392,7 @@ def fit_probe(
     max_iter: int = 200,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     regularize_towards: torch.Tensor | None = None,
-    tolerance_grad: float = 1e-5,
+    tolerance_grad: float = TOLERANCE_GRAD,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Fit W (d, C) and b (C,) by L-BFGS on the ``train`` rows at one weight decay (the
     one-problem case of :func:`fit_probes`)."""

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from vlaug.methods import register
 from vlaug.methods.base import EnsembleOptions, Fit, Method, RunData
-from vlaug.probe import Rows, as_labels, fit_probe, fit_reweighted, select_weight_decay, weight_decay_grid
+from vlaug.probe import (TOLERANCE_GRAD, Rows, as_labels, fit_probe, fit_reweighted, select_weight_decay,
+                         weight_decay_grid)
 from vlaug.zero_shot import zero_shot_weights
 
 # A refit on every row of a large training set starts from a probe fitted at the same weight
@@ -92,7 +93,7 @@ class ProbeMethod(Method):
             init = fit_probe(self.training_rows(held, np.arange(len(sample[0])), seed), wd, cfg.max_iter, init=init,
                              regularize_towards=anchor)[:2]
         W, b, _ = fit_probe(train_rows, wd, cfg.max_iter, init=init, regularize_towards=anchor,
-                            tolerance_grad=REFIT_TOLERANCE if sample is not None else 1e-5)
+                            tolerance_grad=REFIT_TOLERANCE if sample is not None else TOLERANCE_GRAD)
         chosen = {k: v for k, v in selection.items() if k != "reweight"}
         W, b = self._reweighted(data, train_rows, rows, W, b, chosen)
         chosen["n_train_rows"] = train_rows.n_rows
