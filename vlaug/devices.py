@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -43,14 +44,21 @@ def release_memory() -> None:
     """Hand the C allocator's free pages back to the system (glibc's malloc_trim; a no-op
     elsewhere). Large temporaries freed by torch and Arrow otherwise stay in the process's
     resident memory, and on a cache held near --memory-budget they add up across fits."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once; None where there is none."""
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(name).malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
     except (OSError, AttributeError, TypeError):
-        pass
+        return None
 
 
 def resolve_device(device: str) -> torch.device:
