@@ -15,14 +15,12 @@ import torch.nn.functional as F
 
 from vlaug.methods import register
 from vlaug.methods.base import EnsembleOptions, Fit, Method, RunData
-from vlaug.probe import (TOLERANCE_GRAD, Rows, as_labels, fit_probe, fit_reweighted, select_weight_decay,
-                         weight_decay_grid)
+from vlaug.probe import Rows, as_labels, fit_probe, fit_reweighted, select_weight_decay, weight_decay_grid
 from vlaug.zero_shot import zero_shot_weights
 
-# A refit on every row of a large training set starts from a probe fitted at the same weight
-# decay (on a sample, or on this seed's training rows): it stops at scikit-learn's default
-# tolerance (largest gradient entry 1e-4) rather than the search's 1e-5; each of its
-# evaluations is a pass over every row.
+# After a search on a sample, the fit on every training row starts from the sample's probe at
+# the chosen weight decay and stops at scikit-learn's default tolerance (largest gradient entry
+# 1e-4) rather than the search's 1e-5: each of its evaluations is a pass over every row.
 REFIT_TOLERANCE = 1e-4
 
 # --reweight: Adam steps from the selected probe, regrouping period t0 and Mei et al.'s η
@@ -92,8 +90,9 @@ class ProbeMethod(Method):
             held = data.subset(sample[0])
             init = fit_probe(self.training_rows(held, np.arange(len(sample[0])), seed), wd, cfg.max_iter, init=init,
                              regularize_towards=anchor)[:2]
-        W, b, _ = fit_probe(train_rows, wd, cfg.max_iter, init=init, regularize_towards=anchor,
-                            tolerance_grad=REFIT_TOLERANCE if sample is not None else TOLERANCE_GRAD)
+        # to the search's tolerance: from this seed's fit, the looser REFIT_TOLERANCE can already hold on
+        # train + val, and the saved probe would be the training rows' probe, never refitted
+        W, b, _ = fit_probe(train_rows, wd, cfg.max_iter, init=init, regularize_towards=anchor)
         chosen = {k: v for k, v in selection.items() if k != "reweight"}
         W, b = self._reweighted(data, train_rows, rows, W, b, chosen)
         chosen["n_train_rows"] = train_rows.n_rows
