@@ -50,14 +50,13 @@ from vlaug.cache.read import (
     read_cache,
     read_columns,
     read_failed,
-    read_embeddings,
     read_ids,
     read_metadata,
     read_text_templates,
     read_texts,
     unfinished_files,
 )
-from vlaug.cache.stream import iter_embeddings, take_rows
+from vlaug.cache.stream import iter_embeddings, read_embeddings, take_rows
 from vlaug.cache.tables import read_table_columns
 from vlaug.cache.write import image_schema, part_name, write_failed, write_part, write_predictions, write_texts
 from vlaug.choices import CLASSES_PROMPT_SET, STORAGE_DTYPES

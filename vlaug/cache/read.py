@@ -93,32 +93,6 @@ def embeddings_to_numpy(column: pa.ChunkedArray, embed_dim: int, where: str, kee
     return out
 
 
-def read_embeddings(path: str | os.PathLike, manifest: CacheManifest | None = None, batch_rows: int = 16384) -> np.ndarray:
-    """Every listed row's embedding, (n, d), in the cache's stored precision (float16 stays
-    float16: half the memory of float32), read ``batch_rows`` at a time into one
-    preallocated array, so that the peak is the array plus one batch. Checked like
-    :func:`read_cache`."""
-    path = Path(path)
-    manifest = manifest or read_manifest(path)
-    files = listed_part_files(path, manifest)
-    try:
-        counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
-    except (OSError, pa.ArrowException) as e:
-        raise CacheError(f"cannot read a part of {str(path)!r}: {e}. The file is damaged; re-run vlaug embed to rebuild it.") from None
-    out = np.empty((sum(counts), manifest.embed_dim), np.dtype(manifest.dtype))
-    start = 0
-    for f in files:
-        try:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=["embedding"], use_threads=False):
-                emb = embeddings_to_numpy(pa.chunked_array([batch.column(0)]), manifest.embed_dim, str(f), keep_dtype=True)
-                out[start:start + len(emb)] = emb
-                start += len(emb)
-        except (OSError, pa.ArrowException) as e:
-            raise CacheError(f"cannot read {str(f)!r}: {e}. The file is damaged; re-run vlaug embed to rebuild it.") from None
-    pa.default_memory_pool().release_unused()  # what the reader's allocator kept goes back to the system
-    return out
-
-
 def read_ids(path: str | os.PathLike, manifest: CacheManifest | None = None) -> list[str]:
     """The ids of every row in the listed parts (for resuming without loading embeddings)."""
     path = Path(path)

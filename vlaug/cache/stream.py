@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlaug.cache.manifest import read_manifest
+from vlaug.cache.manifest import CacheManifest, read_manifest
 from vlaug.cache.read import embeddings_to_numpy, listed_part_files
 from vlaug.errors import CacheError
 
@@ -59,10 +59,11 @@ def prefetch(items: Iterable, depth: int = 2) -> Iterator:
         thread.join()
 
 
-def iter_embeddings(path: str | os.PathLike, batch_rows: int = 65536):
+def iter_embeddings(path: str | os.PathLike, batch_rows: int = 65536, keep_dtype: bool = False):
     """Yield (first row index, (m, d) float32 embeddings) over the listed parts, in order,
     at most ``batch_rows`` rows (and at most a row group) at a time, checked like
-    :func:`read_cache`. A background thread decodes up to two batches ahead: a pyarrow
+    :func:`read_cache` (``keep_dtype``: in the stored precision, possibly read-only views).
+    A background thread decodes up to two batches ahead: a pyarrow
     dataset scanner would decode faster, but runs ahead without bound when the caller is
     slower than the disk (2 GB resident on a 2M-row cache).
     """
@@ -73,7 +74,7 @@ def iter_embeddings(path: str | os.PathLike, batch_rows: int = 65536):
         for f in listed_part_files(path, manifest):
             try:
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=["embedding"], use_threads=False):
-                    yield embeddings_to_numpy(pa.chunked_array([batch.column(0)]), manifest.embed_dim, str(f))
+                    yield embeddings_to_numpy(pa.chunked_array([batch.column(0)]), manifest.embed_dim, str(f), keep_dtype)
             except (OSError, pa.ArrowException) as e:
                 raise CacheError(f"cannot read {str(f)!r}: {e}. The file is damaged; re-run vlaug embed to rebuild it.") from None
 
@@ -81,6 +82,23 @@ def iter_embeddings(path: str | os.PathLike, batch_rows: int = 65536):
     for emb in prefetch(batches()):
         yield start, emb
         start += len(emb)
+
+
+def read_embeddings(path: str | os.PathLike, manifest: CacheManifest | None = None, batch_rows: int = 16384) -> np.ndarray:
+    """Every listed row's embedding, (n, d), in the cache's stored precision (float16 stays
+    float16: half the memory of float32), read ``batch_rows`` at a time (:func:`iter_embeddings`)
+    into one preallocated array, so that the peak is the array plus a few batches."""
+    path = Path(path)
+    manifest = manifest or read_manifest(path)
+    try:
+        n = sum(pq.ParquetFile(f).metadata.num_rows for f in listed_part_files(path, manifest))
+    except (OSError, pa.ArrowException) as e:
+        raise CacheError(f"cannot read a part of {str(path)!r}: {e}. The file is damaged; re-run vlaug embed to rebuild it.") from None
+    out = np.empty((n, manifest.embed_dim), np.dtype(manifest.dtype))
+    for start, emb in iter_embeddings(path, batch_rows, keep_dtype=True):
+        out[start:start + len(emb)] = emb
+    pa.default_memory_pool().release_unused()  # what the reader's allocator kept goes back to the system
+    return out
 
 
 def take_rows(chunks: Iterable[tuple[int, np.ndarray]], rows: np.ndarray) -> Iterable[tuple[np.ndarray, np.ndarray]]:
