@@ -20,7 +20,8 @@ runner = CliRunner()
 
 def test_registry_lists_every_method_once_in_order():
     assert list(REGISTRY) == ["zero-shot", "linear", "linear-zs", "box", "dr", "lads", "gaussian", "mixup", "xdomain-mix",
-                              "linear-adamw", "batchformer", "latentdr-sa", "latentdr-pool"]
+                              "linear-adamw", "batchformer", "latentdr-sa", "latentdr-pool", "gda", "text-anchor",
+                              "prompt-shift", "adaptive"]
     assert {n for n, c in REGISTRY.items() if not c.streams} == {"mixup", "xdomain-mix", "linear-adamw", "batchformer",
                                                                   "latentdr-sa", "latentdr-pool"}
     assert {n: c.head_kinds for n, c in REGISTRY.items() if c.head_kinds} == {
@@ -32,7 +33,7 @@ def test_registry_lists_every_method_once_in_order():
 def test_parse_method_fills_typed_defaults():
     box = parse_method("box:runs/b?n_aug=40&ensemble=0.7")
     assert isinstance(box, Box) and (box.name, box.head, box.text) == ("box", "runs/b", "box:runs/b?n_aug=40&ensemble=0.7")
-    assert box.options.to_dict() == {"ensemble": 0.7, "n_aug": 40} and box.extra_rows() == 40
+    assert box.options.to_dict() == {"ensemble": 0.7, "n_aug": 40, "anchor": 0.0} and box.extra_rows() == 40
     g = parse_method("gaussian")
     assert isinstance(g, Gaussian) and g.options.to_dict() == {"ensemble": 0.0, "n_aug": 1, "sigma": 0.1}
     joint = parse_method("latentdr-sa?batch_size=64&lr=0.01")

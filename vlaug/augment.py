@@ -60,6 +60,14 @@ def gaussian_noise(x, t, n_aug: int = 1, sigma: float = 0.1, generator=None):
     return out.reshape(-1, x.shape[1]), t.repeat(n_aug, 1)
 
 
+def toward_prompts(x, labels, text, scale: float = 1.0, generator=None):
+    """Text-anchored rows: normalise(x + u·t̂_y), u ~ U(0, scale) per row, t̂_y the unit class
+    prompt of the row's label. Moving a row towards its class prompt adds the one direction
+    a shifted domain keeps: what the class's name says."""
+    u = torch.rand((len(x), 1), generator=generator).to(x) * scale
+    return F.normalize(x + u * F.normalize(text, dim=-1)[labels], dim=-1)
+
+
 def latent_mixup(x, t, n_aug: int = 1, alpha: float = 0.2, generator=None):
     """Mixup in the latent space: λx_i + (1-λ)x_j with λ ~ Beta(α, α), targets mixed alike."""
     import numpy as np

@@ -165,6 +165,10 @@ def _check_head_saw_no_test_row(path: str, training: dict, feats: cache_io.Featu
 def prepare(config: ProbeRunConfig) -> _Plan:
     """Check everything before any work: methods, heads against the cache, domains, protocol."""
     methods = _parse_methods(config)  # the options first (no file read yet), then the files
+    gda = [m.text for m in methods if getattr(m, "solver", "logistic") == "gda"]
+    if config.reweight != "none" and gda:
+        raise UsageError(f"--reweight {config.reweight} reweights the rows of a logistic probe; {', '.join(gda)} fit GDA: "
+                         "leave them out, give them ?solver=logistic, or use --reweight none.")
     budget = cache_io.parse_memory_budget(config.memory_budget)
     imbalance = parse_imbalance(config.imbalance)
     cache_io.check_output(config.out, config.overwrite, lambda p: (p / "report.json").is_file(), "vlaug report")
@@ -182,6 +186,10 @@ def prepare(config: ProbeRunConfig) -> _Plan:
         raise UsageError(f"cache {config.features!r} has no class prompts (texts.parquet); re-run vlaug embed.")
     domain_names, domain_index = np.unique(feats.domains, return_inverse=True)  # sorted names, index per row
     train_domains = check_domains(config.train_domains, [d for d in domain_names.tolist() if d])
+    for m in methods:  # each method against the cache (its prompt sets), before any work
+        note = m.bind(feats, train_domains)
+        if note:
+            warnings.append(note)
     made_from = cache_io.read_text_templates(config.features, feats.manifest)
     heads = _load_heads(methods, feats.manifest, config.features, warnings, made_from)
     device = resolve_device(config.device)
@@ -338,9 +346,9 @@ def _fit_every_seed(plan: _Plan, progress: bool, sample: np.ndarray, x_sample: t
         for method in methods:
             fit = method.fit(data, splits, seed)
             release_memory()  # the fit's temporaries, before the next one
-            if method.ensemble:  # both sides calibrated on the validation rows
+            if method.ensemble or fit.gate:  # both sides calibrated on the validation rows
                 fit.selection["calibration"] = data.calibration(fit.W, fit.b, np.asarray(splits.val))
-            probe = data.make_probe(fit.W, fit.b, method.ensemble, fit.selection.get("calibration"))
+            probe = data.make_probe(fit.W, fit.b, method.ensemble, fit.selection.get("calibration"), fit.gate)
             results.append({"method": method.text, "seed": seed, **evaluate_probe(probe, data, splits),
                             "selection": fit.selection})
             if seed == 0:
@@ -386,7 +394,7 @@ def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None]) -> Pro
     for method in methods:
         chosen = first_fits[method.text].selection
         fit = method.refit(data, refit_rows, 0, chosen)
-        probes[method.text] = data.make_probe(fit.W, fit.b, method.ensemble, chosen.get("calibration")).cpu()
+        probes[method.text] = data.make_probe(fit.W, fit.b, method.ensemble, chosen.get("calibration"), fit.gate).cpu()
     m = data.feats.manifest
     report = {
         "vlaug_version": __version__,
@@ -420,8 +428,7 @@ def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None]) -> Pro
 def _texts_used(methods: list[Method], made_from: dict[str, list[str]]) -> dict[str, dict]:
     """Per method, the prompt sets its probe's predictions use (the class prompts, for
     zero-shot and ensembles; the probe stores their embeddings), with their templates."""
-    uses = lambda x: x.name in ("zero-shot", "linear-zs") or x.ensemble > 0  # noqa: E731
-    return {x.text: ({CLASSES_PROMPT_SET: made_from.get(CLASSES_PROMPT_SET, [])} if uses(x) else {}) for x in methods}
+    return {x.text: {name: made_from.get(name, []) for name in x.prompt_sets()} for x in methods}
 
 
 def predict(features: str, probe_dir: str, out: str, overwrite: bool = False, device: str = "auto") -> dict:

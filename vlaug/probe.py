@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlaug.devices import threads_for
+from vlaug.discriminant import mahalanobis
 from vlaug.zero_shot import TEMPERATURE, zero_shot_logits
 
 
@@ -43,10 +44,19 @@ class ProbeConfig:
     # ensembles mix calibrated probabilities: the probe's logits are multiplied by logit_scale
     # (both values fitted on validation rows by temperature scaling; 1 and 0.01 uncalibrated)
     logit_scale: float = 1.0
+    # input-adaptive ensemble (vlaug.methods.robust.Adaptive): the zero-shot weight rises from
+    # `ensemble` to `gate_max` with the input's Mahalanobis distance d² from the training rows,
+    # λ(x) = ensemble + (gate_max − ensemble)·sigmoid((d²(x) − gate_center) / gate_width);
+    # gate_max 0: no gate (the fixed weight `ensemble`)
+    gate_max: float = 0.0
+    gate_center: float = 0.0
+    gate_width: float = 1.0
 
     def __post_init__(self):
         if not 0.0 <= self.ensemble <= 1.0:
             raise ValueError(f"ensemble == {self.ensemble}, must be in [0, 1].")
+        if not 0.0 <= self.gate_max <= 1.0 or not self.gate_width > 0:
+            raise ValueError(f"gate_max == {self.gate_max} and gate_width == {self.gate_width}: must be in [0, 1] and > 0.")
         if not (self.temperature > 0 and self.logit_scale > 0):
             raise ValueError(f"temperature == {self.temperature} and logit_scale == {self.logit_scale}, must be > 0.")
 
@@ -63,20 +73,31 @@ class LinearProbe(nn.Module):
         self.linear = nn.Linear(config.embed_dim, config.n_classes)
         # class text embeddings, stored with the probe so that an ensemble is self-contained
         self.register_buffer("text", torch.zeros(config.n_classes, config.embed_dim))
+        if config.gate_max > 0:  # the gate's Gaussian model of the training rows: class means, shared precision
+            self.register_buffer("gate_means", torch.zeros(config.n_classes, config.embed_dim))
+            self.register_buffer("gate_precision", torch.zeros(config.embed_dim, config.embed_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
 
     @torch.no_grad()
+    def zero_shot_weight(self, x: torch.Tensor) -> torch.Tensor | float:
+        """The weight λ of the zero-shot probabilities for each row of ``x``: (n, 1) with a
+        gate, else the fixed ``ensemble``."""
+        c = self.config
+        if c.gate_max == 0:
+            return c.ensemble
+        d2 = mahalanobis(x.float(), self.gate_means, self.gate_precision)
+        return (c.ensemble + (c.gate_max - c.ensemble) * torch.sigmoid((d2 - c.gate_center) / c.gate_width))[:, None]
+
+    @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.ensemble == 0:
+        lam = self.zero_shot_weight(x)
+        if isinstance(lam, float) and lam == 0:
             return self.linear(x).softmax(-1)
         p = (self.linear(x) * self.config.logit_scale).softmax(-1)
-        lam = self.config.ensemble
-        if lam > 0:
-            zs = zero_shot_logits(x, self.text, self.config.temperature).softmax(-1)
-            p = (1 - lam) * p + lam * zs
-        return p
+        zs = zero_shot_logits(x, self.text, self.config.temperature).softmax(-1)
+        return (1 - lam) * p + lam * zs
 
 
 def calibrate_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 50) -> float:

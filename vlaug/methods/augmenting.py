@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from vlaug import augment
+from vlaug.choices import CLASSES_PROMPT_SET
 from vlaug.methods import register
 from vlaug.methods.base import EnsembleOptions, check_positive
 from vlaug.methods.linear import ProbeMethod
@@ -40,6 +41,14 @@ class SamplingMethod(ProbeMethod):
 @dataclass(frozen=True)
 class BoxOptions(AugmentOptions):
     n_aug: int = 5  # samples per box (LARE: 3 for CIFAR-100, 5 for CUB, 40 for DomainNet)
+    # text-anchored boxes: each sample also moves towards its class prompt, normalise(s + u·t_y),
+    # u ~ U(0, anchor) (0: LARE's samples; see text-anchor)
+    anchor: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.anchor < 0:
+            raise ValueError(f"anchor == {self.anchor}, must be >= 0.")
 
 
 @register
@@ -51,7 +60,13 @@ class Box(SamplingMethod):
 
     def augment(self, data, x, y, dom, generator):
         head = data.heads[self.head].module.to(data.device)
-        return augment.box_samples(head, x, F.one_hot(y, data.n_classes).float(), self.options.n_aug, generator)
+        rows, t = augment.box_samples(head, x, F.one_hot(y, data.n_classes).float(), self.options.n_aug, generator)
+        if self.options.anchor > 0:
+            rows = augment.toward_prompts(rows, t.argmax(1), data.text, self.options.anchor, generator)
+        return rows, t
+
+    def prompt_sets(self):
+        return [CLASSES_PROMPT_SET] if self.options.anchor > 0 or self.ensemble > 0 else []
 
 
 @register

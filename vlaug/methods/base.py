@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from vlaug.cache import FeatureCache, take_rows
+from vlaug.choices import CLASSES_PROMPT_SET
 from vlaug.errors import UsageError
 from vlaug.probe import LinearProbe, ProbeConfig, calibrate_temperature
 from vlaug.zero_shot import TEMPERATURE, zero_shot_logits
@@ -90,6 +91,8 @@ class Fit:
     b: torch.Tensor  # (C,)
     selection: dict = field(default_factory=dict)  # the chosen hyperparameters (JSON-ready); refit() takes them back
     search: list[dict] = field(default_factory=list)  # every candidate the selection tried
+    # an input-adaptive ensemble's gate: {"means": (C, d), "precision": (d, d), "center", "width", "max"}
+    gate: dict | None = None
 
 
 @dataclass
@@ -161,16 +164,21 @@ class RunData:
         return {"logit_scale": 1.0 / calibrate_temperature(logits, y), "zero_shot_temperature": calibrate_temperature(zs, y)}
 
     def make_probe(self, W: torch.Tensor, b: torch.Tensor, ensemble: float = 0.0,
-                   calibration: dict | None = None) -> LinearProbe:
+                   calibration: dict | None = None, gate: dict | None = None) -> LinearProbe:
         """A probe with weights ``W`` (d, C), bias ``b``, the class prompts for its ensemble
-        and, for an ensemble, its :meth:`calibration`."""
-        c = calibration or {}
+        and, for an ensemble, its :meth:`calibration` and (input-adaptive) its ``gate``."""
+        c, g = calibration or {}, gate or {}
         probe = LinearProbe(ProbeConfig(self.embed_dim, self.n_classes, ensemble,
-                                        c.get("zero_shot_temperature", TEMPERATURE), c.get("logit_scale", 1.0)))
+                                        c.get("zero_shot_temperature", TEMPERATURE), c.get("logit_scale", 1.0),
+                                        gate_max=g.get("max", 0.0), gate_center=g.get("center", 0.0),
+                                        gate_width=g.get("width", 1.0)))
         with torch.no_grad():
             probe.linear.weight.copy_(W.T.cpu())
             probe.linear.bias.copy_(b.cpu())
             probe.text.copy_(self.text.cpu())
+            if gate:
+                probe.gate_means.copy_(gate["means"].cpu())
+                probe.gate_precision.copy_(gate["precision"].cpu())
         return probe.to(self.device).eval()
 
 
@@ -198,6 +206,15 @@ class Method:
     @property
     def ensemble(self) -> float:
         return getattr(self.options, "ensemble", 0.0)
+
+    def bind(self, feats: FeatureCache, train_domains: list[str]) -> None:
+        """Check the method against the cache before any training (e.g. the prompt sets it
+        needs); raise UsageError with the fix. Called once per run, before :meth:`extra_rows`."""
+
+    def prompt_sets(self) -> list[str]:
+        """The cache's prompt sets the method uses (reported with their templates): the
+        class prompts when it mixes in zero-shot."""
+        return [CLASSES_PROMPT_SET] if self.ensemble > 0 else []
 
     def extra_rows(self) -> int:
         """How many rows the method adds per training row (sizes the streamed chunks); 0 for

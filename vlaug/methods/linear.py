@@ -13,9 +13,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlaug.choices import CLASSES_PROMPT_SET
 from vlaug.methods import register
 from vlaug.methods.base import EnsembleOptions, Fit, Method, RunData
-from vlaug.probe import Rows, as_labels, fit_probe, fit_reweighted, select_weight_decay, weight_decay_grid
+from vlaug.discriminant import SHRINKAGE_GRID, ClassStatistics, gda_weights, shrunk_inverses
+from vlaug.probe import (Rows, _better, _pieces, _scores, as_labels, fit_probe, fit_reweighted, select_weight_decay,
+                         weight_decay_grid)
 from vlaug.zero_shot import zero_shot_weights
 
 # After a search on a sample, the fit on every training row starts from the sample's probe at
@@ -41,6 +44,13 @@ class ProbeMethod(Method):
     """
 
     Options: ClassVar = EnsembleOptions
+    default_solver: ClassVar[str] = "logistic"  # "gda": Gaussian discriminant analysis (vlaug.discriminant)
+
+    @property
+    def solver(self) -> str:
+        """How the classifier is fitted: ``logistic`` (L-BFGS over the weight-decay grid) or
+        ``gda`` (class means and a shrunk shared covariance, the shrinkage chosen on validation)."""
+        return getattr(self.options, "solver", self.default_solver)
 
     def start(self, data: RunData) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
         """The fit's initial weights and the weights it is regularised towards (None: zeros)."""
@@ -52,6 +62,8 @@ class ProbeMethod(Method):
 
     def fit(self, data, splits, seed) -> Fit:
         train, val = np.asarray(splits.train), np.asarray(splits.val)
+        if self.solver == "gda":
+            return self._fit_gda(data, train, val, seed)
         init, anchor = self.start(data)
         cfg = data.config
         grid = weight_decay_grid(cfg.grid_size)
@@ -81,6 +93,10 @@ class ProbeMethod(Method):
 
     def refit(self, data, rows, seed, selection) -> Fit:
         train_rows = self.training_rows(data, rows, seed)
+        if self.solver == "gda":
+            stats = _statistics(train_rows, data.device)
+            W, b = gda_weights(stats, shrunk_inverses(stats.covariance(), [selection["shrinkage"]])[0], self._priors(data))
+            return Fit(W.float().to(data.device), b.float().to(data.device), {**selection, "n_train_rows": train_rows.n_rows})
         init, anchor = self.start(data)
         wd, cfg = selection["weight_decay"], data.config
         sample = _selection_sample(rows, rows[:0], cfg.selection_rows, seed)
@@ -97,6 +113,29 @@ class ProbeMethod(Method):
         W, b = self._reweighted(data, train_rows, rows, W, b, chosen)
         chosen["n_train_rows"] = train_rows.n_rows
         return Fit(*self.finish(W, b, anchor), chosen)
+
+    def _fit_gda(self, data: RunData, train: np.ndarray, val: np.ndarray, seed: int) -> Fit:
+        """GDA on the training rows (and the method's extras): one pass for the class
+        statistics, one eigendecomposition, every shrinkage of SHRINKAGE_GRID scored on the
+        validation rows in one pass; the best accuracy wins, ties to the lower log-loss."""
+        rows = self.training_rows(data, train, seed)
+        stats = _statistics(rows, data.device)
+        priors = self._priors(data)
+        fits = [gda_weights(stats, inv, priors) for inv in shrunk_inverses(stats.covariance(), SHRINKAGE_GRID)]
+        theta = torch.stack([torch.cat([W, b[None]]) for W, b in fits]).float().to(data.device)
+        scores = _scores(labelled_rows(data, val), theta)
+        search, best = [], None
+        for alpha, (accuracy, log_loss), th in zip(SHRINKAGE_GRID, scores, theta):
+            search.append({"shrinkage": alpha, "val_accuracy": accuracy, "val_log_loss": log_loss})
+            if best is None or _better((accuracy, log_loss), (best[0]["val_accuracy"], best[0]["val_log_loss"])):
+                best = (search[-1], th)
+        entry, th = best
+        return Fit(th[:-1], th[-1], {**entry, "n_train_rows": rows.n_rows}, search)
+
+    def _priors(self, data: RunData) -> torch.Tensor | None:
+        """GDA's class priors: uniform with --class-weight, else the training rows' frequencies (None)."""
+        c = data.n_classes
+        return torch.full((c,), 1.0 / c, dtype=torch.float64) if data.config.class_weight else None
 
     def _reweighted(self, data: RunData, rows: Rows, train: np.ndarray, W, b, selection: dict):
         """With --reweight (in memory only: prepare refuses it for a streamed cache), the
@@ -168,6 +207,14 @@ def _selection_sample(train: np.ndarray, val: np.ndarray, limit: int, seed: int)
     return pick(train), pick(val)
 
 
+def _statistics(rows: Rows, device: torch.device) -> ClassStatistics:
+    """GDA's class statistics of ``rows`` (float32 pieces, float64 sums; on the CPU for MPS,
+    which has no float64)."""
+    where = torch.device("cpu") if device.type == "mps" else device
+    return ClassStatistics.of(((x.to(where), t.to(where)) for x, t, _ in _pieces(rows, rows.n_classes)),
+                              rows.n_classes, rows.n_features, where)
+
+
 def labelled_rows(data: RunData, rows: np.ndarray) -> Rows:
     """Rows with their labels (validation rows: the probe's accuracy is read off them);
     built once in memory, read again on every pass when streamed."""
@@ -214,6 +261,9 @@ class LinearZS(ProbeMethod):
     name = "linear-zs"
     summary = "linear probe started from, and regularised towards, the zero-shot classifier; WiSE-style mix"
     Options = LinearZSOptions
+
+    def prompt_sets(self):
+        return [CLASSES_PROMPT_SET]
 
     def start(self, data):
         anchor = zero_shot_weights(data.text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from vlaug.choices import CLASSES_PROMPT_SET
 from vlaug.methods import register
 from vlaug.methods.base import Fit, Method
 from vlaug.zero_shot import zero_shot_weights
@@ -13,6 +14,9 @@ from vlaug.zero_shot import zero_shot_weights
 class ZeroShot(Method):
     name = "zero-shot"
     summary = "zero-shot: cosine similarity with the class prompts (no training)"
+
+    def prompt_sets(self):
+        return [CLASSES_PROMPT_SET]
 
     def fit(self, data, splits, seed):
         return Fit(zero_shot_weights(data.text), torch.zeros(data.n_classes, device=data.device))

@@ -1,0 +1,220 @@
+"""Methods guided by the text side, for robustness out of domain.
+
+* ``gda``: Gaussian discriminant analysis (:mod:`vlaug.discriminant`): class means and one
+  shared covariance shrunk towards the identity, the shrinkage chosen on validation. A
+  linear classifier like the probe, fitted in one pass over the rows.
+* ``text-anchor``: the probe on the training rows plus rows moved towards their class
+  prompt, x' = normalise(x + u·t̂_y), u ~ U(0, scale).
+* ``prompt-shift``: the probe on the training rows plus rows moved along the text
+  direction from the training domain's prompts to each target domain's, x' = normalise(x
+  + u·(t̂_k[y] − t̂_src[y])), u ~ U(0, 2·scale) (LADS's idea without a trained head).
+* ``adaptive``: an input-adaptive ensemble: GDA fitted with the prompt-shift rows (when the
+  cache has target prompt sets), mixed with zero-shot by a weight that rises with the
+  input's Mahalanobis distance from the training rows, calibrated on validation rows of
+  the training domains only.
+
+Every choice is made on validation rows of the training domains; no out-of-domain label
+is read. Each method streams (its extras are drawn per block like the other augmenting
+methods; GDA and the gate need sums over the rows, one pass each).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlaug import augment
+from vlaug.choices import CLASSES_PROMPT_SET
+from vlaug.discriminant import ClassStatistics, mahalanobis, shrunk_inverses
+from vlaug.errors import UsageError
+from vlaug.methods import register
+from vlaug.methods.augmenting import AugmentOptions
+from vlaug.methods.linear import ProbeMethod
+
+SOLVERS = ("logistic", "gda")
+GATE_SHRINKAGE = 0.5  # shrinkage of the gate's covariance (a fixed, moderate value: the gate only ranks distances)
+GATE_SOFTNESS = 4.0  # the gate's sigmoid rises over (quantile − median) / GATE_SOFTNESS of the validation distances
+
+
+def _check_solver(options) -> None:
+    if options.solver not in SOLVERS:
+        raise ValueError(f"solver == {options.solver!r}, must be one of {', '.join(SOLVERS)}.")
+
+
+def _check_scale(options) -> None:
+    if not options.scale > 0:
+        raise ValueError(f"scale == {options.scale}, must be > 0.")
+
+
+@register
+class GDA(ProbeMethod):
+    name = "gda"
+    summary = "Gaussian discriminant analysis: class means, a shared covariance shrunk towards the identity (shrinkage chosen on validation)"
+    default_solver = "gda"
+
+
+@dataclass(frozen=True)
+class TextAnchorOptions(AugmentOptions):
+    scale: float = 1.0  # u ~ U(0, scale): how far towards the (unit) class prompt a row moves
+    solver: str = "logistic"  # logistic | gda
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_scale(self)
+        _check_solver(self)
+
+
+@register
+class TextAnchor(ProbeMethod):
+    name = "text-anchor"
+    summary = "the probe on the training rows plus n_aug rows moved towards their class prompt: normalise(x + u·t_y)"
+    Options = TextAnchorOptions
+
+    def extra_rows(self):
+        return self.options.n_aug
+
+    def prompt_sets(self):
+        return [CLASSES_PROMPT_SET]
+
+    def augment(self, data, x, y, dom, generator):
+        o = self.options
+        labels = y.repeat(o.n_aug)
+        rows = augment.toward_prompts(x.repeat(o.n_aug, 1), labels, data.text, o.scale, generator)
+        return rows, F.one_hot(labels, data.n_classes).float()
+
+
+@dataclass(frozen=True)
+class PromptShiftOptions(AugmentOptions):
+    source: str = ""  # prompt set of the training domain ("": the set named as the one training domain, else "classes")
+    targets: str = ""  # comma-separated prompt sets to shift towards ("": every other set but "classes")
+    scale: float = 1.0  # u ~ U(0, 2·scale): the mean step is `scale` times the prompt difference
+    solver: str = "logistic"  # logistic | gda
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_scale(self)
+        _check_solver(self)
+
+
+@register
+class PromptShift(ProbeMethod):
+    name = "prompt-shift"
+    summary = "the probe on the training rows plus rows moved along t_k[y] - t_source[y] towards each target prompt set"
+    Options = PromptShiftOptions
+    required = True  # without target prompt sets the method has nothing to add (adaptive goes on without)
+
+    def bind(self, feats, train_domains):
+        texts, o = feats.texts, self.options
+        sets = [name for name in texts if name != CLASSES_PROMPT_SET]
+        if o.source:
+            source = o.source
+        elif len(train_domains) == 1 and train_domains[0] in texts:
+            source = train_domains[0]
+        else:
+            source = CLASSES_PROMPT_SET
+        if o.targets:
+            targets = [t.strip() for t in o.targets.split(",") if t.strip()]
+        else:
+            targets = [name for name in sets if name != source and name not in train_domains]
+        unknown = [name for name in [source, *targets] if name not in texts]
+        if unknown:
+            raise UsageError(f"--method {self.text!r}: the cache has no prompt set {', '.join(map(repr, unknown))}; it has "
+                             f"{', '.join(texts) or 'none'}. Add one with vlaug prompts FEATURES --prompt-set NAME='a sketch of a {{}}.'")
+        self.source, self.targets = source, [t for t in targets if t != source]
+        if not self.targets:
+            message = (f"{self.name}: the cache has no target-domain prompt set (it has {', '.join(texts) or 'none'}); add "
+                       "one per target domain with vlaug prompts FEATURES --prompt-set sketch='a sketch of a {}.'")
+            if self.required:
+                raise UsageError(f"--method {self.text!r}: " + message.split(": ", 1)[1])
+            return message + f"; {self.name} runs without prompt shifts"
+        return None
+
+    def prompt_sets(self):
+        return [self.source, *self.targets] if getattr(self, "targets", None) else []
+
+    def extra_rows(self):
+        return self.options.n_aug * len(getattr(self, "targets", ())) if hasattr(self, "targets") else 8 * self.options.n_aug
+
+    def _deltas(self, data) -> torch.Tensor:
+        """(K, C, d): t̂_k − t̂_source for each target set k (unit-norm prompt embeddings)."""
+        unit = lambda name: F.normalize(torch.as_tensor(data.feats.texts[name], device=data.device).float(), dim=-1)  # noqa: E731
+        return torch.stack([unit(k) - unit(self.source) for k in self.targets])
+
+    def augment(self, data, x, y, dom, generator):
+        if not self.targets:
+            return None
+        o = self.options
+        deltas = self._deltas(data)[:, y]  # (K, n, d)
+        u = torch.rand((o.n_aug, len(deltas), len(x), 1), generator=generator).to(x) * 2 * o.scale
+        rows = F.normalize(x[None, None] + u * deltas[None], dim=-1)
+        return rows.reshape(-1, x.shape[1]), F.one_hot(y, data.n_classes).float().repeat(o.n_aug * len(deltas), 1)
+
+
+@dataclass(frozen=True)
+class AdaptiveOptions(PromptShiftOptions):
+    solver: str = "gda"  # the classifier the gate keeps in domain: gda | logistic
+    zero_shot_max: float = 0.8  # the zero-shot weight far from the training rows (the in-domain weight is `ensemble`)
+    quantile: float = 0.99  # the gate is half open at this quantile of the validation rows' distances
+    prompt_shift: bool = True  # train with the prompt-shift rows when the cache has target prompt sets
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.zero_shot_max <= 1.0:
+            raise ValueError(f"zero_shot_max == {self.zero_shot_max}, must be in (0, 1].")
+        if not 0.5 <= self.quantile < 1.0:
+            raise ValueError(f"quantile == {self.quantile}, must be in [0.5, 1).")
+        if self.zero_shot_max < self.ensemble:
+            raise ValueError(f"zero_shot_max == {self.zero_shot_max} is below ensemble == {self.ensemble}.")
+
+
+@register
+class Adaptive(PromptShift):
+    name = "adaptive"
+    summary = ("input-adaptive ensemble: GDA (+ prompt shifts) in domain, zero-shot weight rising to zero_shot_max "
+               "with the Mahalanobis distance from the training rows")
+    Options = AdaptiveOptions
+    required = False
+
+    def bind(self, feats, train_domains):
+        if not self.options.prompt_shift:
+            self.source, self.targets = CLASSES_PROMPT_SET, []
+            return None
+        return super().bind(feats, train_domains)
+
+    def prompt_sets(self):
+        return list(dict.fromkeys([CLASSES_PROMPT_SET, *super().prompt_sets()]))
+
+    def fit(self, data, splits, seed):
+        fit = super().fit(data, splits, seed)
+        means, precision = _gate_model(data, np.asarray(splits.train))
+        d2 = torch.cat([mahalanobis(x, means, precision) for _, x in data.stream(np.asarray(splits.val))])
+        center, median = float(torch.quantile(d2, self.options.quantile)), float(d2.median())
+        width = max((center - median) / GATE_SOFTNESS, 1e-6 * max(center, 1e-12))
+        fit.selection["gate"] = {"center": center, "width": width, "max": self.options.zero_shot_max,
+                                 "quantile": self.options.quantile, "shrinkage": GATE_SHRINKAGE,
+                                 "val_rows_past_center": float((d2 > center).float().mean())}
+        fit.gate = {"means": means, "precision": precision, "center": center, "width": width,
+                    "max": self.options.zero_shot_max}
+        return fit
+
+    def refit(self, data, rows, seed, selection):
+        fit = super().refit(data, rows, seed, selection)
+        means, precision = _gate_model(data, np.asarray(rows))
+        g = selection["gate"]
+        fit.gate = {"means": means, "precision": precision, "center": g["center"], "width": g["width"], "max": g["max"]}
+        return fit
+
+
+def _gate_model(data, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate's Gaussian model of the training rows ``rows`` (originals only: the prompt
+    shifts are meant to look out of domain): float32 class means (C, d) and shared
+    precision (d, d) at GATE_SHRINKAGE."""
+    where = torch.device("cpu") if data.device.type == "mps" else data.device
+    stats = ClassStatistics.of(((x.to(where), data.y[data.rows(rows[pos])].to(where)) for pos, x in data.stream(rows)),
+                               data.n_classes, data.embed_dim, where)
+    precision = shrunk_inverses(stats.covariance(), [GATE_SHRINKAGE])[0]
+    return stats.means.float().to(data.device), precision.float().to(data.device)
+
