@@ -131,7 +131,12 @@ class SimParams:
         return dataclasses.asdict(self)
 
 
-ENSEMBLE_WEIGHTS = (0.3, 0.7)  # linear?ensemble=λ rows of every setting
+ENSEMBLE_WEIGHTS = (0.3, 0.7)  # linear?ensemble=λ rows of every setting (fixed ensembles)
+WISE_WEIGHTS = (0.25, 0.75)  # linear-zs?wise=λ rows (WiSE-style weight interpolation; the default 0.5 is linear-zs)
+# the methods of the papers vlaug started from (LARE box, LatentDR, LADS, BatchFormer, Gaussian, Mixup, zero-shot,
+# linear): a new method is worth keeping when it beats every one of them on both axes
+SEED_METHODS = ("zero-shot", "linear", "box", "dr", "lads", "gaussian", "mixup", "batchformer", "latentdr-sa",
+                "latentdr-pool")
 
 
 def _accuracy_then_log_loss(estimator, x, y) -> float:
@@ -377,6 +382,8 @@ def method_specs(heads: dict, joint_epochs: int) -> tuple[list[tuple[str, str]],
             specs.append((name + query, name + query))
     for weight in ENSEMBLE_WEIGHTS:  # ensembles with zero-shot: their spread over seeds is checked
         specs.append((f"linear?ensemble={weight}", f"linear?ensemble={weight}"))
+    for weight in WISE_WEIGHTS:
+        specs.append((f"linear-zs?wise={weight}", f"linear-zs?wise={weight}"))
     return specs, missing
 
 
@@ -505,7 +512,12 @@ def summarise(results: list[dict], label_of: dict[str, str]) -> list[dict]:
 
 
 def _chosen(selection: list[dict]) -> str:
-    """What selection chose over the seeds, compactly: weight decays with counts, or epochs."""
+    """What selection chose over the seeds, compactly: weight decays with counts, GDA's
+    shrinkage, or epochs."""
+    alphas = [s["shrinkage"] for s in selection if "shrinkage" in s]
+    if alphas:
+        values, counts = np.unique(np.round(alphas, 6), return_counts=True)
+        return "shrinkage " + ", ".join(f"{v:g}×{c}" for v, c in zip(values, counts))
     wds = [s["weight_decay"] for s in selection if "weight_decay" in s and "selected_epoch" not in s]
     if wds:
         values, counts = np.unique(np.round(wds, 12), return_counts=True)
@@ -559,6 +571,23 @@ def flags(entry: dict) -> list[str]:
         out.append(f"{REFERENCE}: {entry['reference']['convergence_warnings']} ConvergenceWarning(s) at max_iter "
                    f"{entry['setting']['max_iter']}")
     return out
+
+
+def _seed_label(label: str) -> str:
+    """The registered name behind a table label such as ``box[box]`` or ``linear?ensemble=0.3``."""
+    return label.split("[")[0].split("?")[0].split(":")[0]
+
+
+def dominating(summary: list[dict]) -> tuple[list[str], dict]:
+    """The rows (other than the seed methods' default rows) whose in-domain and
+    out-of-domain means both beat every seed method's, and the best seed values per axis."""
+    seeds = [s for s in summary if _seed_label(s["method"]) in SEED_METHODS and "?" not in s["method"]]
+    if not seeds:
+        return [], {}
+    best = {k: max(seeds, key=lambda s: s[k]["mean"]) for k in ("in_domain", "out_of_domain")}
+    wins = [s["method"] for s in summary if s not in seeds and s["method"] != REFERENCE
+            and all(s[k]["mean"] > best[k][k]["mean"] for k in best)]
+    return wins, {k: (b["method"], b[k]["mean"]) for k, b in best.items()}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -644,6 +673,11 @@ def markdown_setting(entry: dict) -> str:
         L.append(f"| {name} | {_pm(s['in_domain'])} | {_pm(s['out_of_domain'])} | {doms} | {_chosen(s['selection'])} |")
     L += ["", "Bold: on the Pareto front of (in-domain, out-of-domain) means. "
           f"Plot: `{entry['plot']}`.", ""]
+    wins, best = dominating(entry["summary"])
+    if best:
+        bar = " and ".join(f"{k.replace('_', '-')} {100 * v:.1f} ({m})" for k, (m, v) in best.items())
+        L += [f"Seed methods ({', '.join(SEED_METHODS)}) at their best: {bar}. Rows beating both: "
+              + (", ".join(f"**{w}**" for w in wins) if wins else "none") + ".", ""]
     box = entry["heads"].get("box", {}).get("stats")
     if box:
         z = box.get("zero_shot_accuracy") or {}

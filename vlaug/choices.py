@@ -14,3 +14,8 @@ REWEIGHTS = ("none", "groupdro", "seed-category", "seed-category-kmeans")  # pro
 DR_NORMS = ("post", "pre")
 DR_MODES = ("dr", "d", "r")
 DR_DEGRADES = ("attention", "gaussian")
+
+# the built-in stage-3 methods as --method's help lists them (NAME:DIR: needs a head); the CLI
+# imports no torch, so this repeats vlaug.methods.REGISTRY, and a test checks that it does
+METHODS = ("zero-shot", "linear", "linear-zs", "box:DIR", "dr:DIR", "lads:DIR", "gaussian", "mixup", "xdomain-mix",
+           "linear-adamw", "batchformer", "latentdr-sa", "latentdr-pool", "gda", "text-anchor", "prompt-shift", "adaptive")

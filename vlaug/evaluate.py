@@ -21,7 +21,7 @@ from vlaug import checkpoint, metrics
 from vlaug._version import __version__
 from vlaug.choices import CLASSES_PROMPT_SET, REWEIGHTS
 from vlaug.devices import release_memory, resolve_device, threads_for
-from vlaug.errors import UsageError
+from vlaug.errors import CheckpointError, UsageError
 from vlaug.methods import Method, RunData, parse_method
 from vlaug.methods.linear import block_generator
 from vlaug.probe import LinearProbe, weight_decay_grid
@@ -55,6 +55,7 @@ class ProbeRunConfig:
     class_weight: bool = False  # weight rows by inverse class frequency
     device: str = "auto"
     memory_budget: str = "auto"  # stream the cache from disk when it needs more memory (auto: RAM / 4)
+    heads: str = ""  # a folder of head folders: --method all (and a head-needing method without :DIR) takes heads from it
     tsne: bool = False  # t-SNE instead of PCA for the embedding plot
     allow_incomplete: bool = False  # probe a cache whose embed run was interrupted (the report says so)
     overwrite: bool = False
@@ -105,12 +106,69 @@ class _Plan:
     texts_made_from: dict[str, list[str]] = field(default_factory=dict)  # prompt set -> the templates it was encoded from
 
 
-def _parse_methods(config: ProbeRunConfig) -> list[Method]:
-    methods = [parse_method(m) for m in config.methods]
+ALL_METHODS = "all"  # --method all: every registered method with its default options
+
+
+def _head_folders(heads: str, kinds: tuple[str, ...]) -> list[str]:
+    """The head folders directly inside ``heads`` whose kind is one of ``kinds``, sorted."""
+    if not heads:
+        return []
+    root = Path(heads)
+    if not root.is_dir():
+        raise UsageError(f"--heads {heads!r} is not a folder; give the folder that holds your head folders "
+                         "(e.g. heads/ with heads/box from vlaug train-box --out heads/box).")
+    found = []
+    for sub in sorted(p for p in root.iterdir() if checkpoint.is_head(p)):
+        try:
+            kind = checkpoint.read_head_config(sub)["kind"]
+        except CheckpointError:
+            continue  # not readable as a head: --method NAME:DIR names it when wanted, and says why
+        if kind in kinds:
+            found.append(str(sub))
+    return found
+
+
+def _method_specs(config: ProbeRunConfig) -> tuple[list[str], list[str], set[str]]:
+    """The --method specs with ``all`` expanded (and a head-needing method given without a
+    folder resolved from --heads): (specs, notes on skipped methods, specs that came from all)."""
+    from vlaug.methods import REGISTRY
+
+    specs, notes, from_all = [], [], set()
+    for text in config.methods:
+        if text != ALL_METHODS:
+            name, _, query = text.partition("?")
+            cls = REGISTRY.get(name)
+            if cls is not None and cls.head_kinds and config.heads and ":" not in name:
+                folders = _head_folders(config.heads, cls.head_kinds)
+                if not folders:
+                    raise UsageError(f"--method {text!r}: no {' or '.join(cls.head_kinds)} head in --heads {config.heads!r}; "
+                                     f"train one with vlaug train-box FEATURES --head {cls.head_kinds[0]} --out "
+                                     f"{config.heads}/{cls.head_kinds[0]}.")
+                text = f"{name}:{folders[0]}" + (f"?{query}" if query else "")
+            specs.append(text)
+            continue
+        for name, cls in REGISTRY.items():
+            if not cls.head_kinds:
+                found = [name]
+            else:
+                found = [f"{name}:{folder}" for folder in _head_folders(config.heads, cls.head_kinds)]
+                if not found:
+                    notes.append(f"{name} skipped: no {' or '.join(cls.head_kinds)} head "
+                                 + (f"in --heads {config.heads}" if config.heads else "(give --heads DIR, a folder of head folders)"))
+            for spec in found:
+                if spec not in specs:
+                    specs.append(spec)
+                    from_all.add(spec)
+    return specs, notes, from_all
+
+
+def _parse_methods(config: ProbeRunConfig) -> tuple[list[Method], list[str], set[str]]:
+    specs, notes, from_all = _method_specs(config)
+    methods = [parse_method(m) for m in specs]
     texts = [m.text for m in methods]
     if len(set(texts)) != len(texts):
         raise UsageError(f"--method given twice: {sorted({t for t in texts if texts.count(t) > 1})}.")
-    return methods
+    return methods, notes, from_all
 
 
 def _check_streaming(config: ProbeRunConfig, methods: list[Method], memory: cache_io.MemoryPlan) -> None:
@@ -164,7 +222,7 @@ def _check_head_saw_no_test_row(path: str, training: dict, feats: cache_io.Featu
 
 def prepare(config: ProbeRunConfig) -> _Plan:
     """Check everything before any work: methods, heads against the cache, domains, protocol."""
-    methods = _parse_methods(config)  # the options first (no file read yet), then the files
+    methods, skipped, from_all = _parse_methods(config)  # the options first (no cache read yet), then the files
     gda = [m.text for m in methods if getattr(m, "solver", "logistic") == "gda"]
     if config.reweight != "none" and gda:
         raise UsageError(f"--reweight {config.reweight} reweights the rows of a logistic probe; {', '.join(gda)} fit GDA: "
@@ -175,7 +233,7 @@ def prepare(config: ProbeRunConfig) -> _Plan:
     manifest = cache_io.read_manifest(config.features)
     check_labeled(manifest, config.features, "vlaug probe")
     cache_io.check_complete(config.features, manifest, config.allow_incomplete)
-    warnings = []
+    warnings = list(skipped)
     if manifest.n_missing:
         warnings.append(f"INCOMPLETE CACHE (--allow-incomplete): {manifest.n_missing} of {manifest.n_inputs} inputs "
                         "were never embedded; these numbers cover only the rows the cache holds")
@@ -186,8 +244,14 @@ def prepare(config: ProbeRunConfig) -> _Plan:
         raise UsageError(f"cache {config.features!r} has no class prompts (texts.parquet); re-run vlaug embed.")
     domain_names, domain_index = np.unique(feats.domains, return_inverse=True)  # sorted names, index per row
     train_domains = check_domains(config.train_domains, [d for d in domain_names.tolist() if d])
-    for m in methods:  # each method against the cache (its prompt sets), before any work
-        note = m.bind(feats, train_domains)
+    for m in list(methods):  # each method against the cache (its prompt sets), before any work
+        try:
+            note = m.bind(feats, train_domains)
+        except UsageError as e:
+            if m.text not in from_all:
+                raise
+            methods.remove(m)  # --method all: what this cache cannot run is left out, with its reason
+            note = f"{m.name} skipped: {str(e).split(': ', 1)[-1].rstrip('.')}"
         if note:
             warnings.append(note)
     made_from = cache_io.read_text_templates(config.features, feats.manifest)

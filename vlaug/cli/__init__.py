@@ -21,6 +21,8 @@ from vlaug._version import __version__
 from vlaug.errors import VlaugError
 from vlaug.sources import Layout
 
+METHODS_HELP = ", ".join(choices.METHODS)
+
 def _plain_flags(params: list) -> list:
     """Flags take no value: show none (typer would print ``<bool>``)."""
     for p in params:
@@ -223,8 +225,7 @@ def probe(
     features: Annotated[Path, typer.Argument(metavar="FEATURES", help="Feature cache written by vlaug embed.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder to write.")],
     method: Annotated[List[str], typer.Option("--method", "-m", help="NAME[:HEAD_DIR][?key=value&...]; repeatable. "
-                      "zero-shot, linear, linear-zs, box:DIR, dr:DIR, lads:DIR, gaussian, mixup, xdomain-mix, batchformer, "
-                      "latentdr-sa, latentdr-pool.")],
+                      f"{METHODS_HELP}; or all: every method with its defaults (heads from --heads).")],
     train_domain: Annotated[Optional[List[str]], typer.Option("--train-domain", help="Training domain; repeatable. Default: all.")] = None,
     seeds: Annotated[int, typer.Option(help="Seeds 0..N-1: splits, sampling, joint training; mean ± std over them.")] = 5,
     test_fraction: Annotated[float, typer.Option(help="Held-out test rows of the training domains (by a hash of the row id, the same for every seed and stage) when the cache has no split column.")] = 0.2,
@@ -240,6 +241,9 @@ def probe(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     memory_budget: Annotated[str, typer.Option(help="Stream the cache from disk when its embeddings need more memory than this "
                              "(auto: a quarter of the RAM; or e.g. 1.5G). Streamed, every L-BFGS step reads the cache.")] = "auto",
+    heads: Annotated[Optional[Path], typer.Option("--heads", help="A folder of head folders (e.g. heads/box, heads/lads "
+                     "from vlaug train-box --out heads/KIND): -m all, and a method that needs a head given without :DIR, "
+                     "take theirs from it.")] = None,
     tsne: Annotated[bool, typer.Option("--tsne", help="t-SNE instead of PCA for the embedding plot.")] = False,
     allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="Probe a cache whose embed run was interrupted (refused otherwise); the report says so.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report folder.")] = False,
@@ -253,7 +257,7 @@ def probe(
         features=str(features), out=str(out), methods=tuple(method), train_domains=tuple(train_domain or ()), seeds=seeds,
         test_fraction=test_fraction, val_fraction=val_fraction, shots=shots, imbalance=imbalance, reweight=_value(reweight),
         grid_size=grid_size, max_iter=max_iter, selection_rows=selection_rows, class_weight=class_weight, device=device, tsne=tsne, overwrite=overwrite,
-        memory_budget=memory_budget, allow_incomplete=allow_incomplete, progress=progress,
+        memory_budget=memory_budget, allow_incomplete=allow_incomplete, progress=progress, heads=str(heads or ""),
     )
     report = write_report(out, run_probe(config), tsne=tsne)
     typer.echo(format_table(report))

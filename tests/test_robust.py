@@ -1,0 +1,224 @@
+"""The text-side methods (vlaug.methods.robust) and their arithmetic, checked by hand on tiny
+inputs: GDA against scikit-learn's shrinkage LDA, text-anchored and prompt-shifted rows, the
+input-adaptive gate stored in the probe, and ``--method all``."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from tests.conftest import write_synthetic_cache
+from vlaug import augment, choices
+from vlaug.cache import read_metadata
+from vlaug.checkpoint import load_probe, save_probe
+from vlaug.cli import app
+from vlaug.discriminant import ClassStatistics, gda_weights, mahalanobis, shrunk_inverses
+from vlaug.errors import UsageError
+from vlaug.methods import REGISTRY, parse_method
+from vlaug.probe import LinearProbe, ProbeConfig
+
+runner = CliRunner()
+
+
+def _tiny(n=40, d=6, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % c
+    x = torch.randn(n, d, generator=g) + 2 * F.one_hot(y, d).float()
+    return x, y
+
+
+def test_class_statistics_and_gda_by_hand():
+    x, y = _tiny()
+    stats = ClassStatistics.of([(x[:15], y[:15]), (x[15:], y[15:])], 3, x.shape[1])  # two blocks
+    xd, yd = x.double(), y
+    means = torch.stack([xd[yd == k].mean(0) for k in range(3)])
+    resid = xd - means[yd]
+    cov = resid.T @ resid / len(x)
+    assert torch.allclose(stats.means, means, atol=1e-5) and torch.allclose(stats.covariance(), cov, atol=1e-5)
+    alpha = 0.3
+    shrunk = (1 - alpha) * cov + alpha * torch.trace(cov) / cov.shape[0] * torch.eye(cov.shape[0], dtype=cov.dtype)
+    precision = shrunk_inverses(stats.covariance(), [alpha])[0]
+    assert torch.allclose(precision, torch.linalg.inv(shrunk), atol=1e-6)
+    W, b = gda_weights(stats, precision)
+    priors = torch.bincount(y, minlength=3).double() / len(y)
+    assert torch.allclose(W, torch.linalg.solve(shrunk, means.T), atol=1e-6)
+    assert torch.allclose(b, -0.5 * torch.einsum("cd,dc->c", means, W) + priors.log(), atol=1e-6)
+
+
+def test_gda_matches_scikit_learn_shrinkage_lda():
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    x, y = _tiny(n=60, d=8, c=4, seed=3)
+    stats = ClassStatistics.of([(x, y)], 4, 8)
+    for alpha in (0.1, 0.6):
+        W, b = gda_weights(stats, shrunk_inverses(stats.covariance(), [alpha])[0])
+        lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=alpha).fit(x.numpy().astype(np.float64), y.numpy())
+        np.testing.assert_allclose((x.double() @ W + b).numpy(), lda.decision_function(x.numpy().astype(np.float64)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_soft_targets_split_a_row_between_classes():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    stats = ClassStatistics.of([(x, t)], 2, 2)
+    assert stats.counts.tolist() == [1.5, 1.5]
+    assert torch.allclose(stats.means, torch.tensor([[1.0, 1 / 3], [1 / 3, 1.0]], dtype=torch.float64))
+
+
+def test_mahalanobis_is_the_distance_to_the_nearest_mean():
+    means = torch.tensor([[0.0, 0.0], [4.0, 0.0]])
+    precision = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+    x = torch.tensor([[1.0, 1.0], [3.0, 0.0], [2.0, -0.5]])
+    expect = torch.tensor([min(1 + 4, 9 + 4), min(9, 1), min(4 + 1, 4 + 1)], dtype=torch.float32)
+    assert torch.allclose(mahalanobis(x, means, precision), expect)
+
+
+def test_text_anchored_rows_move_towards_their_class_prompt():
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(5, 4, generator=g), dim=-1)
+    text = torch.randn(3, 4, generator=g) * 3  # not unit: the prompts are normalised first
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    out = augment.toward_prompts(x, labels, text, 0.5, torch.Generator().manual_seed(1))
+    t = F.normalize(text, dim=-1)[labels]
+    assert torch.allclose(out.norm(dim=1), torch.ones(5))
+    for i in range(5):  # out ∝ x + u·t with 0 <= u <= 0.5
+        a = torch.stack([x[i], t[i]], 1)
+        coef = torch.linalg.lstsq(a, out[i][:, None]).solution.squeeze()
+        assert torch.allclose(a @ coef, out[i], atol=1e-5)
+        assert coef[0] > 0 and 0 <= coef[1] / coef[0] <= 0.5 + 1e-5
+    same = augment.toward_prompts(x, labels, text, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(out, same)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return write_synthetic_cache(tmp_path / "feats", n_per_class=30, d=16, n_classes=3, domains=("photo", "sketch", "art"),
+                                 prompt_sets=("photo", "sketch", "art"))
+
+
+def _bound(spec, path, train_domains=("photo",)):
+    method = parse_method(spec)
+    note = method.bind(read_metadata(str(path)), list(train_domains))
+    return method, note
+
+
+def test_prompt_shift_sets_and_rows_by_hand(cache):
+    method, note = _bound("prompt-shift?n_aug=2&scale=0.5", cache)
+    assert note is None and (method.source, method.targets) == ("photo", ["sketch", "art"])
+    assert method.extra_rows() == 4 and method.prompt_sets() == ["photo", "sketch", "art"]
+    feats = read_metadata(str(cache))
+
+    class Data:  # what augment reads of a run
+        device = torch.device("cpu")
+        n_classes = 3
+
+    Data.feats = feats
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(4, 16, generator=g), dim=-1)
+    y = torch.tensor([0, 1, 2, 1])
+    rows, t = method.augment(Data, x, y, None, torch.Generator().manual_seed(2))
+    assert rows.shape == (2 * 2 * 4, 16) and torch.equal(t.argmax(1), y.repeat(4))
+    unit = lambda n: F.normalize(torch.as_tensor(feats.texts[n]), dim=-1)  # noqa: E731
+    deltas = [unit(k) - unit("photo") for k in ("sketch", "art")]
+    for r in range(2):  # repeat r, target k, row i: rows ∝ x_i + u·Δ_k[y_i], 0 <= u <= 2·scale
+        for k in range(2):
+            for i in range(4):
+                out = rows[(r * 2 + k) * 4 + i]
+                a = torch.stack([x[i], deltas[k][y[i]]], 1)
+                coef = torch.linalg.lstsq(a, out[:, None]).solution.squeeze()
+                assert torch.allclose(a @ coef, out, atol=1e-5) and 0 <= coef[1] / coef[0] <= 1.0 + 1e-5
+
+
+def test_prompt_shift_needs_target_prompt_sets(tmp_path, cache):
+    method, _ = _bound("prompt-shift?source=sketch&targets=art", cache)
+    assert (method.source, method.targets) == ("sketch", ["art"])
+    with pytest.raises(UsageError, match="no prompt set 'cartoon'.*vlaug prompts"):
+        _bound("prompt-shift?targets=cartoon", cache)
+    bare = write_synthetic_cache(tmp_path / "bare", n_per_class=10, d=8, n_classes=2, domains=("photo", "sketch"),
+                                 prompt_sets=("photo",))
+    with pytest.raises(UsageError, match="no target-domain prompt set.*vlaug prompts FEATURES --prompt-set"):
+        _bound("prompt-shift", bare)
+    adaptive, note = _bound("adaptive", bare)  # goes on without shifts, and says so
+    assert adaptive.targets == [] and adaptive.extra_rows() == 0 and "runs without prompt shifts" in note
+    result = runner.invoke(app, ["probe", str(bare), "--out", str(tmp_path / "r"), "-m", "prompt-shift", "--no-progress",
+                                 "--device", "cpu"])
+    assert result.exit_code == 2 and "vlaug prompts" in result.output and not (tmp_path / "r").exists()
+
+
+def test_gate_weight_and_probabilities_by_hand(tmp_path):
+    d, c = 3, 2
+    config = ProbeConfig(d, c, ensemble=0.1, temperature=0.5, logit_scale=2.0, gate_max=0.9, gate_center=4.0, gate_width=0.5)
+    probe = LinearProbe(config)
+    with torch.no_grad():
+        probe.linear.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+        probe.linear.bias.zero_()
+        probe.text.copy_(torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+        probe.gate_means.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+        probe.gate_precision.copy_(torch.eye(3))
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    d2 = torch.tensor([0.0, 10.0])  # nearest mean: itself; (0,0,3): 1 + 9
+    lam = 0.1 + 0.8 * torch.sigmoid((d2 - 4.0) / 0.5)
+    p = (x @ probe.linear.weight.T * 2.0).softmax(1)
+    zs = (F.normalize(x, dim=-1) @ probe.text.T / 0.5).softmax(1)
+    expect = (1 - lam[:, None]) * p + lam[:, None] * zs
+    assert torch.allclose(probe.predict_proba(x), expect, atol=1e-6)
+    assert probe.zero_shot_weight(x)[0].item() == pytest.approx(0.1, abs=1e-3)
+    assert probe.zero_shot_weight(x)[1].item() == pytest.approx(0.9, abs=1e-3)
+    save_probe(tmp_path / "p", probe, ["a", "b"])
+    again = load_probe(tmp_path / "p")
+    assert again.config == config and torch.allclose(again.predict_proba(x), expect, atol=1e-6)
+
+
+def test_adaptive_end_to_end_keeps_the_gate_in_its_saved_probe(tmp_path, cache):
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["probe", str(cache), "--out", str(out), "--train-domain", "photo", "--seeds", "2",
+                                 "-m", "gda", "-m", "adaptive", "-m", "text-anchor", "-m", "prompt-shift?solver=gda",
+                                 "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    sel = {m["method"]: m["selection_seed0"] for m in report["methods"]}
+    assert sel["gda"]["shrinkage"] in (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    assert len(sel["gda"]["search"]) == 11 and "weight_decay" not in sel["gda"]
+    gate = sel["adaptive"]["gate"]
+    n_val = report["protocol"]["splits"][0]["val"]  # the gate is half open past the 99th percentile: one row of 13
+    assert gate["max"] == 0.8 and gate["quantile"] == 0.99 and gate["val_rows_past_center"] * n_val <= 1 + 1e-6
+    assert "calibration" in sel["adaptive"] and "shrinkage" in sel["prompt-shift?solver=gda"]
+    probe = load_probe(out / "probes" / "adaptive")
+    assert probe.config.gate_max == 0.8 and probe.config.gate_center == pytest.approx(gate["center"])
+    assert float(probe.gate_precision.abs().sum()) > 0
+    texts = json.loads((out / "probes" / "adaptive" / "config.json").read_text())["cache"]["texts"]
+    assert set(texts) == {"classes", "photo", "sketch", "art"}
+
+
+def test_reweighting_is_refused_for_gda(tmp_path, cache):
+    result = runner.invoke(app, ["probe", str(cache), "--out", str(tmp_path / "r"), "-m", "gda", "--reweight", "groupdro",
+                                 "--no-progress"])
+    assert result.exit_code == 2 and "solver=logistic" in result.output
+
+
+@pytest.mark.slow  # every joint method trains to convergence: ~30 s on 2 cores
+def test_method_all_runs_every_registered_method_and_skips_missing_heads(tmp_path, cache):
+    heads = tmp_path / "heads"
+    result = runner.invoke(app, ["train-box", str(cache), "--out", str(heads / "box"), "--head", "box", "--train-domain",
+                                 "photo", "--epochs", "2", "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["probe", str(cache), "--out", str(out), "--train-domain", "photo", "--seeds", "1",
+                                 "-m", "all", "-m", "linear?ensemble=0.5", "--heads", str(heads), "--no-progress",
+                                 "--device", "cpu"] + [])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    names = [m["name"] for m in report["methods"]]
+    assert names == [n for n in REGISTRY if n not in ("dr", "lads")] + ["linear"]
+    assert any(m["method"] == f"box:{heads / 'box'}" for m in report["methods"])
+    assert any("dr skipped: no dr-sa or dr-pool head" in w for w in report["warnings"])
+    assert any("lads skipped" in w for w in report["warnings"])
+
+
+def test_cli_help_lists_every_registered_method():
+    listed = [m.split(":")[0] for m in choices.METHODS]
+    assert listed == list(REGISTRY)
+    assert all((":" in m) == bool(REGISTRY[m.split(":")[0]].head_kinds) for m in choices.METHODS)
