@@ -84,6 +84,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vlaug.metrics import pareto_front
+
 REPO = Path(__file__).resolve().parent.parent
 DOMAINS = ("photo", "sketch", "painting", "clipart")
 TRAIN_DOMAIN = "photo"
@@ -588,15 +590,6 @@ def dominating(summary: list[dict]) -> tuple[list[str], dict]:
     wins = [s["method"] for s in summary if s not in seeds and s["method"] != REFERENCE
             and all(s[k]["mean"] > best[k][k]["mean"] for k in best)]
     return wins, {k: (b["method"], b[k]["mean"]) for k, b in best.items()}
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both coordinates (ties kept)."""
-    front = []
-    for i, (a, b) in enumerate(points):
-        if not any((c >= a and d >= b) and (c > a or d > b) for j, (c, d) in enumerate(points) if j != i):
-            front.append(i)
-    return front
 
 
 def plot(entry: dict, path: Path) -> None:

@@ -18,6 +18,7 @@ from vlaug.cli import app
 from vlaug.discriminant import ClassStatistics, gda_weights, mahalanobis, shrunk_inverses
 from vlaug.errors import UsageError
 from vlaug.methods import REGISTRY, parse_method
+from vlaug.metrics import pareto_front
 from vlaug.probe import LinearProbe, ProbeConfig
 
 runner = CliRunner()
@@ -191,6 +192,13 @@ def test_adaptive_end_to_end_keeps_the_gate_in_its_saved_probe(tmp_path, cache):
     assert float(probe.gate_precision.abs().sum()) > 0
     texts = json.loads((out / "probes" / "adaptive" / "config.json").read_text())["cache"]["texts"]
     assert set(texts) == {"classes", "photo", "sketch", "art"}
+    assert report["plots"]["tradeoff"] == "tradeoff.png" and (out / "tradeoff.png").stat().st_size > 10_000
+    assert "tradeoff.png" in (out / "report.md").read_text()
+
+
+def test_pareto_front_by_hand():
+    points = [(90, 30), (50, 55), (88, 50), (88, 50), (60, 40), (90, 29)]
+    assert pareto_front(points) == [0, 1, 2, 3]  # (60, 40) and (90, 29) are beaten; ties are kept
 
 
 def test_reweighting_is_refused_for_gda(tmp_path, cache):

@@ -106,3 +106,13 @@ def box_stats(
         "per_class": sorted(per_class, key=lambda r: r["rank"]),
         "per_dimension": per_dim,
     }
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (ties kept): the
+    methods that are best at some trade-off of the two accuracies."""
+    front = []
+    for i, (a, b) in enumerate(points):
+        if not any((c >= a and d >= b) and (c > a or d > b) for j, (c, d) in enumerate(points) if j != i):
+            front.append(i)
+    return front

@@ -211,7 +211,8 @@ def format_markdown(report: dict) -> str:
     for g in report["feature_geometry"]:
         lines.append(f"| `{g['method']}` | {g['alignment']:.4f} | {g['uniformity']:.4f} | "
                      f"{g['alignment_augmented']:.4f} | {g['uniformity_augmented']:.4f} |")
-    lines += ["", "Plots: `accuracy.png`, `embeddings.png`" + (", `box_volume_*.png`" if report.get("plots", {}).get("box") else "")
+    lines += ["", "Plots: `accuracy.png`, `embeddings.png`" + (", `tradeoff.png` (in-domain vs out-of-domain, Pareto front)"
+                                                             if report.get("plots", {}).get("tradeoff") else "") + (", `box_volume_*.png`" if report.get("plots", {}).get("box") else "")
               + ". Probes: `probes/*/` (`vlaug predict`)."]
     return "\n".join(lines) + "\n"
 
@@ -382,6 +383,42 @@ def _plot_embeddings(first_train: tuple, projections: dict, file, tsne: bool, se
     return drawn
 
 
+def _has_both_axes(report: dict) -> bool:
+    return any(r["in_domain"]["mean"] is not None and r["out_of_domain"]["mean"] is not None for r in report["summary"])
+
+
+def _plot_tradeoff(report: dict, file) -> None:
+    """In-domain against out-of-domain accuracy, one point per method with error bars of
+    the std over seeds, the Pareto front (no method better on both axes) in red."""
+    import matplotlib.pyplot as plt
+
+    from vlaug.metrics import pareto_front
+
+    rows = [r for r in report["summary"] if r["in_domain"]["mean"] is not None and r["out_of_domain"]["mean"] is not None]
+    pts = [(100 * r["in_domain"]["mean"], 100 * r["out_of_domain"]["mean"]) for r in rows]
+    front = set(pareto_front(pts))
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    for i, r in enumerate(rows):
+        on = i in front
+        ax.errorbar(*pts[i], xerr=100 * r["in_domain"]["std"], yerr=100 * r["out_of_domain"]["std"], fmt="o", capsize=3,
+                    color="tab:red" if on else "tab:blue", ms=6 if on else 4, zorder=3 if on else 2)
+        ax.annotate(r["method"], pts[i], xytext=(4, 3), textcoords="offset points", fontsize=7,
+                    color="tab:red" if on else "0.25", fontweight="bold" if on else "normal")
+    line = sorted(pts[i] for i in front)
+    ax.plot([p[0] for p in line], [p[1] for p in line], "--", color="tab:red", lw=1, zorder=1,
+            label="Pareto front: no method is better on both axes")
+    p = report["protocol"]
+    ax.set_xlabel(f"in-domain accuracy (%): {', '.join(p['train_domains']) or 'training domains'}, held-out rows")
+    ax.set_ylabel(f"out-of-domain accuracy (%): {', '.join(p['test_domains'])}")
+    ax.set_title(f"{report['model']}: mean ± std over {len(p['seeds'])} seeds", fontsize=9)
+    ax.margins(x=0.12, y=0.08)  # room for the labels of the points at the edges
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
 def _plot_per_domain(report: dict, file):
     """Mean accuracy per method (rows) and domain (columns), as a heat map with the values."""
     import matplotlib.pyplot as plt
@@ -442,6 +479,9 @@ def write_report(out, run: "ProbeRun", tsne: bool = False) -> dict:
                            "box": {}}
         _plot_accuracy(public, tmp / "accuracy.png")
         _plot_per_domain(public, tmp / "per_domain.png")
+        if _has_both_axes(public):  # in-domain vs out-of-domain, one point per method
+            public["plots"]["tradeoff"] = "tradeoff.png"
+            _plot_tradeoff(public, tmp / "tradeoff.png")
         for head, stats in run.box_stats.items():
             if stats:
                 file = f"box_volume_{_safe_name(head)}.png"
