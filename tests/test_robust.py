@@ -230,3 +230,24 @@ def test_cli_help_lists_every_registered_method():
     listed = [m.split(":")[0] for m in choices.METHODS]
     assert listed == list(REGISTRY)
     assert all((":" in m) == bool(REGISTRY[m.split(":")[0]].head_kinds) for m in choices.METHODS)
+
+
+def test_text_side_methods_stream_and_gda_equals_its_in_memory_fit(tmp_path):
+    feats = write_synthetic_cache(tmp_path / "feat", n_per_class=50, d=16, n_classes=3, domains=("photo", "sketch", "art"),
+                                  prompt_sets=("photo", "sketch", "art"))  # 450 rows: chunks of a few dozen
+    methods = ["gda", "adaptive", "text-anchor", "prompt-shift"]
+    reports = {}
+    for name, extra in [("mem", []), ("disk", ["--memory-budget", "1K"]), ("disk2", ["--memory-budget", "1K"])]:
+        r = runner.invoke(app, ["probe", str(feats), "--out", str(tmp_path / name), "--train-domain", "photo", "--seeds", "2",
+                                "--no-progress", "--device", "cpu", *[a for m in methods for a in ("-m", m)], *extra])
+        assert r.exit_code == 0, r.output
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    mem, disk = reports["mem"], reports["disk"]
+    assert disk["protocol"]["streamed"] and not mem["protocol"]["streamed"]
+    assert disk["results"] == reports["disk2"]["results"]  # streamed extras are drawn per chunk, reproducibly
+    for a, b in zip(mem["results"], disk["results"]):
+        if a["method"] == "gda":  # sums over the rows: the same fit, whatever the chunks
+            assert a["selection"]["shrinkage"] == b["selection"]["shrinkage"]
+            assert a["in_domain"] == b["in_domain"] and a["out_of_domain"] == b["out_of_domain"]
+        if a["method"] == "adaptive":  # the gate's model is computed from the same rows either way
+            assert a["selection"]["gate"]["center"] == pytest.approx(b["selection"]["gate"]["center"], rel=1e-4)
