@@ -237,7 +237,9 @@ def variants_section(v) -> list[str]:
 
 
 SCIENCE_START, SCIENCE_END = "<!-- science:start -->", "<!-- science:end -->"
-SHIFT_SETTINGS = "small"  # the setting in docs/benchmarks.md (2 cores: ~13 min; all five: shift_benchmark.py --settings ...)
+# the settings in docs/benchmarks.md (2 cores, 1 thread each: default ~35 min, small ~13 min, hard ~35 min; the
+# others: shift_benchmark.py --settings easy,large-d)
+SHIFT_SETTINGS = "default,small,hard"
 
 
 def _science(args) -> list[str]:
