@@ -251,3 +251,29 @@ def test_text_side_methods_stream_and_gda_equals_its_in_memory_fit(tmp_path):
             assert a["in_domain"] == b["in_domain"] and a["out_of_domain"] == b["out_of_domain"]
         if a["method"] == "adaptive":  # the gate's model is computed from the same rows either way
             assert a["selection"]["gate"]["center"] == pytest.approx(b["selection"]["gate"]["center"], rel=1e-4)
+
+
+def test_adaptive_gate_is_calibrated_on_validation_rows_by_hand(tmp_path, cache):
+    from vlaug.cache import read_cache
+    from vlaug.evaluate import ProbeRunConfig, prepare
+
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["probe", str(cache), "--out", str(out), "--train-domain", "photo", "--seeds", "1",
+                                 "-m", "adaptive?quantile=0.9&zero_shot_max=0.7", "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    gate = json.loads((out / "report.json").read_text())["methods"][0]["selection_seed0"]["gate"]
+    split = prepare(ProbeRunConfig(features=str(cache), out=str(tmp_path / "x"), methods=("adaptive",),
+                                   train_domains=("photo",), seeds=1, device="cpu")).splits[0]
+    feats = read_cache(str(cache))
+    x, y = np.asarray(feats.embeddings, dtype=np.float64), np.asarray(feats.labels)
+    train, val = np.asarray(split.train), np.asarray(split.val)
+    means = np.stack([x[train][y[train] == k].mean(0) for k in range(3)])
+    resid = x[train] - means[y[train]]
+    cov = resid.T @ resid / len(train)
+    shrunk = 0.5 * cov + 0.5 * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
+    diff = x[val][:, None, :] - means[None]
+    d2 = np.einsum("ncd,de,nce->nc", diff, np.linalg.inv(shrunk), diff).min(1)
+    center = np.quantile(d2, 0.9)
+    assert gate["center"] == pytest.approx(center, rel=1e-3)
+    assert gate["width"] == pytest.approx((center - np.median(d2)) / 4, rel=1e-2)
+    assert gate["max"] == 0.7 and gate["val_rows_past_center"] == pytest.approx((d2 > center).mean(), abs=1 / len(val))
