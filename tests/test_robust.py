@@ -166,6 +166,9 @@ def test_gate_weight_and_probabilities_by_hand(tmp_path):
     zs = (F.normalize(x, dim=-1) @ probe.text.T / 0.5).softmax(1)
     expect = (1 - lam[:, None]) * p + lam[:, None] * zs
     assert torch.allclose(probe.predict_proba(x), expect, atol=1e-6)
+    plain = LinearProbe(ProbeConfig(d, c, ensemble=0))  # an integer 0: the probe alone
+    plain.linear.load_state_dict(probe.linear.state_dict())
+    assert torch.allclose(plain.predict_proba(x), (x @ probe.linear.weight.T).softmax(1), atol=1e-6)
     assert probe.zero_shot_weight(x)[0].item() == pytest.approx(0.1, abs=1e-3)
     assert probe.zero_shot_weight(x)[1].item() == pytest.approx(0.9, abs=1e-3)
     save_probe(tmp_path / "p", probe, ["a", "b"])
@@ -205,6 +208,73 @@ def test_reweighting_is_refused_for_gda(tmp_path, cache):
     result = runner.invoke(app, ["probe", str(cache), "--out", str(tmp_path / "r"), "-m", "gda", "--reweight", "groupdro",
                                  "--no-progress"])
     assert result.exit_code == 2 and "solver=logistic" in result.output
+
+
+def _plan(cache, tmp_path, methods, **kwargs):
+    from vlaug.evaluate import ProbeRunConfig, prepare
+
+    return prepare(ProbeRunConfig(features=str(cache), out=str(tmp_path / "x"), methods=tuple(methods),
+                                  train_domains=("photo",), seeds=1, device="cpu", **kwargs))
+
+
+def test_method_all_leaves_out_what_reweighting_or_streaming_cannot_run(tmp_path, cache):
+    gda = {n for n, cls in REGISTRY.items() if getattr(cls(n), "solver", "logistic") == "gda"}
+    assert gda == {"gda", "adaptive"}
+    plan = _plan(cache, tmp_path, ["all"], reweight="groupdro")
+    names = [m.text for m in plan.methods]
+    assert not gda & set(names) and "linear" in names and "prompt-shift" in names
+    assert sum("skipped: it fits GDA" in w for w in plan.warnings) == 2
+    with pytest.raises(UsageError, match="gda fit GDA"):  # named by the user: refused, not skipped
+        _plan(cache, tmp_path, ["all", "gda"], reweight="groupdro")
+    plan = _plan(cache, tmp_path, ["all"], memory_budget="1K")
+    not_streaming = {n for n, cls in REGISTRY.items() if not cls.streams and not cls.head_kinds}
+    assert plan.memory.streamed and not_streaming and not not_streaming & {m.text for m in plan.methods}
+    assert sum("cache is streamed from disk" in w for w in plan.warnings) == len(not_streaming)
+    with pytest.raises(UsageError, match=sorted(not_streaming)[0]):
+        _plan(cache, tmp_path, ["all", sorted(not_streaming)[0]], memory_budget="1K")
+
+
+def test_method_all_with_a_method_by_name_runs_it_once(tmp_path, cache):
+    every = [m.text for m in _plan(cache, tmp_path, ["all"]).methods]
+    assert [m.text for m in _plan(cache, tmp_path, ["all", "linear"]).methods] == every
+    assert [m.text for m in _plan(cache, tmp_path, ["linear", "all"]).methods] == ["linear"] + [t for t in every if t != "linear"]
+    with pytest.raises(UsageError, match="given twice"):
+        _plan(cache, tmp_path, ["linear", "linear"])
+
+
+def test_a_method_by_name_refuses_several_matching_heads(tmp_path, cache):
+    import shutil
+
+    heads = tmp_path / "heads"
+    result = runner.invoke(app, ["train-box", str(cache), "--out", str(heads / "box"), "--head", "box", "--train-domain",
+                                 "photo", "--epochs", "1", "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert [m.text for m in _plan(cache, tmp_path, ["box"], heads=str(heads)).methods] == [f"box:{heads / 'box'}"]
+    shutil.copytree(heads / "box", heads / "box-wide")
+    with pytest.raises(UsageError, match=r"holds 2 box heads.*--method box:"):
+        _plan(cache, tmp_path, ["box"], heads=str(heads))
+    texts = [m.text for m in _plan(cache, tmp_path, ["all"], heads=str(heads)).methods]  # all: each of them
+    assert f"box:{heads / 'box'}" in texts and f"box:{heads / 'box-wide'}" in texts
+
+
+def test_the_gate_model_ignores_classes_without_rows(tmp_path, cache):
+    from vlaug.methods.robust import _gate_model
+
+    data = _plan(cache, tmp_path, ["adaptive"]).data
+    rows = np.flatnonzero(data.y.numpy() != 2)
+    means, precision = _gate_model(data, rows)
+    assert torch.equal(means[2], means[0]) and torch.isfinite(precision).all()
+    x = data.x[torch.as_tensor(rows)].float()
+    two = torch.cat([means[:2], torch.zeros(1, means.shape[1])])  # an empty class's zero mean would be a third centre
+    assert torch.allclose(mahalanobis(x, means, precision), mahalanobis(x, means[:2], precision))
+    assert not torch.allclose(mahalanobis(torch.zeros(1, means.shape[1]), two, precision),
+                              mahalanobis(torch.zeros(1, means.shape[1]), means, precision))
+
+
+def test_prompt_shift_before_bind_says_so():
+    method = parse_method("prompt-shift")
+    with pytest.raises(RuntimeError, match="call bind"):
+        method.extra_rows()
 
 
 @pytest.mark.slow  # every joint method trains to convergence: ~30 s on 2 cores
@@ -277,3 +347,8 @@ def test_adaptive_gate_is_calibrated_on_validation_rows_by_hand(tmp_path, cache)
     assert gate["center"] == pytest.approx(center, rel=1e-3)
     assert gate["width"] == pytest.approx((center - np.median(d2)) / 4, rel=1e-2)
     assert gate["max"] == 0.7 and gate["val_rows_past_center"] == pytest.approx((d2 > center).mean(), abs=1 / len(val))
+    # the saved probe (refitted on train + val) keeps the gate calibrated with it: the model of the training rows
+    report = json.loads((out / "report.json").read_text())
+    probe = load_probe(out / next(iter(report["probe_dirs"].values())))
+    assert np.allclose(probe.gate_means.numpy(), means, atol=1e-5)
+    assert np.allclose(probe.gate_precision.numpy(), np.linalg.inv(shrunk), rtol=1e-3, atol=1e-3 * np.abs(np.linalg.inv(shrunk)).max())

@@ -144,8 +144,15 @@ def _method_specs(config: ProbeRunConfig) -> tuple[list[str], list[str], set[str
                     raise UsageError(f"--method {text!r}: no {' or '.join(cls.head_kinds)} head in --heads {config.heads!r}; "
                                      f"train one with vlaug train-box FEATURES --head {cls.head_kinds[0]} --out "
                                      f"{config.heads}/{cls.head_kinds[0]}.")
+                if len(folders) > 1:
+                    raise UsageError(f"--method {text!r}: --heads {config.heads!r} holds {len(folders)} "
+                                     f"{' or '.join(cls.head_kinds)} heads ({', '.join(folders)}); name one with "
+                                     f"--method {name}:{folders[0]}" + (f"?{query}" if query else "") + ".")
                 text = f"{name}:{folders[0]}" + (f"?{query}" if query else "")
-            specs.append(text)
+            if text in from_all:  # also expanded from all: given by name, it is the user's own method
+                from_all.discard(text)
+            else:
+                specs.append(text)
             continue
         for name, cls in REGISTRY.items():
             if not cls.head_kinds:
@@ -171,14 +178,36 @@ def _parse_methods(config: ProbeRunConfig) -> tuple[list[Method], list[str], set
     return methods, notes, from_all
 
 
-def _check_streaming(config: ProbeRunConfig, methods: list[Method], memory: cache_io.MemoryPlan) -> None:
-    """Refuse what needs every row at once when the cache is streamed."""
+def _check_streaming(config: ProbeRunConfig, methods: list[Method], memory: cache_io.MemoryPlan,
+                     from_all: set[str], notes: list[str]) -> None:
+    """Refuse what needs every row at once when the cache is streamed (a method that came
+    from ``--method all`` is left out instead, with a note)."""
     if memory.streamed:
-        for m in methods:
-            if not m.streams:
-                raise UsageError(memory.refusal(f"--method {m.text!r}", "leave this method out"))
         if config.reweight != "none":
             raise UsageError(memory.refusal(f"--reweight {config.reweight}", "use --reweight none"))
+        for m in list(methods):
+            if m.streams:
+                continue
+            if m.text not in from_all:
+                raise UsageError(memory.refusal(f"--method {m.text!r}", "leave this method out"))
+            methods.remove(m)
+            notes.append(f"{m.text} skipped: it trains on every row at once and the cache is streamed from disk")
+
+
+def _check_reweight(config: ProbeRunConfig, methods: list[Method], from_all: set[str], notes: list[str]) -> None:
+    """Refuse --reweight with a GDA method (it has no per-row loss to reweight); from
+    ``--method all`` such a method is left out, with a note."""
+    if config.reweight == "none":
+        return
+    gda = [m for m in methods if getattr(m, "solver", "logistic") == "gda"]
+    for m in gda:
+        if m.text in from_all:
+            methods.remove(m)
+            notes.append(f"{m.text} skipped: it fits GDA, which --reweight {config.reweight} cannot reweight")
+    given = [m.text for m in gda if m.text not in from_all]
+    if given:
+        raise UsageError(f"--reweight {config.reweight} reweights the rows of a logistic probe; {', '.join(given)} fit GDA: "
+                         "leave them out, give them ?solver=logistic, or use --reweight none.")
 
 
 def _load_heads(methods: list[Method], manifest: cache_io.CacheManifest, features: str, warnings: list[str],
@@ -223,10 +252,7 @@ def _check_head_saw_no_test_row(path: str, training: dict, feats: cache_io.Featu
 def prepare(config: ProbeRunConfig) -> _Plan:
     """Check everything before any work: methods, heads against the cache, domains, protocol."""
     methods, skipped, from_all = _parse_methods(config)  # the options first (no cache read yet), then the files
-    gda = [m.text for m in methods if getattr(m, "solver", "logistic") == "gda"]
-    if config.reweight != "none" and gda:
-        raise UsageError(f"--reweight {config.reweight} reweights the rows of a logistic probe; {', '.join(gda)} fit GDA: "
-                         "leave them out, give them ?solver=logistic, or use --reweight none.")
+    _check_reweight(config, methods, from_all, skipped)
     budget = cache_io.parse_memory_budget(config.memory_budget)
     imbalance = parse_imbalance(config.imbalance)
     cache_io.check_output(config.out, config.overwrite, lambda p: (p / "report.json").is_file(), "vlaug report")
@@ -238,7 +264,7 @@ def prepare(config: ProbeRunConfig) -> _Plan:
         warnings.append(f"INCOMPLETE CACHE (--allow-incomplete): {manifest.n_missing} of {manifest.n_inputs} inputs "
                         "were never embedded; these numbers cover only the rows the cache holds")
     memory = cache_io.plan_memory(manifest, config.memory_budget, budget, resident=True)
-    _check_streaming(config, methods, memory)
+    _check_streaming(config, methods, memory, from_all, warnings)
     feats = cache_io.read_metadata(config.features, allow_incomplete=True)
     if CLASSES_PROMPT_SET not in feats.texts:
         raise UsageError(f"cache {config.features!r} has no class prompts (texts.parquet); re-run vlaug embed.")

@@ -86,14 +86,14 @@ class LinearProbe(nn.Module):
         gate, else the fixed ``ensemble``."""
         c = self.config
         if c.gate_max == 0:
-            return c.ensemble
+            return float(c.ensemble)
         d2 = mahalanobis(x.float(), self.gate_means, self.gate_precision)
         return (c.ensemble + (c.gate_max - c.ensemble) * torch.sigmoid((d2 - c.gate_center) / c.gate_width))[:, None]
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         lam = self.zero_shot_weight(x)
-        if isinstance(lam, float) and lam == 0:
+        if not torch.is_tensor(lam) and lam == 0:  # no zero-shot side (an int 0 too)
             return self.linear(x).softmax(-1)
         p = (self.linear(x) * self.config.logit_scale).softmax(-1)
         zs = zero_shot_logits(x, self.text, self.config.temperature).softmax(-1)

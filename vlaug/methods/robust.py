@@ -106,6 +106,10 @@ class PromptShift(ProbeMethod):
     Options = PromptShiftOptions
     required = True  # without target prompt sets the method has nothing to add (adaptive goes on without)
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.source, self.targets = None, None  # set by bind(), from the cache's prompt sets
+
     def bind(self, feats, train_domains):
         texts, o = feats.texts, self.options
         sets = [name for name in texts if name != CLASSES_PROMPT_SET]
@@ -133,10 +137,15 @@ class PromptShift(ProbeMethod):
         return None
 
     def prompt_sets(self):
-        return [self.source, *self.targets] if getattr(self, "targets", None) else []
+        return list(dict.fromkeys([*super().prompt_sets(), *([self.source, *self.targets] if self.targets else [])]))
 
     def extra_rows(self):
-        return self.options.n_aug * len(getattr(self, "targets", ())) if hasattr(self, "targets") else 8 * self.options.n_aug
+        return self.options.n_aug * len(self._bound())
+
+    def _bound(self) -> list[str]:
+        if self.targets is None:
+            raise RuntimeError(f"{self.name}: call bind(feats, train_domains) first: it picks the prompt sets from the cache.")
+        return self.targets
 
     def _deltas(self, data) -> torch.Tensor:
         """(K, C, d): t̂_k − t̂_source for each target set k (unit-norm prompt embeddings)."""
@@ -144,7 +153,7 @@ class PromptShift(ProbeMethod):
         return torch.stack([unit(k) - unit(self.source) for k in self.targets])
 
     def augment(self, data, x, y, dom, generator):
-        if not self.targets:
+        if not self._bound():
             return None
         o = self.options
         deltas = self._deltas(data)[:, y]  # (K, n, d)
@@ -198,23 +207,35 @@ class Adaptive(PromptShift):
                                  "val_rows_past_center": float((d2 > center).float().mean())}
         fit.gate = {"means": means, "precision": precision, "center": center, "width": width,
                     "max": self.options.zero_shot_max}
+        self._gates = {**getattr(self, "_gates", {}), seed: fit.gate}
         return fit
 
     def refit(self, data, rows, seed, selection):
+        """The classifier refitted on ``rows``; the gate stays the one this seed's fit
+        calibrated (centre and width are quantiles of distances under the model of the
+        training rows alone, so the model is kept with them). Without that fit (a refit
+        on its own) the model is built on ``rows`` with the recorded centre and width."""
         fit = super().refit(data, rows, seed, selection)
-        means, precision = _gate_model(data, np.asarray(rows))
-        g = selection["gate"]
-        fit.gate = {"means": means, "precision": precision, "center": g["center"], "width": g["width"], "max": g["max"]}
+        gate = getattr(self, "_gates", {}).get(seed)
+        if gate is None:
+            g = selection["gate"]
+            means, precision = _gate_model(data, np.asarray(rows))
+            gate = {"means": means, "precision": precision, "center": g["center"], "width": g["width"], "max": g["max"]}
+        fit.gate = gate
         return fit
 
 
 def _gate_model(data, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """The gate's Gaussian model of the training rows ``rows`` (originals only: the prompt
     shifts are meant to look out of domain): float32 class means (C, d) and shared
-    precision (d, d) at GATE_SHRINKAGE."""
+    precision (d, d) at GATE_SHRINKAGE. A class without rows gets a copy of a present
+    class's mean, so that the distance to the nearest mean never sees its empty (zero) mean."""
     where = torch.device("cpu") if data.device.type == "mps" else data.device
     stats = ClassStatistics.of(((x.to(where), data.y[data.rows(rows[pos])].to(where)) for pos, x in data.stream(rows)),
                                data.n_classes, data.embed_dim, where)
     precision = shrunk_inverses(stats.covariance(), [GATE_SHRINKAGE])[0]
-    return stats.means.float().to(data.device), precision.float().to(data.device)
+    means, present = stats.means.clone(), stats.counts > 0
+    if present.any():
+        means[~present] = means[present][0]
+    return means.float().to(data.device), precision.float().to(data.device)
 
