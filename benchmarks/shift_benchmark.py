@@ -60,6 +60,8 @@ Run (from the repository root, with vlaug installed)::
     python benchmarks/shift_benchmark.py                      # every setting, 5 seeds, Markdown on stdout
     python benchmarks/shift_benchmark.py --settings default,hard --seeds 3 --out-md shift.md --json shift.json
     python benchmarks/shift_benchmark.py --quick              # tiny sizes, 2 seeds, few epochs: a smoke test (~1 min)
+    # settings run side by side (one process each), then reported as one run
+    python benchmarks/shift_benchmark.py --merge default.json hard.json --json shift.json --out-md shift.md
 
 Every number it prints is computed in that run; it prints the seeds, sizes, settings and
 every hyperparameter it used. Plots go to ``docs/`` (``--plot-dir``; with ``--quick`` to the
@@ -715,17 +717,25 @@ def markdown(run: dict) -> str:
          "with vlaug's own writer; heads come from `python -m vlaug train-box` on `photo`. The simulator and the "
          "published figures it is calibrated to are described in the script's docstring. "
          f"`{REFERENCE}` is fitted in the script on vlaug's own train / validation / test rows of each seed.", ""]
+    if meta.get("merged"):
+        L += [f"Merged from {len(meta['merged'])} runs, one per setting (`--merge`): "
+              + "; ".join(f"`shift_benchmark.py {' '.join(m['argv'])}` ({m['date']}, git {m['git']}, {m['seconds']:.0f} s)"
+                          for m in meta["merged"]) + ".", ""]
     L += ["| setting | matched cos | mismatched cos | prompt–prompt cos | image–image cos | ‖Δgap‖ | cos(centres) | "
-          "zero-shot in / out | linear in / out | best out-of-domain |", "|---|---|---|---|---|---|---|---|---|---|"]
+          "zero-shot in / out | linear in / out | best out-of-domain | seed methods' best in / out | beating both |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in run["settings"].items():
         s = e["stats"]
         by = {x["method"]: x for x in e["summary"]}
         zs, lin = by.get("zero-shot"), by.get("linear")
         best = max(e["summary"], key=lambda x: x["out_of_domain"]["mean"])
         io = lambda x: f"{100 * x['in_domain']['mean']:.1f} / {100 * x['out_of_domain']['mean']:.1f}" if x else "—"  # noqa: E731
+        wins, bar = dominating(e["summary"])
+        seeds = " / ".join(f"{100 * v:.1f} ({m})" for m, v in bar.values()) if bar else "—"
+        beating = ", ".join(f"{w} ({io(by[w])})" for w in wins) or "none"
         L.append(f"| {name} | {s['matched_cosine']:.3f} | {s['mismatched_cosine']:.3f} | {s['prompt_prompt_cosine']:.3f} | "
                  f"{s['image_image_cosine']:.3f} | {s['modality_gap_norm']:.3f} | {s['modality_gap_cosine']:.3f} | "
-                 f"{io(zs)} | {io(lin)} | {best['method']} ({100 * best['out_of_domain']['mean']:.1f}) |")
+                 f"{io(zs)} | {io(lin)} | {best['method']} ({100 * best['out_of_domain']['mean']:.1f}) | {seeds} | {beating} |")
     L.append("")
     for e in run["settings"].values():
         L.append(markdown_setting(e))
@@ -840,7 +850,13 @@ def main(argv: list[str] | None = None) -> dict:
                     help="CPU threads of every vlaug run and of the reference (OMP/MKL/OpenBLAS and torch; default 1: "
                          "with another process on a 2-core machine, 2 torch threads each made training up to 10x slower); "
                          "0 leaves the libraries' defaults")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="no run: report earlier --json runs (one setting or more each) as one run")
     args = ap.parse_args(argv)
+    if args.merge:
+        run = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        run["meta"]["argv"] = argv
+        return _write(run, args, lambda msg: print(msg, file=sys.stderr))
     THREADS["n"] = args.threads or None
     if args.threads:
         import torch
@@ -868,6 +884,23 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     run["meta"]["seconds"] = time.perf_counter() - t0
+    return _write(run, args, log)
+
+
+def merge(runs: list[dict]) -> dict:
+    """Runs of separate settings (e.g. run side by side) as one run; the meta of each is kept."""
+    settings = {}
+    for r in runs:
+        for name, entry in r["settings"].items():
+            if name in settings:
+                raise SystemExit(f"setting {name!r} is in more than one of the runs to merge")
+            settings[name] = entry
+    meta = {**runs[0]["meta"], "seconds": sum(r["meta"]["seconds"] for r in runs),
+            "merged": [r["meta"] for r in runs]}
+    return {"meta": meta, "targets": runs[0]["targets"], "settings": settings}
+
+
+def _write(run: dict, args, log) -> dict:
     md = markdown(run)
     if args.out_md:
         Path(args.out_md).parent.mkdir(parents=True, exist_ok=True)

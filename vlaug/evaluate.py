@@ -166,12 +166,19 @@ def _method_specs(config: ProbeRunConfig) -> tuple[list[str], list[str], set[str
                 if spec not in specs:
                     specs.append(spec)
                     from_all.add(spec)
-    return specs, notes, from_all
+    return specs, list(dict.fromkeys(notes)), from_all
+
+
+def _same_run(m: Method) -> tuple:
+    """What makes two method specs the same run: name, head folder and options, however written."""
+    return m.name, str(Path(m.head).resolve()) if m.head else "", m.options
 
 
 def _parse_methods(config: ProbeRunConfig) -> tuple[list[Method], list[str], set[str]]:
     specs, notes, from_all = _method_specs(config)
     methods = [parse_method(m) for m in specs]
+    named = {_same_run(m) for m in methods if m.text not in from_all}
+    methods = [m for m in methods if m.text not in from_all or _same_run(m) not in named]  # given by name: theirs
     texts = [m.text for m in methods]
     if len(set(texts)) != len(texts):
         raise UsageError(f"--method given twice: {sorted({t for t in texts if texts.count(t) > 1})}.")

@@ -213,17 +213,19 @@ class Adaptive(PromptShift):
                                  "val_rows_past_center": float((d2 > center).float().mean())}
         fit.gate = {"means": means, "precision": precision, "center": center, "width": width,
                     "max": self.options.zero_shot_max}
-        self._gates = {**getattr(self, "_gates", {}), seed: fit.gate}
+        self._gates = {**getattr(self, "_gates", {}), seed: (data, fit.gate)}
         return fit
 
     def refit(self, data, rows, seed, selection):
-        """The classifier refitted on ``rows``; the gate stays the one this seed's fit
-        calibrated (centre and width are quantiles of distances under the model of the
-        training rows alone, so the model is kept with them). Without that fit (a refit
-        on its own) the model is built on ``rows`` with the recorded centre and width."""
+        """The classifier refitted on ``rows``; the gate stays the one this seed's fit on
+        the same data calibrated (centre and width are quantiles of distances under the
+        model of the training rows alone, so the model is kept with them). Without that
+        fit (a refit on its own) the model is built on ``rows``, with the recorded centre
+        and width: distances to rows the model has seen run a little short, so the gate
+        opens a little later."""
         fit = super().refit(data, rows, seed, selection)
-        gate = getattr(self, "_gates", {}).get(seed)
-        if gate is None:
+        fitted, gate = getattr(self, "_gates", {}).get(seed, (None, None))
+        if fitted is not data:
             g = selection["gate"]
             means, precision = _gate_model(data, np.asarray(rows))
             gate = {"means": means, "precision": precision, "center": g["center"], "width": g["width"], "max": g["max"]}
