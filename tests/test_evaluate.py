@@ -166,7 +166,8 @@ def test_streamed_probe_equals_the_in_memory_probe(tmp_path):
     assert "streaming 600 rows from disk, 256 at a time" in r.stderr
     for a, b in zip(mem["results"], disk["results"]):
         assert a["selection"].get("weight_decay") == b["selection"].get("weight_decay")
-        assert a["selection"].get("iterations") == b["selection"].get("iterations")
+        # L-BFGS may stop one or two evaluations apart when float sums are taken in another order
+        assert abs((a["selection"].get("iterations") or 0) - (b["selection"].get("iterations") or 0)) <= 2
         for key in ("in_domain", "out_of_domain", "balanced_accuracy"):
             assert a[key] == pytest.approx(b[key], abs=1 / 150)  # at most one test row of 150 differs
     # the same fit up to the order of float sums: compare at the scale of the weights (a bias near
