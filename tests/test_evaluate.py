@@ -229,14 +229,13 @@ def test_large_training_sets_select_on_a_sample_then_refit_on_every_row(tmp_path
         W, b = 0.5 * anchor + 0.5 * W, 0.5 * b
     torch.testing.assert_close(fit.W, W, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fit.b, b, atol=1e-5, rtol=1e-4)
-    # the refit on train + val rows (the saved probe) starts from this seed's fit on the training rows
+    # the refit on train + val rows (the saved probe) starts, as the fit did, from the sample's probe
     probe_method = parse_method(method)
     first = probe_method.fit(data, splits, 0)
     both = np.concatenate([splits.train, splits.val])
     refit = probe_method.refit(data, both, 0, first.selection)
-    start = probe_method._fitted[0]
-    W2, b2, _ = fit_probe(Rows.of(x[both], y[both], n_classes=4), best["weight_decay"], 60, init=start,
-                          regularize_towards=anchor)
+    W2, b2, _ = fit_probe(Rows.of(x[both], y[both], n_classes=4), best["weight_decay"], 60, init=(best["W"], best["b"]),
+                          regularize_towards=anchor, tolerance_grad=1e-4)
     if anchor is not None:
         W2, b2 = 0.5 * anchor + 0.5 * W2, 0.5 * b2
     torch.testing.assert_close(refit.W, W2, atol=1e-5, rtol=1e-4)
@@ -291,3 +290,39 @@ def test_float16_cache_stays_resident_in_float16_and_fits_as_float32(tmp_path):
     assert fit.selection["weight_decay"] == best["weight_decay"]
     torch.testing.assert_close(fit.W, best["W"], atol=1e-5, rtol=1e-4)
     assert np.allclose(x.numpy(), whole.embeddings, atol=1e-3)  # float16 rounding of the float32 originals
+
+
+@pytest.mark.parametrize("selection_rows", [0, 150])
+def test_seeds_fitted_together_equal_seeds_fitted_one_by_one(tmp_path, monkeypatch, selection_rows):
+    """linear and linear-zs fit a run's seeds as one batch on the union of their training
+    rows (after searches on samples: the refits on every row, with the kept probe's refit):
+    the same weight decays, accuracies and saved probes as each seed fitted on its own."""
+    import vlaug.methods.linear as linear
+
+    feats = write_synthetic_cache(tmp_path / "feat", n_per_class=100, d=16, n_classes=4)
+    batched = []
+    union_rows = linear._union_rows
+    monkeypatch.setattr(linear, "_union_rows", lambda *a: batched.append(union_rows(*a)) or batched[-1])
+    for name, limit in (("together", linear.UNION_LIMIT), ("alone", 0.0)):
+        monkeypatch.setattr(linear, "UNION_LIMIT", limit)
+        args = ["probe", str(feats), "--out", str(tmp_path / name), "--train-domain", "photo", "--seeds", "3",
+                "--grid-size", "4", "--max-iter", "60", "--selection-rows", str(selection_rows), "--device", "cpu",
+                "--no-progress", "-m", "linear", "-m", "linear-zs"]
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+        if name == "together":
+            assert len(batched) == 2 and all(u is not None and u.columns == (3 if not selection_rows else 4) for u in batched)
+        else:
+            assert all(u is None for u in batched[2:])
+    together, alone = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("together", "alone"))
+    n_test = together["protocol"]["splits"][0]["test_in"]
+    for a, b in zip(together["results"], alone["results"]):
+        assert (a["method"], a["seed"]) == (b["method"], b["seed"])
+        assert a["selection"]["weight_decay"] == b["selection"]["weight_decay"]
+        assert a["selection"]["val_log_loss"] == pytest.approx(b["selection"]["val_log_loss"], rel=1e-2)
+        assert a["in_domain"] == pytest.approx(b["in_domain"], abs=1 / n_test)
+    for method in ("linear", "linear-zs"):
+        w_together, w_alone = _saved_probe(tmp_path / "together", method)[1], _saved_probe(tmp_path / "alone", method)[1]
+        scale = w_alone["linear.weight"].abs().max()
+        for k in w_alone:
+            assert (w_together[k] - w_alone[k]).abs().max() <= 2e-3 * scale, (method, k)

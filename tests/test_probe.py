@@ -22,6 +22,7 @@ from vlaug.probe import (
     probe_objective,
     sample_weights_from_groups,
     select_weight_decay,
+    select_weight_decays,
     update_group_weights,
     weight_decay_grid,
 )
@@ -284,9 +285,12 @@ def test_small_problems_run_on_one_thread_and_the_count_is_restored():
 
 
 @pytest.mark.parametrize("soft", [False, True])
-def test_batched_objective_and_gradient_equal_autograd_on_each_problem(soft, monkeypatch):
+@pytest.mark.parametrize("columns", [None, [1, 0, 2, 1]])
+def test_batched_objective_and_gradient_equal_autograd_on_each_problem(soft, columns, monkeypatch):
     """_objectives evaluates P problems (each its own W, b and weight decay) in one pass, with
-    closed-form gradients, in pieces; each equals probe_objective and its autograd gradient."""
+    closed-form gradients, in pieces; each equals probe_objective and its autograd gradient.
+    With weight columns (the training sets of several seeds), each problem sees its column's
+    weights, zero on rows outside its set."""
     import vlaug.probe as probe_module
 
     g = torch.Generator().manual_seed(0)
@@ -294,18 +298,49 @@ def test_batched_objective_and_gradient_equal_autograd_on_each_problem(soft, mon
     x = torch.randn(n, d, generator=g).half()  # float16 rows are converted piece by piece
     labels = torch.randint(0, c, (n,), generator=g)
     targets = torch.softmax(torch.randn(n, c, generator=g), 1) if soft else labels
-    w = torch.rand(n, generator=g)
+    w = torch.rand(n, generator=g) if columns is None else torch.rand(n, 3, generator=g) * (torch.rand(n, 3, generator=g) < 0.7)
     index = torch.randperm(n, generator=g)[:600]
-    rows = Rows(lambda: [(x, targets[index], w[index], index)], d, c, 600)
+    rows = Rows(lambda: [(x, targets[index], w[index], index)], d, c, 600, columns=1 if columns is None else 3)
     theta = torch.randn(p, d + 1, c, generator=g, dtype=torch.float64).float()
     wd = torch.tensor([0.0, 1e-3, 0.1, 1.0])
     anchor = torch.randn(d, c, generator=g)
     monkeypatch.setattr(probe_module, "PIECE_VALUES", 256 * c * p)  # several pieces of 256 rows
-    loss, grad = probe_module._objectives(rows, theta, wd, anchor)
+    loss, grad = probe_module._objectives(rows, theta, wd, anchor, columns=None if columns is None else torch.tensor(columns))
     for k in range(p):
         W, b = theta[k, :d].clone().requires_grad_(True), theta[k, d].clone().requires_grad_(True)
-        expected = probe_objective(x[index].float(), W, b, targets[index], w[index], float(wd[k]), anchor)
+        wk = w[index] if columns is None else w[index, columns[k]]
+        expected = probe_objective(x[index].float(), W, b, targets[index], wk, float(wd[k]), anchor)
         expected.backward()
         assert loss[k].item() == pytest.approx(expected.item(), rel=1e-5)
         torch.testing.assert_close(grad[k, :d], W.grad, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(grad[k, d], b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_seeds_in_weight_columns_select_and_fit_as_separate_searches():
+    """Three overlapping training sets (three seeds' splits of the same rows) as one set of
+    rows with a weight column each: one batched search chooses, per set, the weight decay
+    its own search chooses, with the same weights up to the order of float sums."""
+    xs, ys, _, _ = synthetic_clusters(n_per_class=225, d=16, n_classes=4, noise=1.5, seed=0)
+    x, y = torch.tensor(xs), torch.tensor(ys)
+    rng = np.random.default_rng(0)
+    trains, vals = [], []
+    for _ in range(3):
+        order = rng.permutation(len(x))
+        trains.append(np.sort(order[:600]))
+        vals.append(np.sort(order[600:]))
+    union = np.unique(np.concatenate(trains))
+    weights = torch.zeros(len(union), 3)
+    for j, t in enumerate(trains):
+        weights[np.searchsorted(union, t), j] = 1.0 / len(t)
+    index = torch.as_tensor(union)
+    rows = Rows(lambda: [(x, y[index], weights, index)], 16, 4, len(union), columns=3)
+    grid = weight_decay_grid(6)
+    together = select_weight_decays(rows, [Rows.of(x[v], y[v], n_classes=4) for v in vals], grid)
+    for (best, search), t, v in zip(together, trains, vals):
+        alone, alone_search = select_weight_decay(Rows.of(x[t], y[t], n_classes=4), Rows.of(x[v], y[v], n_classes=4), grid)
+        assert best["weight_decay"] == alone["weight_decay"]
+        assert [r["val_accuracy"] for r in search] == pytest.approx([r["val_accuracy"] for r in alone_search], abs=1 / 300)
+        scale = alone["W"].abs().max()
+        assert (best["W"] - alone["W"]).abs().max() <= 1e-3 * scale
+    with pytest.raises(ValueError, match="one column per problem"):
+        fit_probe(rows, 1e-3)

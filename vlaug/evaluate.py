@@ -439,10 +439,16 @@ def _fit_every_seed(plan: _Plan, progress: bool, sample: np.ndarray, x_sample: t
     data, methods = plan.data, plan.methods
     results, geometry, first_fits, projections = [], [], {}, {}
     bar = tqdm(total=len(plan.splits) * len(methods), desc="probe", unit="fit", disable=not progress, file=sys.stderr)
+    fits = {}
+    for method in methods:  # a method's seeds together: it may share work between them (Method.fit_seeds)
+        for seed, fit in enumerate(method.fit_seeds(data, plan.splits)):
+            fits[seed, method.text] = fit
+        release_memory()  # the fits' temporaries, before the next method
+        bar.update(len(plan.splits))
+    bar.close()
     for seed, splits in enumerate(plan.splits):
         for method in methods:
-            fit = method.fit(data, splits, seed)
-            release_memory()  # the fit's temporaries, before the next one
+            fit = fits.pop((seed, method.text))
             if method.ensemble or fit.gate:  # both sides calibrated on the validation rows
                 fit.selection["calibration"] = data.calibration(fit.W, fit.b, np.asarray(splits.val))
             probe = data.make_probe(fit.W, fit.b, method.ensemble, fit.selection.get("calibration"), fit.gate)
@@ -455,8 +461,6 @@ def _fit_every_seed(plan: _Plan, progress: bool, sample: np.ndarray, x_sample: t
                 geometry.append({"method": method.text, **_feature_geometry(x_sample, y, x_all, y_all, seed)})
                 if len(x_all) > len(sample):
                     projections[method.text] = (x_all.cpu().numpy(), y_all.cpu().numpy(), len(sample))
-            bar.update(1)
-    bar.close()
     return results, geometry, first_fits, projections
 
 

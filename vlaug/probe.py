@@ -139,7 +139,10 @@ class Rows:
 
     ``targets`` is an (m,) integer label tensor or an (m, C) soft-target tensor; ``weights``
     an (m,) tensor of per-row weights (the objective sums weight · loss), or None for rows
-    that are only scored. ``x`` may be float16: it stays so in memory and is converted to
+    that are only scored. Rows shared by several training sets (the seeds of a method, see
+    :meth:`vlaug.methods.linear.ProbeMethod.fit_seeds`) carry (m, S) weights, one column per
+    set (``columns`` = S; a row outside a set weighs 0 in its column): each problem of
+    :func:`fit_probes` is fitted on one column, and one pass over the rows serves them all. ``x`` may be float16: it stays so in memory and is converted to
     float32 piece by piece inside the objective. With ``index``, the block's rows are
     ``x[index]`` and ``x`` is a whole resident cache (never copied). In memory there is one
     block (:meth:`of`); for caches larger than memory, ``blocks()`` reads the rows from disk
@@ -147,9 +150,9 @@ class Rows:
     """
 
     def __init__(self, blocks: Callable[[], Iterable[tuple]], n_features: int, n_classes: int, n_rows: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", columns: int = 1):
         self.blocks, self.n_features, self.n_classes, self.n_rows = blocks, n_features, n_classes, n_rows
-        self.device = torch.device(device)
+        self.device, self.columns = torch.device(device), columns
 
     @classmethod
     def of(cls, x: torch.Tensor, targets: torch.Tensor, sample_weight: torch.Tensor | None = None,
@@ -201,34 +204,39 @@ def _target_logits(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _objectives(rows: Rows, theta: torch.Tensor, weight_decay: torch.Tensor, anchor: torch.Tensor | None,
-                threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                threads: int | None = None, columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`probe_objective` of P problems at once, and its gradient, in one pass over ``rows``.
 
     ``theta`` (P, d + 1, C) holds each problem's W (first d rows) and b (last row);
-    ``weight_decay`` (P,). Returns the losses (P,) and the gradients (P, d + 1, C),
-    computed in closed form: d/dz CE(z, t) = softmax(z) − t. ``threads``: intra-op threads
-    for a problem large enough to share (:func:`vlaug.devices.threads_for`).
+    ``weight_decay`` (P,); ``columns`` (P,): the weight column of ``rows`` each problem is
+    fitted on (rows with several columns). Returns the losses (P,) and the gradients
+    (P, d + 1, C), computed in closed form: d/dz CE(z, t) = softmax(z) − t. ``threads``:
+    intra-op threads for a problem large enough to share (:func:`vlaug.devices.threads_for`).
     """
     p, d1, c = theta.shape
     with threads_for(rows.n_rows * (d1 - 1) * p * c, theta.device, threads):
-        return _objectives_pass(rows, theta, weight_decay, anchor)
+        return _objectives_pass(rows, theta, weight_decay, anchor, columns)
 
 
-def _objectives_pass(rows, theta, weight_decay, anchor):
+def _objectives_pass(rows, theta, weight_decay, anchor, columns):
     p, d1, c = theta.shape
     W, b = _stacked(theta)
     loss = torch.zeros(p, device=theta.device)
     gW, gb = torch.zeros_like(W), torch.zeros_like(b)
     for x, t, w in _pieces(rows, p * c):
         z = torch.addmm(b, x, W).view(len(x), p, c)
-        lse = z.logsumexp(2)
-        loss += (w[:, None] * (lse - _target_logits(z, t))).sum(0)
-        g = z.sub_(lse.unsqueeze(2)).exp_()  # softmax, in place of the logits
+        wa = w.unsqueeze(1) if w.dim() == 1 else w[:, columns]  # (m, 1) or each problem's column (m, P)
+        top = z.amax(2, keepdim=True)
+        target = _target_logits(z, t)
+        e = z.sub_(top).exp_()  # in place of the logits
+        total = e.sum(2)
+        loss += (wa * (top.squeeze(2) + total.log() - target)).sum(0)  # log-sum-exp − the target's logit
+        g = e.div_(total.unsqueeze(2))  # softmax
         if t.dim() == 1:
             g.scatter_add_(2, t.view(-1, 1, 1).expand(-1, p, 1), torch.full((len(x), p, 1), -1.0, device=g.device))
         else:
             g -= t.unsqueeze(1)
-        g = (g * w.view(-1, 1, 1)).view(len(x), p * c)
+        g = g.mul_(wa.unsqueeze(2)).view(len(x), p * c)
         gW.addmm_(x.T, g)
         gb += g.sum(0)
     reg = theta[:, :-1] if anchor is None else theta[:, :-1] - anchor
@@ -313,6 +321,7 @@ def fit_probes(
     regularize_towards: torch.Tensor | None = None,
     tolerance_grad: float = TOLERANCE_GRAD,
     history_size: int = 10,
+    columns: list[int] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
     """Fit one probe per weight decay, all at once: P independent L-BFGS problems whose
     objectives are evaluated together, one pass over the rows for all of them (streamed
@@ -327,11 +336,18 @@ def fit_probes(
     then 1. The objective is convex, so accepted steps have sᵀy > 0 and keep the
     inverse-Hessian estimate positive definite (pairs with sᵀy ≤ 1e-10 are skipped).
 
+    ``init`` is one ``(W, b)`` for every problem or a stack of them, ``(P, d, C)`` and
+    ``(P, C)``. ``columns``: per problem, the weight column of ``train`` it is fitted on
+    (``train.columns`` > 1: the training sets of several seeds in one pass).
+
     Returns:
         per weight decay, ``(W, b, {"iterations", "converged"})``.
     """
     d, c, device = train.n_features, train.n_classes, train.device
     p, m, size = len(weight_decays), history_size, (d + 1) * c
+    if (columns is None) != (train.columns == 1) or (columns is not None and len(columns) != p):
+        raise ValueError(f"{train.columns} weight columns need one column per problem, got {columns}.")
+    cols = None if columns is None else torch.tensor(columns, device=device)
     wd = torch.tensor(weight_decays, dtype=torch.float32, device=device)
     theta = torch.zeros(p, d + 1, c, device=device)
     if init is not None:
@@ -343,9 +359,13 @@ def fit_probes(
     threads = torch.get_num_threads()
     # the optimiser's own arithmetic (vectors of (d + 1)·C per problem) on one thread; the
     # objective's products on all of them when the problem is large enough to share
-    objective = lambda th, w: _objectives(train, th, w, regularize_towards, threads)  # noqa: E731
+    def objective(th, problems):  # the objectives of the problems ``problems`` (None: all) at th
+        if problems is None:
+            return _objectives(train, th, wd, regularize_towards, threads, cols)
+        return _objectives(train, th, wd[problems], regularize_towards, threads, None if cols is None else cols[problems])
+
     with threads_for(0, device):
-        f, g = objective(theta, wd)
+        f, g = objective(theta, None)
         block_start = f.clone()
         converged = [float(g[k].abs().max()) <= tolerance_grad for k in range(p)]
         active = [bool(torch.isfinite(f[k])) and not converged[k] for k in range(p)]
@@ -366,7 +386,7 @@ def fit_probes(
             fa, theta_a = f[ai], theta[ai]
             shaped = direction.view(-1, d + 1, c)
             trial = theta_a + step.view(-1, 1, 1) * shaped
-            f_new, g_new = objective(trial, wd[ai])
+            f_new, g_new = objective(trial, ai)
             ok = torch.isfinite(f_new) & (f_new <= fa + 1e-4 * step * gtd)
             for _ in range(30):  # backtrack: the minimum of the quadratic through f, f'·d and f_new, within [0.1, 0.5]·t
                 if bool(ok.all()):
@@ -378,7 +398,7 @@ def fit_probes(
                                    -gtd[redo] * t * t / (2 * curve.clamp(min=1e-30)), 0.5 * t)
                 step[redo] = torch.minimum(torch.maximum(quad, 0.1 * t), 0.5 * t)
                 trial[redo] = theta_a[redo] + step[redo].view(-1, 1, 1) * shaped[redo]
-                fr, gr = objective(trial[redo], wd[ai[redo]])
+                fr, gr = objective(trial[redo], ai[redo])
                 f_new[redo], g_new[redo] = fr, gr
                 ok[redo] = torch.isfinite(fr) & (fr <= fa[redo] + 1e-4 * step[redo] * gtd[redo])
             s = step[:, None] * direction
@@ -443,16 +463,38 @@ def select_weight_decay(
         the best ``{"weight_decay", "iterations", "converged", "val_accuracy", "val_log_loss", "W", "b"}``
         and the search (the same without W and b, per weight decay).
     """
-    fits = fit_probes(train, grid, max_iter, init, regularize_towards)
-    with threads_for(val.n_rows * train.n_features * len(grid) * train.n_classes, train.device):
-        scores = _scores(val, torch.stack([torch.cat([W, b[None]]) for W, b, _ in fits]))
-    search, best = [], None
-    for wd, (W, b, info), (accuracy, log_loss) in zip(grid, fits, scores):
-        entry = {"weight_decay": wd, **info, "val_accuracy": accuracy, "val_log_loss": log_loss}
-        search.append(entry)
-        if best is None or _better((accuracy, log_loss), (best["val_accuracy"], best["val_log_loss"])):
-            best = {**entry, "W": W, "b": b}
-    return best, search
+    return select_weight_decays(train, [val], grid, max_iter, init, regularize_towards)[0]
+
+
+def select_weight_decays(
+    train: Rows,
+    vals: list[Rows],
+    grid: list[float],
+    max_iter: int = 200,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    regularize_towards: torch.Tensor | None = None,
+) -> list[tuple[dict, list[dict]]]:
+    """:func:`select_weight_decay` for each of S training sets at once: ``train`` holds
+    them as S weight columns (one when S = 1), ``vals`` their S validation rows. The
+    S × len(grid) problems are fitted as one batch (one pass over the rows per evaluation,
+    one optimiser loop): the same fits as S separate searches, for a small run a third of
+    the time at three seeds, since its cost is the loop, not the arithmetic."""
+    s, k = len(vals), len(grid)
+    columns = None if train.columns == 1 else [j for j in range(s) for _ in grid]
+    fits = fit_probes(train, [wd for _ in range(s) for wd in grid], max_iter, init, regularize_towards, columns=columns)
+    results = []
+    for j, val in enumerate(vals):
+        mine = fits[j * k:(j + 1) * k]
+        with threads_for(val.n_rows * train.n_features * k * train.n_classes, train.device):
+            scores = _scores(val, torch.stack([torch.cat([W, b[None]]) for W, b, _ in mine]))
+        search, best = [], None
+        for wd, (W, b, info), (accuracy, log_loss) in zip(grid, mine, scores):
+            entry = {"weight_decay": wd, **info, "val_accuracy": accuracy, "val_log_loss": log_loss}
+            search.append(entry)
+            if best is None or _better((accuracy, log_loss), (best["val_accuracy"], best["val_log_loss"])):
+                best = {**entry, "W": W, "b": b}
+        results.append((best, search))
+    return results
 
 
 # ----------------------------------------------------------------------------- reweighting

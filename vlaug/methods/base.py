@@ -234,3 +234,8 @@ class Method:
     def refit(self, data: RunData, rows: np.ndarray, seed: int, selection: dict) -> Fit:
         """Train on ``rows`` (train + val) at the hyperparameters ``selection`` chose."""
         raise NotImplementedError
+
+    def fit_seeds(self, data: RunData, splits: list["Splits"]) -> list[Fit]:
+        """:meth:`fit` on every seed's splits (seed i: ``splits[i]``); a method that can
+        share work between seeds overrides it."""
+        return [self.fit(data, s, seed) for seed, s in enumerate(splits)]
