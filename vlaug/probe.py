@@ -142,7 +142,10 @@ class Rows:
     that are only scored. Rows shared by several training sets (the seeds of a method, see
     :meth:`vlaug.methods.linear.ProbeMethod.fit_seeds`) carry (m, S) weights, one column per
     set (``columns`` = S; a row outside a set weighs 0 in its column): each problem of
-    :func:`fit_probes` is fitted on one column, and one pass over the rows serves them all. ``x`` may be float16: it stays so in memory and is converted to
+    :func:`fit_probes` is fitted on one column, and one pass over the rows serves them all.
+    Blocks that belong to one set only (rows a method built for one seed) are named in
+    ``owners`` (per block, its column, or None for every column), with (m,) weights: only
+    that column's problems are evaluated on them. ``x`` may be float16: it stays so in memory and is converted to
     float32 piece by piece inside the objective. With ``index``, the block's rows are
     ``x[index]`` and ``x`` is a whole resident cache (never copied). In memory there is one
     block (:meth:`of`); for caches larger than memory, ``blocks()`` reads the rows from disk
@@ -150,9 +153,9 @@ class Rows:
     """
 
     def __init__(self, blocks: Callable[[], Iterable[tuple]], n_features: int, n_classes: int, n_rows: int,
-                 device: torch.device | str = "cpu", columns: int = 1):
+                 device: torch.device | str = "cpu", columns: int = 1, owners: list[int | None] | None = None):
         self.blocks, self.n_features, self.n_classes, self.n_rows = blocks, n_features, n_classes, n_rows
-        self.device, self.columns = torch.device(device), columns
+        self.device, self.columns, self.owners = torch.device(device), columns, owners
 
     @classmethod
     def of(cls, x: torch.Tensor, targets: torch.Tensor, sample_weight: torch.Tensor | None = None,
@@ -178,16 +181,18 @@ def as_labels(targets: torch.Tensor) -> torch.Tensor:
 # features (rows x d) each hold at most this many values (16 MB), whatever the block size: it
 # bounds the temporaries while keeping matrix products large.
 PIECE_VALUES = 2**22
-def _pieces(rows: Rows, width: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """``rows`` as float32 ``(x, targets, weights)`` pieces sized for ``width`` logits per row."""
+def _pieces(rows: Rows, width: int, owners: bool = False) -> Iterable[tuple]:
+    """``rows`` as float32 ``(x, targets, weights)`` pieces sized for ``width`` logits per
+    row; with ``owners``, ``(x, targets, weights, owner)`` (see :class:`Rows`)."""
     step = int(np.clip(PIECE_VALUES // max(1, width, rows.n_features), 256, 65536))
-    for block in rows.blocks():
+    for k, block in enumerate(rows.blocks()):
         x, t, w = block[:3]
         index = block[3] if len(block) > 3 else None
+        owner = (rows.owners[k] if rows.owners else None,) if owners else ()
         for i in range(0, len(t), step):
             j = min(len(t), i + step)
             xs = x[index[i:j]] if index is not None else x[i:j]
-            yield xs.float(), t[i:j], None if w is None else w[i:j]
+            yield xs.float(), t[i:j], None if w is None else w[i:j], *owner
 
 
 def _stacked(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,27 +228,44 @@ def _objectives_pass(rows, theta, weight_decay, anchor, columns):
     W, b = _stacked(theta)
     loss = torch.zeros(p, device=theta.device)
     gW, gb = torch.zeros_like(W), torch.zeros_like(b)
-    for x, t, w in _pieces(rows, p * c):
-        z = torch.addmm(b, x, W).view(len(x), p, c)
-        wa = w.unsqueeze(1) if w.dim() == 1 else w[:, columns]  # (m, 1) or each problem's column (m, P)
-        top = z.amax(2, keepdim=True)
-        target = _target_logits(z, t)
-        e = z.sub_(top).exp_()  # in place of the logits
-        total = e.sum(2)
-        loss += (wa * (top.squeeze(2) + total.log() - target)).sum(0)  # log-sum-exp − the target's logit
-        g = e.div_(total.unsqueeze(2))  # softmax
-        if t.dim() == 1:
-            g.scatter_add_(2, t.view(-1, 1, 1).expand(-1, p, 1), torch.full((len(x), p, 1), -1.0, device=g.device))
-        else:
-            g -= t.unsqueeze(1)
-        g = g.mul_(wa.unsqueeze(2)).view(len(x), p * c)
-        gW.addmm_(x.T, g)
-        gb += g.sum(0)
+    for x, t, w, owner in _pieces(rows, p * c, owners=True):
+        if owner is None:
+            _accumulate(x, t, w.unsqueeze(1) if w.dim() == 1 else w[:, columns], W, b, loss, gW, gb)
+            continue
+        mine = (columns == owner).nonzero().flatten()  # rows of one column: its problems alone
+        if len(mine):
+            part_loss, part_gW, part_gb = torch.zeros(len(mine), device=theta.device), *(
+                torch.zeros_like(v) for v in _stacked(theta[mine]))
+            _accumulate(x, t, w.unsqueeze(1), *_stacked(theta[mine]), part_loss, part_gW, part_gb)
+            loss.index_add_(0, mine, part_loss)
+            gW.view(d1 - 1, p, c).index_add_(1, mine, part_gW.view(d1 - 1, -1, c))
+            gb.view(p, c).index_add_(0, mine, part_gb.view(-1, c))
     reg = theta[:, :-1] if anchor is None else theta[:, :-1] - anchor
     loss += 0.5 * weight_decay * (reg * reg).sum((1, 2))
     grad = torch.cat([gW.view(d1 - 1, p, c).permute(1, 0, 2) + weight_decay.view(-1, 1, 1) * reg,
                       gb.view(1, p, c).permute(1, 0, 2)], 1)
     return loss, grad
+
+
+def _accumulate(x, t, weights, W, b, loss, gW, gb) -> None:
+    """Add the weighted losses (to ``loss`` (P,)) and gradients (to the side-by-side ``gW``,
+    ``gb``) of the rows ``x`` with targets ``t`` under P problems ``W``, ``b``;
+    ``weights`` (m, 1) or (m, P)."""
+    p, c = len(loss), len(b) // len(loss)
+    z = torch.addmm(b, x, W).view(len(x), p, c)
+    top = z.amax(2, keepdim=True)
+    target = _target_logits(z, t)
+    e = z.sub_(top).exp_()  # in place of the logits
+    total = e.sum(2)
+    loss += (weights * (top.squeeze(2) + total.log() - target)).sum(0)  # log-sum-exp − the target's logit
+    g = e.div_(total.unsqueeze(2))  # softmax
+    if t.dim() == 1:
+        g.scatter_add_(2, t.view(-1, 1, 1).expand(-1, p, 1), torch.full((len(x), p, 1), -1.0, device=g.device))
+    else:
+        g -= t.unsqueeze(1)
+    g = g.mul_(weights.unsqueeze(2)).view(len(x), p * c)
+    gW.addmm_(x.T, g)
+    gb += g.sum(0)
 
 
 def _scores(rows: Rows, theta: torch.Tensor) -> list[tuple[float, float]]:

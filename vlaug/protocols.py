@@ -76,17 +76,19 @@ def stratified_split(indices: np.ndarray, labels: np.ndarray, fraction: float, s
     if not 0.0 <= fraction < 1.0:
         raise UsageError(f"fraction == {fraction}, must be in [0, 1).")
     rng = np.random.default_rng(seed)
-    held = []
+    out = np.zeros(len(indices), dtype=bool)  # held-out positions in indices
     if fraction > 0:
-        for c in np.unique(labels[indices]):
-            rows = indices[labels[indices] == c]
-            if len(rows) < 2:
+        lab = labels[indices]
+        order = np.argsort(lab, kind="stable")  # each class's positions, in the order of indices
+        _, starts, counts = np.unique(lab[order], return_index=True, return_counts=True)
+        for start, count in zip(starts, counts):
+            if count < 2:
                 continue
-            n = min(len(rows) - 1, max(1, int(round(fraction * len(rows)))))
-            held.append(rng.permutation(rows)[:n])
-    held = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=indices.dtype)
-    kept = np.setdiff1d(indices, held)
-    return kept, held
+            n = min(count - 1, max(1, int(round(fraction * count))))
+            out[rng.permutation(order[start:start + count])[:n]] = True
+    if len(indices) > 1 and not (indices[1:] > indices[:-1]).all():  # not sorted and unique already
+        return np.unique(indices[~out]), np.unique(indices[out])
+    return indices[~out], indices[out]
 
 
 def parse_imbalance(spec: str | None) -> tuple[float, int] | None:

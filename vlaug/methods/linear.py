@@ -29,13 +29,13 @@ REFIT_TOLERANCE = 1e-4
 # --reweight: Adam steps from the selected probe, regrouping period t0 and Mei et al.'s η
 REWEIGHT_SCHEDULE = {"steps": 500, "period": 100, "eta": 0.01, "lr": 0.01}
 
-# The seeds of a method are fitted as one batch on the union of their training rows, each
-# seed's rows weighted in its own column (fit_seeds), when those rows are the resident
-# cache's and the union holds at most this many times a seed's rows (by default each seed's
-# validation rows are the others' training rows: 1.25 x). A row outside a seed's set costs its
-# problems arithmetic for nothing; rows a method builds (its extras) differ between seeds, so
-# such methods fit each seed on its own (measured on 2,000 rows, 3 seeds: stacking the seeds'
-# built rows made gaussian and mixup 1.3-1.5 x slower).
+# The seeds of a method are fitted as one batch (fit_seeds): one optimiser loop, one pass over
+# the rows per evaluation for all of them. Rows of the resident cache are shared: the union of
+# the seeds' rows, each seed's weighted in its own column, when the union holds at most this
+# many times a seed's rows (by default each seed's validation rows are the others' training
+# rows: 1.25 x; a row outside a seed's set costs its problems arithmetic for nothing). Rows a
+# method builds (its extras) differ between seeds: each seed's block is evaluated under its
+# own problems only (Rows.owners).
 UNION_LIMIT = 1.5
 
 
@@ -248,7 +248,7 @@ class ProbeMethod(Method):
             index = data.rows(rows)
             unweighted = lambda: [(data.x, data.y[index], index)]  # noqa: E731
         elif data.x is not None:
-            built = list(unweighted())
+            built = _joined(list(unweighted()), c)
             unweighted = lambda: built  # noqa: E731
         if not self.extra_rows():
             counts = torch.bincount(data.y[data.rows(rows)], minlength=c).float()
@@ -284,13 +284,16 @@ class _Searched:
 
 
 def _union_rows(per_seed: list[Rows], data: RunData) -> Rows | None:
-    """The training rows of several seeds, rows of the resident cache, as one set of rows
-    (the union of the seeds' indices) with a weight column per seed (0 where a row is not
-    the seed's); None when a seed's rows are not the cache's own or the union is larger
-    than UNION_LIMIT x a seed's rows."""
+    """The training rows of several seeds (in memory) as one set of rows with a weight
+    column per seed. Rows of the resident cache: the union of the seeds' indices, weighing 0
+    in the columns of the seeds they are not in (None when the union is larger than
+    UNION_LIMIT x a seed's rows). Built rows: each seed's blocks, owned by its column."""
     blocks = [list(rows.blocks()) for rows in per_seed]
-    if not all(len(b) == 1 and len(b[0]) == 4 for b in blocks):
-        return None
+    if not all(len(b) == 1 and len(b[0]) == 4 for b in blocks):  # built rows
+        owned = [(j, block) for j, b in enumerate(blocks) for block in b]
+        return Rows(lambda: [block for _, block in owned], data.embed_dim, data.n_classes,
+                    sum(rows.n_rows for rows in per_seed), data.device, columns=len(per_seed),
+                    owners=[j for j, _ in owned])
     index = [b[0][3] for b in blocks]
     union = torch.unique(torch.cat(index))  # sorted
     if len(union) > UNION_LIMIT * sum(len(i) for i in index) / len(index):
@@ -302,6 +305,23 @@ def _union_rows(per_seed: list[Rows], data: RunData) -> Rows | None:
         weights[torch.searchsorted(union, i), j] = b[0][2]
     built = [(data.x, data.y[union], weights, union)]
     return Rows(lambda: built, data.embed_dim, data.n_classes, len(union), data.device, columns=len(per_seed))
+
+
+# Built rows (originals and a method's extras, in blocks) of at most this many values are
+# joined into one block: every block costs each evaluation of the objective its own dozen
+# operators, which is most of a small fit's time (on 2,000 rows, gaussian 3 seeds: 1.0 s -> ? s).
+JOIN_VALUES = 2**24
+
+
+def _joined(blocks: list[tuple], n_classes: int) -> list[tuple]:
+    """``(x, targets)`` blocks as one block when they hold at most JOIN_VALUES values (integer
+    labels become one-hot rows when other blocks have soft targets), else as they are."""
+    if len(blocks) < 2 or sum(x.numel() for x, _ in blocks) > JOIN_VALUES:
+        return blocks
+    if all(t.dim() == 1 for _, t in blocks):
+        return [(torch.cat([x for x, _ in blocks]), torch.cat([t for _, t in blocks]))]
+    soft = [F.one_hot(t, n_classes).to(x.dtype) if t.dim() == 1 else t for x, t in blocks]
+    return [(torch.cat([x for x, _ in blocks]), torch.cat(soft))]
 
 
 def _selection_sample(train: np.ndarray, val: np.ndarray, limit: int, seed: int):
