@@ -229,13 +229,14 @@ def test_large_training_sets_select_on_a_sample_then_refit_on_every_row(tmp_path
         W, b = 0.5 * anchor + 0.5 * W, 0.5 * b
     torch.testing.assert_close(fit.W, W, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fit.b, b, atol=1e-5, rtol=1e-4)
-    # the refit on train + val rows (the saved probe) starts, as the fit did, from the sample's probe
+    # the refit on train + val rows (the saved probe) starts from this seed's fit on the training rows
     probe_method = parse_method(method)
     first = probe_method.fit(data, splits, 0)
     both = np.concatenate([splits.train, splits.val])
     refit = probe_method.refit(data, both, 0, first.selection)
-    W2, b2, _ = fit_probe(Rows.of(x[both], y[both], n_classes=4), best["weight_decay"], 60, init=(best["W"], best["b"]),
-                          regularize_towards=anchor, tolerance_grad=1e-4)
+    start = probe_method._fitted[0]
+    W2, b2, _ = fit_probe(Rows.of(x[both], y[both], n_classes=4), best["weight_decay"], 60, init=start,
+                          regularize_towards=anchor)
     if anchor is not None:
         W2, b2 = 0.5 * anchor + 0.5 * W2, 0.5 * b2
     torch.testing.assert_close(refit.W, W2, atol=1e-5, rtol=1e-4)
@@ -293,10 +294,12 @@ def test_float16_cache_stays_resident_in_float16_and_fits_as_float32(tmp_path):
 
 
 @pytest.mark.parametrize("selection_rows", [0, 150])
-def test_seeds_fitted_together_equal_seeds_fitted_one_by_one(tmp_path, monkeypatch, selection_rows):
+@pytest.mark.parametrize("budget", ["auto", "1K"])
+def test_seeds_fitted_together_equal_seeds_fitted_one_by_one(tmp_path, monkeypatch, selection_rows, budget):
     """linear and linear-zs fit a run's seeds as one batch on the union of their training
-    rows (after searches on samples: the refits on every row, with the kept probe's refit):
-    the same weight decays, accuracies and saved probes as each seed fitted on its own."""
+    rows (after searches on samples: the refits on every row), in memory or streamed: the
+    same weight decays, accuracies and saved probes as each seed fitted on its own, and
+    streamed, fewer reads of the cache."""
     import vlaug.methods.linear as linear
 
     feats = write_synthetic_cache(tmp_path / "feat", n_per_class=100, d=16, n_classes=4)
@@ -307,14 +310,17 @@ def test_seeds_fitted_together_equal_seeds_fitted_one_by_one(tmp_path, monkeypat
         monkeypatch.setattr(linear, "UNION_LIMIT", limit)
         args = ["probe", str(feats), "--out", str(tmp_path / name), "--train-domain", "photo", "--seeds", "3",
                 "--grid-size", "4", "--max-iter", "60", "--selection-rows", str(selection_rows), "--device", "cpu",
-                "--no-progress", "-m", "linear", "-m", "linear-zs"]
+                "--no-progress", "--memory-budget", budget, "-m", "linear", "-m", "linear-zs"]
         r = runner.invoke(app, args)
         assert r.exit_code == 0, r.output
         if name == "together":
-            assert len(batched) == 2 and all(u is not None and u.columns == (3 if not selection_rows else 4) for u in batched)
+            assert len(batched) == 2 and all(u is not None and u.columns == 3 for u in batched)
         else:
             assert all(u is None for u in batched[2:])
     together, alone = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("together", "alone"))
+    assert together["protocol"]["streamed"] == (budget == "1K")
+    if budget == "1K":
+        assert together["protocol"]["passes_over_cache"] < alone["protocol"]["passes_over_cache"]
     n_test = together["protocol"]["splits"][0]["test_in"]
     for a, b in zip(together["results"], alone["results"]):
         assert (a["method"], a["seed"]) == (b["method"], b["seed"])

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from vlaug.choices import CLASSES_PROMPT_SET
+from vlaug.devices import release_memory
 from vlaug.methods import register
 from vlaug.methods.base import EnsembleOptions, Fit, Method, RunData
 from vlaug.discriminant import SHRINKAGE_GRID, ClassStatistics, gda_weights, shrunk_inverses
@@ -30,13 +31,17 @@ REFIT_TOLERANCE = 1e-4
 REWEIGHT_SCHEDULE = {"steps": 500, "period": 100, "eta": 0.01, "lr": 0.01}
 
 # The seeds of a method are fitted as one batch (fit_seeds): one optimiser loop, one pass over
-# the rows per evaluation for all of them. Rows of the resident cache are shared: the union of
-# the seeds' rows, each seed's weighted in its own column, when the union holds at most this
-# many times a seed's rows (by default each seed's validation rows are the others' training
-# rows: 1.25 x; a row outside a seed's set costs its problems arithmetic for nothing). Rows a
-# method builds (its extras) differ between seeds: each seed's block is evaluated under its
-# own problems only (Rows.owners).
+# the rows per evaluation for all of them (streamed: one read of the cache, not one per seed).
+# Rows of the cache are shared: the union of the seeds' rows, each seed's weighted in its own
+# column, when the union holds at most this many times a seed's rows (by default each seed's
+# validation rows are the others' training rows: 1.25 x; a row outside a seed's set costs its
+# problems arithmetic for nothing).
 UNION_LIMIT = 1.5
+# Rows a method builds (its extras) differ between seeds: each seed's block is evaluated under
+# its own problems only (Rows.owners). They are built for every seed at once, so only when all
+# of them hold at most this many values (small runs, whose time is the optimiser's loop);
+# otherwise, and when streamed, each seed is fitted on its own.
+BUILT_BATCH_VALUES = 2**26
 
 
 def block_generator(seed: int, block: int) -> torch.Generator:
@@ -84,13 +89,13 @@ class ProbeMethod(Method):
         if self.solver == "gda":
             return self._fit_gda(data, train, val, seed)
         found = getattr(self, "_searched", {}).pop(seed, None) or self._search(data, train, val, seed)
-        best, rows = found.best, found.rows
+        best, rows = found.best, found.rows if found.rows is not None else self.training_rows(data, train, seed)
         selection = {k: best[k] for k in ("weight_decay", "iterations", "converged", "val_accuracy", "val_log_loss")}
         if found.sample is not None:
             selection["selected_on"] = {"train_rows": len(found.sample[0]), "val_rows": len(found.sample[1])}
             selection["refit"] = found.refit
-            # where refit (this seed's train + val rows, the same weight decay) starts from, as this fit did
-            self._sampled = {**getattr(self, "_sampled", {}), seed: (best["W"], best["b"])}
+            # where refit (this seed's train + val rows, the same weight decay) starts from: a few iterations away
+            self._fitted = {**getattr(self, "_fitted", {}), seed: (found.W, found.b)}
         W, b = self._reweighted(data, rows, train, found.W, found.b, selection)
         selection["n_train_rows"] = rows.n_rows
         return Fit(*self.finish(W, b, self.start(data)[1]), selection, found.search)
@@ -124,37 +129,33 @@ class ProbeMethod(Method):
         """Every seed's :meth:`_search`, batched: the full searches as one batch of seeds x
         grid problems; after sampled searches (one per seed, each on its own sample), the
         refits on every training row as one batch. {} where the seeds are fitted one by one."""
-        if self.solver != "logistic" or data.x is None or len(splits) < 2:
-            return {}
+        if self.solver != "logistic" or len(splits) < 2 or (data.x is None and self.extra_rows()):
+            return {}  # streamed extras: each block's draws are seeded by its place in the seed's own stream
         cfg = data.config
         trains, vals = [np.asarray(s.train) for s in splits], [np.asarray(s.val) for s in splits]
         samples = [_selection_sample(t, v, cfg.selection_rows, seed) for seed, (t, v) in enumerate(zip(trains, vals))]
         if len({s is None for s in samples}) > 1:
             return {}
-        per_seed = [self.training_rows(data, t, seed) for seed, t in enumerate(trains)]
+        per_seed = None
+        if self.extra_rows():  # a method's built rows, built once here and kept for fit()
+            if samples[0] is not None or sum(map(len, trains)) * (1 + self.extra_rows()) * data.embed_dim > BUILT_BATCH_VALUES:
+                return {}
+            per_seed = [self.training_rows(data, t, seed) for seed, t in enumerate(trains)]
+        union = _union_rows(data, trains, per_seed)
+        if union is None:
+            return {}
         init, anchor = self.start(data)
         grid = weight_decay_grid(cfg.grid_size)
         if samples[0] is None:
-            union = _union_rows(per_seed, data)
-            if union is None:
-                return {}
             found = select_weight_decays(union, [labelled_rows(data, v) for v in vals], grid, cfg.max_iter, init, anchor)
-            return {seed: _Searched(best, search, best["W"], best["b"], per_seed[seed])
+            return {seed: _Searched(best, search, best["W"], best["b"], per_seed[seed] if per_seed else None)
                     for seed, (best, search) in enumerate(found)}
         picks = [self._search_sample(data, sample, seed, grid, init, anchor) for seed, sample in enumerate(samples)]
-        # one more problem in the same passes: the probe users keep, seed 0 refitted on its train + val rows
-        # (vlaug.evaluate.run_probe), from the same start and to the same tolerance as the seeds' refits
-        kept = np.concatenate([trains[0], vals[0]])
-        union = _union_rows(per_seed + [self.training_rows(data, kept, 0)], data)
-        if union is None:
-            return {}
-        picks_kept = picks + [picks[0]]
-        fits = fit_probes(union, [best["weight_decay"] for best, _ in picks_kept], cfg.max_iter,
-                          init=(torch.stack([best["W"] for best, _ in picks_kept]),
-                                torch.stack([best["b"] for best, _ in picks_kept])),
-                          regularize_towards=anchor, tolerance_grad=REFIT_TOLERANCE, columns=list(range(len(picks_kept))))
-        self._refitted = {0: (kept, picks[0][0]["weight_decay"], *fits[-1])}
-        return {seed: _Searched(best, search, W, b, per_seed[seed], samples[seed],
+        release_memory()  # the samples' copies, before the refits' pieces
+        fits = fit_probes(union, [best["weight_decay"] for best, _ in picks], cfg.max_iter,
+                          init=(torch.stack([best["W"] for best, _ in picks]), torch.stack([best["b"] for best, _ in picks])),
+                          regularize_towards=anchor, tolerance_grad=REFIT_TOLERANCE, columns=list(range(len(splits))))
+        return {seed: _Searched(best, search, W, b, None, samples[seed],
                                 {"iterations": info["iterations"], "converged": info["converged"]})
                 for seed, ((best, search), (W, b, info)) in enumerate(zip(picks, fits))}
 
@@ -167,21 +168,15 @@ class ProbeMethod(Method):
         init, anchor = self.start(data)
         wd, cfg = selection["weight_decay"], data.config
         sample = _selection_sample(rows, rows[:0], cfg.selection_rows, seed)
-        kept = getattr(self, "_refitted", {}).get(seed)
-        if kept is not None and kept[1] == wd and np.array_equal(kept[0], rows):  # fitted with the seeds (fit_seeds)
-            W, b = kept[2], kept[3]
-        elif sample is None:
-            W, b, _ = fit_probe(train_rows, wd, cfg.max_iter, init=init, regularize_towards=anchor)
-        else:  # as in fit: from the probe of this seed's sample (fitted on a sample now without one), on every row
-            start = getattr(self, "_sampled", {}).get(seed)
-            if start is None:
-                held = data.subset(sample[0])
-                start = fit_probe(self.training_rows(held, np.arange(len(sample[0])), seed), wd, cfg.max_iter,
-                                  init=init, regularize_towards=anchor)[:2]
-            # not from this seed's fit on its training rows: at REFIT_TOLERANCE that fit can already pass on
-            # train + val, and the kept probe would be the training rows' probe, never refitted
-            W, b, _ = fit_probe(train_rows, wd, cfg.max_iter, init=start, regularize_towards=anchor,
-                                tolerance_grad=REFIT_TOLERANCE)
+        if sample is not None and seed in getattr(self, "_fitted", {}):  # from this seed's fit on the training rows
+            init = self._fitted[seed]
+        elif sample is not None:  # as in fit: first on a seeded sample, then on every row, warm-started
+            held = data.subset(sample[0])
+            init = fit_probe(self.training_rows(held, np.arange(len(sample[0])), seed), wd, cfg.max_iter, init=init,
+                             regularize_towards=anchor)[:2]
+        # to the search's tolerance: from this seed's fit, the looser REFIT_TOLERANCE can already hold on
+        # train + val, and the saved probe would be the training rows' probe, never refitted
+        W, b, _ = fit_probe(train_rows, wd, cfg.max_iter, init=init, regularize_towards=anchor)
         chosen = {k: v for k, v in selection.items() if k != "reweight"}
         W, b = self._reweighted(data, train_rows, rows, W, b, chosen)
         chosen["n_train_rows"] = train_rows.n_rows
@@ -255,56 +250,69 @@ class ProbeMethod(Method):
         else:  # labels of the extras: one more pass when streamed
             counts = sum((torch.bincount(hard(t), minlength=c).float() for _, t in unweighted()),
                          torch.zeros(c, device=data.device))
-        n = int(counts.sum())
-        if data.config.class_weight:
-            per_class = 1.0 / (counts.clamp(min=1) * int((counts > 0).sum()))
-        else:
-            per_class = torch.full((c,), 1.0 / max(1, n), device=data.device)
+        per_class = _class_weights(data, counts)
 
         def weighted():
             for x, t, *index in unweighted():
                 yield x, t, per_class[hard(t)], *index
 
-        return Rows(weighted, data.embed_dim, c, n, data.device)
+        return Rows(weighted, data.embed_dim, c, int(counts.sum()), data.device)
 
 
 @dataclass
 class _Searched:
     """A seed's logistic search (:meth:`ProbeMethod._search`): the chosen candidate and the
-    search, the probe on the training rows, those rows, and after a search on a sample the
-    sample and the refit on every training row."""
+    search, the probe on the training rows, those rows (when built), and after a search on a
+    sample the sample and the refit on every training row."""
 
     best: dict
     search: list[dict]
     W: torch.Tensor
     b: torch.Tensor
-    rows: Rows
+    rows: Rows | None  # None: built again when needed
     sample: tuple[np.ndarray, np.ndarray] | None = None
     refit: dict | None = None
 
 
-def _union_rows(per_seed: list[Rows], data: RunData) -> Rows | None:
-    """The training rows of several seeds (in memory) as one set of rows with a weight
-    column per seed. Rows of the resident cache: the union of the seeds' indices, weighing 0
-    in the columns of the seeds they are not in (None when the union is larger than
-    UNION_LIMIT x a seed's rows). Built rows: each seed's blocks, owned by its column."""
-    blocks = [list(rows.blocks()) for rows in per_seed]
-    if not all(len(b) == 1 and len(b[0]) == 4 for b in blocks):  # built rows
-        owned = [(j, block) for j, b in enumerate(blocks) for block in b]
+def _union_rows(data: RunData, trains: list[np.ndarray], per_seed: list[Rows] | None = None) -> Rows | None:
+    """The training rows ``trains`` of several seeds as one set of rows with a weight column
+    per seed. Rows of the cache (resident or streamed): the union of the seeds' rows, each
+    weighing 0 in the columns of the seeds it is not in, read once per pass for all of them
+    (None when the union is larger than UNION_LIMIT x a seed's rows). A method's built rows
+    (``per_seed``, in memory): each seed's blocks, owned by its column."""
+    s = len(trains)
+    if per_seed is not None:
+        owned = [(j, block) for j, rows in enumerate(per_seed) for block in rows.blocks()]
         return Rows(lambda: [block for _, block in owned], data.embed_dim, data.n_classes,
-                    sum(rows.n_rows for rows in per_seed), data.device, columns=len(per_seed),
-                    owners=[j for j, _ in owned])
-    index = [b[0][3] for b in blocks]
-    union = torch.unique(torch.cat(index))  # sorted
-    if len(union) > UNION_LIMIT * sum(len(i) for i in index) / len(index):
-        return None
-    weights = torch.zeros(len(union), len(per_seed), device=data.device)
-    for j, (i, b) in enumerate(zip(index, blocks)):
-        if len(torch.unique(i)) != len(i):
-            return None  # a row twice in a seed's set: one weight entry could not hold both
-        weights[torch.searchsorted(union, i), j] = b[0][2]
-    built = [(data.x, data.y[union], weights, union)]
-    return Rows(lambda: built, data.embed_dim, data.n_classes, len(union), data.device, columns=len(per_seed))
+                    sum(rows.n_rows for rows in per_seed), data.device, columns=s, owners=[j for j, _ in owned])
+    union = np.unique(np.concatenate(trains))
+    if len(union) > UNION_LIMIT * sum(len(t) for t in trains) / s or any(len(np.unique(t)) != len(t) for t in trains):
+        return None  # too many rows unused by each seed, or a row twice in a seed's set (one weight could not hold both)
+    y = data.y[data.rows(union)]
+    weights = torch.zeros(len(union), s, device=data.device)
+    for j, t in enumerate(trains):
+        labels = data.y[data.rows(t)]
+        per_class = _class_weights(data, torch.bincount(labels, minlength=data.n_classes).float())
+        weights[data.rows(np.searchsorted(union, t)), j] = per_class[labels]
+    if data.x is not None:  # the resident cache itself, indexed: no copy
+        built = [(data.x, y, weights, data.rows(union))]
+        return Rows(lambda: built, data.embed_dim, data.n_classes, len(union), data.device, columns=s)
+
+    def blocks():
+        for pos, x in data.stream(union):
+            at = data.rows(pos)
+            yield x, y[at], weights[at]
+
+    return Rows(blocks, data.embed_dim, data.n_classes, len(union), data.device, columns=s)
+
+
+def _class_weights(data: RunData, counts: torch.Tensor) -> torch.Tensor:
+    """Per class, the weight of a training row with that (hard) label, from the training
+    rows' class ``counts``: 1/N, or with --class-weight inversely to its class's count
+    (the weights sum to 1 over the rows either way)."""
+    if data.config.class_weight:
+        return 1.0 / (counts.clamp(min=1) * int((counts > 0).sum()))
+    return torch.full((data.n_classes,), 1.0 / max(1, int(counts.sum())), device=data.device)
 
 
 # Built rows (originals and a method's extras, in blocks) of at most this many values are
