@@ -145,8 +145,8 @@ class Rows:
     :func:`fit_probes` is fitted on one column, and one pass over the rows serves them all.
     Blocks that belong to one set only (rows a method built for one seed) are named in
     ``owners`` (per block, its column, or None for every column), with (m,) weights: only
-    that column's problems are evaluated on them. ``x`` may be float16: it stays so in memory and is converted to
-    float32 piece by piece inside the objective. With ``index``, the block's rows are
+    that column's problems are evaluated on them. ``x`` may be float16: it stays so in
+    memory and is converted to float32 piece by piece inside the objective. With ``index``, the block's rows are
     ``x[index]`` and ``x`` is a whole resident cache (never copied). In memory there is one
     block (:meth:`of`); for caches larger than memory, ``blocks()`` reads the rows from disk
     again on every call, so each pass of the optimiser costs one read of the cache.
@@ -234,9 +234,9 @@ def _objectives_pass(rows, theta, weight_decay, anchor, columns):
             continue
         mine = (columns == owner).nonzero().flatten()  # rows of one column: its problems alone
         if len(mine):
-            part_loss, part_gW, part_gb = torch.zeros(len(mine), device=theta.device), *(
-                torch.zeros_like(v) for v in _stacked(theta[mine]))
-            _accumulate(x, t, w.unsqueeze(1), *_stacked(theta[mine]), part_loss, part_gW, part_gb)
+            mine_W, mine_b = _stacked(theta[mine])
+            part_loss, part_gW, part_gb = torch.zeros(len(mine), device=theta.device), torch.zeros_like(mine_W), torch.zeros_like(mine_b)
+            _accumulate(x, t, w.unsqueeze(1), mine_W, mine_b, part_loss, part_gW, part_gb)
             loss.index_add_(0, mine, part_loss)
             gW.view(d1 - 1, p, c).index_add_(1, mine, part_gW.view(d1 - 1, -1, c))
             gb.view(p, c).index_add_(0, mine, part_gb.view(-1, c))
@@ -499,8 +499,8 @@ def select_weight_decays(
     """:func:`select_weight_decay` for each of S training sets at once: ``train`` holds
     them as S weight columns (one when S = 1), ``vals`` their S validation rows. The
     S × len(grid) problems are fitted as one batch (one pass over the rows per evaluation,
-    one optimiser loop): the same fits as S separate searches, for a small run a third of
-    the time at three seeds, since its cost is the loop, not the arithmetic."""
+    one optimiser loop): the same fits as S separate searches, in about half the time on a
+    small run (2,000 rows, 3 seeds: 0.87 s -> 0.5 s), whose cost is the loop, not the arithmetic."""
     s, k = len(vals), len(grid)
     columns = None if train.columns == 1 else [j for j in range(s) for _ in grid]
     fits = fit_probes(train, [wd for _ in range(s) for wd in grid], max_iter, init, regularize_towards, columns=columns)

@@ -75,9 +75,10 @@ class ProbeMethod(Method):
         return W, b
 
     def fit_seeds(self, data, splits) -> list[Fit]:
-        """Every seed's fit. The logistic searches of the seeds run as one batch when their
-        rows are the resident cache's (see UNION_LIMIT): the same fits, one
-        optimiser loop and one pass over the rows per evaluation for all of them."""
+        """Every seed's fit. The seeds' logistic searches (or, after searches on samples,
+        their refits on every training row) run as one batch where that pays (see
+        UNION_LIMIT and BUILT_BATCH_VALUES): the same fits, with one optimiser loop and one
+        pass over the rows per evaluation for all of them."""
         self._searched = self._search_seeds(data, splits)
         try:
             return super().fit_seeds(data, splits)
