@@ -295,28 +295,36 @@ def test_float16_cache_stays_resident_in_float16_and_fits_as_float32(tmp_path):
 
 @pytest.mark.parametrize("selection_rows", [0, 150])
 @pytest.mark.parametrize("budget", ["auto", "1K"])
-def test_seeds_fitted_together_equal_seeds_fitted_one_by_one(tmp_path, monkeypatch, selection_rows, budget):
-    """linear and linear-zs fit a run's seeds as one batch on the union of their training
-    rows (after searches on samples: the refits on every row), in memory or streamed: the
-    same weight decays, accuracies and saved probes as each seed fitted on its own, and
-    streamed, fewer reads of the cache."""
+def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, monkeypatch, selection_rows, budget):
+    """The probe methods of a run fit their seeds' weight-decay searches as one batch (the
+    union of the seeds' rows of the cache, a weight column per seed; each method's built
+    extras under its own problems), and after searches on samples their refits on every
+    row as one batch per method, in memory or streamed: the same weight decays, accuracies
+    and saved probes as each method and seed fitted alone, and streamed, fewer reads of the
+    cache."""
     import vlaug.methods.linear as linear
 
     feats = write_synthetic_cache(tmp_path / "feat", n_per_class=100, d=16, n_classes=4)
-    batched = []
-    union_rows = linear._union_rows
-    monkeypatch.setattr(linear, "_union_rows", lambda *a: batched.append(union_rows(*a)) or batched[-1])
-    for name, limit in (("together", linear.UNION_LIMIT), ("alone", 0.0)):
-        monkeypatch.setattr(linear, "UNION_LIMIT", limit)
+    methods = ["linear", "linear-zs", "gaussian?n_aug=2"] + (["mixup"] if budget == "auto" else [])
+    batches = []
+    fit_probes = linear.fit_probes
+    monkeypatch.setattr(linear, "fit_probes", lambda *a, **k: batches.append(len(k.get("columns") or [])) or fit_probes(*a, **k))
+    for name in ("together", "alone"):
+        if name == "alone":  # nothing batched: every method and seed searched, and refitted, on its own
+            monkeypatch.setattr(linear, "UNION_LIMIT", 0.0)
+            monkeypatch.setattr(linear.ProbeMethod, "_batch_plan", lambda *a: None)
         args = ["probe", str(feats), "--out", str(tmp_path / name), "--train-domain", "photo", "--seeds", "3",
                 "--grid-size", "4", "--max-iter", "60", "--selection-rows", str(selection_rows), "--device", "cpu",
-                "--no-progress", "--memory-budget", budget, "-m", "linear", "-m", "linear-zs"]
-        r = runner.invoke(app, args)
+                "--no-progress", "--memory-budget", budget]
+        r = runner.invoke(app, args + [a for m in methods for a in ("-m", m)])
         assert r.exit_code == 0, r.output
-        if name == "together":
-            assert len(batched) == 2 and all(u is not None and u.columns == 3 for u in batched)
+        if name == "together" and not selection_rows:  # one search: every method x seed x weight decay
+            batched = len(methods) if budget == "auto" else 2  # streamed, gaussian's draws follow its own reads
+            assert batches == [batched * 3 * 4]
+        elif name == "together":  # the refits of the two methods without extras, each one batch of 3 seeds
+            assert batches == [3, 3]
         else:
-            assert all(u is None for u in batched[2:])
+            assert len(batches) == (1 if not selection_rows else 2)  # alone: no batch
     together, alone = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("together", "alone"))
     assert together["protocol"]["streamed"] == (budget == "1K")
     if budget == "1K":
@@ -327,7 +335,7 @@ def test_seeds_fitted_together_equal_seeds_fitted_one_by_one(tmp_path, monkeypat
         assert a["selection"]["weight_decay"] == b["selection"]["weight_decay"]
         assert a["selection"]["val_log_loss"] == pytest.approx(b["selection"]["val_log_loss"], rel=1e-2)
         assert a["in_domain"] == pytest.approx(b["in_domain"], abs=1 / n_test)
-    for method in ("linear", "linear-zs"):
+    for method in methods:
         w_together, w_alone = _saved_probe(tmp_path / "together", method)[1], _saved_probe(tmp_path / "alone", method)[1]
         scale = w_alone["linear.weight"].abs().max()
         for k in w_alone:

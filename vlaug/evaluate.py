@@ -23,7 +23,7 @@ from vlaug.choices import CLASSES_PROMPT_SET, REWEIGHTS
 from vlaug.devices import release_memory, resolve_device, threads_for
 from vlaug.errors import CheckpointError, UsageError
 from vlaug.methods import Method, RunData, parse_method
-from vlaug.methods.linear import block_generator
+from vlaug.methods.linear import block_generator, search_together
 from vlaug.probe import LinearProbe, weight_decay_grid
 from vlaug.protocols import Splits, check_domains, id_fractions, make_splits, parse_imbalance, training_rows
 from vlaug.train import check_labeled, classes_without_rows
@@ -440,6 +440,7 @@ def _fit_every_seed(plan: _Plan, progress: bool, sample: np.ndarray, x_sample: t
     results, geometry, first_fits, projections = [], [], {}, {}
     bar = tqdm(total=len(plan.splits) * len(methods), desc="probe", unit="fit", disable=not progress, file=sys.stderr)
     fits = {}
+    search_together(methods, data, plan.splits)  # the probe methods' weight-decay searches, as one batch
     for method in methods:  # a method's seeds together: it may share work between them (Method.fit_seeds)
         for seed, fit in enumerate(method.fit_seeds(data, plan.splits)):
             fits[seed, method.text] = fit

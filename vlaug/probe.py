@@ -143,9 +143,10 @@ class Rows:
     :meth:`vlaug.methods.linear.ProbeMethod.fit_seeds`) carry (m, S) weights, one column per
     set (``columns`` = S; a row outside a set weighs 0 in its column): each problem of
     :func:`fit_probes` is fitted on one column, and one pass over the rows serves them all.
-    Blocks that belong to one set only (rows a method built for one seed) are named in
-    ``owners`` (per block, its column, or None for every column), with (m,) weights: only
-    that column's problems are evaluated on them. ``x`` may be float16: it stays so in
+    A block that serves some of the sets only says so in a fifth element,
+    ``(x, targets, weights, index or None, owner)``: a column j (rows a method built for
+    one seed, (m,) weights) or a span ``(lo, hi)`` (weights (m, hi − lo) for columns
+    lo … hi − 1); only the problems of those columns are evaluated on it. ``x`` may be float16: it stays so in
     memory and is converted to float32 piece by piece inside the objective. With ``index``, the block's rows are
     ``x[index]`` and ``x`` is a whole resident cache (never copied). In memory there is one
     block (:meth:`of`); for caches larger than memory, ``blocks()`` reads the rows from disk
@@ -153,9 +154,9 @@ class Rows:
     """
 
     def __init__(self, blocks: Callable[[], Iterable[tuple]], n_features: int, n_classes: int, n_rows: int,
-                 device: torch.device | str = "cpu", columns: int = 1, owners: list[int | None] | None = None):
+                 device: torch.device | str = "cpu", columns: int = 1):
         self.blocks, self.n_features, self.n_classes, self.n_rows = blocks, n_features, n_classes, n_rows
-        self.device, self.columns, self.owners = torch.device(device), columns, owners
+        self.device, self.columns = torch.device(device), columns
 
     @classmethod
     def of(cls, x: torch.Tensor, targets: torch.Tensor, sample_weight: torch.Tensor | None = None,
@@ -185,10 +186,10 @@ def _pieces(rows: Rows, width: int, owners: bool = False) -> Iterable[tuple]:
     """``rows`` as float32 ``(x, targets, weights)`` pieces sized for ``width`` logits per
     row; with ``owners``, ``(x, targets, weights, owner)`` (see :class:`Rows`)."""
     step = int(np.clip(PIECE_VALUES // max(1, width, rows.n_features), 256, 65536))
-    for k, block in enumerate(rows.blocks()):
+    for block in rows.blocks():
         x, t, w = block[:3]
         index = block[3] if len(block) > 3 else None
-        owner = (rows.owners[k] if rows.owners else None,) if owners else ()
+        owner = (block[4] if len(block) > 4 else None,) if owners else ()
         for i in range(0, len(t), step):
             j = min(len(t), i + step)
             xs = x[index[i:j]] if index is not None else x[i:j]
@@ -229,14 +230,21 @@ def _objectives_pass(rows, theta, weight_decay, anchor, columns):
     loss = torch.zeros(p, device=theta.device)
     gW, gb = torch.zeros_like(W), torch.zeros_like(b)
     for x, t, w, owner in _pieces(rows, p * c, owners=True):
-        if owner is None:
-            _accumulate(x, t, w.unsqueeze(1) if w.dim() == 1 else w[:, columns], W, b, loss, gW, gb)
+        if columns is None:  # one weight column: every problem
+            _accumulate(x, t, w.unsqueeze(1) if w.dim() == 1 else w, W, b, loss, gW, gb)
             continue
-        mine = (columns == owner).nonzero().flatten()  # rows of one column: its problems alone
+        lo, hi = (0, rows.columns) if owner is None else (owner, owner + 1) if isinstance(owner, int) else owner
+        inside = (columns >= lo) & (columns < hi)
+        weights = lambda cols: w.unsqueeze(1) if w.dim() == 1 else w[:, cols - lo]  # noqa: E731
+        if bool(inside.all()):
+            _accumulate(x, t, weights(columns), W, b, loss, gW, gb)
+            continue
+        mine = inside.nonzero().flatten()  # the block's rows serve these problems alone
         if len(mine):
             mine_W, mine_b = _stacked(theta[mine])
-            part_loss, part_gW, part_gb = torch.zeros(len(mine), device=theta.device), torch.zeros_like(mine_W), torch.zeros_like(mine_b)
-            _accumulate(x, t, w.unsqueeze(1), mine_W, mine_b, part_loss, part_gW, part_gb)
+            part_loss, part_gW, part_gb = (torch.zeros(len(mine), device=theta.device), torch.zeros_like(mine_W),
+                                           torch.zeros_like(mine_b))
+            _accumulate(x, t, weights(columns[mine]), mine_W, mine_b, part_loss, part_gW, part_gb)
             loss.index_add_(0, mine, part_loss)
             gW.view(d1 - 1, p, c).index_add_(1, mine, part_gW.view(d1 - 1, -1, c))
             gb.view(p, c).index_add_(0, mine, part_gb.view(-1, c))
@@ -359,8 +367,9 @@ def fit_probes(
     inverse-Hessian estimate positive definite (pairs with sᵀy ≤ 1e-10 are skipped).
 
     ``init`` is one ``(W, b)`` for every problem or a stack of them, ``(P, d, C)`` and
-    ``(P, C)``. ``columns``: per problem, the weight column of ``train`` it is fitted on
-    (``train.columns`` > 1: the training sets of several seeds in one pass).
+    ``(P, C)``; ``regularize_towards`` one (d, C) anchor or a (P, d, C) stack (zeros: none).
+    ``columns``: per problem, the weight column of ``train`` it is fitted on
+    (``train.columns`` > 1: the training sets of several seeds, or methods, in one pass).
 
     Returns:
         per weight decay, ``(W, b, {"iterations", "converged"})``.
@@ -381,10 +390,13 @@ def fit_probes(
     threads = torch.get_num_threads()
     # the optimiser's own arithmetic (vectors of (d + 1)·C per problem) on one thread; the
     # objective's products on all of them when the problem is large enough to share
+    stacked = regularize_towards is not None and regularize_towards.dim() == 3
+
     def objective(th, problems):  # the objectives of the problems ``problems`` (None: all) at th
         if problems is None:
             return _objectives(train, th, wd, regularize_towards, threads, cols)
-        return _objectives(train, th, wd[problems], regularize_towards, threads, None if cols is None else cols[problems])
+        return _objectives(train, th, wd[problems], regularize_towards[problems] if stacked else regularize_towards,
+                           threads, None if cols is None else cols[problems])
 
     with threads_for(0, device):
         f, g = objective(theta, None)
@@ -504,19 +516,22 @@ def select_weight_decays(
     s, k = len(vals), len(grid)
     columns = None if train.columns == 1 else [j for j in range(s) for _ in grid]
     fits = fit_probes(train, [wd for _ in range(s) for wd in grid], max_iter, init, regularize_towards, columns=columns)
-    results = []
-    for j, val in enumerate(vals):
-        mine = fits[j * k:(j + 1) * k]
-        with threads_for(val.n_rows * train.n_features * k * train.n_classes, train.device):
-            scores = _scores(val, torch.stack([torch.cat([W, b[None]]) for W, b, _ in mine]))
-        search, best = [], None
-        for wd, (W, b, info), (accuracy, log_loss) in zip(grid, mine, scores):
-            entry = {"weight_decay": wd, **info, "val_accuracy": accuracy, "val_log_loss": log_loss}
-            search.append(entry)
-            if best is None or _better((accuracy, log_loss), (best["val_accuracy"], best["val_log_loss"])):
-                best = {**entry, "W": W, "b": b}
-        results.append((best, search))
-    return results
+    return [choose(fits[j * k:(j + 1) * k], grid, val) for j, val in enumerate(vals)]
+
+
+def choose(fits: list[tuple[torch.Tensor, torch.Tensor, dict]], grid: list[float], val: Rows) -> tuple[dict, list[dict]]:
+    """The best of the fits at each weight decay of ``grid`` (:func:`fit_probes`' output) on
+    the validation rows ``val`` (:func:`_better`), and every candidate's scores."""
+    W0 = fits[0][0]
+    with threads_for(val.n_rows * W0.shape[0] * W0.shape[1] * len(grid), W0.device):
+        scores = _scores(val, torch.stack([torch.cat([W, b[None]]) for W, b, _ in fits]))
+    search, best = [], None
+    for wd, (W, b, info), (accuracy, log_loss) in zip(grid, fits, scores):
+        entry = {"weight_decay": wd, **info, "val_accuracy": accuracy, "val_log_loss": log_loss}
+        search.append(entry)
+        if best is None or _better((accuracy, log_loss), (best["val_accuracy"], best["val_log_loss"])):
+            best = {**entry, "W": W, "b": b}
+    return best, search
 
 
 # ----------------------------------------------------------------------------- reweighting

@@ -18,8 +18,8 @@ from vlaug.devices import release_memory
 from vlaug.methods import register
 from vlaug.methods.base import EnsembleOptions, Fit, Method, RunData
 from vlaug.discriminant import SHRINKAGE_GRID, ClassStatistics, gda_weights, shrunk_inverses
-from vlaug.probe import (Rows, _better, _pieces, _scores, as_labels, fit_probe, fit_probes, fit_reweighted,
-                         select_weight_decay, select_weight_decays, weight_decay_grid)
+from vlaug.probe import (Rows, _better, _pieces, _scores, as_labels, choose, fit_probe, fit_probes, fit_reweighted,
+                         select_weight_decay, weight_decay_grid)
 from vlaug.zero_shot import zero_shot_weights
 
 # After a search on a sample, the fit on every training row starts from the sample's probe at
@@ -78,8 +78,12 @@ class ProbeMethod(Method):
         """Every seed's fit. The seeds' logistic searches (or, after searches on samples,
         their refits on every training row) run as one batch where that pays (see
         UNION_LIMIT and BUILT_BATCH_VALUES): the same fits, with one optimiser loop and one
-        pass over the rows per evaluation for all of them."""
-        self._searched = self._search_seeds(data, splits)
+        pass over the rows per evaluation for all of them. Searches already run with other
+        methods' (:func:`search_together`) are taken as they are."""
+        if not getattr(self, "_searched", None):
+            search_together([self], data, splits)
+        if not getattr(self, "_searched", None):
+            self._searched = self._refit_seeds(data, splits)
         try:
             return super().fit_seeds(data, splits)
         finally:
@@ -126,31 +130,39 @@ class ProbeMethod(Method):
         return select_weight_decay(self.training_rows(held, local[:len(sub_train)], seed),
                                    labelled_rows(held, local[len(sub_train):]), grid, data.config.max_iter, init, anchor)
 
-    def _search_seeds(self, data: RunData, splits) -> dict[int, "_Searched"]:
-        """Every seed's :meth:`_search`, batched: the full searches as one batch of seeds x
-        grid problems; after sampled searches (one per seed, each on its own sample), the
-        refits on every training row as one batch. {} where the seeds are fitted one by one."""
-        if self.solver != "logistic" or len(splits) < 2 or (data.x is None and self.extra_rows()):
-            return {}  # streamed extras: each block's draws are seeded by its place in the seed's own stream
+    def _batch_plan(self, data: RunData, splits) -> "_BatchPlan | None":
+        """What :func:`search_together` needs to fit this method's full searches with
+        others': the seeds' training rows (built, with a method's extras), validation rows,
+        start and anchor; None where the seeds are searched one by one (GDA, searches on a
+        sample, a method's extras streamed or too large to build for every seed at once)."""
         cfg = data.config
+        if self.solver != "logistic" or (data.x is None and self.extra_rows()):
+            return None  # streamed extras: each block's draws are seeded by its place in the seed's own stream
         trains, vals = [np.asarray(s.train) for s in splits], [np.asarray(s.val) for s in splits]
-        samples = [_selection_sample(t, v, cfg.selection_rows, seed) for seed, (t, v) in enumerate(zip(trains, vals))]
-        if len({s is None for s in samples}) > 1:
-            return {}
+        if any(_selection_sample(t, v, cfg.selection_rows, seed) is not None for seed, (t, v) in enumerate(zip(trains, vals))):
+            return None
         per_seed = None
         if self.extra_rows():  # a method's built rows, built once here and kept for fit()
-            if samples[0] is not None or sum(map(len, trains)) * (1 + self.extra_rows()) * data.embed_dim > BUILT_BATCH_VALUES:
-                return {}
+            if sum(map(len, trains)) * (1 + self.extra_rows()) * data.embed_dim > BUILT_BATCH_VALUES:
+                return None
             per_seed = [self.training_rows(data, t, seed) for seed, t in enumerate(trains)]
-        union = _union_rows(data, trains, per_seed)
-        if union is None:
+        init, anchor = self.start(data)
+        return _BatchPlan(trains, vals, per_seed, init, anchor)
+
+    def _refit_seeds(self, data: RunData, splits) -> dict[int, "_Searched"]:
+        """After searches on samples (one per seed, each on its own sample), the seeds'
+        refits on every training row of the cache as one batch; {} where the seeds are
+        fitted one by one."""
+        cfg = data.config
+        if self.solver != "logistic" or self.extra_rows() or len(splits) < 2:
+            return {}
+        trains, vals = [np.asarray(s.train) for s in splits], [np.asarray(s.val) for s in splits]
+        samples = [_selection_sample(t, v, cfg.selection_rows, seed) for seed, (t, v) in enumerate(zip(trains, vals))]
+        union = _union_rows(data, trains)
+        if any(sample is None for sample in samples) or union is None:
             return {}
         init, anchor = self.start(data)
         grid = weight_decay_grid(cfg.grid_size)
-        if samples[0] is None:
-            found = select_weight_decays(union, [labelled_rows(data, v) for v in vals], grid, cfg.max_iter, init, anchor)
-            return {seed: _Searched(best, search, best["W"], best["b"], per_seed[seed] if per_seed else None)
-                    for seed, (best, search) in enumerate(found)}
         picks = [self._search_sample(data, sample, seed, grid, init, anchor) for seed, sample in enumerate(samples)]
         release_memory()  # the samples' copies, before the refits' pieces
         fits = fit_probes(union, [best["weight_decay"] for best, _ in picks], cfg.max_iter,
@@ -275,17 +287,76 @@ class _Searched:
     refit: dict | None = None
 
 
-def _union_rows(data: RunData, trains: list[np.ndarray], per_seed: list[Rows] | None = None) -> Rows | None:
-    """The training rows ``trains`` of several seeds as one set of rows with a weight column
-    per seed. Rows of the cache (resident or streamed): the union of the seeds' rows, each
-    weighing 0 in the columns of the seeds it is not in, read once per pass for all of them
-    (None when the union is larger than UNION_LIMIT x a seed's rows). A method's built rows
-    (``per_seed``, in memory): each seed's blocks, owned by its column."""
+@dataclass
+class _BatchPlan:
+    """A method's part of :func:`search_together` (see :meth:`ProbeMethod._batch_plan`)."""
+
+    trains: list[np.ndarray]
+    vals: list[np.ndarray]
+    per_seed: list[Rows] | None  # the seeds' built rows; None: rows of the cache
+    init: tuple[torch.Tensor, torch.Tensor] | None
+    anchor: torch.Tensor | None
+
+
+def search_together(methods: list[Method], data: RunData, splits) -> None:
+    """The full weight-decay searches of several probe methods on every seed, as one batch:
+    one optimiser loop and one pass over the rows per evaluation for every method x seed x
+    weight decay. The methods without extras share the rows of the cache (the union of the
+    seeds' rows, a weight column per seed); each method's built rows are evaluated under its
+    own problems only. The same fits as one search at a time; on small runs, whose time is
+    the optimiser's loop, much less time (vlaug.evaluate calls it with every method of the
+    run). Each batched method finds its seeds' searches in ``_searched`` (fit_seeds);
+    methods that cannot share (see ProbeMethod._batch_plan) are left out."""
+    plans = [(m, plan) for m in methods if isinstance(m, ProbeMethod) and (plan := m._batch_plan(data, splits))]
+    shared = _union_rows(data, plans[0][1].trains) if plans else None
+    plans = [(m, plan) for m, plan in plans if plan.per_seed is not None or shared is not None]
+    s = len(splits)
+    if not plans or (len(plans) == 1 and s == 1):
+        return
+    owned, base, columns = [], {}, s  # a method's built rows: each seed's blocks, owned by its column
+    for m, plan in plans:
+        base[m] = 0 if plan.per_seed is None else columns
+        if plan.per_seed is not None:
+            owned += [(*block[:3], None, columns + j) for j, rows in enumerate(plan.per_seed) for block in rows.blocks()]
+            columns += s
+    uses_shared = any(plan.per_seed is None for _, plan in plans)
+
+    def blocks():  # the cache's rows (resident: one block; streamed: read again), columns 0 … s - 1; then the built
+        if uses_shared:
+            for block in shared.blocks():
+                yield *block[:3], block[3] if len(block) > 3 else None, (0, s)
+        yield from owned
+
+    rows = Rows(blocks, data.embed_dim, data.n_classes, (shared.n_rows if uses_shared else 0) + sum(len(b[1]) for b in owned),
+                data.device, columns=columns)
+    grid, cfg = weight_decay_grid(data.config.grid_size), data.config
+    d, c = data.embed_dim, data.n_classes
+    problems = [(m, plan, j, wd) for m, plan in plans for j in range(s) for wd in grid]
+    start = [plan.init or (torch.zeros(d, c, device=data.device), torch.zeros(c, device=data.device))
+             for _, plan, _, _ in problems]
+    anchors = None
+    if any(plan.anchor is not None for _, plan in plans):
+        zero = torch.zeros(d, c, device=data.device)
+        anchors = torch.stack([zero if plan.anchor is None else plan.anchor for _, plan, _, _ in problems])
+    fits = fit_probes(rows, [wd for *_, wd in problems], cfg.max_iter,
+                      init=(torch.stack([w for w, _ in start]), torch.stack([b for _, b in start])),
+                      regularize_towards=anchors, columns=[base[m] + j for m, _, j, _ in problems])
+    k = len(grid)
+    for i, (m, plan) in enumerate(plans):
+        searched = {}
+        for j, val in enumerate(plan.vals):
+            first = (i * s + j) * k
+            best, search = choose(fits[first:first + k], grid, labelled_rows(data, val))
+            searched[j] = _Searched(best, search, best["W"], best["b"], plan.per_seed[j] if plan.per_seed else None)
+        m._searched = searched
+
+
+def _union_rows(data: RunData, trains: list[np.ndarray]) -> Rows | None:
+    """The training rows ``trains`` of several seeds, rows of the cache (resident or
+    streamed), as one set of rows: the union of the seeds' rows, with a weight column per
+    seed (0 where a row is not the seed's), read once per pass for all of them; None when
+    the union is larger than UNION_LIMIT x a seed's rows."""
     s = len(trains)
-    if per_seed is not None:
-        owned = [(j, block) for j, rows in enumerate(per_seed) for block in rows.blocks()]
-        return Rows(lambda: [block for _, block in owned], data.embed_dim, data.n_classes,
-                    sum(rows.n_rows for rows in per_seed), data.device, columns=s, owners=[j for j, _ in owned])
     union = np.unique(np.concatenate(trains))
     if len(union) > UNION_LIMIT * sum(len(t) for t in trains) / s or any(len(np.unique(t)) != len(t) for t in trains):
         return None  # too many rows unused by each seed, or a row twice in a seed's set (one weight could not hold both)
