@@ -98,6 +98,9 @@ faster on a CPU; at least 10x faster on a GPU. vlaug fits every grid value at on
 (`fit_probes`: one batched L-BFGS, closed-form gradients, one pass over the rows per
 evaluation for all weight decays, the optimiser's own arithmetic on one thread), each to
 convergence (largest gradient entry 1e-5; scikit-learn stops at 1e-4 on the same scale).
+In `vlaug probe` the batch holds every method x seed x weight decay of the run
+(`search_together`; the seeds' rows as weight columns of one set of rows), and after
+searches on a sample each method's refits on every row.
 
 small cache: `vlaug probe` end to end (import, read, 5 methods x 3 seeds with the full
 8-value search, refits, report with plots) against `python -c "import torch"`, best of 3,

@@ -38,9 +38,10 @@ REWEIGHT_SCHEDULE = {"steps": 500, "period": 100, "eta": 0.01, "lr": 0.01}
 # problems arithmetic for nothing).
 UNION_LIMIT = 1.5
 # Rows a method builds (its extras) differ between seeds: each seed's block is evaluated under
-# its own problems only (Rows.owners). They are built for every seed at once, so only when all
-# of them hold at most this many values (small runs, whose time is the optimiser's loop);
-# otherwise, and when streamed, each seed is fitted on its own.
+# its own problems only (a block's owner, see vlaug.probe.Rows). They are built for every seed
+# (and, in search_together, every method) at once, so only while all of them hold at most this
+# many values (small runs, whose time is the optimiser's loop); otherwise, and when streamed,
+# each seed is fitted on its own.
 BUILT_BATCH_VALUES = 2**26
 
 
@@ -130,11 +131,12 @@ class ProbeMethod(Method):
         return select_weight_decay(self.training_rows(held, local[:len(sub_train)], seed),
                                    labelled_rows(held, local[len(sub_train):]), grid, data.config.max_iter, init, anchor)
 
-    def _batch_plan(self, data: RunData, splits) -> "_BatchPlan | None":
+    def _batch_plan(self, data: RunData, splits, room: float = BUILT_BATCH_VALUES) -> "_BatchPlan | None":
         """What :func:`search_together` needs to fit this method's full searches with
         others': the seeds' training rows (built, with a method's extras), validation rows,
         start and anchor; None where the seeds are searched one by one (GDA, searches on a
-        sample, a method's extras streamed or too large to build for every seed at once)."""
+        sample, a method's extras streamed, or more values to build for every seed at once
+        than ``room``)."""
         cfg = data.config
         if self.solver != "logistic" or (data.x is None and self.extra_rows()):
             return None  # streamed extras: each block's draws are seeded by its place in the seed's own stream
@@ -143,7 +145,7 @@ class ProbeMethod(Method):
             return None
         per_seed = None
         if self.extra_rows():  # a method's built rows, built once here and kept for fit()
-            if sum(map(len, trains)) * (1 + self.extra_rows()) * data.embed_dim > BUILT_BATCH_VALUES:
+            if sum(map(len, trains)) * (1 + self.extra_rows()) * data.embed_dim > room:
                 return None
             per_seed = [self.training_rows(data, t, seed) for seed, t in enumerate(trains)]
         init, anchor = self.start(data)
@@ -307,7 +309,11 @@ def search_together(methods: list[Method], data: RunData, splits) -> None:
     the optimiser's loop, much less time (vlaug.evaluate calls it with every method of the
     run). Each batched method finds its seeds' searches in ``_searched`` (fit_seeds);
     methods that cannot share (see ProbeMethod._batch_plan) are left out."""
-    plans = [(m, plan) for m in methods if isinstance(m, ProbeMethod) and (plan := m._batch_plan(data, splits))]
+    plans, room = [], BUILT_BATCH_VALUES  # every method's built rows together within BUILT_BATCH_VALUES
+    for m in methods:
+        if isinstance(m, ProbeMethod) and (plan := m._batch_plan(data, splits, room)):
+            plans.append((m, plan))
+            room -= sum(x.numel() for rows in plan.per_seed or [] for x, *_ in rows.blocks())
     shared = _union_rows(data, plans[0][1].trains) if plans else None
     plans = [(m, plan) for m, plan in plans if plan.per_seed is not None or shared is not None]
     s = len(splits)
