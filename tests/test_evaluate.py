@@ -293,9 +293,9 @@ def test_float16_cache_stays_resident_in_float16_and_fits_as_float32(tmp_path):
     assert np.allclose(x.numpy(), whole.embeddings, atol=1e-3)  # float16 rounding of the float32 originals
 
 
-@pytest.mark.parametrize("selection_rows", [0, 150])
-@pytest.mark.parametrize("budget", ["auto", "1K"])
-def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, monkeypatch, selection_rows, budget):
+@pytest.mark.parametrize(("selection_rows", "budget", "seeds"),
+                         [(0, "auto", 3), (150, "auto", 3), (0, "1K", 3), (150, "1K", 3), (0, "auto", 1)])
+def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, monkeypatch, selection_rows, budget, seeds):
     """The probe methods of a run fit their seeds' weight-decay searches as one batch (the
     union of the seeds' rows of the cache, a weight column per seed; each method's built
     extras under its own problems), and after searches on samples their refits on every
@@ -306,6 +306,8 @@ def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, mon
 
     feats = write_synthetic_cache(tmp_path / "feat", n_per_class=100, d=16, n_classes=4)
     methods = ["linear", "linear-zs", "gaussian?n_aug=2"] + (["mixup"] if budget == "auto" else [])
+    if seeds == 1:  # one weight column: the methods share it
+        methods = ["linear", "linear-zs"]
     batches = []
     fit_probes = linear.fit_probes
     monkeypatch.setattr(linear, "fit_probes", lambda *a, **k: batches.append(len(k.get("columns") or [])) or fit_probes(*a, **k))
@@ -313,14 +315,14 @@ def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, mon
         if name == "alone":  # nothing batched: every method and seed searched, and refitted, on its own
             monkeypatch.setattr(linear, "UNION_LIMIT", 0.0)
             monkeypatch.setattr(linear.ProbeMethod, "_batch_plan", lambda *a: None)
-        args = ["probe", str(feats), "--out", str(tmp_path / name), "--train-domain", "photo", "--seeds", "3",
+        args = ["probe", str(feats), "--out", str(tmp_path / name), "--train-domain", "photo", "--seeds", str(seeds),
                 "--grid-size", "4", "--max-iter", "60", "--selection-rows", str(selection_rows), "--device", "cpu",
                 "--no-progress", "--memory-budget", budget]
         r = runner.invoke(app, args + [a for m in methods for a in ("-m", m)])
         assert r.exit_code == 0, r.output
         if name == "together" and not selection_rows:  # one search: every method x seed x weight decay
-            batched = len(methods) if budget == "auto" else 2  # streamed, gaussian's draws follow its own reads
-            assert batches == [batched * 3 * 4]
+            batched = len(methods) if budget == "auto" or seeds == 1 else 2  # streamed, gaussian's draws follow its own reads
+            assert batches == [batched * seeds * 4]
         elif name == "together":  # the refits of the two methods without extras, each one batch of 3 seeds
             assert batches == [3, 3]
         else:

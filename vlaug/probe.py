@@ -376,7 +376,7 @@ def fit_probes(
     """
     d, c, device = train.n_features, train.n_classes, train.device
     p, m, size = len(weight_decays), history_size, (d + 1) * c
-    if (columns is None) != (train.columns == 1) or (columns is not None and len(columns) != p):
+    if (columns is None and train.columns > 1) or (columns is not None and (len(columns) != p or max(columns) >= train.columns)):
         raise ValueError(f"{train.columns} weight columns need one column per problem, got {columns}.")
     cols = None if columns is None else torch.tensor(columns, device=device)
     wd = torch.tensor(weight_decays, dtype=torch.float32, device=device)

@@ -314,7 +314,7 @@ def search_together(methods: list[Method], data: RunData, splits) -> None:
         if isinstance(m, ProbeMethod) and (plan := m._batch_plan(data, splits, room)):
             plans.append((m, plan))
             room -= sum(x.numel() for rows in plan.per_seed or [] for x, *_ in rows.blocks())
-    shared = _union_rows(data, plans[0][1].trains) if plans else None
+    shared = _union_rows(data, plans[0][1].trains) if any(plan.per_seed is None for _, plan in plans) else None
     plans = [(m, plan) for m, plan in plans if plan.per_seed is not None or shared is not None]
     s = len(splits)
     if not plans or (len(plans) == 1 and s == 1):
