@@ -314,7 +314,7 @@ def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, mon
     for name in ("together", "alone"):
         if name == "alone":  # nothing batched: every method and seed searched, and refitted, on its own
             monkeypatch.setattr(linear, "UNION_LIMIT", 0.0)
-            monkeypatch.setattr(linear.ProbeMethod, "_batch_plan", lambda *a: None)
+            monkeypatch.setattr(linear.ProbeMethod, "_built_values", lambda *a: None)
         args = ["probe", str(feats), "--out", str(tmp_path / name), "--train-domain", "photo", "--seeds", str(seeds),
                 "--grid-size", "4", "--max-iter", "60", "--selection-rows", str(selection_rows), "--device", "cpu",
                 "--no-progress", "--memory-budget", budget]
@@ -342,3 +342,44 @@ def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, mon
         scale = w_alone["linear.weight"].abs().max()
         for k in w_alone:
             assert (w_together[k] - w_alone[k]).abs().max() <= 2e-3 * scale, (method, k)
+
+
+def test_batches_keep_their_optimiser_state_within_the_limit_and_searches_match_their_rows(tmp_path, monkeypatch):
+    """search_together batches methods only while their problems' optimiser state fits
+    BATCH_STATE_VALUES (the rest batch their own seeds, or fit one seed at a time), and a
+    search left on a method is used only for the training rows it was made for."""
+    import numpy as np
+    import torch
+
+    import vlaug.methods.linear as linear
+    from vlaug.evaluate import ProbeRunConfig, prepare
+    from vlaug.methods import parse_method
+
+    feats = write_synthetic_cache(tmp_path / "feat", n_per_class=40, d=16, n_classes=4)
+    batches = []
+    fit_probes = linear.fit_probes
+    monkeypatch.setattr(linear, "fit_probes", lambda *a, **k: batches.append(len(k.get("columns") or [])) or fit_probes(*a, **k))
+    per_problem = 26 * 17 * 4  # (2 x history + 6) x (d + 1) x C
+    for limit, expected in ((24, [24]), (12, [12, 12]), (11, [])):  # problems: 2 methods x 3 seeds x 4 weight decays
+        batches.clear()
+        monkeypatch.setattr(linear, "BATCH_STATE_VALUES", limit * per_problem)
+        r = runner.invoke(app, ["probe", str(feats), "--out", str(tmp_path / f"r{limit}"), "--seeds", "3", "--grid-size",
+                                "4", "--max-iter", "40", "--device", "cpu", "--no-progress", "-m", "linear", "-m", "linear-zs"])
+        assert r.exit_code == 0, r.output
+        assert batches == expected, limit
+    reports = [json.loads((tmp_path / f"r{n}" / "report.json").read_text())["results"] for n in (24, 12, 11)]
+    for a, b in zip(reports[0], reports[2]):
+        assert a["selection"]["weight_decay"] == b["selection"]["weight_decay"]
+    # a search made for other rows (another run's splits) is not taken
+    plan = prepare(ProbeRunConfig(features=str(feats), out=str(tmp_path / "x"), methods=("linear",), seeds=2, grid_size=4,
+                                  max_iter=40, device="cpu"))
+    other = prepare(ProbeRunConfig(features=str(feats), out=str(tmp_path / "x"), methods=("linear",), seeds=2, grid_size=4,
+                                   max_iter=40, device="cpu", val_fraction=0.4))
+    method = parse_method("linear")
+    linear.search_together([method], plan.data, plan.splits)
+    assert set(method._searched) == {0, 1}
+    stale = method.fit(other.data, other.splits[0], 0)
+    fresh = parse_method("linear").fit(other.data, other.splits[0], 0)
+    assert stale.selection["n_train_rows"] == len(other.splits[0].train) != len(plan.splits[0].train)
+    torch.testing.assert_close(stale.W, fresh.W)
+    assert np.isclose(stale.selection["val_accuracy"], fresh.selection["val_accuracy"])

@@ -43,6 +43,16 @@ UNION_LIMIT = 1.5
 # many values (small runs, whose time is the optimiser's loop); otherwise, and when streamed,
 # each seed is fitted on its own.
 BUILT_BATCH_VALUES = 2**26
+# A batch of P problems holds about (2 x history + 6) x (d + 1) x C values per problem of
+# optimiser state (L-BFGS pairs, iterates, gradients, starts, anchors); batches stay within this
+# many values (512 MB of float32: 80 problems at d = 512, C = 100; one seed's grid at d = 1024,
+# C = 400 is fitted as before, one seed at a time).
+BATCH_STATE_VALUES = 2**27
+
+
+def _state_fits(n_problems: int, data: RunData) -> bool:
+    """Whether a batch of ``n_problems`` probes keeps its optimiser state within BATCH_STATE_VALUES."""
+    return n_problems * 26 * (data.embed_dim + 1) * data.n_classes <= BATCH_STATE_VALUES
 
 
 def block_generator(seed: int, block: int) -> torch.Generator:
@@ -94,7 +104,9 @@ class ProbeMethod(Method):
         train, val = np.asarray(splits.train), np.asarray(splits.val)
         if self.solver == "gda":
             return self._fit_gda(data, train, val, seed)
-        found = getattr(self, "_searched", {}).pop(seed, None) or self._search(data, train, val, seed)
+        found = getattr(self, "_searched", {}).pop(seed, None)
+        if found is None or found.train is None or not np.array_equal(found.train, train):  # not these rows' search
+            found = self._search(data, train, val, seed)
         best, rows = found.best, found.rows if found.rows is not None else self.training_rows(data, train, seed)
         selection = {k: best[k] for k in ("weight_decay", "iterations", "converged", "val_accuracy", "val_log_loss")}
         if found.sample is not None:
@@ -131,23 +143,24 @@ class ProbeMethod(Method):
         return select_weight_decay(self.training_rows(held, local[:len(sub_train)], seed),
                                    labelled_rows(held, local[len(sub_train):]), grid, data.config.max_iter, init, anchor)
 
-    def _batch_plan(self, data: RunData, splits, room: float = BUILT_BATCH_VALUES) -> "_BatchPlan | None":
-        """What :func:`search_together` needs to fit this method's full searches with
-        others': the seeds' training rows (built, with a method's extras), validation rows,
-        start and anchor; None where the seeds are searched one by one (GDA, searches on a
-        sample, a method's extras streamed, or more values to build for every seed at once
-        than ``room``)."""
+    def _built_values(self, data: RunData, splits) -> float | None:
+        """How many values this method's rows built for every seed at once would hold (0:
+        none, rows of the cache), or None where its seeds' full searches cannot join a batch
+        (GDA, searches on a sample, a method's extras streamed)."""
         cfg = data.config
         if self.solver != "logistic" or (data.x is None and self.extra_rows()):
             return None  # streamed extras: each block's draws are seeded by its place in the seed's own stream
-        trains, vals = [np.asarray(s.train) for s in splits], [np.asarray(s.val) for s in splits]
-        if any(_selection_sample(t, v, cfg.selection_rows, seed) is not None for seed, (t, v) in enumerate(zip(trains, vals))):
+        if any(_selection_sample(np.asarray(s.train), np.asarray(s.val), cfg.selection_rows, seed) is not None
+               for seed, s in enumerate(splits)):
             return None
-        per_seed = None
-        if self.extra_rows():  # a method's built rows, built once here and kept for fit()
-            if sum(map(len, trains)) * (1 + self.extra_rows()) * data.embed_dim > room:
-                return None
-            per_seed = [self.training_rows(data, t, seed) for seed, t in enumerate(trains)]
+        return sum(len(s.train) for s in splits) * (1 + self.extra_rows()) * data.embed_dim if self.extra_rows() else 0
+
+    def _batch_plan(self, data: RunData, splits) -> "_BatchPlan":
+        """What :func:`search_together` needs to fit this method's full searches with
+        others': the seeds' training rows (built once here with a method's extras, and kept
+        for fit()), validation rows, start and anchor."""
+        trains, vals = [np.asarray(s.train) for s in splits], [np.asarray(s.val) for s in splits]
+        per_seed = [self.training_rows(data, t, seed) for seed, t in enumerate(trains)] if self.extra_rows() else None
         init, anchor = self.start(data)
         return _BatchPlan(trains, vals, per_seed, init, anchor)
 
@@ -156,7 +169,7 @@ class ProbeMethod(Method):
         refits on every training row of the cache as one batch; {} where the seeds are
         fitted one by one."""
         cfg = data.config
-        if self.solver != "logistic" or self.extra_rows() or len(splits) < 2:
+        if self.solver != "logistic" or self.extra_rows() or len(splits) < 2 or not _state_fits(len(splits), data):
             return {}
         trains, vals = [np.asarray(s.train) for s in splits], [np.asarray(s.val) for s in splits]
         samples = [_selection_sample(t, v, cfg.selection_rows, seed) for seed, (t, v) in enumerate(zip(trains, vals))]
@@ -171,7 +184,7 @@ class ProbeMethod(Method):
                           init=(torch.stack([best["W"] for best, _ in picks]), torch.stack([best["b"] for best, _ in picks])),
                           regularize_towards=anchor, tolerance_grad=REFIT_TOLERANCE, columns=list(range(len(splits))))
         return {seed: _Searched(best, search, W, b, None, samples[seed],
-                                {"iterations": info["iterations"], "converged": info["converged"]})
+                                {"iterations": info["iterations"], "converged": info["converged"]}, trains[seed])
                 for seed, ((best, search), (W, b, info)) in enumerate(zip(picks, fits))}
 
     def refit(self, data, rows, seed, selection) -> Fit:
@@ -287,6 +300,7 @@ class _Searched:
     rows: Rows | None  # None: built again when needed
     sample: tuple[np.ndarray, np.ndarray] | None = None
     refit: dict | None = None
+    train: np.ndarray | None = None  # the training rows it was fitted for
 
 
 @dataclass
@@ -308,16 +322,20 @@ def search_together(methods: list[Method], data: RunData, splits) -> None:
     own problems only. The same fits as one search at a time; on small runs, whose time is
     the optimiser's loop, much less time (vlaug.evaluate calls it with every method of the
     run). Each batched method finds its seeds' searches in ``_searched`` (fit_seeds);
-    methods that cannot share (see ProbeMethod._batch_plan) are left out."""
-    plans, room = [], BUILT_BATCH_VALUES  # every method's built rows together within BUILT_BATCH_VALUES
+    methods that cannot share (see ProbeMethod._built_values, BATCH_STATE_VALUES) are left out."""
+    s, grid, cfg = len(splits), weight_decay_grid(data.config.grid_size), data.config
+    chosen, room = [], BUILT_BATCH_VALUES  # within BUILT_BATCH_VALUES of built rows and BATCH_STATE_VALUES of state
     for m in methods:
-        if isinstance(m, ProbeMethod) and (plan := m._batch_plan(data, splits, room)):
-            plans.append((m, plan))
-            room -= sum(x.numel() for rows in plan.per_seed or [] for x, *_ in rows.blocks())
+        built = m._built_values(data, splits) if isinstance(m, ProbeMethod) else None
+        if built is not None and built <= room and _state_fits((len(chosen) + 1) * s * len(grid), data):
+            chosen.append(m)
+            room -= built
+    if len(chosen) * s < 2:
+        return  # nothing to share
+    plans = [(m, m._batch_plan(data, splits)) for m in chosen]
     shared = _union_rows(data, plans[0][1].trains) if any(plan.per_seed is None for _, plan in plans) else None
     plans = [(m, plan) for m, plan in plans if plan.per_seed is not None or shared is not None]
-    s = len(splits)
-    if not plans or (len(plans) == 1 and s == 1):
+    if not plans:
         return
     owned, base, columns = [], {}, s  # a method's built rows: each seed's blocks, owned by its column
     for m, plan in plans:
@@ -335,7 +353,6 @@ def search_together(methods: list[Method], data: RunData, splits) -> None:
 
     rows = Rows(blocks, data.embed_dim, data.n_classes, (shared.n_rows if uses_shared else 0) + sum(len(b[1]) for b in owned),
                 data.device, columns=columns)
-    grid, cfg = weight_decay_grid(data.config.grid_size), data.config
     d, c = data.embed_dim, data.n_classes
     problems = [(m, plan, j, wd) for m, plan in plans for j in range(s) for wd in grid]
     start = [plan.init or (torch.zeros(d, c, device=data.device), torch.zeros(c, device=data.device))
@@ -347,13 +364,14 @@ def search_together(methods: list[Method], data: RunData, splits) -> None:
     fits = fit_probes(rows, [wd for *_, wd in problems], cfg.max_iter,
                       init=(torch.stack([w for w, _ in start]), torch.stack([b for _, b in start])),
                       regularize_towards=anchors, columns=[base[m] + j for m, _, j, _ in problems])
-    k = len(grid)
+    k = len(grid)  # problems per method and seed
     for i, (m, plan) in enumerate(plans):
         searched = {}
         for j, val in enumerate(plan.vals):
             first = (i * s + j) * k
             best, search = choose(fits[first:first + k], grid, labelled_rows(data, val))
-            searched[j] = _Searched(best, search, best["W"], best["b"], plan.per_seed[j] if plan.per_seed else None)
+            searched[j] = _Searched(best, search, best["W"], best["b"], plan.per_seed[j] if plan.per_seed else None,
+                                    train=plan.trains[j])
         m._searched = searched
 
 
