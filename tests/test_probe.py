@@ -21,8 +21,9 @@ from vlaug.probe import (
     group_ids,
     probe_objective,
     sample_weights_from_groups,
+    choose,
+    fit_probes,
     select_weight_decay,
-    select_weight_decays,
     update_group_weights,
     weight_decay_grid,
 )
@@ -318,8 +319,9 @@ def test_batched_objective_and_gradient_equal_autograd_on_each_problem(soft, col
 
 def test_seeds_in_weight_columns_select_and_fit_as_separate_searches():
     """Three overlapping training sets (three seeds' splits of the same rows) as one set of
-    rows with a weight column each: one batched search chooses, per set, the weight decay
-    its own search chooses, with the same weights up to the order of float sums."""
+    rows with a weight column each: one batched fit of every set x weight decay chooses, per
+    set, the weight decay its own search chooses, with the same weights up to the order of
+    float sums."""
     xs, ys, _, _ = synthetic_clusters(n_per_class=225, d=16, n_classes=4, noise=1.5, seed=0)
     x, y = torch.tensor(xs), torch.tensor(ys)
     rng = np.random.default_rng(0)
@@ -335,7 +337,8 @@ def test_seeds_in_weight_columns_select_and_fit_as_separate_searches():
     index = torch.as_tensor(union)
     rows = Rows(lambda: [(x, y[index], weights, index)], 16, 4, len(union), columns=3)
     grid = weight_decay_grid(6)
-    together = select_weight_decays(rows, [Rows.of(x[v], y[v], n_classes=4) for v in vals], grid)
+    fits = fit_probes(rows, grid * 3, columns=[j for j in range(3) for _ in grid])
+    together = [choose(fits[6 * j:6 * (j + 1)], grid, Rows.of(x[v], y[v], n_classes=4)) for j, v in enumerate(vals)]
     for (best, search), t, v in zip(together, trains, vals):
         alone, alone_search = select_weight_decay(Rows.of(x[t], y[t], n_classes=4), Rows.of(x[v], y[v], n_classes=4), grid)
         assert best["weight_decay"] == alone["weight_decay"]

@@ -497,26 +497,7 @@ def select_weight_decay(
         the best ``{"weight_decay", "iterations", "converged", "val_accuracy", "val_log_loss", "W", "b"}``
         and the search (the same without W and b, per weight decay).
     """
-    return select_weight_decays(train, [val], grid, max_iter, init, regularize_towards)[0]
-
-
-def select_weight_decays(
-    train: Rows,
-    vals: list[Rows],
-    grid: list[float],
-    max_iter: int = 200,
-    init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    regularize_towards: torch.Tensor | None = None,
-) -> list[tuple[dict, list[dict]]]:
-    """:func:`select_weight_decay` for each of S training sets at once: ``train`` holds
-    them as S weight columns (one when S = 1), ``vals`` their S validation rows. The
-    S × len(grid) problems are fitted as one batch (one pass over the rows per evaluation,
-    one optimiser loop): the same fits as S separate searches, in about half the time on a
-    small run (2,000 rows, 3 seeds: 0.87 s -> 0.5 s), whose cost is the loop, not the arithmetic."""
-    s, k = len(vals), len(grid)
-    columns = None if train.columns == 1 else [j for j in range(s) for _ in grid]
-    fits = fit_probes(train, [wd for _ in range(s) for wd in grid], max_iter, init, regularize_towards, columns=columns)
-    return [choose(fits[j * k:(j + 1) * k], grid, val) for j, val in enumerate(vals)]
+    return choose(fit_probes(train, grid, max_iter, init, regularize_towards), grid, val)
 
 
 def choose(fits: list[tuple[torch.Tensor, torch.Tensor, dict]], grid: list[float], val: Rows) -> tuple[dict, list[dict]]:
