@@ -238,8 +238,8 @@ def _json_ready(obj):
 
 
 def _subplots(*args, **kwargs):
-    """``pyplot.subplots`` on a bare Figure: PNGs are drawn by Agg without pyplot's state and
-    its import (a quarter of a second, a tenth of a small probe run)."""
+    """``pyplot.subplots`` on a bare Figure: PNGs are drawn by Agg without pyplot's global
+    state and its import (a small run's report: 0.83 s -> 0.79 s)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=kwargs.pop("figsize", None))

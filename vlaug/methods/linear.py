@@ -173,8 +173,10 @@ class ProbeMethod(Method):
             return {}
         trains, vals = [np.asarray(s.train) for s in splits], [np.asarray(s.val) for s in splits]
         samples = [_selection_sample(t, v, cfg.selection_rows, seed) for seed, (t, v) in enumerate(zip(trains, vals))]
+        if any(sample is None for sample in samples):
+            return {}
         union = _union_rows(data, trains)
-        if any(sample is None for sample in samples) or union is None:
+        if union is None:
             return {}
         init, anchor = self.start(data)
         grid = weight_decay_grid(cfg.grid_size)
