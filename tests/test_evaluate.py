@@ -293,16 +293,26 @@ def test_float16_cache_stays_resident_in_float16_and_fits_as_float32(tmp_path):
     assert np.allclose(x.numpy(), whole.embeddings, atol=1e-3)  # float16 rounding of the float32 originals
 
 
-@pytest.mark.parametrize(("selection_rows", "budget", "seeds"),
-                         [(0, "auto", 3), (150, "auto", 3), (0, "1K", 3), (150, "1K", 3), (0, "auto", 1)])
-def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, monkeypatch, selection_rows, budget, seeds):
+@pytest.mark.parametrize(("selection_rows", "budget", "seeds", "patterns"),
+                         [(0, "auto", 3, False), (150, "auto", 3, False), (0, "1K", 3, False), (150, "1K", 3, False),
+                          (0, "auto", 1, False), (0, "auto", 3, True), (150, "auto", 3, True)])
+def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, monkeypatch, selection_rows, budget, seeds,
+                                                                    patterns):
     """The probe methods of a run fit their seeds' weight-decay searches as one batch (the
     union of the seeds' rows of the cache, a weight column per seed; each method's built
     extras under its own problems), and after searches on samples their refits on every
     row as one batch per method, in memory or streamed: the same weight decays, accuracies
     and saved probes as each method and seed fitted alone, and streamed, fewer reads of the
-    cache."""
+    cache. With ``patterns``, the union's rows that only some seeds hold are blocks of their
+    own (large caches: PATTERN_ROWS made small here), evaluated under those seeds' problems."""
     import vlaug.methods.linear as linear
+
+    if patterns:
+        monkeypatch.setattr(linear, "PATTERN_ROWS", 8)
+        split = linear._membership_blocks
+        owners = []
+        monkeypatch.setattr(linear, "_membership_blocks",
+                            lambda *a: owners.append([b[4].tolist() for b in split(*a) if len(b) > 4]) or split(*a))
 
     feats = write_synthetic_cache(tmp_path / "feat", n_per_class=100, d=16, n_classes=4)
     methods = ["linear", "linear-zs", "gaussian?n_aug=2"] + (["mixup"] if budget == "auto" else [])
@@ -327,6 +337,8 @@ def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, mon
             assert batches == [3, 3]
         else:
             assert len(batches) == (1 if not selection_rows else 2)  # alone: no batch
+        if name == "together" and patterns:
+            assert owners and all(len(o) >= 3 for o in owners), owners  # blocks of the rows of 1 or 2 of the 3 seeds
     together, alone = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("together", "alone"))
     assert together["protocol"]["streamed"] == (budget == "1K")
     if budget == "1K":
@@ -359,7 +371,7 @@ def test_batches_keep_their_optimiser_state_within_the_limit_and_searches_match_
     batches = []
     fit_probes = linear.fit_probes
     monkeypatch.setattr(linear, "fit_probes", lambda *a, **k: batches.append(len(k.get("columns") or [])) or fit_probes(*a, **k))
-    per_problem = 26 * 17 * 4  # (2 x history + 6) x (d + 1) x C
+    per_problem = 36 * 17 * 4  # (3 x history + 6) x (d + 1) x C
     for limit, expected in ((24, [24]), (12, [12, 12]), (11, [])):  # problems: 2 methods x 3 seeds x 4 weight decays
         batches.clear()
         monkeypatch.setattr(linear, "BATCH_STATE_VALUES", limit * per_problem)

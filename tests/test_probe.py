@@ -237,39 +237,77 @@ def test_library_probe_fit_save_load_predict_on_tensors(tmp_path):
         vlaug.save_probe(tmp_path / "p2", probe, ["a", "b", "c"])
 
 
-def _two_loop(pairs, g):
-    """The textbook L-BFGS two-loop recursion (Nocedal & Wright, Alg. 7.4), pairs oldest first."""
+def _two_loop(pairs, g, M):
+    """The textbook L-BFGS two-loop recursion (Nocedal & Wright, Alg. 7.4), pairs oldest
+    first, from the initial matrix γM, γ = sᵀy / yᵀMy of the newest pair."""
     q, alphas = g.clone(), []
     for s, y in reversed(pairs):
         alpha = (s @ q) / (y @ s)
         q -= alpha * y
         alphas.append(alpha)
     s, y = pairs[-1]
-    r = (s @ y) / (y @ y) * q
+    r = (s @ y) / (y @ M @ y) * (M @ q)
     for (s, y), alpha in zip(pairs, reversed(alphas)):
         r += s * (alpha - (y @ r) / (y @ s))
     return r
 
 
-def test_compact_inverse_hessian_equals_the_two_loop_recursion():
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_compact_inverse_hessian_equals_the_two_loop_recursion(preconditioned):
     """The batched compact form gives the two-loop recursion's H·g for every problem, whatever
-    how many of its m slots hold a pair (empty slots first, as fit_probes stores them)."""
+    how many of its m slots hold a pair (empty slots first, as fit_probes stores them), from
+    γI or from γM with a preconditioner M of each problem's own."""
     from vlaug.probe import _inverse_hessian_times
 
     g = torch.Generator().manual_seed(0)
     n, m = 12, 4
-    S, Y, grads, expected = torch.zeros(3, m, n, dtype=torch.float64), torch.zeros(3, m, n, dtype=torch.float64), [], []
+    S, Y, MY = (torch.zeros(3, m, n, dtype=torch.float64) for _ in range(3))
+    grads, Mgrads, expected = [], [], []
     valid = torch.zeros(3, m, dtype=torch.bool)
     for k, stored in enumerate((4, 2, 1)):
         A = torch.randn(n, n, generator=g, dtype=torch.float64)
         A = A @ A.T + 0.5 * torch.eye(n, dtype=torch.float64)  # SPD: every pair has sᵀy > 0
+        M = torch.eye(n, dtype=torch.float64)
+        if preconditioned:
+            B = torch.randn(n, n, generator=g, dtype=torch.float64)
+            M = B @ B.T + 0.1 * torch.eye(n, dtype=torch.float64)
         pairs = [(s, A @ s) for s in torch.randn(stored, n, generator=g, dtype=torch.float64)]
         for i, (s, y) in enumerate(pairs):
-            S[k, m - stored + i], Y[k, m - stored + i], valid[k, m - stored + i] = s, y, True
+            S[k, m - stored + i], Y[k, m - stored + i], MY[k, m - stored + i] = s, y, M @ y
+            valid[k, m - stored + i] = True
         grads.append(torch.randn(n, generator=g, dtype=torch.float64))
-        expected.append(_two_loop(pairs, grads[-1]))
-    got = _inverse_hessian_times(S, Y, valid, torch.stack(grads))
+        Mgrads.append(M @ grads[-1])
+        expected.append(_two_loop(pairs, grads[-1], M))
+    got = _inverse_hessian_times(S, Y, MY, valid, torch.stack(grads), torch.stack(Mgrads))
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-9, atol=1e-9)
+
+
+def test_preconditioner_is_the_inverse_hessian_at_uniform_predictions():
+    """_preconditioners(gram) inverts the objective's Hessian at W = 0, b = 0 (every class
+    1/C) where the Hessian is Σ ⊗ (I/C − 11ᵀ/C²) + λD: on the directions that change the
+    logits' differences it equals that inverse (checked on a Hessian-vector product by
+    autograd), for float32 rows whose moments the first evaluation gathers."""
+    import vlaug.probe as probe_module
+
+    g = torch.Generator().manual_seed(1)
+    n, d, c, wd = 400, 6, 3, 1e-2
+    x = torch.randn(n, d, generator=g) + 0.5  # a common mean: the bias couples with W
+    y = torch.randint(0, c, (n,), generator=g)
+    rows = Rows.of(x, y, n_classes=c)
+    gram = torch.zeros(1, d + 2, d + 2, dtype=torch.float64)
+    probe_module._objectives(rows, torch.zeros(1, d + 1, c), torch.tensor([wd]), None, gram=gram)
+    assert gram[0, -1, -1] == n
+    M = probe_module._preconditioners(gram[0], [wd], c)[0].double()
+    v = torch.randn(d + 1, c, generator=g, dtype=torch.float64)
+    v = v - v.mean(1, keepdim=True)  # logit differences only (the Hessian is singular along 1 on the data term)
+    theta = torch.zeros(d + 1, c, dtype=torch.float64, requires_grad=True)
+    xd = x.double()
+
+    def objective(th):
+        return probe_objective(xd, th[:d], th[d], y, torch.full((n,), 1.0 / n, dtype=torch.float64), wd)
+
+    Hv = torch.autograd.functional.hvp(objective, theta, M @ v)[1]
+    assert (Hv - v).abs().max() <= 1e-3 * v.abs().max() + 1e-5
 
 
 def test_small_problems_run_on_one_thread_and_the_count_is_restored():
@@ -286,12 +324,15 @@ def test_small_problems_run_on_one_thread_and_the_count_is_restored():
 
 
 @pytest.mark.parametrize("soft", [False, True])
-@pytest.mark.parametrize("columns", [None, [1, 0, 2, 1]])
-def test_batched_objective_and_gradient_equal_autograd_on_each_problem(soft, columns, monkeypatch):
+@pytest.mark.parametrize(("columns", "patterns"), [(None, False), ([1, 0, 2, 1], False), ([1, 0, 2, 1], True)])
+def test_batched_objective_and_gradient_equal_autograd_on_each_problem(soft, columns, patterns, monkeypatch):
     """_objectives evaluates P problems (each its own W, b and weight decay) in one pass, with
     closed-form gradients, in pieces; each equals probe_objective and its autograd gradient.
     With weight columns (the training sets of several seeds), each problem sees its column's
-    weights, zero on rows outside its set."""
+    weights, zero on rows outside its set; with ``patterns``, the rows are split into blocks
+    by the sets that hold them (vlaug.methods.linear._membership_blocks), each evaluated
+    under those sets' problems only: the same losses and gradients."""
+    import vlaug.methods.linear as linear
     import vlaug.probe as probe_module
 
     g = torch.Generator().manual_seed(0)
@@ -301,7 +342,14 @@ def test_batched_objective_and_gradient_equal_autograd_on_each_problem(soft, col
     targets = torch.softmax(torch.randn(n, c, generator=g), 1) if soft else labels
     w = torch.rand(n, generator=g) if columns is None else torch.rand(n, 3, generator=g) * (torch.rand(n, 3, generator=g) < 0.7)
     index = torch.randperm(n, generator=g)[:600]
-    rows = Rows(lambda: [(x, targets[index], w[index], index)], d, c, 600, columns=1 if columns is None else 3)
+    blocks = [(x, targets[index], w[index], index)]
+    if patterns:
+        monkeypatch.setattr(linear, "PATTERN_ROWS", 20)
+        blocks = linear._membership_blocks(x, targets[index], w[index], index)
+        owners = [b[4].tolist() for b in blocks if len(b) > 4]
+        assert len(owners) >= 5 and [0, 1, 2] not in owners  # the rows of every set but some: their own blocks
+        assert sorted(torch.cat([b[3] for b in blocks]).tolist()) == sorted(index.tolist())
+    rows = Rows(lambda: blocks, d, c, 600, columns=1 if columns is None else 3)
     theta = torch.randn(p, d + 1, c, generator=g, dtype=torch.float64).float()
     wd = torch.tensor([0.0, 1e-3, 0.1, 1.0])
     anchor = torch.randn(d, c, generator=g)

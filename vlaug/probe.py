@@ -145,8 +145,9 @@ class Rows:
     :func:`fit_probes` is fitted on one column, and one pass over the rows serves them all.
     A block that serves some of the sets only says so in a fifth element,
     ``(x, targets, weights, index or None, owner)``: a column j (rows a method built for
-    one seed, (m,) weights) or a span ``(lo, hi)`` (weights (m, hi − lo) for columns
-    lo … hi − 1); only the problems of those columns are evaluated on it. ``x`` may be float16: it stays so in
+    one seed, (m,) weights), a span ``(lo, hi)`` (weights (m, hi − lo) for columns
+    lo … hi − 1) or a sorted integer tensor of k columns (weights (m, k)); only the
+    problems of those columns are evaluated on it. ``x`` may be float16: it stays so in
     memory and is converted to float32 piece by piece inside the objective. With ``index``, the block's rows are
     ``x[index]`` and ``x`` is a whole resident cache (never copied). In memory there is one
     block (:meth:`of`); for caches larger than memory, ``blocks()`` reads the rows from disk
@@ -210,7 +211,8 @@ def _target_logits(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _objectives(rows: Rows, theta: torch.Tensor, weight_decay: torch.Tensor, anchor: torch.Tensor | None,
-                threads: int | None = None, columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                threads: int | None = None, columns: torch.Tensor | None = None,
+                gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`probe_objective` of P problems at once, and its gradient, in one pass over ``rows``.
 
     ``theta`` (P, d + 1, C) holds each problem's W (first d rows) and b (last row);
@@ -218,24 +220,34 @@ def _objectives(rows: Rows, theta: torch.Tensor, weight_decay: torch.Tensor, anc
     fitted on (rows with several columns). Returns the losses (P,) and the gradients
     (P, d + 1, C), computed in closed form: d/dz CE(z, t) = softmax(z) − t. ``threads``:
     intra-op threads for a problem large enough to share (:func:`vlaug.devices.threads_for`).
+    ``gram``: a (columns, d + 2, d + 2) float64 tensor to which the pass adds, for each
+    weight column, Σ [x, 1, 1]ᵀ[x, 1, 1] over its rows among about PRECONDITION_ROWS rows
+    spread over ``rows`` (the last entry counts them; see :func:`_preconditioners`).
     """
     p, d1, c = theta.shape
     with threads_for(rows.n_rows * (d1 - 1) * p * c, theta.device, threads):
-        return _objectives_pass(rows, theta, weight_decay, anchor, columns)
+        return _objectives_pass(rows, theta, weight_decay, anchor, columns, gram)
 
 
-def _objectives_pass(rows, theta, weight_decay, anchor, columns):
+def _objectives_pass(rows, theta, weight_decay, anchor, columns, gram=None):
     p, d1, c = theta.shape
     W, b = _stacked(theta)
     loss = torch.zeros(p, device=theta.device)
     gW, gb = torch.zeros_like(W), torch.zeros_like(b)
+    stride = max(1, rows.n_rows // PRECONDITION_ROWS)
     for x, t, w, owner in _pieces(rows, p * c, owners=True):
+        if gram is not None:
+            _add_moments(gram, x[::stride], w[::stride], owner, rows.columns)
         if columns is None:  # one weight column: every problem
             _accumulate(x, t, w.unsqueeze(1) if w.dim() == 1 else w, W, b, loss, gW, gb)
             continue
-        lo, hi = (0, rows.columns) if owner is None else (owner, owner + 1) if isinstance(owner, int) else owner
-        inside = (columns >= lo) & (columns < hi)
-        weights = lambda cols: w.unsqueeze(1) if w.dim() == 1 else w[:, cols - lo]  # noqa: E731
+        if torch.is_tensor(owner):  # a set of columns, sorted
+            inside = torch.isin(columns, owner)
+            weights = lambda cols: w[:, torch.searchsorted(owner, cols)]  # noqa: E731
+        else:
+            lo, hi = (0, rows.columns) if owner is None else (owner, owner + 1) if isinstance(owner, int) else owner
+            inside = (columns >= lo) & (columns < hi)
+            weights = lambda cols, lo=lo: w.unsqueeze(1) if w.dim() == 1 else w[:, cols - lo]  # noqa: E731
         if bool(inside.all()):
             _accumulate(x, t, weights(columns), W, b, loss, gW, gb)
             continue
@@ -253,6 +265,23 @@ def _objectives_pass(rows, theta, weight_decay, anchor, columns):
     grad = torch.cat([gW.view(d1 - 1, p, c).permute(1, 0, 2) + weight_decay.view(-1, 1, 1) * reg,
                       gb.view(1, p, c).permute(1, 0, 2)], 1)
     return loss, grad
+
+
+def _add_moments(gram: torch.Tensor, x: torch.Tensor, w: torch.Tensor, owner, n_columns: int) -> None:
+    """Add Σ [x, 1, 1]ᵀ[x, 1, 1] over the rows of ``x`` that weigh > 0 in column j to
+    ``gram[j]``, for each column j of the rows' ``owner`` (see :class:`Rows`)."""
+    if owner is None:
+        cols = list(range(n_columns))
+    elif isinstance(owner, int):
+        cols = [owner]
+    else:
+        cols = owner.tolist() if torch.is_tensor(owner) else list(range(*owner))
+    w = w.unsqueeze(1) if w.dim() == 1 else w
+    xt = torch.cat([x, torch.ones(len(x), 2, device=x.device)], 1)
+    for i, j in enumerate(cols):
+        inside = w[:, min(i, w.shape[1] - 1)] > 0
+        part = xt if bool(inside.all()) else xt[inside]
+        gram[j] += (part.T @ part).to(gram.dtype)
 
 
 def _accumulate(x, t, weights, W, b, loss, gW, gb) -> None:
@@ -315,22 +344,25 @@ def probe_objective(x, W, b, targets, sample_weight, weight_decay, anchor=None) 
 TOLERANCE_GRAD = 1e-5
 
 
-def _inverse_hessian_times(S: torch.Tensor, Y: torch.Tensor, valid: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """H·g for the L-BFGS inverse-Hessian estimate H of each of A problems, in the compact
-    form of Byrd, Nocedal and Schnabel (1994) - the two-loop recursion's result in a few
-    batched products instead of 4m small operations per problem:
+def _inverse_hessian_times(S: torch.Tensor, Y: torch.Tensor, MY: torch.Tensor, valid: torch.Tensor, g: torch.Tensor,
+                           Mg: torch.Tensor) -> torch.Tensor:
+    """H·g for the L-BFGS inverse-Hessian estimate H of each of A problems, started from
+    γM (M: a preconditioner, :func:`_preconditioners`), in the compact form of Byrd, Nocedal
+    and Schnabel (1994) - the two-loop recursion's result in a few batched products instead
+    of 4m small operations per problem:
 
-        H = γI + [S  γY] [[R⁻ᵀ(D + γYᵀY)R⁻¹, −R⁻ᵀ], [−R⁻¹, 0]] [Sᵀ; γYᵀ],
+        H = γM + [S  γMY] [[R⁻ᵀ(D + γYᵀMY)R⁻¹, −R⁻ᵀ], [−R⁻¹, 0]] [Sᵀ; γYᵀM],
 
-    R = the upper triangle of SᵀY, D its diagonal, γ = sᵀy / yᵀy of the newest pair.
-    ``S``, ``Y`` (A, m, n) hold the pairs oldest first, ``valid`` (A, m) which are stored
-    (an empty slot has zero vectors and a unit diagonal in R, so it adds nothing). The
-    m × m algebra runs in float64.
+    R = the upper triangle of SᵀY, D its diagonal, γ = sᵀy / yᵀMy of the newest pair (the
+    plain form, M = I, of L-BFGS run on the variables M^(-1/2)·θ). ``S``, ``Y`` (A, m, n)
+    hold the pairs oldest first, ``MY`` their M·y, ``valid`` (A, m) which are stored (an
+    empty slot has zero vectors and a unit diagonal in R, so it adds nothing); ``Mg`` = M·g.
+    The m × m algebra runs in float64.
     """
     a = torch.bmm(S, g.unsqueeze(2)).squeeze(2).double()  # Sᵀg
-    yg = torch.bmm(Y, g.unsqueeze(2)).squeeze(2).double()  # Yᵀg
+    yg = torch.bmm(Y, Mg.unsqueeze(2)).squeeze(2).double()  # YᵀMg
     sy = torch.bmm(S, Y.transpose(1, 2)).double()  # (SᵀY)_ij = s_i·y_j
-    yy = torch.bmm(Y, Y.transpose(1, 2)).double()
+    yy = torch.bmm(Y, MY.transpose(1, 2)).double()  # YᵀMY
     newest = valid[:, -1]
     gamma = torch.where(newest, sy[:, -1, -1] / yy[:, -1, -1].clamp(min=1e-300), torch.ones_like(sy[:, -1, -1]))
     eye = torch.diag_embed((~valid).double())
@@ -340,7 +372,47 @@ def _inverse_hessian_times(S: torch.Tensor, Y: torch.Tensor, valid: torch.Tensor
     inner = torch.bmm(D + gamma.view(-1, 1, 1) * yy, r1) - gamma.view(-1, 1, 1) * yg.unsqueeze(2)
     top = torch.linalg.solve_triangular(R.transpose(1, 2), inner, upper=False)
     coef_s, coef_y = top.squeeze(2).to(g.dtype), (-gamma.view(-1, 1) * r1.squeeze(2)).to(g.dtype)
-    return gamma.to(g.dtype).view(-1, 1) * g + torch.bmm(coef_s.unsqueeze(1), S).squeeze(1) + torch.bmm(coef_y.unsqueeze(1), Y).squeeze(1)
+    return gamma.to(g.dtype).view(-1, 1) * Mg + torch.bmm(coef_s.unsqueeze(1), S).squeeze(1) + torch.bmm(coef_y.unsqueeze(1), MY).squeeze(1)
+
+
+# The preconditioner's estimate of the features' second moments uses about this many rows
+# (evenly spread over the training rows, read in the first evaluation of the objective).
+PRECONDITION_ROWS = 32768
+
+
+def _preconditioners(gram: torch.Tensor, weight_decays: list[float], n_classes: int) -> torch.Tensor:
+    """One (d + 1, d + 1) preconditioner per weight decay: M = (Σ/C + λD + δI)⁻¹, where Σ
+    is the second-moment matrix E[x̃x̃ᵀ] of the rows' features with a constant 1 appended
+    (x̃ = [x, 1]: the bias), ``gram`` (d + 2, d + 2) as :func:`_objectives` accumulates it
+    for a weight column (each problem's from its own rows: a batch of problems follows the
+    same path as each problem fitted alone). It is the
+    inverse of the objective's Hessian at uniform predictions (the softmax's curvature
+    1/C per class direction, Kronecker-factored with Σ), plus the weight decay λ on W (D:
+    1 on W's rows, 0 on the bias's). L-BFGS started from γM instead of γI converges in far
+    fewer iterations on ill-conditioned features (anisotropic embeddings, a common mean, weak
+    weight decays: 143 -> 28 iterations at 25,000 x 512 x 100 and λ = 1e-6), to the same
+    minimum. δ = 1e-6 x the mean diagonal of Σ/C keeps M bounded where Σ is singular (fewer
+    rows than dimensions)."""
+    d2 = gram.shape[0]
+    sigma = gram[:-1, :-1] / gram[-1, -1].clamp(min=1) / n_classes
+    delta = 1e-6 * float(torch.diagonal(sigma).mean())
+    eye = torch.eye(d2 - 1, dtype=sigma.dtype, device=sigma.device)
+    on_w = eye.clone()
+    on_w[-1, -1] = 0
+    return torch.stack([torch.linalg.inv(sigma + wd * on_w + delta * eye) for wd in weight_decays]).float()
+
+
+def _apply(M: torch.Tensor, which: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """M[which[k]] · v[k] for (A, d + 1, C) vectors ``v`` (flattened (A, (d + 1)·C) too): one
+    product per preconditioner, over every problem that uses it."""
+    a, shape = len(v), v.shape
+    v = v.reshape(a, M.shape[1], -1)
+    out = torch.empty_like(v)
+    for u in which.unique().tolist():
+        at = (which == u).nonzero().flatten()
+        part = v[at].permute(1, 0, 2).reshape(M.shape[1], -1)  # (d + 1, k·C)
+        out[at] = (M[u] @ part).view(M.shape[1], len(at), -1).permute(1, 0, 2)
+    return out.reshape(shape)
 
 
 def fit_probes(
@@ -362,9 +434,11 @@ def fit_probes(
 
     Each problem keeps its own L-BFGS memory (``history_size`` pairs), step length and
     stopping state; the line search backtracks on the Armijo condition (c₁ = 1e-4,
-    interpolating a quadratic), the first step is min(1, 1/‖g‖₁) as in torch.optim.LBFGS,
-    then 1. The objective is convex, so accepted steps have sᵀy > 0 and keep the
-    inverse-Hessian estimate positive definite (pairs with sᵀy ≤ 1e-10 are skipped).
+    interpolating a quadratic) from a step of 1. The inverse-Hessian estimate starts from
+    a preconditioner (:func:`_preconditioners`, from the features' second moments, read in
+    the first evaluation) rather than the identity: the same minimum in a fraction of the
+    iterations on ill-conditioned problems. The objective is convex, so accepted steps have
+    sᵀy > 0 and keep the estimate positive definite (pairs with sᵀy ≤ 1e-10 are skipped).
 
     ``init`` is one ``(W, b)`` for every problem or a stack of them, ``(P, d, C)`` and
     ``(P, C)``; ``regularize_towards`` one (d, C) anchor or a (P, d, C) stack (zeros: none).
@@ -384,7 +458,7 @@ def fit_probes(
     if init is not None:
         theta[:, :d] = init[0]
         theta[:, d] = init[1]
-    S, Y = torch.zeros(p, m, size, device=device), torch.zeros(p, m, size, device=device)
+    S, Y, MY = (torch.zeros(p, m, size, device=device) for _ in range(3))
     rho = torch.zeros(p, m, device=device)  # 1 / sᵀy of each stored pair; 0: no pair (adds nothing below)
     iterations = [0] * p
     threads = torch.get_num_threads()
@@ -399,7 +473,13 @@ def fit_probes(
                            threads, None if cols is None else cols[problems])
 
     with threads_for(0, device):
-        f, g = objective(theta, None)
+        gram = torch.zeros(train.columns, d + 2, d + 2, dtype=torch.float64, device=device)
+        f, g = _objectives(train, theta, wd, regularize_towards, threads, cols, gram)  # and the features' moments
+        keys = [(0 if columns is None else columns[k], v) for k, v in enumerate(weight_decays)]
+        distinct = sorted(set(keys))
+        M = torch.cat([_preconditioners(gram[j], [v for i, v in distinct if i == j], c)
+                       for j in sorted({i for i, _ in distinct})])
+        which = torch.tensor([distinct.index(key) for key in keys], device=device)
         block_start = f.clone()
         converged = [float(g[k].abs().max()) <= tolerance_grad for k in range(p)]
         active = [bool(torch.isfinite(f[k])) and not converged[k] for k in range(p)]
@@ -409,14 +489,15 @@ def fit_probes(
                 break
             ai = torch.tensor(a, device=device)
             ga = g[ai].view(len(a), size)
-            direction = -_inverse_hessian_times(S[ai], Y[ai], rho[ai] > 0, ga)
+            direction = -_inverse_hessian_times(S[ai], Y[ai], MY[ai], rho[ai] > 0, ga, _apply(M, which[ai], ga))
             gtd = (ga * direction).sum(1)
             ascent = ~(gtd < 0)  # numerically not a descent direction: steepest descent instead
             if bool(ascent.any()):
                 direction[ascent] = -ga[ascent]
                 gtd = (ga * direction).sum(1)
+            # step 1: M approximates the inverse Hessian from the first iteration on (steepest descent: min(1, 1/‖g‖₁))
             first = (1 / ga.abs().sum(1).clamp(min=1e-30)).clamp(max=1.0)
-            step = torch.where((rho[ai, -1] > 0) & ~ascent, torch.ones_like(first), first)
+            step = torch.where(ascent, first, torch.ones_like(first))
             fa, theta_a = f[ai], theta[ai]
             shaped = direction.view(-1, d + 1, c)
             trial = theta_a + step.view(-1, 1, 1) * shaped
@@ -443,6 +524,7 @@ def fit_probes(
                 ki = ai[keep]
                 S[ki] = torch.cat([S[ki, 1:], s[keep, None]], 1)
                 Y[ki] = torch.cat([Y[ki, 1:], y[keep, None]], 1)
+                MY[ki] = torch.cat([MY[ki, 1:], _apply(M, which[ki], y[keep])[:, None]], 1)
                 rho[ki] = torch.cat([rho[ki, 1:], (1 / sy[keep])[:, None]], 1)
             oi = ai[ok]
             theta[oi], f[oi], g[oi] = trial[ok], f_new[ok], g_new[ok]

@@ -43,16 +43,16 @@ UNION_LIMIT = 1.5
 # many values (small runs, whose time is the optimiser's loop); otherwise, and when streamed,
 # each seed is fitted on its own.
 BUILT_BATCH_VALUES = 2**26
-# A batch of P problems holds about (2 x history + 6) x (d + 1) x C values per problem of
-# optimiser state (L-BFGS pairs, iterates, gradients, starts, anchors); batches stay within this
-# many values (512 MB of float32: 80 problems at d = 512, C = 100; one seed's grid at d = 1024,
-# C = 400 is fitted as before, one seed at a time).
+# A batch of P problems holds about (3 x history + 6) x (d + 1) x C values per problem of
+# optimiser state (L-BFGS pairs and the pairs' preconditioned y, iterates, gradients, starts,
+# anchors); batches stay within this many values (512 MB of float32: 72 problems at d = 512,
+# C = 100; one seed's grid at d = 1024, C = 400 is fitted as before, one seed at a time).
 BATCH_STATE_VALUES = 2**27
 
 
 def _state_fits(n_problems: int, data: RunData) -> bool:
     """Whether a batch of ``n_problems`` probes keeps its optimiser state within BATCH_STATE_VALUES."""
-    return n_problems * 26 * (data.embed_dim + 1) * data.n_classes <= BATCH_STATE_VALUES
+    return n_problems * 36 * (data.embed_dim + 1) * data.n_classes <= BATCH_STATE_VALUES
 
 
 def block_generator(seed: int, block: int) -> torch.Generator:
@@ -350,7 +350,7 @@ def search_together(methods: list[Method], data: RunData, splits) -> None:
     def blocks():  # the cache's rows (resident: one block; streamed: read again), columns 0 … s - 1; then the built
         if uses_shared:
             for block in shared.blocks():
-                yield *block[:3], block[3] if len(block) > 3 else None, (0, s)
+                yield *block[:3], block[3] if len(block) > 3 else None, block[4] if len(block) > 4 else (0, s)
         yield from owned
 
     rows = Rows(blocks, data.embed_dim, data.n_classes, (shared.n_rows if uses_shared else 0) + sum(len(b[1]) for b in owned),
@@ -398,7 +398,7 @@ def _union_rows(data: RunData, trains: list[np.ndarray]) -> Rows | None:
         per_class = _class_weights(data, torch.bincount(labels, minlength=data.n_classes).float())
         weights[data.rows(np.searchsorted(union, t)), j] = per_class[labels]
     if data.x is not None:  # the resident cache itself, indexed: no copy
-        built = [(data.x, y, weights, data.rows(union))]
+        built = _membership_blocks(data.x, y, weights, data.rows(union))
         return Rows(lambda: built, data.embed_dim, data.n_classes, len(union), data.device, columns=s)
 
     def blocks():
@@ -407,6 +407,40 @@ def _union_rows(data: RunData, trains: list[np.ndarray]) -> Rows | None:
             yield x, y[at], weights[at]
 
     return Rows(blocks, data.embed_dim, data.n_classes, len(union), data.device, columns=s)
+
+
+# A row of the union outside a seed's set weighs 0 in that seed's column, and costs its problems
+# arithmetic for nothing (with 5 seeds' default splits, a fifth of a refit's products). Rows
+# that the same seeds hold (a membership pattern) of at least this many are a block of their
+# own, evaluated under those seeds' problems only; the rest stay one block under every seed
+# (small sets: each block costs every evaluation its own dozen operators).
+PATTERN_ROWS = 4096
+PATTERN_SEEDS = 16  # more seeds than this: one block
+
+
+def _membership_blocks(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> list[tuple]:
+    """The union's rows ``x[index]`` (labels ``y``, a weight column per seed, 0 outside its
+    set) as blocks ``(x, labels, weights, index, owner)``: one per membership pattern of at
+    least PATTERN_ROWS rows (owner: its seeds' columns), the rest under every column; each
+    block's rows in cache order."""
+    s = weights.shape[1]
+    if s < 2 or s > PATTERN_SEEDS or len(index) < 2 * PATTERN_ROWS:
+        return [(x, y, weights, index)]
+    code = ((weights > 0).long() << torch.arange(s, device=weights.device)).sum(1)
+    counts = torch.bincount(code, minlength=2**s)
+    own = [int(k) for k in (counts >= PATTERN_ROWS).nonzero().flatten() if 0 < k < 2**s - 1]
+    if not own:
+        return [(x, y, weights, index)]
+    blocks, rest = [], torch.ones(len(code), dtype=torch.bool, device=code.device)
+    for k in own:
+        at = (code == k).nonzero().flatten()
+        cols = torch.tensor([j for j in range(s) if k >> j & 1], device=weights.device)
+        blocks.append((x, y[at], weights[at][:, cols], index[at], cols))
+        rest[at] = False
+    at = rest.nonzero().flatten()
+    if len(at):
+        blocks.append((x, y[at], weights[at], index[at]))
+    return blocks
 
 
 def _class_weights(data: RunData, counts: torch.Tensor) -> torch.Tensor:
