@@ -108,3 +108,49 @@ def test_demo_runs_on_the_bundled_data(tmp_path):
 def test_version():
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and r.stdout.startswith("vlaug ")
+
+
+@pytest.mark.parametrize(("code", "status"), [("0", 0), ("3", 3), ("None", 0), ("'stopped: a message'", 1)])
+def test_exit_skips_the_teardown_but_runs_exit_handlers_flushes_and_waits_for_threads(tmp_path, code, status):
+    """vlaug's entry point ends with cli._exit: the exit status of sys.exit(code), exit
+    handlers run, buffered output flushed, and a thread that is not a daemon finishes
+    first (its work would be lost by an immediate exit)."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "thread-done"
+    script = f"""
+import atexit, threading, time
+from pathlib import Path
+from vlaug.cli import _exit
+atexit.register(lambda: print("handler ran"))
+threading.Thread(target=lambda: (time.sleep(0.5), Path({str(marker)!r}).write_text("x"))).start()
+print("buffered", end=" ")
+_exit({code})
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == status, r.stderr
+    assert r.stdout == "buffered handler ran\n"
+    assert marker.is_file()
+    if status == 1:
+        assert r.stderr.strip() == "stopped: a message"
+
+
+def test_the_command_line_entry_point_exits_with_the_commands_status(tmp_path):
+    """``python -m vlaug`` (cli.main, which exits through _exit): a probe run writes its
+    whole report and exits 0; bad input is one line and status 2."""
+    import subprocess
+    import sys
+
+    from tests.conftest import write_synthetic_cache
+
+    feats = write_synthetic_cache(tmp_path / "feat", n_per_class=30, d=8, n_classes=3)
+    base = [sys.executable, "-m", "vlaug", "probe", str(feats), "--seeds", "1", "--grid-size", "2", "--device", "cpu",
+            "--no-progress", "-m", "linear"]
+    r = subprocess.run(base + ["--out", str(tmp_path / "rep")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "| `linear` |" in r.stdout
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["results"]
+    assert (tmp_path / "rep" / "accuracy.png").is_file()
+    r = subprocess.run(base + ["--out", str(tmp_path / "rep")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "already exists" in r.stderr and len(r.stderr.strip().splitlines()) == 1
