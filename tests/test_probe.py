@@ -395,3 +395,22 @@ def test_seeds_in_weight_columns_select_and_fit_as_separate_searches():
         assert (best["W"] - alone["W"]).abs().max() <= 1e-3 * scale
     with pytest.raises(ValueError, match="one column per problem"):
         fit_probe(rows, 1e-3)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_preconditioners_apply_to_each_problem_batched_or_grouped(batched, monkeypatch):
+    """_apply multiplies each problem's vector by its own preconditioner, in one batched
+    product or (matrices too large to gather) one product per preconditioner."""
+    import vlaug.probe as probe_module
+
+    g = torch.Generator().manual_seed(2)
+    d1, c = 5, 3
+    M = torch.randn(3, d1, d1, generator=g)
+    which = torch.tensor([2, 0, 2, 1, 0])
+    v = torch.randn(5, d1 * c, generator=g)
+    if not batched:
+        monkeypatch.setattr(probe_module, "PIECE_VALUES", d1 * d1)
+    got = probe_module._apply(M, which, v)
+    assert got.shape == v.shape
+    for k in range(5):
+        torch.testing.assert_close(got[k].view(d1, c), M[which[k]] @ v[k].view(d1, c))

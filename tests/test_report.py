@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import write_synthetic_cache
 from vlaug.checkpoint import load_head
 from vlaug.evaluate import ProbeRunConfig, run_probe
-from vlaug.report import _json_ready, format_table, write_report
+from vlaug.report import PlotWorker, _json_ready, format_table, write_report
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,48 @@ def test_a_failed_write_leaves_the_old_report(run, tmp_path):
         write_report(tmp_path / "rep", broken)
     assert (tmp_path / "rep" / "report.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["rep"]  # no temporary folder left
+
+
+def test_plots_drawn_by_the_worker_process_equal_those_drawn_here(run, tmp_path, monkeypatch):
+    """A PlotWorker (started before the run, matplotlib imported meanwhile) draws every plot
+    in its own process: the same files, byte for byte, and the same report."""
+    import vlaug.report as report
+
+    _, result = run
+    here = write_report(tmp_path / "here", result)
+    drawn_here = []
+    draw = report._draw
+    monkeypatch.setattr(report, "_draw", lambda jobs: drawn_here.append(len(jobs)) or draw(jobs))
+    worker = PlotWorker(start=True)
+    assert worker._proc is not None
+    there = write_report(tmp_path / "there", result, plots=worker)
+    assert drawn_here == []  # nothing drawn in this process
+    assert there == here
+    pngs = sorted(p.name for p in (tmp_path / "here").glob("*.png"))
+    assert pngs == sorted(p.name for p in (tmp_path / "there").glob("*.png")) and "embeddings.png" in pngs
+    for name in pngs:
+        assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "there" / name).read_bytes(), name
+
+
+def test_a_worker_that_cannot_draw_leaves_the_plots_to_this_process(run, tmp_path):
+    """A worker that died before the plots arrived, or that fails on them: the plots are
+    drawn here (a report as without a worker); a plot that fails here too fails the write,
+    leaving no report; a worker given no plots is stopped by close()."""
+    _, result = run
+    worker = PlotWorker(start=True)
+    worker._proc.kill()
+    worker._proc.wait()
+    write_report(tmp_path / "dead", result, plots=worker)
+    assert {p.name for p in (tmp_path / "dead").glob("*.png")} >= {"accuracy.png", "per_domain.png", "embeddings.png"}
+    broken = type(result)(**{**result.__dict__, "first_train": (None, None, None)})  # the plot fails, there and here
+    with pytest.raises(Exception):
+        write_report(tmp_path / "broken", broken, plots=PlotWorker(start=True))
+    assert not (tmp_path / "broken").exists()
+    unused = PlotWorker(start=True)
+    proc = unused._proc
+    unused.close()
+    assert proc.poll() is not None and unused._proc is None
+    assert PlotWorker(start=False)._proc is None
 
 
 # ----------------------------------------------------------------------------- plots

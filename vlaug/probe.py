@@ -407,9 +407,12 @@ def _preconditioners(gram: torch.Tensor, weight_decays: list[float], n_classes: 
 
 def _apply(M: torch.Tensor, which: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """M[which[k]] · v[k] for (A, d + 1, C) vectors ``v`` (flattened (A, (d + 1)·C) too): one
-    product per preconditioner, over every problem that uses it."""
+    batched product when the A matrices hold at most PIECE_VALUES values, else one product
+    per preconditioner, over every problem that uses it."""
     a, shape = len(v), v.shape
     v = v.reshape(a, M.shape[1], -1)
+    if a * M.shape[1] ** 2 <= PIECE_VALUES:
+        return torch.bmm(M[which], v).reshape(shape)
     out = torch.empty_like(v)
     for u in which.unique().tolist():
         at = (which == u).nonzero().flatten()

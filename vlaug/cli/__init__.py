@@ -251,7 +251,7 @@ def probe(
 ):
     """Zero-shot, linear and augmented probes side by side on identical splits and seeds; report + plots."""
     from vlaug.evaluate import ProbeRunConfig, run_probe
-    from vlaug.report import format_table, write_report
+    from vlaug.report import PlotWorker, format_table, write_report
 
     config = ProbeRunConfig(
         features=str(features), out=str(out), methods=tuple(method), train_domains=tuple(train_domain or ()), seeds=seeds,
@@ -259,7 +259,11 @@ def probe(
         grid_size=grid_size, max_iter=max_iter, selection_rows=selection_rows, class_weight=class_weight, device=device, tsne=tsne, overwrite=overwrite,
         memory_budget=memory_budget, allow_incomplete=allow_incomplete, progress=progress, heads=str(heads or ""),
     )
-    report = write_report(out, run_probe(config), tsne=tsne)
+    plots = PlotWorker()  # imports matplotlib in another process while the probes are fitted
+    try:
+        report = write_report(out, run_probe(config), tsne=tsne, plots=plots)
+    finally:
+        plots.close()
     typer.echo(format_table(report))
     typer.echo(f"report: {out / 'report.md'}, {out / 'report.json'}; plots and probes in {out}/")
 
