@@ -15,8 +15,10 @@ large: the default `vlaug probe -m linear` on a 2M x 512 x 100-class float16 cac
   --memory-budget 3G (wall time, peak RSS) against the time of one streamed pass of the
   probe's objective over that cache (vlaug's streaming reader, 1G budget's chunks); and the
   default (sampled) search against the full search (--selection-rows 0) on a 250k-row cache.
+preconditioner: fit_probes over the 8-value grid against the same L-BFGS started from the
+  identity, on CLIP-like synthetic problems of several sizes, dimensions and kinds.
 
-    python benchmarks/probe_speed.py [--sections sklearn,small,large] [--n-train 40000] [--d 512]
+    python benchmarks/probe_speed.py [--sections sklearn,small,large,preconditioner] [--n-train 40000] [--d 512]
                                      [--classes 100] [--device auto] [--large-rows 2000000] [--json F]
 """
 
@@ -122,6 +124,7 @@ def large(workdir: Path, n: int, accuracy_rows: int) -> dict:
     r = json.loads((report / "report.json").read_text())
     out["streamed"], out["seeds"] = r["protocol"]["streamed"], len(r["protocol"]["seeds"])
     out["in_domain"] = r["summary"][0]["in_domain"]["mean"]
+    out["refit_iterations"] = [x["selection"]["refit"]["iterations"] for x in r["results"]]  # after the sampled searches
     out["passes_equivalent"] = out["probe_s"] / out["pass_s"]
     # sampled selection against the full search, one seed, on a cache that the full search can afford
     cache = workdir / f"accuracy-{accuracy_rows}"
@@ -154,7 +157,8 @@ def main(argv=None) -> dict:
     p.add_argument("--grid-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-cv", action="store_true", help="only the single fit")
-    p.add_argument("--sections", default="sklearn,small,large", help="comma-separated: sklearn, small, large")
+    p.add_argument("--sections", default="sklearn,small,large,preconditioner",
+                   help="comma-separated: sklearn, small, large, preconditioner")
     p.add_argument("--large-rows", type=int, default=2_000_000)
     p.add_argument("--accuracy-rows", type=int, default=250_000)
     p.add_argument("--workdir", help="where to write the caches (default: a temporary folder)")
@@ -175,6 +179,8 @@ def main(argv=None) -> dict:
             shutil.rmtree(workdir, ignore_errors=True)
     if "sklearn" in sections:
         result["sklearn"] = sklearn_rows(args)
+    if "preconditioner" in sections:
+        result["preconditioner"] = preconditioner_rows()
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
@@ -220,6 +226,79 @@ def sklearn_rows(args) -> dict:
         out["select_speed_ratio"] = out["sklearn_cv_s"] / out["vlaug_select_s"]
     for k, v in out.items():
         print(f"{k:32} {v:.4g}" if isinstance(v, float) else f"{k:32} {v}")
+    return out
+
+
+def clip_like(n: int, d: int, n_classes: int, noise: float, mean: float, decay: float, seed: int):
+    """Embeddings shaped like a CLIP encoder's: unit norm, a power-law spectrum (eigenvalue
+    k ~ k^-decay in a random basis) and a common mean direction of weight ``mean``."""
+    g = torch.Generator().manual_seed(seed)
+    spectrum = torch.arange(1, d + 1, dtype=torch.float32) ** (-decay / 2)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+    centres = torch.randn(n_classes, d, generator=g) * spectrum @ basis.T
+    y = torch.randint(0, n_classes, (n,), generator=g)
+    x = F.normalize(centres[y] + noise * (torch.randn(n, d, generator=g) * spectrum) @ basis.T, dim=1)
+    common = F.normalize(torch.randn(d, generator=g), dim=0)
+    return F.normalize(x + mean * common, dim=1), y
+
+
+# (name, rows: train, validation, test; d; classes; noise; common mean; spectrum decay; what else)
+PRECONDITIONER_CASES = [
+    ("CLIP-like, 10 classes", (2000, 1000, 2000), 512, 10, 3.0, 1.0, 1.0, ""),
+    ("CLIP-like, 100 classes", (20000, 5000, 5000), 512, 100, 4.0, 1.0, 1.0, ""),
+    ("CLIP-like, 1000 classes, 10 rows each", (10000, 3000, 3000), 512, 1000, 2.0, 1.0, 1.0, ""),
+    ("few-shot: fewer rows than dimensions", (160, 1000, 1000), 512, 10, 3.0, 1.0, 1.0, ""),
+    ("binary, d = 768", (3000, 1000, 2000), 768, 2, 6.0, 1.0, 0.5, ""),
+    ("isotropic, no common mean, d = 64", (1300, 700, 2000), 64, 10, 3.0, 0.0, 0.0, ""),
+    ("soft targets (mixed labels)", (2000, 1000, 2000), 512, 10, 3.0, 1.0, 1.0, "soft"),
+    ("float16 rows", (10000, 2500, 2500), 512, 100, 4.0, 1.0, 1.0, "half"),
+    ("regularised towards an anchor (linear-zs)", (2000, 1000, 2000), 512, 10, 3.0, 1.0, 1.0, "anchor"),
+]
+
+
+def preconditioner_rows() -> list[dict]:
+    """fit_probes over the 8-value grid with its preconditioner against the same L-BFGS
+    started from the identity (vlaug.probe._preconditioners replaced), on problems of
+    several sizes, dimensions, class counts and kinds: iterations summed over the grid,
+    time, the selected weight decay, test accuracy and the objective each fit ends at."""
+    import vlaug.probe as probe_module
+    from vlaug.probe import choose, fit_probes, probe_objective
+
+    identity = lambda gram, wds, c: torch.eye(gram.shape[0] - 1).expand(len(wds), -1, -1)  # noqa: E731
+    preconditioned = probe_module._preconditioners
+    grid = weight_decay_grid(8)
+    out = []
+    for name, (n_tr, n_va, n_te), d, c, noise, mean, decay, kind in PRECONDITIONER_CASES:
+        x, y = clip_like(n_tr + n_va + n_te, d, c, noise, mean, decay, seed=len(out))
+        xt, yt, xv, yv, xs, ys = x[:n_tr], y[:n_tr], x[n_tr:n_tr + n_va], y[n_tr:n_tr + n_va], x[n_tr + n_va:], y[n_tr + n_va:]
+        targets = yt
+        if kind == "soft":
+            one_hot = F.one_hot(yt, c).float()
+            targets = 0.8 * one_hot + 0.2 * one_hot[torch.randperm(n_tr, generator=torch.Generator().manual_seed(0))]
+        anchor = F.normalize(torch.stack([xt[yt == k].mean(0) for k in range(c)], 1), dim=0) if kind == "anchor" else None
+        rows = Rows.of(xt.half() if kind == "half" else xt, targets, n_classes=c)
+        row = {"case": name, "train": n_tr, "d": d, "classes": c}
+        for label, pre in (("identity", identity), ("preconditioned", preconditioned)):
+            probe_module._preconditioners = pre
+            try:
+                t0 = time.perf_counter()
+                fits = fit_probes(rows, grid, 200, init=None if anchor is None else (anchor, torch.zeros(c)),
+                                  regularize_towards=anchor)
+                seconds = time.perf_counter() - t0
+            finally:
+                probe_module._preconditioners = preconditioned
+            best, _ = choose(fits, grid, Rows.of(xv, yv, n_classes=c))
+            weights = torch.full((n_tr,), 1.0 / n_tr, dtype=torch.float64)
+            objectives = [float(probe_objective(xt.double(), W.double(), b.double(), targets if targets.dim() == 1 else targets.double(),
+                                                weights, wd, None if anchor is None else anchor.double()))
+                          for (W, b, _), wd in zip(fits, grid)]
+            row[label] = {"s": seconds, "iterations": sum(info["iterations"] for *_, info in fits),
+                          "most_iterations": max(info["iterations"] for *_, info in fits),
+                          "converged": sum(info["converged"] for *_, info in fits), "weight_decay": best["weight_decay"],
+                          "accuracy": float(((xs @ best["W"] + best["b"]).argmax(1) == ys).float().mean()),
+                          "objectives": objectives}
+        out.append(row)
+        print(json.dumps(row)[:400], flush=True)
     return out
 
 
