@@ -175,13 +175,14 @@ class ProbeMethod(Method):
         samples = [_selection_sample(t, v, cfg.selection_rows, seed) for seed, (t, v) in enumerate(zip(trains, vals))]
         if any(sample is None for sample in samples):
             return {}
-        union = _union_rows(data, trains)
-        if union is None:
+        members = _union_index(data, trains)
+        if members is None:
             return {}
         init, anchor = self.start(data)
         grid = weight_decay_grid(cfg.grid_size)
         picks = [self._search_sample(data, sample, seed, grid, init, anchor) for seed, sample in enumerate(samples)]
-        release_memory()  # the samples' copies, before the refits' pieces
+        release_memory()  # the samples' copies, before the refits' rows and pieces
+        union = _union_rows(data, trains, members)
         fits = fit_probes(union, [best["weight_decay"] for best, _ in picks], cfg.max_iter,
                           init=(torch.stack([best["W"] for best, _ in picks]), torch.stack([best["b"] for best, _ in picks])),
                           regularize_towards=anchor, tolerance_grad=REFIT_TOLERANCE, columns=list(range(len(splits))))
@@ -377,20 +378,29 @@ def search_together(methods: list[Method], data: RunData, splits) -> None:
         m._searched = searched
 
 
-def _union_rows(data: RunData, trains: list[np.ndarray]) -> Rows | None:
-    """The training rows ``trains`` of several seeds, rows of the cache (resident or
-    streamed), as one set of rows: the union of the seeds' rows, with a weight column per
-    seed (0 where a row is not the seed's), read once per pass for all of them; None when
-    the union is larger than UNION_LIMIT x a seed's rows."""
-    s = len(trains)
+def _union_index(data: RunData, trains: list[np.ndarray]) -> np.ndarray | None:
+    """The union of the seeds' training rows ``trains``, sorted; None when it is larger than
+    UNION_LIMIT x a seed's rows, or a seed holds a row twice (one weight could not hold both)."""
     if any(len(t) > 1 and not (t[1:] > t[:-1]).all() and len(np.unique(t)) != len(t) for t in trains):
-        return None  # a row twice in a seed's set: one weight could not hold both
+        return None
     member = np.zeros(len(data.y), dtype=bool)  # the union, sorted, without sorting millions of row ids
     for t in trains:
         member[t] = True
     union = np.flatnonzero(member)
-    if len(union) > UNION_LIMIT * sum(len(t) for t in trains) / s:
+    if len(union) > UNION_LIMIT * sum(len(t) for t in trains) / len(trains):
         return None  # too many rows unused by each seed
+    return union
+
+
+def _union_rows(data: RunData, trains: list[np.ndarray], union: np.ndarray | None = None) -> Rows | None:
+    """The training rows ``trains`` of several seeds, rows of the cache (resident or
+    streamed), as one set of rows: the union of the seeds' rows (``union``, or
+    :func:`_union_index`), with a weight column per seed (0 where a row is not the seed's),
+    read once per pass for all of them; None where :func:`_union_index` is."""
+    s = len(trains)
+    union = _union_index(data, trains) if union is None else union
+    if union is None:
+        return None
     y = data.y[data.rows(union)]
     weights = torch.zeros(len(union), s, device=data.device)
     for j, t in enumerate(trains):
@@ -426,7 +436,9 @@ def _membership_blocks(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, 
     s = weights.shape[1]
     if s < 2 or s > PATTERN_SEEDS or len(index) < 2 * PATTERN_ROWS:
         return [(x, y, weights, index)]
-    code = ((weights > 0).long() << torch.arange(s, device=weights.device)).sum(1)
+    code = torch.zeros(len(index), dtype=torch.int32, device=weights.device)  # bit j: in seed j's set
+    for j in range(s):
+        code |= (weights[:, j] > 0).to(torch.int32) << j
     counts = torch.bincount(code, minlength=2**s)
     own = [int(k) for k in (counts >= PATTERN_ROWS).nonzero().flatten() if 0 < k < 2**s - 1]
     if not own:
