@@ -385,16 +385,18 @@ def _preconditioners(gram: torch.Tensor, weight_decays: list[float], n_classes: 
     is the second-moment matrix E[x̃x̃ᵀ] of the rows' features with a constant 1 appended
     (x̃ = [x, 1]: the bias), ``gram`` (d + 2, d + 2) as :func:`_objectives` accumulates it
     for a weight column (each problem's from its own rows: a batch of problems follows the
-    same path as each problem fitted alone). It is the
-    inverse of the objective's Hessian at uniform predictions (the softmax's curvature
-    1/C per class direction, Kronecker-factored with Σ), plus the weight decay λ on W (D:
-    1 on W's rows, 0 on the bias's). L-BFGS started from γM instead of γI converges in far
-    fewer iterations on ill-conditioned features (anisotropic embeddings, a common mean, weak
-    weight decays; the 8-value grid on 20,000 CLIP-like rows x 512 x 100: 461 -> 68
-    iterations, benchmarks/probe_speed.py), to the same minimum. δ = 1e-6 x the mean diagonal of Σ/C keeps M bounded where Σ is singular (fewer
-    rows than dimensions). The factor 1/C and step 1 from the first iteration were chosen on
-    synthetic problems from 200 x 512 x 10 to 25,000 x 512 x 100, C = 2 to 100, λ = 1e-6 to
-    1e-1 (a factor of 1/(4C) or 4/C: similar, no better)."""
+    same path as each problem fitted alone).
+
+    M is the inverse of the objective's Hessian at uniform predictions (the softmax's
+    curvature 1/C per class direction, Kronecker-factored with Σ), plus the weight decay λ
+    on W (D: 1 on W's rows, 0 on the bias's). L-BFGS started from γM instead of γI
+    converges in far fewer iterations on ill-conditioned features (anisotropic embeddings,
+    a common mean, weak weight decays; the 8-value grid on 20,000 CLIP-like rows x 512 x
+    100: 461 -> 68 iterations, benchmarks/probe_speed.py), to the same minimum. δ = 1e-6 x
+    the mean diagonal of Σ/C keeps M bounded where Σ is singular (fewer rows than
+    dimensions). The factor 1/C and a step of 1 from the first iteration were chosen in a
+    prototype on synthetic problems from 200 x 512 x 10 to 25,000 x 512 x 100, C = 2 to
+    100, λ = 1e-6 to 1e-1 (factors 1/(4C) and 4/C: similar, no better)."""
     d2 = gram.shape[0]
     sigma = gram[:-1, :-1] / gram[-1, -1].clamp(min=1) / n_classes
     scale = float(torch.diagonal(sigma).mean())
