@@ -222,7 +222,8 @@ def _objectives(rows: Rows, theta: torch.Tensor, weight_decay: torch.Tensor, anc
     intra-op threads for a problem large enough to share (:func:`vlaug.devices.threads_for`).
     ``gram``: a (columns, d + 2, d + 2) float64 tensor to which the pass adds, for each
     weight column, Σ [x, 1, 1]ᵀ[x, 1, 1] over its rows among about PRECONDITION_ROWS rows
-    spread over ``rows`` (the last entry counts them; see :func:`_preconditioners`).
+    spread over ``rows`` (the last entry counts them; see :func:`_preconditioners`), or a
+    (1, d + 2, d + 2) one for every row.
     """
     p, d1, c = theta.shape
     with threads_for(rows.n_rows * (d1 - 1) * p * c, theta.device, threads):
@@ -269,7 +270,12 @@ def _objectives_pass(rows, theta, weight_decay, anchor, columns, gram=None):
 
 def _add_moments(gram: torch.Tensor, x: torch.Tensor, w: torch.Tensor, owner, n_columns: int) -> None:
     """Add Σ [x, 1, 1]ᵀ[x, 1, 1] over the rows of ``x`` that weigh > 0 in column j to
-    ``gram[j]``, for each column j of the rows' ``owner`` (see :class:`Rows`)."""
+    ``gram[j]``, for each column j of the rows' ``owner`` (see :class:`Rows`); one ``gram``
+    for several columns: every row, once."""
+    if len(gram) == 1 and n_columns > 1:
+        xt = torch.cat([x, torch.ones(len(x), 2, device=x.device)], 1)
+        gram[0] += (xt.T @ xt).to(gram.device, gram.dtype)
+        return
     if owner is None:
         cols = list(range(n_columns))
     elif isinstance(owner, int):
@@ -380,8 +386,9 @@ def _inverse_hessian_times(S: torch.Tensor, Y: torch.Tensor, MY: torch.Tensor, v
 PRECONDITION_ROWS = 32768
 # A batch keeps one (d + 1) x (d + 1) preconditioner per weight column and weight decay while
 # they hold at most this many values (128 MB: 72 at d = 512); beyond, one per weight decay
-# from the moments of every column's rows together (d = 1024 and 25 seeds x methods: 32 MB
-# instead of 800 MB): the same minima, by paths that differ slightly from fits one at a time.
+# from the moments of every row, gathered once (d = 1024 and 25 seeds x methods: 32 MB of
+# preconditioners and 8 MB of moments instead of 800 MB and 210 MB): the same minima, by
+# paths that differ slightly from fits one at a time.
 PRECONDITIONER_VALUES = 2**25
 
 
@@ -486,13 +493,14 @@ def fit_probes(
                            threads, None if cols is None else cols[problems])
 
     with threads_for(0, device):
+        keys = [(0 if columns is None else columns[k], v) for k, v in enumerate(weight_decays)]
+        pooled = len(set(keys)) * (d + 1) ** 2 > PRECONDITIONER_VALUES  # one per weight decay, from every row
+        if pooled:
+            keys = [(0, v) for v in weight_decays]
         # float64 moments (on the CPU for MPS, which has none); the preconditioners in float32 on the device
-        gram = torch.zeros(train.columns, d + 2, d + 2, dtype=torch.float64,
+        gram = torch.zeros(1 if pooled else train.columns, d + 2, d + 2, dtype=torch.float64,
                            device="cpu" if device.type == "mps" else device)
         f, g = _objectives(train, theta, wd, regularize_towards, threads, cols, gram)  # and the features' moments
-        keys = [(0 if columns is None else columns[k], v) for k, v in enumerate(weight_decays)]
-        if len(set(keys)) * (d + 1) ** 2 > PRECONDITIONER_VALUES:  # one per weight decay, from every column's rows
-            gram, keys = gram.sum(0, keepdim=True), [(0, v) for v in weight_decays]
         distinct = sorted(set(keys))
         M = torch.cat([_preconditioners(gram[j], [v for i, v in distinct if i == j], c)
                        for j in sorted({i for i, _ in distinct})]).to(device)
