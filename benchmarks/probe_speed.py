@@ -9,8 +9,8 @@ sklearn (default 40,000 train + 10,000 validation + 10,000 test synthetic rows, 
                LogisticRegressionCV with the same C values and the same validation split
                (PredefinedSplit, refit=False).
 small: `vlaug probe` with 5 methods x 3 seeds on a 2,000-row, 64-d, 10-class cache against
-  `python -c "import torch"`, best of 3 each, on an idle machine and while a second
-  CPU-bound process (a Python busy loop) runs beside it.
+  `python -c "import torch"`, best of 5 each (the two interleaved), on an idle machine and
+  while a second CPU-bound process (a Python busy loop) runs beside it.
 large: the default `vlaug probe -m linear` on a 2M x 512 x 100-class float16 cache at
   --memory-budget 3G (wall time, peak RSS) against the time of one streamed pass of the
   probe's objective over that cache (vlaug's streaming reader, 1G budget's chunks); and the
@@ -59,16 +59,20 @@ NOISE = 8.0  # class centres + 8 x Gaussian noise in 512 d: about 59 % accuracy,
 SMALL_METHODS = ("zero-shot", "linear", "linear-zs", "gaussian", "mixup")
 
 
-def _best_of(command: list[str], repeats: int = 3) -> float:
-    best = float("inf")
+def _best_of(commands: list[list[str]], repeats: int) -> list[float]:
+    """The best wall time of each command over ``repeats`` rounds, the commands interleaved
+    within each round (a VM's speed drifts by 10-20 % over a minute: measured one after the
+    other, the two sides of a ratio would see different machines)."""
+    best = [float("inf")] * len(commands)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        best = min(best, time.perf_counter() - t0)
+        for i, command in enumerate(commands):
+            t0 = time.perf_counter()
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
-def small(workdir: Path, repeats: int = 3) -> dict:
+def small(workdir: Path, repeats: int = 5) -> dict:
     """`vlaug probe`, 5 methods x 3 seeds on a 2,000-row 64-d cache, against importing torch."""
     cache = workdir / "small"
     write_cache(cache, 2000, 64, 10)
@@ -76,10 +80,10 @@ def small(workdir: Path, repeats: int = 3) -> dict:
              "--device", "cpu", "--no-progress", "--overwrite"] + [a for m in SMALL_METHODS for a in ("-m", m)]
     torch_cmd = [sys.executable, "-c", "import torch"]
     out = {"methods": list(SMALL_METHODS), "seeds": 3, "rows": 2000, "d": 64, "classes": 10, "repeats": repeats}
-    out["torch_s"], out["probe_s"] = _best_of(torch_cmd, repeats), _best_of(probe, repeats)
+    out["torch_s"], out["probe_s"] = _best_of([torch_cmd, probe], repeats)
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        out["torch_busy_s"], out["probe_busy_s"] = _best_of(torch_cmd, repeats), _best_of(probe, repeats)
+        out["torch_busy_s"], out["probe_busy_s"] = _best_of([torch_cmd, probe], repeats)
     finally:
         busy.kill()
         busy.wait()

@@ -108,8 +108,9 @@ teardown once its output is written (`cli._exit`: about 0.5 s of freeing torch's
 pyarrow's and matplotlib's modules); `python -c "import torch"` pays its own teardown.
 
 small cache: `vlaug probe` end to end (import, read, 5 methods x 3 seeds with the full
-8-value search, refits, report with plots) against `python -c "import torch"`, best of 3,
-then the same while a Python busy loop occupies one of the cores. Targets: at most 2x
+8-value search, refits, report with plots) against `python -c "import torch"`, best of 5,
+the two commands interleaved, then the same while a Python busy loop occupies one of the
+cores. Targets: at most 2x
 idle, at most 3x beside the busy process. Small runs use one intra-op thread
 (`vlaug.devices.threads_for`): two threads fighting for a busy core made every small
 operator wait.
