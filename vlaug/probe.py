@@ -242,11 +242,12 @@ def _objectives_pass(rows, theta, weight_decay, anchor, columns, gram=None):
         if columns is None:  # one weight column: every problem
             _accumulate(x, t, w.unsqueeze(1) if w.dim() == 1 else w, W, b, loss, gW, gb)
             continue
-        if torch.is_tensor(owner):  # a set of columns, sorted
-            inside = torch.isin(columns, owner)
-            weights = lambda cols: w[:, torch.searchsorted(owner, cols)]  # noqa: E731
+        owned = _owned(owner, rows.columns)
+        if torch.is_tensor(owned):  # a set of columns, sorted
+            inside = torch.isin(columns, owned)
+            weights = lambda cols: w[:, torch.searchsorted(owned, cols)]  # noqa: E731
         else:
-            lo, hi = (0, rows.columns) if owner is None else (owner, owner + 1) if isinstance(owner, int) else owner
+            lo, hi = owned
             inside = (columns >= lo) & (columns < hi)
             weights = lambda cols, lo=lo: w.unsqueeze(1) if w.dim() == 1 else w[:, cols - lo]  # noqa: E731
         if bool(inside.all()):
@@ -268,22 +269,25 @@ def _objectives_pass(rows, theta, weight_decay, anchor, columns, gram=None):
     return loss, grad
 
 
+def _owned(owner, n_columns: int):
+    """The weight columns a block serves (see :class:`Rows`): a span ``(lo, hi)``, or a
+    sorted tensor of columns."""
+    if owner is None:
+        return 0, n_columns
+    return (owner, owner + 1) if isinstance(owner, int) else owner
+
+
 def _add_moments(gram: torch.Tensor, x: torch.Tensor, w: torch.Tensor, owner, n_columns: int) -> None:
     """Add Σ [x, 1, 1]ᵀ[x, 1, 1] over the rows of ``x`` that weigh > 0 in column j to
     ``gram[j]``, for each column j of the rows' ``owner`` (see :class:`Rows`); one ``gram``
     for several columns: every row, once."""
+    xt = torch.cat([x, torch.ones(len(x), 2, device=x.device)], 1)
     if len(gram) == 1 and n_columns > 1:
-        xt = torch.cat([x, torch.ones(len(x), 2, device=x.device)], 1)
         gram[0] += (xt.T @ xt).to(gram.device, gram.dtype)
         return
-    if owner is None:
-        cols = list(range(n_columns))
-    elif isinstance(owner, int):
-        cols = [owner]
-    else:
-        cols = owner.tolist() if torch.is_tensor(owner) else list(range(*owner))
+    owned = _owned(owner, n_columns)
+    cols = owned.tolist() if torch.is_tensor(owned) else range(*owned)
     w = w.unsqueeze(1) if w.dim() == 1 else w
-    xt = torch.cat([x, torch.ones(len(x), 2, device=x.device)], 1)
     for i, j in enumerate(cols):
         inside = w[:, min(i, w.shape[1] - 1)] > 0
         part = xt if bool(inside.all()) else xt[inside]
@@ -486,9 +490,9 @@ def fit_probes(
     # objective's products on all of them when the problem is large enough to share
     stacked = regularize_towards is not None and regularize_towards.dim() == 3
 
-    def objective(th, problems):  # the objectives of the problems ``problems`` (None: all) at th
+    def objective(th, problems, gram=None):  # the objectives of the problems ``problems`` (None: all) at th
         if problems is None:
-            return _objectives(train, th, wd, regularize_towards, threads, cols)
+            return _objectives(train, th, wd, regularize_towards, threads, cols, gram)
         return _objectives(train, th, wd[problems], regularize_towards[problems] if stacked else regularize_towards,
                            threads, None if cols is None else cols[problems])
 
@@ -500,7 +504,7 @@ def fit_probes(
         # float64 moments (on the CPU for MPS, which has none); the preconditioners in float32 on the device
         gram = torch.zeros(1 if pooled else train.columns, d + 2, d + 2, dtype=torch.float64,
                            device="cpu" if device.type == "mps" else device)
-        f, g = _objectives(train, theta, wd, regularize_towards, threads, cols, gram)  # and the features' moments
+        f, g = objective(theta, None, gram)  # and the features' moments
         distinct = sorted(set(keys))
         M = torch.cat([_preconditioners(gram[j], [v for i, v in distinct if i == j], c)
                        for j in sorted({i for i, _ in distinct})]).to(device)
