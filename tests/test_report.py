@@ -59,23 +59,37 @@ def test_a_failed_write_leaves_the_old_report(run, tmp_path):
 
 def test_plots_drawn_by_the_worker_process_equal_those_drawn_here(run, tmp_path, monkeypatch):
     """A PlotWorker (started before the run, matplotlib imported meanwhile) draws every plot
-    in its own process: the same files, byte for byte, and the same report."""
+    in its own process: those given to it during the run (run_probe submits the embeddings
+    before the fits and the results' plots after them) and the others at write time; the
+    same files, byte for byte, and the same report."""
     import vlaug.report as report
 
-    _, result = run
+    root, result = run
     here = write_report(tmp_path / "here", result)
     drawn_here = []
     draw = report._draw
-    monkeypatch.setattr(report, "_draw", lambda jobs: drawn_here.append(len(jobs)) or draw(jobs))
+    monkeypatch.setattr(report, "_draw", lambda name, *job, **kw: drawn_here.append(name) or draw(name, *job, **kw))
     worker = PlotWorker(start=True)
     assert worker._proc is not None
     there = write_report(tmp_path / "there", result, plots=worker)
-    assert drawn_here == []  # nothing drawn in this process
+    early = PlotWorker(start=True)
+    config = ProbeRunConfig(features=str(root / "feat"), out=str(root / "rep"), methods=("zero-shot", "linear", "gaussian"),
+                            train_domains=("photo",), seeds=2, grid_size=2, max_iter=20, device="cpu", progress=False)
+    again = run_probe(config, log=lambda msg: None, plots=early)
+    assert early.sent == {"embeddings.png", "accuracy.png", "per_domain.png", "tradeoff.png"}  # submitted during the run
+    submitted = []
+    monkeypatch.setattr(early, "submit", lambda jobs: submitted.extend(j[0] for j in jobs if j[0] not in early.sent))
+    during = write_report(tmp_path / "during", again, plots=early)
+    assert drawn_here == [] and submitted == []  # nothing drawn here, nothing given twice
     assert there == here
+    assert {k: v for k, v in during.items() if k not in ("seconds", "probe_dirs")} == \
+        {k: v for k, v in here.items() if k not in ("seconds", "probe_dirs")}
     pngs = sorted(p.name for p in (tmp_path / "here").glob("*.png"))
-    assert pngs == sorted(p.name for p in (tmp_path / "there").glob("*.png")) and "embeddings.png" in pngs
-    for name in pngs:
-        assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "there" / name).read_bytes(), name
+    assert "embeddings.png" in pngs
+    for folder in ("there", "during"):
+        assert pngs == sorted(p.name for p in (tmp_path / folder).glob("*.png"))
+        for name in pngs:
+            assert (tmp_path / "here" / name).read_bytes() == (tmp_path / folder / name).read_bytes(), (folder, name)
 
 
 def test_a_worker_that_cannot_draw_leaves_the_plots_to_this_process(run, tmp_path):

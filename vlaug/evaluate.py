@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from vlaug.probe import LinearProbe, weight_decay_grid
 from vlaug.protocols import Splits, check_domains, id_fractions, make_splits, parse_imbalance, training_rows
 from vlaug.train import check_labeled, classes_without_rows
 from vlaug.zero_shot import TEMPERATURE
+
+if TYPE_CHECKING:
+    from vlaug.report import PlotWorker
 
 GEOMETRY_ROWS = 20_000  # training rows (a seeded sample) behind the feature geometry and plots
 KEYS = ("in_domain", "out_of_domain", "extended", "balanced_accuracy")
@@ -431,13 +434,26 @@ def _protocol(config: ProbeRunConfig, plan: _Plan, geometry_rows: int) -> dict:
     }
 
 
-def _fit_every_seed(plan: _Plan, progress: bool, sample: np.ndarray, x_sample: torch.Tensor):
-    """Every method on every seed: per-seed result rows; seed 0's fits (their selections),
-    feature geometry and projections of the augmented sample."""
+def _seed0_samples(plan: _Plan, sample: np.ndarray, x_sample: torch.Tensor):
+    """Seed 0's augmented sample of each method (drawn like block 0 of its fit, so known
+    before any fit): the feature geometry per method, and the projections of the methods
+    that add rows."""
+    geometry, projections = [], {}
+    for method in plan.methods:
+        x_all, y_all = _augmented_sample(method, plan.data, x_sample, sample, 0)
+        y = y_all[: len(sample)]
+        geometry.append({"method": method.text, **_feature_geometry(x_sample, y, x_all, y_all, 0)})
+        if len(x_all) > len(sample):
+            projections[method.text] = (x_all.cpu().numpy(), y_all.cpu().numpy(), len(sample))
+    return geometry, projections
+
+
+def _fit_every_seed(plan: _Plan, progress: bool):
+    """Every method on every seed: per-seed result rows, and seed 0's fits (their selections)."""
     from tqdm.auto import tqdm
 
     data, methods = plan.data, plan.methods
-    results, geometry, first_fits, projections = [], [], {}, {}
+    results, first_fits = [], {}
     bar = tqdm(total=len(plan.splits) * len(methods), desc="probe", unit="fit", disable=not progress, file=sys.stderr)
     fits = {}
     search_together(methods, data, plan.splits)  # the probe methods' weight-decay searches, as one batch
@@ -457,16 +473,13 @@ def _fit_every_seed(plan: _Plan, progress: bool, sample: np.ndarray, x_sample: t
                             "selection": fit.selection})
             if seed == 0:
                 first_fits[method.text] = fit
-                x_all, y_all = _augmented_sample(method, data, x_sample, sample, seed)
-                y = y_all[: len(sample)]
-                geometry.append({"method": method.text, **_feature_geometry(x_sample, y, x_all, y_all, seed)})
-                if len(x_all) > len(sample):
-                    projections[method.text] = (x_all.cpu().numpy(), y_all.cpu().numpy(), len(sample))
-    return results, geometry, first_fits, projections
+    return results, first_fits
 
 
-def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) -> ProbeRun:
+def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None, plots: PlotWorker | None = None) -> ProbeRun:
     """Evaluate every method on every seed; refit each on seed 0's train + val rows.
+    ``plots``: a :class:`~vlaug.report.PlotWorker` given each plot as soon as its data is
+    known (drawn there while this process fits; :func:`~vlaug.report.write_report` writes them).
 
     Raises:
         UsageError / CacheMismatchError / CheckpointError: bad input, found before training.
@@ -476,10 +489,12 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None) 
     m = plan.data.feats.manifest
     # a small cache runs on one thread: its operators are too small to share (see devices.threads_for)
     with threads_for(m.n_images * m.embed_dim * len(m.classes) * config.grid_size, plan.data.device):
-        return _run(plan, config, log)
+        return _run(plan, config, log, plots)
 
 
-def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None]) -> ProbeRun:
+def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None], plots: PlotWorker | None) -> ProbeRun:
+    from vlaug.report import data_plots, result_plots
+
     data, methods = plan.data, plan.methods
     for warning in plan.warnings:
         log(f"WARNING: {warning}")
@@ -487,17 +502,15 @@ def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None]) -> Pro
         log(plan.memory.streaming_note(plan.chunk_rows, "every evaluation of the probe's objective reads the cache once"))
     release_memory()  # what reading the cache left behind
     start = time.perf_counter()
+    m = data.feats.manifest
     sample = _geometry_rows(plan.splits[0], 0)
     x_sample = data.gather(sample)  # read once (streamed: one pass), shared by every method's geometry and the plot
-    results, geometry, first_fits, projections = _fit_every_seed(plan, config.progress, sample, x_sample)
-    # the probes users keep: first seed, refitted on train + val at the chosen hyperparameters
-    refit_rows = np.concatenate([plan.splits[0].train, plan.splits[0].val])
-    probes = {}
-    for method in methods:
-        chosen = first_fits[method.text].selection
-        fit = method.refit(data, refit_rows, 0, chosen)
-        probes[method.text] = data.make_probe(fit.W, fit.b, method.ensemble, chosen.get("calibration"), fit.gate).cpu()
-    m = data.feats.manifest
+    first_train = (x_sample.cpu().numpy(), data.feats.labels[sample], data.feats.domains[sample])
+    geometry, projections = _seed0_samples(plan, sample, x_sample)
+    box_stats = {x.head: checkpoint.read_head_stats(x.head) for x in methods if "box" in x.head_kinds}
+    if plots is not None:  # drawn while the probes are fitted
+        plots.submit(data_plots(first_train, projections, config.tsne, m.classes, box_stats))
+    results, first_fits = _fit_every_seed(plan, config.progress)
     report = {
         "vlaug_version": __version__,
         "features": str(Path(config.features).resolve()),
@@ -514,16 +527,23 @@ def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None]) -> Pro
         "results": results,
         "summary": summarise(results, [x.text for x in methods]),
         "feature_geometry": geometry,
-        "seconds": time.perf_counter() - start,
+        "seconds": None,  # below, once the probes are refitted
         "warnings": plan.warnings,
         "incomplete_cache": bool(m.n_missing),
     }
+    if plots is not None:  # drawn while the probes are refitted and written
+        plots.submit(result_plots(report))
+    # the probes users keep: first seed, refitted on train + val at the chosen hyperparameters
+    refit_rows = np.concatenate([plan.splits[0].train, plan.splits[0].val])
+    probes = {}
+    for method in methods:
+        chosen = first_fits[method.text].selection
+        fit = method.refit(data, refit_rows, 0, chosen)
+        probes[method.text] = data.make_probe(fit.W, fit.b, method.ensemble, chosen.get("calibration"), fit.gate).cpu()
+    report["seconds"] = time.perf_counter() - start
     return ProbeRun(
-        report=report, probes=probes, cache=checkpoint.cache_identity(m),
-        first_train=(x_sample.cpu().numpy(), data.feats.labels[sample], data.feats.domains[sample]),
-        projections=projections,
-        box_stats={x.head: checkpoint.read_head_stats(x.head) for x in methods if "box" in x.head_kinds},
-        texts_used=_texts_used(methods, plan.texts_made_from),
+        report=report, probes=probes, cache=checkpoint.cache_identity(m), first_train=first_train,
+        projections=projections, box_stats=box_stats, texts_used=_texts_used(methods, plan.texts_made_from),
     )
 
 

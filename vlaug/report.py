@@ -264,7 +264,7 @@ def _plot_accuracy(report: dict, file) -> None:
     ax.set_title(f"{report['model']} / {report['pretrained'] or 'hub'}: mean ± std over {len(report['protocol']['seeds'])} seeds", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(file, dpi=120)
+    fig.savefig(file, dpi=120, format="png")
 
 
 def _plot_box_volume(stats: dict, name: str, file, top: int = 15, n_dims: int = 8) -> dict:
@@ -301,7 +301,7 @@ def _plot_box_volume(stats: dict, name: str, file, top: int = 15, n_dims: int = 
         tab.set_title(f"Table 5: the {len(dims)} dimensions with the longest sides", fontsize=9)
     fig.suptitle(f"box head {name}: {stats['n_rows']} training rows", fontsize=9)
     fig.tight_layout()
-    fig.savefig(file, dpi=120)
+    fig.savefig(file, dpi=120, format="png")
     return {"classes": [r["class"] for r in shown], "x": diffs, "dims": [d["dim"] for d in dims]}
 
 
@@ -381,7 +381,7 @@ def _plot_embeddings(first_train: tuple, projections: dict, file, tsne: bool, se
     how = "one t-SNE of all points" if tsne else "PCA fitted once on the original rows"
     fig.suptitle(f"training embeddings, seed 0: {how}, the same axes in every panel", fontsize=8)
     fig.tight_layout(rect=(0, 0.1 if rows == 1 else 0.06, 1, 1))
-    fig.savefig(file, dpi=110)
+    fig.savefig(file, dpi=110, format="png")
     drawn = {"panels": [ax.get_title() for ax in axes.flat if ax.axison], "legend": labels,
              "limits": {(ax.get_xlim(), ax.get_ylim()) for ax in axes.flat if ax.axison}}
     return drawn
@@ -418,7 +418,7 @@ def _plot_tradeoff(report: dict, file) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(file, dpi=120)
+    fig.savefig(file, dpi=120, format="png")
 
 
 def _plot_per_domain(report: dict, file):
@@ -442,22 +442,51 @@ def _plot_per_domain(report: dict, file):
     fig.colorbar(image, ax=ax, label="top-1 accuracy (%)")
     ax.set_title(f"accuracy per domain, mean over {len(report['protocol']['seeds'])} seeds", fontsize=9)
     fig.tight_layout()
-    fig.savefig(file, dpi=120)
+    fig.savefig(file, dpi=120, format="png")
     return values  # (methods, domains) in %
 
 
+# A plot to draw: (file name in the report folder, the plot function's name in this module,
+# its arguments but ``file``, its keyword arguments)
+Job = tuple[str, str, tuple, dict]
+
+
+def _box_file(head: str) -> str:
+    return f"box_volume_{_safe_name(head)}.png"
+
+
+def data_plots(first_train: tuple, projections: dict, tsne: bool, classes: list[str], box_stats: dict) -> list[Job]:
+    """The plots drawn from the data alone, known before any probe is fitted: the training
+    embeddings with every method's augmentations, and each box head's volumes."""
+    jobs = [("embeddings.png", "_plot_embeddings", (first_train, projections), {"tsne": tsne, "classes": classes})]
+    jobs += [(_box_file(head), "_plot_box_volume", (stats, head), {}) for head, stats in box_stats.items() if stats]
+    return jobs
+
+
+def result_plots(report: dict) -> list[Job]:
+    """The plots of the results (``report``'s summary, model and protocol): accuracy per
+    method, per domain, and in- against out-of-domain when both are measured."""
+    jobs = [("accuracy.png", "_plot_accuracy", (report,), {}), ("per_domain.png", "_plot_per_domain", (report,), {})]
+    if _has_both_axes(report):
+        jobs.append(("tradeoff.png", "_plot_tradeoff", (report,), {}))
+    return jobs
+
+
 class PlotWorker:
-    """A second process that draws a report's plots. Started when a run begins, it imports
-    matplotlib (~0.35 s on 2 cores) while the probes are fitted, and draws while the report's
-    other files are written. Where it cannot start, or fails, the plots are drawn in this
-    process (:meth:`draw`). ``start`` None: no process where matplotlib is already imported
-    here (nothing to hide); True: always one; False: none."""
+    """A second process that draws a report's plots while this one works. Started when a
+    run begins, it imports matplotlib (~0.35 s on 2 cores) while the probes are fitted;
+    plots whose data is known early (:meth:`submit`: the embeddings, before the fits) are
+    drawn meanwhile, into memory; :meth:`write` hands it the rest and writes every plot
+    into the report's folder. Any plot the worker could not draw (it could not start, died
+    or failed on that plot) is drawn in this process. ``start`` None: no process where
+    matplotlib is already imported here (nothing to hide); True: always one; False: none."""
 
     def __init__(self, start: bool | None = None):
         import subprocess
         import sys
 
         self._proc = None
+        self.sent: set[str] = set()  # the file names of the plots submitted
         if start is False or (start is None and "matplotlib.figure" in sys.modules):
             return
         try:
@@ -466,31 +495,47 @@ class PlotWorker:
         except OSError:
             self._proc = None
 
-    def draw(self, jobs: list[tuple[str, tuple, dict]]):
-        """Start drawing ``jobs`` ((plot function's name, args, kwargs)); returns a function
-        that waits until they are drawn (drawing them here if the worker could not)."""
+    def submit(self, jobs: list[Job]) -> None:
+        """Start drawing ``jobs`` in the worker now, but those (by file name) submitted
+        before; without a worker, nothing: :meth:`write` draws them."""
         import pickle
 
+        jobs = [job for job in jobs if job[0] not in self.sent]
+        if self._proc is None or not jobs:
+            return
+        try:
+            pickle.dump(jobs, self._proc.stdin)
+            self._proc.stdin.flush()
+            self.sent.update(name for name, *_ in jobs)
+        except (OSError, pickle.PicklingError, TypeError, AttributeError):  # drawn here, by write()
+            self.close()
+
+    def write(self, jobs: list[Job], folder) -> None:
+        """Write every plot of ``jobs`` into ``folder``: the worker's (those submitted earlier
+        and the others, handed to it now) and, drawn here, any it could not draw."""
+        import pickle
+        from pathlib import Path
+
+        drawn = {}
+        self.submit(jobs)
         proc, self._proc = self._proc, None
         if proc is not None:
             try:
-                pickle.dump(jobs, proc.stdin)
+                pickle.dump(None, proc.stdin)  # no more plots
                 proc.stdin.close()
-            except (OSError, pickle.PicklingError, TypeError, AttributeError):
-                _stop(proc)
-                proc = None
-
-        def finish():
-            if proc is not None:
                 reply = proc.stdout.read()
-                if proc.wait() == 0 and reply == b"ok":
-                    return
-            _draw(jobs)
-
-        return finish
+                if proc.wait() == 0:
+                    drawn = pickle.loads(reply)
+            except (OSError, EOFError, pickle.UnpicklingError):
+                _stop(proc)
+        for name, *job in jobs:
+            if name in drawn:
+                (Path(folder) / name).write_bytes(drawn[name])
+            else:
+                _draw(name, *job, folder=folder)
 
     def close(self) -> None:
-        """Stop the worker if no plots were given to it (a run that ended without a report)."""
+        """Stop the worker (a run that ended without a report)."""
         if self._proc is not None:
             _stop(self._proc)
             self._proc = None
@@ -502,31 +547,49 @@ def _stop(proc) -> None:
     proc.wait()
 
 
-def _draw(jobs: list[tuple[str, tuple, dict]]) -> None:
-    for name, args, kwargs in jobs:
-        globals()[name](*args, **kwargs)
+def _draw(name: str, function: str, args: tuple, kwargs: dict, folder=None) -> bytes | None:
+    """Draw one plot into ``folder``/``name``, or (no folder) into PNG bytes."""
+    import io
+    from pathlib import Path
+
+    file = io.BytesIO() if folder is None else Path(folder) / name
+    globals()[function](*args, file=file, **kwargs)
+    return file.getvalue() if folder is None else None
 
 
 def _serve_plots() -> None:
-    """The :class:`PlotWorker` process: import matplotlib, wait for the plots, draw them,
-    and answer ``ok`` on stdout (or the traceback, for the main process to draw them)."""
+    """The :class:`PlotWorker` process: import matplotlib while reading batches of plots
+    from stdin, draw each batch as it arrives, and on the end mark (None) answer on stdout
+    with the pickled ``{file name: PNG bytes}`` of the plots it drew (one that failed is
+    left out, for the main process to draw)."""
     import pickle
+    import queue
     import sys
-    import traceback
+    import threading
 
+    inbox = queue.Queue()
+
+    def read():  # from the start: the main process never waits on a full pipe
+        try:
+            while True:
+                inbox.put(pickle.load(sys.stdin.buffer))
+        except Exception:  # noqa: BLE001 - end of input (EOF: the main process is gone), or unreadable
+            inbox.put(False)
+
+    threading.Thread(target=read, daemon=True).start()
     import matplotlib.backends.backend_agg  # noqa: F401 - imported before the plots arrive: the point
     import matplotlib.figure  # noqa: F401
 
-    try:
-        jobs = pickle.load(sys.stdin.buffer)
-    except EOFError:  # the run ended without a report
-        return
-    try:
-        _draw(jobs)
-        reply = "ok"
-    except Exception:  # noqa: BLE001 - reported; the main process draws them itself
-        reply = traceback.format_exc()
-    sys.stdout.write(reply)
+    drawn = {}
+    while (jobs := inbox.get()) is not None:
+        if jobs is False:  # nobody to answer
+            return
+        for job in jobs:
+            try:
+                drawn[job[0]] = _draw(*job)
+            except Exception:  # noqa: BLE001 - drawn again by the main process, which reports the error
+                pass
+    sys.stdout.buffer.write(pickle.dumps(drawn))
     sys.stdout.flush()
 
 
@@ -535,7 +598,8 @@ def write_report(out, run: "ProbeRun", tsne: bool = False, plots: PlotWorker | N
 
     The folder is built under a temporary name and renamed into place, so a failure
     leaves no half-written report. Returns the report as written to report.json.
-    ``plots``: a :class:`PlotWorker` started earlier, which draws the plots meanwhile.
+    ``plots``: a :class:`PlotWorker` started earlier (given to :func:`~vlaug.evaluate.run_probe`
+    too, it drew the plots it could meanwhile); without one the plots are drawn here.
     """
     import json
     from pathlib import Path
@@ -548,20 +612,12 @@ def write_report(out, run: "ProbeRun", tsne: bool = False, plots: PlotWorker | N
         public = dict(run.report)
         public["probe_dirs"] = {method: f"probes/{_safe_name(method)}" for method in run.probes}
         public["plots"] = {"accuracy": "accuracy.png", "embeddings": "embeddings.png", "per_domain": "per_domain.png",
-                           "box": {}}
-        jobs = [("_plot_accuracy", (public, tmp / "accuracy.png"), {}),
-                ("_plot_per_domain", (public, tmp / "per_domain.png"), {})]
+                           "box": {head: _box_file(head) for head, stats in run.box_stats.items() if stats}}
         if _has_both_axes(public):  # in-domain vs out-of-domain, one point per method
             public["plots"]["tradeoff"] = "tradeoff.png"
-            jobs.append(("_plot_tradeoff", (public, tmp / "tradeoff.png"), {}))
-        for head, stats in run.box_stats.items():
-            if stats:
-                file = f"box_volume_{_safe_name(head)}.png"
-                public["plots"]["box"][head] = file
-                jobs.append(("_plot_box_volume", (stats, head, tmp / file), {}))
-        jobs.append(("_plot_embeddings", (run.first_train, run.projections, tmp / "embeddings.png", tsne),
-                     {"classes": public["classes"]}))
-        drawn = plots.draw(jobs) if plots is not None else (lambda: _draw(jobs))
+        jobs = result_plots(public) + data_plots(run.first_train, run.projections, tsne, public["classes"], run.box_stats)
+        plots = plots or PlotWorker(start=False)
+        plots.submit(jobs)  # drawn there while the files are written here
         (tmp / "probes").mkdir()
         for method, probe in run.probes.items():
             checkpoint.save_head(
@@ -572,5 +628,5 @@ def write_report(out, run: "ProbeRun", tsne: bool = False, plots: PlotWorker | N
         public = _json_ready(public)
         (tmp / "report.json").write_text(json.dumps(public, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(format_markdown(public), encoding="utf-8")
-        drawn()
+        plots.write(jobs, tmp)
     return public

@@ -259,9 +259,9 @@ def probe(
         grid_size=grid_size, max_iter=max_iter, selection_rows=selection_rows, class_weight=class_weight, device=device, tsne=tsne, overwrite=overwrite,
         memory_budget=memory_budget, allow_incomplete=allow_incomplete, progress=progress, heads=str(heads or ""),
     )
-    plots = PlotWorker()  # imports matplotlib in another process while the probes are fitted
+    plots = PlotWorker()  # imports matplotlib, then draws, in another process while the probes are fitted
     try:
-        report = write_report(out, run_probe(config), tsne=tsne, plots=plots)
+        report = write_report(out, run_probe(config, plots=plots), tsne=tsne, plots=plots)
     finally:
         plots.close()
     typer.echo(format_table(report))
