@@ -354,6 +354,13 @@ def probe_objective(x, W, b, targets, sample_weight, weight_decay, anchor=None) 
 TOLERANCE_GRAD = 1e-5
 
 
+# A backtracking step whose predicted decrease of the loss, −step·gᵀd, is below this fraction
+# of the loss stops the line search: float32 sums cannot resolve it (about 2 units in the last
+# place), and a problem there has converged as far as float32 goes (it stops, as if no step
+# decreased the loss). Without it such a problem spent 29 more passes halving its step.
+LOSS_RESOLUTION = 2.0**-22
+
+
 def _inverse_hessian_times(S: torch.Tensor, Y: torch.Tensor, MY: torch.Tensor, valid: torch.Tensor, g: torch.Tensor,
                            Mg: torch.Tensor) -> torch.Tensor:
     """H·g for the L-BFGS inverse-Hessian estimate H of each of A problems, started from
@@ -532,19 +539,26 @@ def fit_probes(
             trial = theta_a + step.view(-1, 1, 1) * shaped
             f_new, g_new = objective(trial, ai)
             ok = torch.isfinite(f_new) & (f_new <= fa + 1e-4 * step * gtd)
+            done = ok.clone()  # accepted, or no shorter step can decrease the loss measurably
             for _ in range(30):  # backtrack: the minimum of the quadratic through f, f'·d and f_new, within [0.1, 0.5]·t
-                if bool(ok.all()):
+                if bool(done.all()):
                     break
-                redo = (~ok).nonzero().flatten()
+                redo = (~done).nonzero().flatten()
                 t = step[redo]
                 curve = f_new[redo] - fa[redo] - gtd[redo] * t
                 quad = torch.where(torch.isfinite(curve) & (curve > 0),
                                    -gtd[redo] * t * t / (2 * curve.clamp(min=1e-30)), 0.5 * t)
                 step[redo] = torch.minimum(torch.maximum(quad, 0.1 * t), 0.5 * t)
+                unresolved = -step[redo] * gtd[redo] <= LOSS_RESOLUTION * fa[redo].abs()
+                done[redo[unresolved]] = True
+                redo = redo[~unresolved]
+                if not len(redo):
+                    break
                 trial[redo] = theta_a[redo] + step[redo].view(-1, 1, 1) * shaped[redo]
                 fr, gr = objective(trial[redo], ai[redo])
                 f_new[redo], g_new[redo] = fr, gr
                 ok[redo] = torch.isfinite(fr) & (fr <= fa[redo] + 1e-4 * step[redo] * gtd[redo])
+                done[redo] = ok[redo]
             s = step[:, None] * direction
             y = (g_new - g[ai]).view(len(a), size)
             sy = (s * y).sum(1)
