@@ -92,6 +92,22 @@ def test_plots_drawn_by_the_worker_process_equal_those_drawn_here(run, tmp_path,
             assert (tmp_path / "here" / name).read_bytes() == (tmp_path / folder / name).read_bytes(), (folder, name)
 
 
+def test_plots_drawn_side_by_side_in_forks_equal_those_drawn_one_by_one(run, tmp_path):
+    """_draw_all (the worker's batch) draws all but the first plot in forked processes on
+    Linux: the same bytes as drawn one by one here; a plot that fails is left out (for the
+    main process to draw), the others kept."""
+    from vlaug.report import _draw, _draw_all, data_plots, result_plots
+
+    _, result = run
+    report = result.report
+    jobs = result_plots(report) + data_plots(result.first_train, result.projections, False, report["classes"], {})
+    broken = ("broken.png", "_plot_embeddings", ((None, None, None), {}), {"tsne": False})
+    drawn = _draw_all(jobs[:2] + [broken] + jobs[2:])
+    assert sorted(drawn) == sorted(name for name, *_ in jobs)
+    for name, *job in jobs:
+        assert drawn[name] == _draw(name, *job), name
+
+
 def test_a_worker_that_cannot_draw_leaves_the_plots_to_this_process(run, tmp_path):
     """A worker that died before the plots arrived, or that fails on them: the plots are
     drawn here (a report as without a worker); a plot that fails here too fails the write,

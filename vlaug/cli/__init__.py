@@ -250,17 +250,19 @@ def probe(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ):
     """Zero-shot, linear and augmented probes side by side on identical splits and seeds; report + plots."""
-    from vlaug.evaluate import ProbeRunConfig, run_probe
     from vlaug.report import PlotWorker, format_table, write_report
 
-    config = ProbeRunConfig(
-        features=str(features), out=str(out), methods=tuple(method), train_domains=tuple(train_domain or ()), seeds=seeds,
-        test_fraction=test_fraction, val_fraction=val_fraction, shots=shots, imbalance=imbalance, reweight=_value(reweight),
-        grid_size=grid_size, max_iter=max_iter, selection_rows=selection_rows, class_weight=class_weight, device=device, tsne=tsne, overwrite=overwrite,
-        memory_budget=memory_budget, allow_incomplete=allow_incomplete, progress=progress, heads=str(heads or ""),
-    )
-    plots = PlotWorker()  # imports matplotlib, then draws, in another process while the probes are fitted
+    # another process imports matplotlib while this one imports torch, and draws while it fits
+    plots = PlotWorker()
     try:
+        from vlaug.evaluate import ProbeRunConfig, run_probe
+
+        config = ProbeRunConfig(
+            features=str(features), out=str(out), methods=tuple(method), train_domains=tuple(train_domain or ()), seeds=seeds,
+            test_fraction=test_fraction, val_fraction=val_fraction, shots=shots, imbalance=imbalance, reweight=_value(reweight),
+            grid_size=grid_size, max_iter=max_iter, selection_rows=selection_rows, class_weight=class_weight, device=device, tsne=tsne,
+            overwrite=overwrite, memory_budget=memory_budget, allow_incomplete=allow_incomplete, progress=progress, heads=str(heads or ""),
+        )
         report = write_report(out, run_probe(config, plots=plots), tsne=tsne, plots=plots)
     finally:
         plots.close()
