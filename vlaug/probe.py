@@ -489,8 +489,11 @@ def fit_probes(
     if init is not None:
         theta[:, :d] = init[0]
         theta[:, d] = init[1]
+    # the L-BFGS memory of the problems still running, in the order of ``held`` (problems that
+    # stop leave it: no gathers of every problem's pairs at each iteration)
     S, Y, MY = (torch.zeros(p, m, size, device=device) for _ in range(3))
     rho = torch.zeros(p, m, device=device)  # 1 / sᵀy of each stored pair; 0: no pair (adds nothing below)
+    held = list(range(p))
     iterations = [0] * p
     threads = torch.get_num_threads()
     # the optimiser's own arithmetic (vectors of (d + 1)·C per problem) on one thread; the
@@ -524,8 +527,11 @@ def fit_probes(
             if not a:
                 break
             ai = torch.tensor(a, device=device)
+            if a != held:  # some problems stopped: their pairs leave the memory
+                still = torch.tensor([active[k] for k in held], device=device)
+                S, Y, MY, rho, held = S[still], Y[still], MY[still], rho[still], a
             ga = g[ai].view(len(a), size)
-            direction = -_inverse_hessian_times(S[ai], Y[ai], MY[ai], rho[ai] > 0, ga, _apply(M, which[ai], ga))
+            direction = -_inverse_hessian_times(S, Y, MY, rho > 0, ga, _apply(M, which[ai], ga))
             gtd = (ga * direction).sum(1)
             ascent = ~(gtd < 0)  # numerically not a descent direction: steepest descent instead
             if bool(ascent.any()):
@@ -563,11 +569,16 @@ def fit_probes(
             y = (g_new - g[ai]).view(len(a), size)
             sy = (s * y).sum(1)
             keep = ok & (sy > 1e-10)
-            if bool(keep.any()):
-                ki = ai[keep]
+            if bool(keep.all()):  # the usual case: every problem stores its pair, oldest out
+                S = torch.cat([S[:, 1:], s[:, None]], 1)
+                Y = torch.cat([Y[:, 1:], y[:, None]], 1)
+                MY = torch.cat([MY[:, 1:], _apply(M, which[ai], y)[:, None]], 1)
+                rho = torch.cat([rho[:, 1:], (1 / sy)[:, None]], 1)
+            elif bool(keep.any()):
+                ki = keep.nonzero().flatten()
                 S[ki] = torch.cat([S[ki, 1:], s[keep, None]], 1)
                 Y[ki] = torch.cat([Y[ki, 1:], y[keep, None]], 1)
-                MY[ki] = torch.cat([MY[ki, 1:], _apply(M, which[ki], y[keep])[:, None]], 1)
+                MY[ki] = torch.cat([MY[ki, 1:], _apply(M, which[ai[keep]], y[keep])[:, None]], 1)
                 rho[ki] = torch.cat([rho[ki, 1:], (1 / sy[keep])[:, None]], 1)
             oi = ai[ok]
             theta[oi], f[oi], g[oi] = trial[ok], f_new[ok], g_new[ok]
