@@ -85,12 +85,17 @@ def test_few_shot_and_imbalance_protocols(setup, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "fs" / "report.json").read_text())
     assert all(s["train"] == 12 for s in report["protocol"]["splits"])
-    r = _probe(root, feats, tmp_path / "im", ["linear"], "--imbalance", "50:2", "--reweight", "seed-category")
+    r = _probe(root, feats, tmp_path / "im", ["zero-shot", "linear"], "--imbalance", "50:2", "--reweight", "seed-category")
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "im" / "report.json").read_text())
     assert all(len(s["reduced_classes"]) == 2 for s in report["protocol"]["splits"])
-    assert "reduced_classes" in report["summary"][0] and "Reduced classes" in r.stdout
-    assert report["results"][0]["selection"]["reweight"]["scheme"] == "seed-category"
+    assert "reduced_classes" in report["summary"][1] and "Reduced classes" in r.stdout
+    linear = [x for x in report["results"] if x["method"] == "linear"]
+    assert linear and all(x["selection"]["reweight"]["scheme"] == "seed-category" for x in linear)
+    assert not any("reweight" in x["selection"] for x in report["results"] if x["method"] == "zero-shot")
+    # the report says which methods the reweighting applied to
+    assert ("reweight: seed-category, applied to `linear`; not to `zero-shot` (no probe rows to reweight)"
+            in (tmp_path / "im" / "report.md").read_text())
 
 
 @pytest.mark.parametrize(

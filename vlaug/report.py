@@ -149,6 +149,18 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
+def _reweighted_methods(report: dict) -> str:
+    """--reweight and the methods it applied to: it reweights the rows of the logistic
+    probes; zero-shot and the joint methods run as without it."""
+    scheme = report["config"]["reweight"]
+    if scheme == "none":
+        return scheme
+    done = [m["method"] for m in report["methods"] if "reweight" in m["selection_seed0"]]
+    others = [m["method"] for m in report["methods"] if "reweight" not in m["selection_seed0"]]
+    return (f"{scheme}, applied to {', '.join(f'`{m}`' for m in done) or 'no method'}"
+            + (f"; not to {', '.join(f'`{m}`' for m in others)} (no probe rows to reweight)" if others else ""))
+
+
 def format_markdown(report: dict) -> str:
     p, c = report["protocol"], report["config"]
     pretrained = report["pretrained"] or "(from the model source)"
@@ -181,7 +193,7 @@ def format_markdown(report: dict) -> str:
         + (f" on a seeded sample of at most {c['selection_rows']} training and {c['selection_rows']} validation rows "
            "(--selection-rows), then refitted on every training row" if any("selected_on" in r.get("selection", {})
                                                                             for r in report["results"]) else "") + "; "
-        f"reweight: {c['reweight']}; class weights: {c['class_weight']}; zero-shot logits cos / {p['zero_shot_temperature']}",
+        f"reweight: {_reweighted_methods(report)}; class weights: {c['class_weight']}; zero-shot logits cos / {p['zero_shot_temperature']}",
         f"- data: {'streamed from disk, ' + str(p.get('passes_over_cache')) + ' reads of the cache' if p.get('streamed') else 'in memory'} (--memory-budget {c.get('memory_budget', 'auto')}"
         f" = {_size(p.get('memory_budget_bytes', 0))}); device {c['device']}",
         f"- vlaug {report['vlaug_version']}, {report['seconds']:.1f} s",
