@@ -92,6 +92,7 @@ def test_plots_drawn_by_the_worker_process_equal_those_drawn_here(run, tmp_path,
             assert (tmp_path / "here" / name).read_bytes() == (tmp_path / folder / name).read_bytes(), (folder, name)
 
 
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")  # Python >= 3.12 on forking this (threaded) test process
 def test_plots_drawn_side_by_side_in_forks_equal_those_drawn_one_by_one(run, tmp_path):
     """_draw_all (the worker's batch) draws all but the first plot in forked processes on
     Linux: the same bytes as drawn one by one here; a plot that fails is left out (for the
@@ -108,6 +109,23 @@ def test_plots_drawn_side_by_side_in_forks_equal_those_drawn_one_by_one(run, tmp
         assert drawn[name] == _draw(name, *job), name
 
 
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+def test_a_forked_plot_that_hangs_is_stopped_and_left_out(run, monkeypatch):
+    """A child that does not answer within CHILD_SECONDS is killed and its plot left to the
+    main process; the batch's other plots are kept."""
+    import time
+
+    import vlaug.report as report
+
+    _, result = run
+    monkeypatch.setattr(report, "CHILD_SECONDS", 1.0)
+    monkeypatch.setattr(report, "_plot_hangs", lambda file: time.sleep(60), raising=False)
+    jobs = report.result_plots(result.report)[:1] + [("hangs.png", "_plot_hangs", (), {})]
+    start = time.monotonic()
+    drawn = report._draw_all(jobs)
+    assert sorted(drawn) == [jobs[0][0]] and time.monotonic() - start < 30
+
+
 def test_a_worker_that_cannot_draw_leaves_the_plots_to_this_process(run, tmp_path):
     """A worker that died before the plots arrived, or that fails on them: the plots are
     drawn here (a report as without a worker); a plot that fails here too fails the write,
@@ -118,10 +136,12 @@ def test_a_worker_that_cannot_draw_leaves_the_plots_to_this_process(run, tmp_pat
     worker._proc.wait()
     write_report(tmp_path / "dead", result, plots=worker)
     assert {p.name for p in (tmp_path / "dead").glob("*.png")} >= {"accuracy.png", "per_domain.png", "embeddings.png"}
-    broken = type(result)(**{**result.__dict__, "first_train": (None, None, None)})  # the plot fails, there and here
+    flat = (np.zeros(5, np.float32), np.zeros(5, int), np.array(["photo"] * 5))  # no dimensions: the plot fails, there and here
+    broken = type(result)(**{**result.__dict__, "first_train": flat, "projections": {}})
+    failing = PlotWorker(start=True)
     with pytest.raises(Exception):
-        write_report(tmp_path / "broken", broken, plots=PlotWorker(start=True))
-    assert not (tmp_path / "broken").exists()
+        write_report(tmp_path / "broken", broken, plots=failing)
+    assert not (tmp_path / "broken").exists() and failing._proc is None  # the worker answered, and was stopped
     unused = PlotWorker(start=True)
     proc = unused._proc
     unused.close()
@@ -136,7 +156,7 @@ def test_embedding_plot_one_projection_every_method_and_a_class_legend(tmp_path)
     import matplotlib
 
     matplotlib.use("Agg")
-    from vlaug.report import _plot_embeddings, _project
+    from vlaug.report import _embedding_points, _plot_embeddings, _project
 
     rng = np.random.default_rng(0)
     x0 = rng.standard_normal((60, 8)).astype(np.float32)
@@ -154,6 +174,15 @@ def test_embedding_plot_one_projection_every_method_and_a_class_legend(tmp_path)
     assert len(drawn["panels"]) == 6 and all(any(f"method{k}" in t for t in drawn["panels"]) for k in range(5))
     assert drawn["legend"] == ["cat", "dog", "fox"]
     assert len(drawn["limits"]) == 1  # every panel has the same axes
+    # what the plot worker is given: at most max_points of each, the same points drawn again
+    (xs, ys, ds), picked = _embedding_points((x0, y0, d0), projections, max_points=20)
+    assert len(xs) == 20 and all(len(x) == 20 and n == 0 for x, _, n in picked.values())
+    again, picked_again = _embedding_points((xs, ys, ds), picked, max_points=20)
+    assert all(np.array_equal(a, b) for a, b in zip(again, (xs, ys, ds)))
+    assert all(np.array_equal(picked[k][0], picked_again[k][0]) for k in picked)
+    small = _plot_embeddings((x0, y0, d0), projections, tmp_path / "a.png", tsne=False, max_points=20)
+    assert small == _plot_embeddings((xs, ys, ds), picked, tmp_path / "b.png", tsne=False, max_points=20)
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
 def test_box_volume_plot_ranks_differences_and_per_domain_heat_map(run, tmp_path):

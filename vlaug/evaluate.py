@@ -508,7 +508,7 @@ def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None], plots:
     first_train = (x_sample.cpu().numpy(), data.feats.labels[sample], data.feats.domains[sample])
     geometry, projections = _seed0_samples(plan, sample, x_sample)
     box_stats = {x.head: checkpoint.read_head_stats(x.head) for x in methods if "box" in x.head_kinds}
-    if plots is not None:  # drawn while the probes are fitted
+    if plots is not None and not config.tsne:  # drawn while the probes are fitted (a t-SNE, on every core, after them)
         plots.submit(data_plots(first_train, projections, config.tsne, m.classes, box_stats))
     results, first_fits = _fit_every_seed(plan, config.progress)
     report = {

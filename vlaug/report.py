@@ -339,27 +339,37 @@ def _project(x0, extra: list, tsne: bool, seed: int):
     return (x0 - mean) @ basis, [(e - mean) @ basis for e in extra]
 
 
+def _embedding_points(first_train: tuple, projections: dict, seed: int = 0, max_points: int = 2000) -> tuple[tuple, dict]:
+    """The points the embeddings plot draws, as its arguments ``(first_train, projections)``:
+    at most ``max_points`` original rows and, per method, augmentations (a seeded sample, in
+    their order; all of them where there are no more). A second call returns its input:
+    the worker gets these, not the geometry rows and every augmentation."""
+    import numpy as np
+
+    x0, y0, d0 = first_train
+    rng = np.random.default_rng(seed)
+    keep0 = np.sort(rng.permutation(len(x0))[:max_points]) if len(x0) > max_points else np.arange(len(x0))
+    extras = {}
+    for name, (x, y, n_orig) in projections.items():
+        aug = np.arange(n_orig, len(x))
+        pick = np.sort(rng.permutation(aug)[:max_points]) if len(aug) > max_points else aug
+        extras[name] = (x[pick], y[pick], 0)
+    return (x0[keep0], y0[keep0], d0[keep0]), extras
+
+
 def _plot_embeddings(first_train: tuple, projections: dict, file, tsne: bool, seed: int = 0,
                      classes: list[str] | None = None, max_points: int = 2000) -> dict:
     """Training embeddings (colour: class, marker: domain) and, for every augmenting method,
     the originals (dots) with its augmentations (crosses), all in one projection (PCA fitted
-    once on the originals, or one t-SNE of every point) with shared axes and a class legend."""
+    once on the originals, or one t-SNE of every point) with shared axes and a class legend;
+    at most ``max_points`` of each (:func:`_embedding_points`)."""
     import matplotlib
-    import numpy as np
     from matplotlib.lines import Line2D
 
-    x0, y0, d0 = first_train
-    rng = np.random.default_rng(seed)
-    keep0 = np.sort(rng.permutation(len(x0))[:max_points])
-    extras, names = [], []
-    for name, (x, y, n_orig) in projections.items():
-        aug = np.arange(n_orig, len(x))
-        pick = np.sort(rng.permutation(aug)[:max_points]) if len(aug) else aug
-        extras.append((x[pick], y[pick]))
-        names.append(name)
-    xy0, xys = _project(x0[keep0], [e[0] for e in extras], tsne, seed)
-    y0k, d0k = y0[keep0], d0[keep0]
-    n_classes = len(classes) if classes else int(max([y0.max(initial=0)] + [e[1].max(initial=0) for e in extras])) + 1
+    (x0, y0k, d0k), picked = _embedding_points(first_train, projections, seed, max_points)
+    names, extras = list(picked), [(x, y) for x, y, _ in picked.values()]
+    xy0, xys = _project(x0, [e[0] for e in extras], tsne, seed)
+    n_classes = len(classes) if classes else int(max([first_train[1].max(initial=0)] + [e[1].max(initial=0) for e in extras])) + 1
     cmap = matplotlib.colormaps["tab10" if n_classes <= 10 else "tab20"]
     colour = lambda labels: [cmap(int(v) % cmap.N) for v in labels]  # noqa: E731
     domains = sorted(set(d0k.tolist()))
@@ -371,7 +381,7 @@ def _plot_embeddings(first_train: tuple, projections: dict, file, tsne: bool, se
     for i, dom in enumerate(domains):
         m = d0k == dom
         axes[0][0].scatter(xy0[m, 0], xy0[m, 1], c=colour(y0k[m]), s=8, marker=markers[i % len(markers)])
-    axes[0][0].set_title(f"original ({len(keep0)} rows)", fontsize=8)
+    axes[0][0].set_title(f"original ({len(x0)} rows)", fontsize=8)
     if len(domains) > 1:
         axes[0][0].legend([Line2D([], [], marker=markers[i % len(markers)], color="0.3", linestyle="") for i in range(len(domains))],
                           [d or "(none)" for d in domains], fontsize=6, title="domain", title_fontsize=6)
@@ -470,7 +480,7 @@ def _box_file(head: str) -> str:
 def data_plots(first_train: tuple, projections: dict, tsne: bool, classes: list[str], box_stats: dict) -> list[Job]:
     """The plots drawn from the data alone, known before any probe is fitted: the training
     embeddings with every method's augmentations, and each box head's volumes."""
-    jobs = [("embeddings.png", "_plot_embeddings", (first_train, projections), {"tsne": tsne, "classes": classes})]
+    jobs = [("embeddings.png", "_plot_embeddings", _embedding_points(first_train, projections), {"tsne": tsne, "classes": classes})]
     jobs += [(_box_file(head), "_plot_box_volume", (stats, head), {}) for head, stats in box_stats.items() if stats]
     return jobs
 
@@ -562,7 +572,8 @@ class PlotWorker:
                 if proc.wait() == 0:
                     drawn = pickle.loads(reply)
             except (OSError, EOFError, pickle.UnpicklingError):
-                _stop(proc)
+                pass
+            _stop(proc)
         for name, *job in jobs:
             if name in drawn:
                 (Path(folder) / name).write_bytes(drawn[name])
@@ -580,6 +591,11 @@ def _stop(proc) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait()
+    for pipe in (proc.stdin, proc.stdout):
+        try:
+            pipe.close()
+        except OSError:  # a write the worker never read (it is gone)
+            pass
 
 
 def _draw(name: str, function: str, args: tuple, kwargs: dict, folder=None) -> bytes | None:
@@ -594,11 +610,15 @@ def _draw(name: str, function: str, args: tuple, kwargs: dict, folder=None) -> b
 
 def _draw_all(jobs: list[Job]) -> dict[str, bytes]:
     """PNG bytes of each plot of ``jobs`` that could be drawn. On Linux, every plot but the
-    first is drawn in a fork of this (single-threaded) process, matplotlib imported, while
-    this one draws the first: a report's plots side by side on the cores the fits no
-    longer use (accuracy and per-domain on 2 cores: 0.2 s -> 0.12 s)."""
+    first is drawn in a fork of this process (which runs no Python thread; numpy's BLAS
+    threads handle fork), matplotlib imported, while this one draws the first: a report's
+    plots side by side on the cores the fits no longer use (accuracy and per-domain on 2
+    cores: 0.2 s -> 0.12 s). A child that has not answered within CHILD_SECONDS is
+    stopped, its plot left out."""
     import os
+    import signal
     import sys
+    import time
 
     children = []
     if sys.platform.startswith("linux") and len(jobs) > 1:
@@ -628,12 +648,40 @@ def _draw_all(jobs: list[Job]) -> dict[str, bytes]:
             drawn[job[0]] = _draw(*job)
         except Exception:  # noqa: BLE001 - drawn again by the main process, which reports the error
             pass
+    deadline = time.monotonic() + CHILD_SECONDS
     for name, pid, read in children:
-        with os.fdopen(read, "rb") as answer:
-            png = answer.read()
-        if os.waitpid(pid, 0)[1] == 0:
+        png = _read_until(read, deadline)
+        if png is None:  # a child that hangs (a lock held at fork by another thread): its plot is drawn by the main process
+            os.kill(pid, signal.SIGKILL)
+        if os.waitpid(pid, 0)[1] == 0 and png is not None:
             drawn[name] = png
     return drawn
+
+
+# How long the forked children of a batch of plots may take, together, before they are
+# stopped and their plots left to the main process (a plot takes well under a second).
+CHILD_SECONDS = 120.0
+
+
+def _read_until(fd: int, deadline: float) -> bytes | None:
+    """Everything a child writes to ``fd`` until it closes it, or None past ``deadline``
+    (``time.monotonic``); ``fd`` is closed either way."""
+    import os
+    import select
+    import time
+
+    chunks = []
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
 
 
 def _serve_plots() -> None:
@@ -657,6 +705,7 @@ def _serve_plots() -> None:
         if jobs is None:
             break
         drawn.update(_draw_all(jobs))
+        jobs = None  # not held while the next batch is awaited
     sys.stdout.buffer.write(pickle.dumps(drawn))
     sys.stdout.flush()
     os._exit(0)  # the main process waits for this exit: no interpreter teardown (~0.1 s with matplotlib)
@@ -668,7 +717,9 @@ def write_report(out, run: "ProbeRun", tsne: bool = False, plots: PlotWorker | N
     The folder is built under a temporary name and renamed into place, so a failure
     leaves no half-written report. Returns the report as written to report.json.
     ``plots``: a :class:`PlotWorker` started earlier (given to :func:`~vlaug.evaluate.run_probe`
-    too, it drew the plots it could meanwhile); without one the plots are drawn here.
+    too, it drew the plots it could meanwhile: give it with the run it was given to, and
+    the same ``tsne``, as plots are known by their file names); without one the plots are
+    drawn here.
     """
     import json
     from pathlib import Path
