@@ -613,8 +613,8 @@ def _draw_all(jobs: list[Job]) -> dict[str, bytes]:
     first is drawn in a fork of this process (which runs no Python thread; numpy's BLAS
     threads handle fork), matplotlib imported, while this one draws the first: a report's
     plots side by side on the cores the fits no longer use (accuracy and per-domain on 2
-    cores: 0.2 s -> 0.12 s). A child that has not answered within CHILD_SECONDS is
-    stopped, its plot left out."""
+    cores: 0.21 s -> 0.17 s in the worker). A child that has not answered within
+    CHILD_SECONDS is stopped, its plot left out."""
     import os
     import signal
     import sys
