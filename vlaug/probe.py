@@ -569,13 +569,8 @@ def fit_probes(
             y = (g_new - g[ai]).view(len(a), size)
             sy = (s * y).sum(1)
             keep = ok & (sy > 1e-10)
-            if bool(keep.all()):  # the usual case: every problem stores its pair, oldest out
-                S = torch.cat([S[:, 1:], s[:, None]], 1)
-                Y = torch.cat([Y[:, 1:], y[:, None]], 1)
-                MY = torch.cat([MY[:, 1:], _apply(M, which[ai], y)[:, None]], 1)
-                rho = torch.cat([rho[:, 1:], (1 / sy)[:, None]], 1)
-            elif bool(keep.any()):
-                ki = keep.nonzero().flatten()
+            if bool(keep.any()):  # each problem that stores its pair: oldest out (every one, usually: no gather)
+                ki = slice(None) if bool(keep.all()) else keep.nonzero().flatten()
                 S[ki] = torch.cat([S[ki, 1:], s[keep, None]], 1)
                 Y[ki] = torch.cat([Y[ki, 1:], y[keep, None]], 1)
                 MY[ki] = torch.cat([MY[ki, 1:], _apply(M, which[ai[keep]], y[keep])[:, None]], 1)
