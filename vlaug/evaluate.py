@@ -7,6 +7,7 @@ returns a :class:`ProbeRun`; :func:`vlaug.report.write_report` writes it.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -107,6 +108,7 @@ class _Plan:
     chunk_rows: int  # rows read from disk at a time when streamed
     warnings: list[str] = field(default_factory=list)  # printed, and at the top of the report
     texts_made_from: dict[str, list[str]] = field(default_factory=dict)  # prompt set -> the templates it was encoded from
+    fractions: np.ndarray | None = None  # each row's id hash (protocols.id_fractions): fingerprints the splits
 
 
 ALL_METHODS = "all"  # --method all: every registered method with its default options
@@ -324,7 +326,7 @@ def prepare(config: ProbeRunConfig) -> _Plan:
     if len(train_domains) < 2 and any(m.name == "xdomain-mix" for m in methods):
         warnings.append(f"xdomain-mix: one training domain ({', '.join(train_domains) or 'none'}), so it mixes rows "
                         "of the same class within that domain (plain same-class mixup), not across domains")
-    return _Plan(methods, data, train_domains, splits, imbalance, memory, chunk_rows, warnings, made_from)
+    return _Plan(methods, data, train_domains, splits, imbalance, memory, chunk_rows, warnings, made_from, fractions)
 
 
 def _predict(probe: LinearProbe, data: RunData, rows: np.ndarray) -> torch.Tensor:
@@ -414,6 +416,16 @@ def _with_search(fit) -> dict:
     return {**fit.selection, "search": fit.search} if fit.search else dict(fit.selection)
 
 
+def split_fingerprints(splits: Splits, fractions: np.ndarray) -> dict[str, str]:
+    """A short hash of the row ids in each part of a split (from their id hashes, in any
+    order): two reports with the same fingerprints trained, validated and tested on the same
+    images."""
+    def digest(rows: np.ndarray) -> str:
+        return hashlib.sha256(np.sort(fractions[np.asarray(rows, dtype=np.int64)]).tobytes()).hexdigest()[:16]
+
+    return {part: digest(getattr(splits, part)) for part in ("train", "val", "test_in", "test_out")}
+
+
 def _protocol(config: ProbeRunConfig, plan: _Plan, geometry_rows: int) -> dict:
     classes, domains = plan.data.feats.classes, plan.data.feats.domains
     return {
@@ -421,7 +433,8 @@ def _protocol(config: ProbeRunConfig, plan: _Plan, geometry_rows: int) -> dict:
         "test_domains": [d for d in np.unique(domains).tolist() if d and d not in plan.train_domains],
         "uses_cache_splits": bool((plan.data.feats.splits != "").any()),
         "seeds": list(range(config.seeds)),
-        "splits": [{"seed": i, **s.sizes(), "reduced_classes": [classes[c] for c in s.reduced_classes]}
+        "splits": [{"seed": i, **s.sizes(), "reduced_classes": [classes[c] for c in s.reduced_classes],
+                    "fingerprints": split_fingerprints(s, plan.fractions)}
                    for i, s in enumerate(plan.splits)],
         "shots": config.shots,
         "imbalance": {"percent_of_classes": plan.imbalance[0], "n_images": plan.imbalance[1]} if plan.imbalance else None,
