@@ -103,6 +103,18 @@ def test_demo_runs_on_the_bundled_data(tmp_path):
     report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
     assert report["protocol"]["seeds"] == [0, 1, 2] and len(report["summary"]) == 6
     assert_matches_golden("demo", report, tmp_path / "demo")
+    # the simulated part: real differences between the methods, labelled as simulated
+    assert "SIMULATED embeddings, not images" in r.stdout and "Against the linear probe" in r.stdout
+    simulated = tmp_path / "demo" / "simulated" / "report"
+    assert (simulated / "tradeoff.png").is_file()
+    report = json.loads((simulated / "report.json").read_text())
+    means = {row["method"].split(":")[0]: {k: row[k]["mean"] for k in ("in_domain", "out_of_domain")}
+             for row in report["summary"]}
+    assert list(means) == ["zero-shot", "linear", "box", "lads", "adaptive"]
+    assert means["linear"]["in_domain"] - means["zero-shot"]["in_domain"] > 0.2  # tens of points apart
+    assert means["zero-shot"]["out_of_domain"] - means["linear"]["out_of_domain"] > 0.1
+    assert means["adaptive"]["out_of_domain"] - means["linear"]["out_of_domain"] > 0.1
+    assert_matches_golden("demo_simulated", report, tmp_path / "demo" / "simulated")
 
 
 def test_version():
