@@ -183,7 +183,7 @@ def as_labels(targets: torch.Tensor) -> torch.Tensor:
 # features (rows x d) each hold at most this many values (16 MB), whatever the block size: it
 # bounds the temporaries while keeping matrix products large.
 PIECE_VALUES = 2**22
-def _pieces(rows: Rows, width: int, owners: bool = False) -> Iterable[tuple]:
+def row_pieces(rows: Rows, width: int, owners: bool = False) -> Iterable[tuple]:
     """``rows`` as float32 ``(x, targets, weights)`` pieces sized for ``width`` logits per
     row; with ``owners``, ``(x, targets, weights, owner)`` (see :class:`Rows`)."""
     step = int(np.clip(PIECE_VALUES // max(1, width, rows.n_features), 256, 65536))
@@ -236,7 +236,7 @@ def _objectives_pass(rows, theta, weight_decay, anchor, columns, gram=None):
     loss = torch.zeros(p, device=theta.device)
     gW, gb = torch.zeros_like(W), torch.zeros_like(b)
     stride = max(1, rows.n_rows // PRECONDITION_ROWS)
-    for x, t, w, owner in _pieces(rows, p * c, owners=True):
+    for x, t, w, owner in row_pieces(rows, p * c, owners=True):
         if gram is not None:
             _add_moments(gram, x[::stride], w[::stride], owner, rows.columns)
         if columns is None:  # one weight column: every problem
@@ -315,12 +315,12 @@ def _accumulate(x, t, weights, W, b, loss, gW, gb) -> None:
     gb += g.sum(0)
 
 
-def _scores(rows: Rows, theta: torch.Tensor) -> list[tuple[float, float]]:
+def validation_scores(rows: Rows, theta: torch.Tensor) -> list[tuple[float, float]]:
     """(accuracy, mean log-loss) of each of P problems ``theta`` on labelled rows (one pass)."""
     p, _, c = theta.shape
     W, b = _stacked(theta)
     correct, loss, n = torch.zeros(p, device=theta.device), torch.zeros(p, device=theta.device), 0
-    for x, y, _ in _pieces(rows, p * c):
+    for x, y, _ in row_pieces(rows, p * c):
         z = torch.addmm(b, x, W).view(len(x), p, c)
         correct += (z.argmax(2) == y[:, None]).sum(0)
         loss += (z.logsumexp(2) - _target_logits(z, y)).sum(0)
@@ -330,7 +330,7 @@ def _scores(rows: Rows, theta: torch.Tensor) -> list[tuple[float, float]]:
     return [(a / n, v / n) for a, v in zip(correct.tolist(), loss.tolist())]
 
 
-def _better(score: tuple[float, float], than: tuple[float, float] | None) -> bool:
+def is_better(score: tuple[float, float], than: tuple[float, float] | None) -> bool:
     """Selection's order: higher validation accuracy, then (at equal accuracy) lower
     validation log-loss. Accuracy alone ties often on small validation sets (every value
     of a grid can score the same), and a tie kept the first candidate: the fewest
@@ -636,12 +636,12 @@ def choose(fits: list[tuple[torch.Tensor, torch.Tensor, dict]], grid: list[float
     the validation rows ``val`` (:func:`_better`), and every candidate's scores."""
     W0 = fits[0][0]
     with threads_for(val.n_rows * W0.shape[0] * W0.shape[1] * len(grid), W0.device):
-        scores = _scores(val, torch.stack([torch.cat([W, b[None]]) for W, b, _ in fits]))
+        scores = validation_scores(val, torch.stack([torch.cat([W, b[None]]) for W, b, _ in fits]))
     search, best = [], None
     for wd, (W, b, info), (accuracy, log_loss) in zip(grid, fits, scores):
         entry = {"weight_decay": wd, **info, "val_accuracy": accuracy, "val_log_loss": log_loss}
         search.append(entry)
-        if best is None or _better((accuracy, log_loss), (best["val_accuracy"], best["val_log_loss"])):
+        if best is None or is_better((accuracy, log_loss), (best["val_accuracy"], best["val_log_loss"])):
             best = {**entry, "W": W, "b": b}
     return best, search
 

@@ -18,8 +18,8 @@ from vlaug.devices import release_memory
 from vlaug.methods import register
 from vlaug.methods.base import EnsembleOptions, Fit, Method, RunData
 from vlaug.discriminant import SHRINKAGE_GRID, ClassStatistics, gda_weights, shrunk_inverses
-from vlaug.probe import (Rows, _better, _pieces, _scores, as_labels, choose, fit_probe, fit_probes, fit_reweighted,
-                         select_weight_decay, weight_decay_grid)
+from vlaug.probe import (Rows, as_labels, choose, fit_probe, fit_probes, fit_reweighted, is_better, row_pieces,
+                         select_weight_decay, validation_scores, weight_decay_grid)
 from vlaug.zero_shot import zero_shot_weights
 
 # After a search on a sample, the fit on every training row starts from the sample's probe at
@@ -224,11 +224,11 @@ class ProbeMethod(Method):
         priors = self._priors(data)
         fits = [gda_weights(stats, inv, priors) for inv in shrunk_inverses(stats.covariance(), SHRINKAGE_GRID)]
         theta = torch.stack([torch.cat([W, b[None]]) for W, b in fits]).float().to(data.device)
-        scores = _scores(labelled_rows(data, val), theta)
+        scores = validation_scores(labelled_rows(data, val), theta)
         search, best = [], None
         for alpha, (accuracy, log_loss), th in zip(SHRINKAGE_GRID, scores, theta):
             search.append({"shrinkage": alpha, "val_accuracy": accuracy, "val_log_loss": log_loss})
-            if best is None or _better((accuracy, log_loss), (best[0]["val_accuracy"], best[0]["val_log_loss"])):
+            if best is None or is_better((accuracy, log_loss), (best[0]["val_accuracy"], best[0]["val_log_loss"])):
                 best = (search[-1], th)
         entry, th = best
         return Fit(th[:-1], th[-1], {**entry, "n_train_rows": rows.n_rows}, search)
@@ -499,7 +499,7 @@ def _statistics(rows: Rows, device: torch.device) -> ClassStatistics:
     """GDA's class statistics of ``rows`` (float32 pieces, float64 sums; on the CPU for MPS,
     which has no float64)."""
     where = torch.device("cpu") if device.type == "mps" else device
-    return ClassStatistics.of(((x.to(where), t.to(where)) for x, t, _ in _pieces(rows, rows.n_classes)),
+    return ClassStatistics.of(((x.to(where), t.to(where)) for x, t, _ in row_pieces(rows, rows.n_classes)),
                               rows.n_classes, rows.n_features, where)
 
 
