@@ -310,13 +310,14 @@ def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, mon
     and saved probes as each method and seed fitted alone, and streamed, fewer reads of the
     cache. With ``patterns``, the union's rows that only some seeds hold are blocks of their
     own (large caches: PATTERN_ROWS made small here), evaluated under those seeds' problems."""
+    import vlaug.methods.batching as batching
     import vlaug.methods.linear as linear
 
     if patterns:
-        monkeypatch.setattr(linear, "PATTERN_ROWS", 8)
-        split = linear._membership_blocks
+        monkeypatch.setattr(batching, "PATTERN_ROWS", 8)
+        split = batching.membership_blocks
         owners = []
-        monkeypatch.setattr(linear, "_membership_blocks",
+        monkeypatch.setattr(batching, "membership_blocks",
                             lambda *a: owners.append([b[4].tolist() for b in split(*a) if len(b) > 4]) or split(*a))
 
     feats = write_synthetic_cache(tmp_path / "feat", n_per_class=100, d=16, n_classes=4)
@@ -325,11 +326,13 @@ def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, mon
         methods = ["linear", "linear-zs"]
     batches = []
     fit_probes = linear.fit_probes
-    monkeypatch.setattr(linear, "fit_probes", lambda *a, **k: batches.append(len(k.get("columns") or [])) or fit_probes(*a, **k))
+    counted = lambda *a, **k: batches.append(len(k.get("columns") or [])) or fit_probes(*a, **k)  # noqa: E731
+    for module in (linear, batching):  # the seeds' refits (linear), the run's searches (batching)
+        monkeypatch.setattr(module, "fit_probes", counted)
     for name in ("together", "alone"):
         if name == "alone":  # nothing batched: every method and seed searched, and refitted, on its own
-            monkeypatch.setattr(linear, "UNION_LIMIT", 0.0)
-            monkeypatch.setattr(linear.ProbeMethod, "_built_values", lambda *a: None)
+            monkeypatch.setattr(batching, "UNION_LIMIT", 0.0)
+            monkeypatch.setattr(linear.ProbeMethod, "batch_values", lambda *a: None)
         args = ["probe", str(feats), "--out", str(tmp_path / name), "--train-domain", "photo", "--seeds", str(seeds),
                 "--grid-size", "4", "--max-iter", "60", "--selection-rows", str(selection_rows), "--device", "cpu",
                 "--no-progress", "--memory-budget", budget]
@@ -364,10 +367,11 @@ def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, mon
 def test_batches_keep_their_optimiser_state_within_the_limit_and_searches_match_their_rows(tmp_path, monkeypatch):
     """search_together batches methods only while their problems' optimiser state fits
     BATCH_STATE_VALUES (the rest batch their own seeds, or fit one seed at a time), and a
-    search left on a method is used only for the training rows it was made for."""
+    search given to a method is used only for the training rows it was made for."""
     import numpy as np
     import torch
 
+    import vlaug.methods.batching as batching
     import vlaug.methods.linear as linear
     from vlaug.evaluate import ProbeRunConfig, prepare
     from vlaug.methods import parse_method
@@ -375,11 +379,13 @@ def test_batches_keep_their_optimiser_state_within_the_limit_and_searches_match_
     feats = write_synthetic_cache(tmp_path / "feat", n_per_class=40, d=16, n_classes=4)
     batches = []
     fit_probes = linear.fit_probes
-    monkeypatch.setattr(linear, "fit_probes", lambda *a, **k: batches.append(len(k.get("columns") or [])) or fit_probes(*a, **k))
+    counted = lambda *a, **k: batches.append(len(k.get("columns") or [])) or fit_probes(*a, **k)  # noqa: E731
+    for module in (linear, batching):
+        monkeypatch.setattr(module, "fit_probes", counted)
     per_problem = 36 * 17 * 4  # (3 x history + 6) x (d + 1) x C
     for limit, expected in ((24, [24]), (12, [12, 12]), (11, [])):  # problems: 2 methods x 3 seeds x 4 weight decays
         batches.clear()
-        monkeypatch.setattr(linear, "BATCH_STATE_VALUES", limit * per_problem)
+        monkeypatch.setattr(batching, "BATCH_STATE_VALUES", limit * per_problem)
         r = runner.invoke(app, ["probe", str(feats), "--out", str(tmp_path / f"r{limit}"), "--seeds", "3", "--grid-size",
                                 "4", "--max-iter", "40", "--device", "cpu", "--no-progress", "-m", "linear", "-m", "linear-zs"])
         assert r.exit_code == 0, r.output
@@ -393,9 +399,9 @@ def test_batches_keep_their_optimiser_state_within_the_limit_and_searches_match_
     other = prepare(ProbeRunConfig(features=str(feats), out=str(tmp_path / "x"), methods=("linear",), seeds=2, grid_size=4,
                                    max_iter=40, device="cpu", val_fraction=0.4))
     method = parse_method("linear")
-    linear.search_together([method], plan.data, plan.splits)
-    assert set(method._searched) == {0, 1}
-    stale = method.fit(other.data, other.splits[0], 0)
+    searched = batching.ProbeSolver(plan.data, plan.splits).search_together([method])[method.text]
+    assert set(searched) == {0, 1}
+    stale = method.fit(other.data, other.splits[0], 0, searched[0])
     fresh = parse_method("linear").fit(other.data, other.splits[0], 0)
     assert stale.selection["n_train_rows"] == len(other.splits[0].train) != len(plan.splits[0].train)
     torch.testing.assert_close(stale.W, fresh.W)

@@ -330,9 +330,9 @@ def test_batched_objective_and_gradient_equal_autograd_on_each_problem(soft, col
     closed-form gradients, in pieces; each equals probe_objective and its autograd gradient.
     With weight columns (the training sets of several seeds), each problem sees its column's
     weights, zero on rows outside its set; with ``patterns``, the rows are split into blocks
-    by the sets that hold them (vlaug.methods.linear._membership_blocks), each evaluated
+    by the sets that hold them (vlaug.methods.batching.membership_blocks), each evaluated
     under those sets' problems only: the same losses and gradients."""
-    import vlaug.methods.linear as linear
+    import vlaug.methods.batching as batching
     import vlaug.probe as probe_module
 
     g = torch.Generator().manual_seed(0)
@@ -344,8 +344,8 @@ def test_batched_objective_and_gradient_equal_autograd_on_each_problem(soft, col
     index = torch.randperm(n, generator=g)[:600]
     blocks = [(x, targets[index], w[index], index)]
     if patterns:
-        monkeypatch.setattr(linear, "PATTERN_ROWS", 20)
-        blocks = linear._membership_blocks(x, targets[index], w[index], index)
+        monkeypatch.setattr(batching, "PATTERN_ROWS", 20)
+        blocks = batching.membership_blocks(x, targets[index], w[index], index)
         owners = [b[4].tolist() for b in blocks if len(b) > 4]
         assert len(owners) >= 5 and [0, 1, 2] not in owners  # the rows of every set but some: their own blocks
         assert sorted(torch.cat([b[3] for b in blocks]).tolist()) == sorted(index.tolist())

@@ -15,7 +15,28 @@ DR_NORMS = ("post", "pre")
 DR_MODES = ("dr", "d", "r")
 DR_DEGRADES = ("attention", "gaussian")
 
-# the built-in stage-3 methods as --method's help lists them (NAME:DIR: needs a head); the CLI
-# imports no torch, so this repeats vlaug.methods.REGISTRY, and a test checks that it does
-METHODS = ("zero-shot", "linear", "linear-zs", "box:DIR", "dr:DIR", "lads:DIR", "gaussian", "mixup", "xdomain-mix",
-           "linear-adamw", "batchformer", "latentdr-sa", "latentdr-pool", "gda", "text-anchor", "prompt-shift", "adaptive")
+# the modules of vlaug/methods that hold the built-in stage-3 methods, in their listing order
+# (--method all, --help, the docs' table); any other module there is imported after them
+METHOD_MODULES = ("zero_shot", "linear", "augmenting", "joint", "robust")
+
+
+def builtin_methods() -> tuple[str, ...]:
+    """The built-in stage-3 methods as --method's help lists them (``NAME:DIR``: it needs a
+    head), read off the registered classes' source in vlaug/methods/ without importing
+    them: the CLI imports no torch to build its help. A test checks it lists
+    ``vlaug.methods.REGISTRY``."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "methods"
+    others = sorted(p.stem for p in folder.glob("*.py") if p.stem not in METHOD_MODULES and not p.stem.startswith("_"))
+    found = []
+    for module in (*METHOD_MODULES, *others):
+        for node in ast.parse((folder / f"{module}.py").read_text(encoding="utf-8")).body:
+            if not isinstance(node, ast.ClassDef) or not any(getattr(d, "id", "") == "register" for d in node.decorator_list):
+                continue
+            values = {t.id: a.value for a in node.body if isinstance(a, ast.Assign) for t in a.targets
+                      if isinstance(t, ast.Name)}
+            if "name" in values:
+                found.append(ast.literal_eval(values["name"]) + (":DIR" if "head_kinds" in values else ""))
+    return tuple(found)

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,79 +20,20 @@ import torch
 from vlaug import cache as cache_io
 from vlaug import checkpoint, metrics
 from vlaug._version import __version__
-from vlaug.choices import CLASSES_PROMPT_SET, REWEIGHTS
+from vlaug.choices import CLASSES_PROMPT_SET
 from vlaug.devices import release_memory, resolve_device, threads_for
 from vlaug.errors import CheckpointError, UsageError
 from vlaug.methods import Method, RunData, parse_method
-from vlaug.methods.linear import block_generator, search_together
-from vlaug.probe import LinearProbe, weight_decay_grid
+from vlaug.methods.batching import ProbeSolver
+from vlaug.methods.linear import block_generator
+from vlaug.probe import LinearProbe
+from vlaug.runs import Plots, ProbeRun, ProbeRunConfig
 from vlaug.protocols import Splits, check_domains, id_fractions, make_splits, parse_imbalance, training_rows
 from vlaug.train import check_labeled, classes_without_rows
 from vlaug.zero_shot import TEMPERATURE
 
-if TYPE_CHECKING:
-    from vlaug.report import PlotWorker
-
 GEOMETRY_ROWS = 20_000  # training rows (a seeded sample) behind the feature geometry and plots
 KEYS = ("in_domain", "out_of_domain", "extended", "balanced_accuracy")
-
-
-@dataclass(frozen=True)
-class ProbeRunConfig:
-    """Everything ``vlaug probe`` needs; the defaults are the CLI's."""
-
-    features: str = ""
-    out: str = ""
-    methods: tuple[str, ...] = ("zero-shot", "linear")
-    train_domains: tuple[str, ...] = ()
-    seeds: int = 5  # seeds 0..seeds-1: splits, augmentation sampling, joint training
-    test_fraction: float = 0.2  # held-out part of the training domains when the cache has no split
-    val_fraction: float = 0.2  # validation part of the training rows
-    shots: int | None = None  # K training rows per class
-    imbalance: str | None = None  # "X:N": X % of classes reduced to N training rows
-    reweight: str = "none"  # none | groupdro | seed-category
-    grid_size: int = 8  # log-spaced weight-decay grid from 1e-1 to 1e-6
-    max_iter: int = 200  # L-BFGS iterations per fit
-    # above this many training rows, the weight decay is selected on a seeded sample of this
-    # many training (and validation) rows, then one warm-started refit uses every row; 0: never
-    selection_rows: int = 25_000
-    class_weight: bool = False  # weight rows by inverse class frequency
-    device: str = "auto"
-    memory_budget: str = "auto"  # stream the cache from disk when it needs more memory (auto: RAM / 4)
-    heads: str = ""  # a folder of head folders: --method all (and a head-needing method without :DIR) takes heads from it
-    tsne: bool = False  # t-SNE instead of PCA for the embedding plot
-    allow_incomplete: bool = False  # probe a cache whose embed run was interrupted (the report says so)
-    overwrite: bool = False
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.seeds < 1:
-            raise UsageError(f"--seeds {self.seeds}, must be >= 1.")
-        if not 0.0 < self.test_fraction < 1.0 or not 0.0 < self.val_fraction < 1.0:
-            raise UsageError(f"--test-fraction {self.test_fraction} and --val-fraction {self.val_fraction} must be in (0, 1).")
-        if self.shots is not None and self.shots < 1:
-            raise UsageError(f"--shots {self.shots}, must be >= 1.")
-        if self.reweight not in REWEIGHTS:
-            raise UsageError(f"--reweight {self.reweight!r}, must be one of {REWEIGHTS}.")
-        if not self.methods:
-            raise UsageError("give at least one --method.")
-        if self.grid_size < 1 or self.max_iter < 10:
-            raise UsageError(f"--grid-size {self.grid_size} must be >= 1 and --max-iter {self.max_iter} >= 10.")
-        if self.selection_rows < 0 or 0 < self.selection_rows < 100:
-            raise UsageError(f"--selection-rows {self.selection_rows}; use 0 (select on every row) or at least 100.")
-
-
-@dataclass
-class ProbeRun:
-    """What :func:`run_probe` returns: the report and what is written beside it."""
-
-    report: dict  # report.json's contents but the files the writer adds (probe_dirs, plots)
-    probes: dict[str, LinearProbe]  # method -> its probe refitted on train + val of seed 0 (probes/METHOD/)
-    cache: dict  # the cache's identity (checkpoint.cache_identity), recorded in every saved probe
-    first_train: tuple[np.ndarray, np.ndarray, np.ndarray]  # (x, labels, domains) of the geometry rows, seed 0
-    projections: dict[str, tuple[np.ndarray, np.ndarray, int]]  # method -> (x with extras, labels, n originals)
-    box_stats: dict[str, dict | None]  # box head folder -> its stats.json
-    texts_used: dict[str, dict] = field(default_factory=dict)  # method -> {prompt set: templates} its probe holds
 
 
 @dataclass
@@ -211,15 +152,16 @@ def _check_reweight(config: ProbeRunConfig, methods: list[Method], from_all: set
     ``--method all`` such a method is left out, with a note."""
     if config.reweight == "none":
         return
-    gda = [m for m in methods if getattr(m, "solver", "logistic") == "gda"]
-    for m in gda:
+    refused = [m for m in methods if m.reweighting_conflict()]
+    for m in refused:
         if m.text in from_all:
             methods.remove(m)
-            notes.append(f"{m.text} skipped: it fits GDA, which --reweight {config.reweight} cannot reweight")
-    given = [m.text for m in gda if m.text not in from_all]
+            notes.append(f"{m.text} skipped: {m.reweighting_conflict()} (--reweight {config.reweight})")
+    given = [m for m in refused if m.text not in from_all]
     if given:
-        raise UsageError(f"--reweight {config.reweight} reweights the rows of a logistic probe; {', '.join(given)} fit GDA: "
-                         "leave them out, give them ?solver=logistic, or use --reweight none.")
+        raise UsageError(f"--reweight {config.reweight} reweights the rows of a logistic probe; "
+                         + "; ".join(f"{m.text}: {m.reweighting_conflict()}" for m in given)
+                         + ". Leave them out, give them ?solver=logistic, or use --reweight none.")
 
 
 def _load_heads(methods: list[Method], manifest: cache_io.CacheManifest, features: str, warnings: list[str],
@@ -268,13 +210,7 @@ def prepare(config: ProbeRunConfig) -> _Plan:
     budget = cache_io.parse_memory_budget(config.memory_budget)
     imbalance = parse_imbalance(config.imbalance)
     cache_io.check_output(config.out, config.overwrite, lambda p: (p / "report.json").is_file(), "vlaug report")
-    manifest = cache_io.read_manifest(config.features)
-    check_labeled(manifest, config.features, "vlaug probe")
-    cache_io.check_complete(config.features, manifest, config.allow_incomplete)
-    warnings = list(skipped)
-    if manifest.n_missing:
-        warnings.append(f"INCOMPLETE CACHE (--allow-incomplete): {manifest.n_missing} of {manifest.n_inputs} inputs "
-                        "were never embedded; these numbers cover only the rows the cache holds")
+    manifest, warnings = _checked_cache(config, skipped)
     memory = cache_io.plan_memory(manifest, config.memory_budget, budget, resident=True)
     _check_streaming(config, methods, memory, from_all, warnings)
     feats = cache_io.read_metadata(config.features, allow_incomplete=True)
@@ -282,33 +218,71 @@ def prepare(config: ProbeRunConfig) -> _Plan:
         raise UsageError(f"cache {config.features!r} has no class prompts (texts.parquet); re-run vlaug embed.")
     domain_names, domain_index = np.unique(feats.domains, return_inverse=True)  # sorted names, index per row
     train_domains = check_domains(config.train_domains, [d for d in domain_names.tolist() if d])
-    for m in list(methods):  # each method against the cache (its prompt sets), before any work
+    _bind(methods, feats, train_domains, from_all, warnings)
+    made_from = cache_io.read_text_templates(config.features, feats.manifest)
+    heads = _load_heads(methods, feats.manifest, config.features, warnings, made_from)
+    chunk_rows = memory.chunk_rows(max(1 + m.extra_rows() for m in methods))  # streamed, a block grows by its extras
+    data = _run_data(config, feats, domain_index, heads, memory, chunk_rows)
+    fractions = id_fractions(cache_io.iter_ids(config.features))
+    splits = _seed_splits(config, feats, fractions, train_domains, imbalance)
+    for path, ckpt in heads.items():
+        _check_head_saw_no_test_row(path, ckpt.config.get("training", {}), feats, fractions, splits[0], config)
+    empty = classes_without_rows(feats.labels[splits[0].train], feats.classes)
+    if empty:
+        warnings.append(f"{len(empty)} of {len(feats.classes)} classes have no training rows (seed 0): "
+                        f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
+    return _Plan(methods, data, train_domains, splits, imbalance, memory, chunk_rows, warnings, made_from, fractions)
+
+
+def _checked_cache(config: ProbeRunConfig, skipped: list[str]) -> tuple[cache_io.CacheManifest, list[str]]:
+    """The cache's manifest, refused when unlabeled or incomplete (unless allowed), and the
+    run's warnings so far (``skipped`` methods, an incomplete cache)."""
+    manifest = cache_io.read_manifest(config.features)
+    check_labeled(manifest, config.features, "vlaug probe")
+    cache_io.check_complete(config.features, manifest, config.allow_incomplete)
+    warnings = list(skipped)
+    if manifest.n_missing:
+        warnings.append(f"INCOMPLETE CACHE (--allow-incomplete): {manifest.n_missing} of {manifest.n_inputs} inputs "
+                        "were never embedded; these numbers cover only the rows the cache holds")
+    return manifest, warnings
+
+
+def _bind(methods: list[Method], feats: cache_io.FeatureCache, train_domains: list[str], from_all: set[str],
+          warnings: list[str]) -> None:
+    """Each method against the cache (its prompt sets), before any work; under ``--method
+    all`` what this cache cannot run is left out, with its reason."""
+    for m in list(methods):
         try:
             note = m.bind(feats, train_domains)
         except UsageError as e:
             if m.text not in from_all:
                 raise
-            methods.remove(m)  # --method all: what this cache cannot run is left out, with its reason
+            methods.remove(m)
             note = f"{m.name} skipped: {str(e).split(': ', 1)[-1].rstrip('.')}"
         if note:
             warnings.append(note)
-    made_from = cache_io.read_text_templates(config.features, feats.manifest)
-    heads = _load_heads(methods, feats.manifest, config.features, warnings, made_from)
+
+
+def _run_data(config: ProbeRunConfig, feats: cache_io.FeatureCache, domain_index: np.ndarray, heads: dict,
+              memory: cache_io.MemoryPlan, chunk_rows: int) -> RunData:
+    """What the methods share: the embeddings resident in their stored precision (float16
+    stays float16) on the device, or streamed from disk; labels, domains, class prompts, heads."""
     device = resolve_device(config.device)
-    # streamed, a block of rows grows by its extras
-    chunk_rows = memory.chunk_rows(max(1 + m.extra_rows() for m in methods))
-    data = RunData(
+    resident = None if memory.streamed else cache_io.read_embeddings(config.features, feats.manifest)
+    return RunData(
         feats=feats,
-        # resident in the stored precision (float16 stays float16), on the device
-        x=None if memory.streamed else torch.as_tensor(cache_io.read_embeddings(config.features, manifest), device=device),
+        x=None if resident is None else torch.as_tensor(resident, device=device),
         y=torch.as_tensor(feats.labels, device=device),
         dom=torch.as_tensor(domain_index.reshape(-1), device=device, dtype=torch.long),
         text=torch.as_tensor(feats.texts[CLASSES_PROMPT_SET], device=device),
-        heads=heads, config=config, device=device,
+        heads=heads, settings=config.method_settings(), device=device,
         chunks=(lambda: cache_io.iter_embeddings(config.features, chunk_rows)) if memory.streamed else None,
     )
-    # the protocol of every seed, checked now so that a bad --shots fails before any training
-    fractions = id_fractions(cache_io.iter_ids(config.features))
+
+
+def _seed_splits(config: ProbeRunConfig, feats: cache_io.FeatureCache, fractions: np.ndarray, train_domains: list[str],
+                 imbalance: tuple[float, int] | None) -> list[Splits]:
+    """The protocol of every seed, checked now so that a bad --shots fails before any training."""
     splits = [make_splits(feats.labels, feats.domains, feats.splits, fractions=fractions,
                           train_domains=train_domains if config.train_domains else [], seed=seed,
                           test_fraction=config.test_fraction, val_fraction=config.val_fraction, shots=config.shots,
@@ -317,16 +291,7 @@ def prepare(config: ProbeRunConfig) -> _Plan:
     for seed, s in enumerate(splits):
         if not len(s.train) or not len(s.val):
             raise UsageError(f"seed {seed}: {s.sizes()} rows; the protocol leaves no training or validation rows.")
-    for path, ckpt in heads.items():
-        _check_head_saw_no_test_row(path, ckpt.config.get("training", {}), feats, fractions, splits[0], config)
-    empty = classes_without_rows(feats.labels[splits[0].train], feats.classes)
-    if empty:
-        warnings.append(f"{len(empty)} of {len(feats.classes)} classes have no training rows (seed 0): "
-                        f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
-    if len(train_domains) < 2 and any(m.name == "xdomain-mix" for m in methods):
-        warnings.append(f"xdomain-mix: one training domain ({', '.join(train_domains) or 'none'}), so it mixes rows "
-                        "of the same class within that domain (plain same-class mixup), not across domains")
-    return _Plan(methods, data, train_domains, splits, imbalance, memory, chunk_rows, warnings, made_from, fractions)
+    return splits
 
 
 def _predict(probe: LinearProbe, data: RunData, rows: np.ndarray) -> torch.Tensor:
@@ -438,7 +403,7 @@ def _protocol(config: ProbeRunConfig, plan: _Plan, geometry_rows: int) -> dict:
                    for i, s in enumerate(plan.splits)],
         "shots": config.shots,
         "imbalance": {"percent_of_classes": plan.imbalance[0], "n_images": plan.imbalance[1]} if plan.imbalance else None,
-        "weight_decay_grid": weight_decay_grid(config.grid_size),
+        "weight_decay_grid": list(plan.data.settings.grid),
         "zero_shot_temperature": TEMPERATURE,
         "streamed": plan.memory.streamed,
         "passes_over_cache": plan.data.passes,  # reads of the whole cache from disk (streamed)
@@ -469,9 +434,10 @@ def _fit_every_seed(plan: _Plan, progress: bool):
     results, first_fits = [], {}
     bar = tqdm(total=len(plan.splits) * len(methods), desc="probe", unit="fit", disable=not progress, file=sys.stderr)
     fits = {}
-    search_together(methods, data, plan.splits)  # the probe methods' weight-decay searches, as one batch
+    solver = ProbeSolver(data, plan.splits)
+    searched = solver.search_together(methods)  # the probe methods' weight-decay searches, as one batch
     for method in methods:  # a method's seeds together: it may share work between them (Method.fit_seeds)
-        for seed, fit in enumerate(method.fit_seeds(data, plan.splits)):
+        for seed, fit in enumerate(method.fit_seeds(data, plan.splits, solver, searched.get(method.text))):
             fits[seed, method.text] = fit
         release_memory()  # the fits' temporaries, before the next method
         bar.update(len(plan.splits))
@@ -489,9 +455,9 @@ def _fit_every_seed(plan: _Plan, progress: bool):
     return results, first_fits
 
 
-def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None, plots: PlotWorker | None = None) -> ProbeRun:
+def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None, plots: Plots | None = None) -> ProbeRun:
     """Evaluate every method on every seed; refit each on seed 0's train + val rows.
-    ``plots``: a :class:`~vlaug.report.PlotWorker` given each plot as soon as its data is
+    ``plots``: a :class:`~vlaug.runs.Plots` (:class:`~vlaug.report.PlotWorker`) given each plot as soon as its data is
     known (drawn there while this process fits; :func:`~vlaug.report.write_report` writes them).
 
     Raises:
@@ -505,9 +471,7 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None, 
         return _run(plan, config, log, plots)
 
 
-def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None], plots: PlotWorker | None) -> ProbeRun:
-    from vlaug.report import data_plots, result_plots
-
+def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None], plots: Plots | None) -> ProbeRun:
     data, methods = plan.data, plan.methods
     for warning in plan.warnings:
         log(f"WARNING: {warning}")
@@ -520,9 +484,9 @@ def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None], plots:
     x_sample = data.gather(sample)  # read once (streamed: one pass), shared by every method's geometry and the plot
     first_train = (x_sample.cpu().numpy(), data.feats.labels[sample], data.feats.domains[sample])
     geometry, projections = _seed0_samples(plan, sample, x_sample)
-    box_stats = {x.head: checkpoint.read_head_stats(x.head) for x in methods if "box" in x.head_kinds}
+    box_stats = {x.head: checkpoint.read_head_stats(x.head) for x in methods if x.plots_box_volumes}
     if plots is not None and not config.tsne:  # drawn while the probes are fitted (a t-SNE, on every core, after them)
-        plots.submit(data_plots(first_train, projections, config.tsne, m.classes, box_stats))
+        plots.submit_data(first_train, projections, config.tsne, m.classes, box_stats)
     results, first_fits = _fit_every_seed(plan, config.progress)
     report = {
         "vlaug_version": __version__,
@@ -545,7 +509,7 @@ def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None], plots:
         "incomplete_cache": bool(m.n_missing),
     }
     if plots is not None:  # drawn while the probes are refitted and written
-        plots.submit(result_plots(report))
+        plots.submit_results(report)
     # the probes users keep: first seed, refitted on train + val at the chosen hyperparameters
     refit_rows = np.concatenate([plan.splits[0].train, plan.splits[0].val])
     probes = {}

@@ -21,7 +21,7 @@ from vlaug._version import __version__
 from vlaug.errors import VlaugError
 from vlaug.sources import Layout
 
-METHODS_HELP = ", ".join(choices.METHODS)
+METHODS_HELP = ", ".join(choices.builtin_methods())
 
 def _plain_flags(params: list) -> list:
     """Flags take no value: show none (typer would print ``<bool>``)."""

@@ -13,41 +13,19 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from vlaug.errors import UsageError
+from vlaug.choices import METHOD_MODULES
 from vlaug.methods.base import EnsembleOptions, Fit, Method, Options, RunData
+from vlaug.methods.registry import REGISTRY, parse_method, register
 
-REGISTRY: dict[str, type[Method]] = {}  # name -> method class, in registration order
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make a method available to ``--method`` under ``cls.name``."""
-    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-        raise ValueError(f"method {cls.name!r} is registered twice ({REGISTRY[cls.name].__name__}, {cls.__name__}).")
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def parse_method(text: str) -> Method:
-    """Parse ``NAME[:HEAD_DIR][?k=v&...]``; unknown names and options, bad values and a
-    missing or superfluous head folder are UsageErrors."""
-    body, _, query = text.partition("?")
-    name, _, head = body.partition(":")
-    if name not in REGISTRY:
-        raise UsageError(f"--method {text!r}: unknown method {name!r}; known: {', '.join(REGISTRY)}.")
-    cls = REGISTRY[name]
-    if cls.head_kinds and not head:
-        raise UsageError(f"--method {text!r}: {name} needs a head folder, e.g. {name}:runs/{name}1 (from vlaug train-box).")
-    if head and not cls.head_kinds:
-        raise UsageError(f"--method {text!r}: {name} takes no head folder.")
-    return cls(text, head, cls.Options.parse(query, text, name))
 
 
 def _import_all() -> None:
-    """Import the built-in methods in their listing order, then any other module here."""
-    for name in ("zero_shot", "linear", "augmenting", "joint"):
+    """Import the built-in methods in their listing order (choices.METHOD_MODULES), then any
+    other module of this package: a new method's file is found on its own."""
+    for name in METHOD_MODULES:
         importlib.import_module(f"{__name__}.{name}")
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name not in (*METHOD_MODULES, "base", "registry", "batching") and not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
 
 

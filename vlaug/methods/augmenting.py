@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from vlaug import augment
 from vlaug.choices import CLASSES_PROMPT_SET
-from vlaug.methods import register
+from vlaug.methods.registry import register
 from vlaug.methods.base import EnsembleOptions, check_positive
 from vlaug.methods.linear import ProbeMethod
 
@@ -54,9 +54,14 @@ class BoxOptions(AugmentOptions):
 @register
 class Box(SamplingMethod):
     name = "box"
-    summary = "LARE: the probe on the training rows plus n_aug uniform samples inside each row's box (a box head)"
+    summary = (
+        "originals + `n_aug` uniform samples inside each training image's box (LARE stage 2); with "
+        '`anchor=s` each sample also moves towards its class prompt as in `text-anchor` (`n_aug`: the '
+        'paper uses 3, 5, 40)'
+    )
     Options = BoxOptions
     head_kinds = ("box",)
+    plots_box_volumes = True
 
     def augment(self, data, x, y, dom, generator):
         head = data.heads[self.head].module.to(data.device)
@@ -72,7 +77,10 @@ class Box(SamplingMethod):
 @register
 class DR(ProbeMethod):
     name = "dr"
-    summary = "LatentDR: the probe on the training rows plus degraded (soft labels) and restored rows from a dr head"
+    summary = (
+        'originals + degraded (soft labels) and restored (true labels) rows from trained LatentDR heads, '
+        'dropout on, over `n_aug` shuffles'
+    )
     Options = AugmentOptions
     head_kinds = ("dr-sa", "dr-pool")
 
@@ -89,7 +97,7 @@ class DR(ProbeMethod):
 @register
 class LADS(ProbeMethod):
     name = "lads"
-    summary = "LADS: the probe on the training rows plus one row per target domain from a lads head"
+    summary = 'originals + normalise(f_aug_k(x)) for each target domain'
     head_kinds = ("lads",)
 
     def extra_rows(self):
@@ -113,7 +121,7 @@ class GaussianOptions(AugmentOptions):
 @register
 class Gaussian(SamplingMethod):
     name = "gaussian"
-    summary = "the probe on the training rows plus n_aug noisy copies (x + ε, re-normalised)"
+    summary = 'originals + x + ε, ‖ε‖ ≈ σ, re-normalised'
     Options = GaussianOptions
 
     def augment(self, data, x, y, dom, generator):
@@ -134,7 +142,7 @@ class MixupOptions(AugmentOptions):
 @register
 class Mixup(SamplingMethod):
     name = "mixup"
-    summary = "latent Mixup: the probe on the training rows plus n_aug mixes of random pairs (targets mixed alike)"
+    summary = 'originals + latent Mixup, λ ~ Beta(α, α), soft labels'
     Options = MixupOptions
     streams = False  # pairs across the whole training set
 
@@ -146,8 +154,18 @@ class Mixup(SamplingMethod):
 @register
 class CrossDomainMix(SamplingMethod):
     name = "xdomain-mix"
-    summary = "latent CDGA: the probe on the training rows plus mixes with same-class rows of other training domains"
+    summary = (
+        'originals + same-class interpolations across training domains (a latent analogue of CDGA), λ ~ '
+        'U(0, 1); with one training domain it can only mix within it (same-class mixup), and the report '
+        'warns'
+    )
     streams = False  # partners across the whole training set
+
+    def bind(self, feats, train_domains):
+        if len(train_domains) < 2:
+            return (f"xdomain-mix: one training domain ({', '.join(train_domains) or 'none'}), so it mixes rows of the "
+                    "same class within that domain (plain same-class mixup), not across domains")
+        return None
 
     def augment(self, data, x, y, dom, generator):
         return augment.cross_domain_mix(x, F.one_hot(y, data.n_classes).float(), y, dom, self.options.n_aug, generator)

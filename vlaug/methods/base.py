@@ -21,12 +21,12 @@ import torch
 from vlaug.cache import FeatureCache, take_rows
 from vlaug.choices import CLASSES_PROMPT_SET
 from vlaug.errors import UsageError
-from vlaug.probe import LinearProbe, ProbeConfig, calibrate_temperature
+from vlaug.probe import LinearProbe, ProbeConfig, Rows, calibrate_temperature
+from vlaug.runs import MethodSettings
 from vlaug.zero_shot import TEMPERATURE, zero_shot_logits
 
-if TYPE_CHECKING:  # imported for annotations only: evaluate imports this package
+if TYPE_CHECKING:  # imported for annotations only
     from vlaug.checkpoint import Checkpoint
-    from vlaug.evaluate import ProbeRunConfig
     from vlaug.protocols import Splits
 
 STREAM_ROWS = 16384  # rows per float32 block read off a resident cache (64 MB at d = 1024)
@@ -96,6 +96,33 @@ class Fit:
 
 
 @dataclass
+class Search:
+    """A seed's logistic search (see :class:`~vlaug.methods.linear.ProbeMethod`): the chosen candidate and the
+    search, the probe on the training rows, those rows (when built), and after a search on a
+    sample the sample and the refit on every training row."""
+
+    best: dict
+    search: list[dict]
+    W: torch.Tensor
+    b: torch.Tensor
+    rows: Rows | None  # None: built again when needed
+    sample: tuple[np.ndarray, np.ndarray] | None = None
+    refit: dict | None = None
+    train: np.ndarray | None = None  # the training rows it was fitted for
+
+
+@dataclass
+class BatchPlan:
+    """A method's part of a batched search (:meth:`Method.batch_plan`)."""
+
+    trains: list[np.ndarray]
+    vals: list[np.ndarray]
+    per_seed: list[Rows] | None  # the seeds' built rows; None: rows of the cache
+    init: tuple[torch.Tensor, torch.Tensor] | None
+    anchor: torch.Tensor | None
+
+
+@dataclass
 class RunData:
     """What every method of a run shares: the cache's rows (in memory, or streamed from
     disk chunk by chunk), labels, domains, class prompts and the trained heads."""
@@ -106,7 +133,7 @@ class RunData:
     dom: torch.Tensor  # (n,) domain index
     text: torch.Tensor  # (C, d) class prompt ensemble
     heads: dict[str, "Checkpoint"]  # head path -> checkpoint
-    config: "ProbeRunConfig"
+    settings: MethodSettings  # the run's settings that methods read (grid, iterations, reweighting, ...)
     device: torch.device
     chunks: Callable[[], Iterator[tuple[int, np.ndarray]]] | None = None  # the cache read from disk (streamed)
     passes: int = 0  # reads of the cache from disk so far (streamed)
@@ -141,6 +168,28 @@ class RunData:
         r = self.rows(rows)
         x = self.x[r] if self.x is not None else self.gather(rows)  # resident: kept in its precision
         return replace(self, x=x, y=self.y[r], dom=self.dom[r], chunks=None, passes=0)
+
+    def labelled_rows(self, rows: np.ndarray) -> Rows:
+        """Rows with their labels (validation rows: the probe's accuracy is read off them);
+        the resident cache itself, indexed (no copy), or read again on every pass when streamed."""
+        if self.x is not None:
+            index = self.rows(rows)
+            built = [(self.x, self.y[index], None, index)]
+            return Rows(lambda: built, self.embed_dim, self.n_classes, len(rows), self.device)
+
+        def blocks():
+            for pos, x in self.stream(rows):
+                yield x, self.y[self.rows(rows[pos])], None
+
+        return Rows(blocks, self.embed_dim, self.n_classes, len(rows), self.device)
+
+    def class_weights(self, counts: torch.Tensor) -> torch.Tensor:
+        """Per class, the weight of a training row with that (hard) label, from the training
+        rows' class ``counts``: 1/N, or with --class-weight inversely to its class's count
+        (the weights sum to 1 over the rows either way)."""
+        if self.settings.class_weight:
+            return 1.0 / (counts.clamp(min=1) * int((counts > 0).sum()))
+        return torch.full((self.n_classes,), 1.0 / max(1, int(counts.sum())), device=self.device)
 
     def gather(self, rows: np.ndarray) -> torch.Tensor:
         """The embeddings of ``rows`` in their order, in memory (for samples of rows)."""
@@ -194,6 +243,7 @@ class Method:
     Options: ClassVar[type[Options]] = Options  # its options (a frozen dataclass)
     head_kinds: ClassVar[tuple[str, ...]] = ()  # kinds of trained head it needs (vlaug train-box); () for none
     streams: ClassVar[bool] = True  # whether it can train on a cache streamed from disk
+    plots_box_volumes: ClassVar[bool] = False  # its head's box volumes are plotted (LARE's Tables 4 and 5)
 
     def __init__(self, text: str, head: str = "", options: Options | None = None):
         self.text = text  # as the user wrote it: the method's name in reports
@@ -207,9 +257,16 @@ class Method:
     def ensemble(self) -> float:
         return getattr(self.options, "ensemble", 0.0)
 
-    def bind(self, feats: FeatureCache, train_domains: list[str]) -> None:
+    def bind(self, feats: FeatureCache, train_domains: list[str]) -> str | None:
         """Check the method against the cache before any training (e.g. the prompt sets it
-        needs); raise UsageError with the fix. Called once per run, before :meth:`extra_rows`."""
+        needs); raise UsageError with the fix. Called once per run, before :meth:`extra_rows`.
+        Returns a warning for the report (what this cache makes of the method), or None."""
+        return None
+
+    def reweighting_conflict(self) -> str:
+        """Why --reweight cannot apply to this method ('' when it can, or has no rows of its
+        own to reweight: then the report says it was not applied)."""
+        return ""
 
     def prompt_sets(self) -> list[str]:
         """The cache's prompt sets the method uses (reported with their templates): the
@@ -235,7 +292,19 @@ class Method:
         """Train on ``rows`` (train + val) at the hyperparameters ``selection`` chose."""
         raise NotImplementedError
 
-    def fit_seeds(self, data: RunData, splits: list["Splits"]) -> list[Fit]:
-        """:meth:`fit` on every seed's splits (seed i: ``splits[i]``); a method that can
-        share work between seeds overrides it."""
+    def batch_values(self, data: RunData, splits: list["Splits"]) -> float | None:
+        """How many values the rows this method builds for every seed's search would hold
+        (0: it fits on rows of the cache), or None where its searches cannot join a batch
+        (:class:`~vlaug.methods.batching.ProbeSolver`)."""
+        return None
+
+    def batch_plan(self, data: RunData, splits: list["Splits"]) -> BatchPlan:
+        """Its part of a batched search: the seeds' training and validation rows, its
+        built rows, start and anchor (asked only where :meth:`batch_values` is not None)."""
+        raise NotImplementedError
+
+    def fit_seeds(self, data: RunData, splits: list["Splits"], solver, searched: dict[int, Search] | None = None) -> list[Fit]:
+        """:meth:`fit` on every seed's splits (seed i: ``splits[i]``). ``solver``: the run's
+        :class:`~vlaug.methods.batching.ProbeSolver`, for methods that share work between
+        seeds; ``searched``: the searches it already ran for this method, by seed."""
         return [self.fit(data, s, seed) for seed, s in enumerate(splits)]

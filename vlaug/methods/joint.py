@@ -19,7 +19,7 @@ import torch
 from vlaug import loop
 from vlaug.heads.batchformer import BatchFormer, BatchFormerConfig, batchformer_loss
 from vlaug.heads.latentdr import LatentDR, LatentDRConfig, latentdr_loss
-from vlaug.methods import register
+from vlaug.methods.registry import register
 from vlaug.methods.base import EnsembleOptions, Fit, Method, RunData, check_positive
 
 
@@ -92,7 +92,7 @@ def _cross_entropy(m, x, y):
 @register
 class LinearAdamW(JointMethod):
     name = "linear-adamw"
-    summary = "a linear classifier trained in the joint methods' AdamW loop: their baseline"
+    summary = "joint: a plain linear layer in the joint methods' AdamW loop, their fair baseline"
 
     def build(self, embed_dim, n_classes):
         return PlainLinear(embed_dim, n_classes), _cross_entropy
@@ -101,7 +101,7 @@ class LinearAdamW(JointMethod):
 @register
 class BatchFormerMethod(JointMethod):
     name = "batchformer"
-    summary = "BatchFormer: a transformer layer across the batch, classifier shared by original and mixed rows"
+    summary = 'joint: a transformer layer across the batch, classifier shared by original and mixed features'
 
     def build(self, embed_dim, n_classes):
         module = BatchFormer(BatchFormerConfig(embed_dim=embed_dim, n_classes=n_classes))
@@ -119,12 +119,18 @@ class LatentDRJoint(JointMethod):
 @register
 class LatentDRSA(LatentDRJoint):
     name = "latentdr-sa"
-    summary = "LatentDR's setting: classifier trained jointly with self-attention degradation and restoration"
+    summary = (
+        'joint: a fresh LatentDR head (self-attention degradation) trained with the classifier (the '
+        "paper's setting)"
+    )
     kind = "sa"
 
 
 @register
 class LatentDRPool(LatentDRJoint):
     name = "latentdr-pool"
-    summary = "LatentDR's setting: classifier trained jointly with pooling degradation and restoration"
+    summary = (
+        "joint: a fresh LatentDR head (pooling degradation) trained with the classifier (the paper's "
+        'setting)'
+    )
     kind = "pool"

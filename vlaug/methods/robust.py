@@ -30,7 +30,7 @@ from vlaug import augment
 from vlaug.choices import CLASSES_PROMPT_SET
 from vlaug.discriminant import ClassStatistics, mahalanobis, shrunk_inverses
 from vlaug.errors import UsageError
-from vlaug.methods import register
+from vlaug.methods.registry import register
 from vlaug.methods.augmenting import AugmentOptions
 from vlaug.methods.linear import ProbeMethod
 
@@ -52,7 +52,12 @@ def _check_scale(options) -> None:
 @register
 class GDA(ProbeMethod):
     name = "gda"
-    summary = "Gaussian discriminant analysis: class means, a shared covariance shrunk towards the identity (shrinkage chosen on validation)"
+    summary = (
+        'originals; Gaussian discriminant analysis instead of logistic regression: class means μ_c and '
+        'one covariance shared by the classes, shrunk towards the identity, Σ_α = (1−α)·S + α·(tr S / '
+        'd)·I; logits x·Σ_α⁻¹μ_c − ½·μ_cᵀΣ_α⁻¹μ_c + log π_c; α chosen on validation from 0.02 … 0.9 (one '
+        'pass over the rows)'
+    )
     default_solver = "gda"
 
 
@@ -70,7 +75,7 @@ class TextAnchorOptions(AugmentOptions):
 @register
 class TextAnchor(ProbeMethod):
     name = "text-anchor"
-    summary = "the probe on the training rows plus n_aug rows moved towards their class prompt: normalise(x + u·t_y)"
+    summary = 'originals + normalise(x + u·t̂_y), u ~ U(0, s): rows moved towards their class prompt t̂_y'
     Options = TextAnchorOptions
 
     def extra_rows(self):
@@ -102,7 +107,13 @@ class PromptShiftOptions(AugmentOptions):
 @register
 class PromptShift(ProbeMethod):
     name = "prompt-shift"
-    summary = "the probe on the training rows plus rows moved along t_k[y] - t_source[y] towards each target prompt set"
+    summary = (
+        'originals + normalise(x + u·(t̂_k[y] − t̂_src[y])) for each target prompt set k, u ~ U(0, 2s): '
+        "rows moved along the text direction from the training domain's prompts to each target domain's "
+        "(LADS's signal, no head to train)"
+        "; `source` '': the set named as the one training domain (else `classes`), `targets` '': every other set"
+        " but `classes`"
+    )
     Options = PromptShiftOptions
     required = True  # without target prompt sets the method has nothing to add (adaptive goes on without)
 
@@ -188,8 +199,10 @@ class AdaptiveOptions(PromptShiftOptions):
 @register
 class Adaptive(PromptShift):
     name = "adaptive"
-    summary = ("input-adaptive ensemble: GDA (+ prompt shifts) in domain, zero-shot weight rising to zero_shot_max "
-               "with the Mahalanobis distance from the training rows")
+    summary = (
+        'GDA on the originals + prompt-shift rows (when the cache has target prompt sets), mixed with '
+        "zero-shot by a weight that rises with the input's distance from the training rows (see below)"
+    )
     Options = AdaptiveOptions
     required = False
 
@@ -202,8 +215,8 @@ class Adaptive(PromptShift):
     def prompt_sets(self):
         return list(dict.fromkeys([CLASSES_PROMPT_SET, *super().prompt_sets()]))
 
-    def fit(self, data, splits, seed):
-        fit = super().fit(data, splits, seed)
+    def fit(self, data, splits, seed, found=None):
+        fit = super().fit(data, splits, seed, found)
         means, precision = _gate_model(data, np.asarray(splits.train))
         d2 = torch.cat([mahalanobis(x, means, precision) for _, x in data.stream(np.asarray(splits.val))])
         center, median = float(torch.quantile(d2, self.options.quantile)), float(d2.median())

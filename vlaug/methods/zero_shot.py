@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vlaug.choices import CLASSES_PROMPT_SET
-from vlaug.methods import register
+from vlaug.methods.registry import register
 from vlaug.methods.base import Fit, Method
 from vlaug.zero_shot import zero_shot_weights
 
@@ -13,7 +13,7 @@ from vlaug.zero_shot import zero_shot_weights
 @register
 class ZeroShot(Method):
     name = "zero-shot"
-    summary = "zero-shot: cosine similarity with the class prompts (no training)"
+    summary = 'nothing: argmax of the cosine with the class prompt ensemble'
 
     def prompt_sets(self):
         return [CLASSES_PROMPT_SET]

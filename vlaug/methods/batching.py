@@ -1,0 +1,189 @@
+"""Batched logistic fitting: one optimiser loop for many probes.
+
+:mod:`vlaug.evaluate` creates one :class:`ProbeSolver` per run, with the run's data and
+splits, and hands it to every method (:meth:`~vlaug.methods.base.Method.fit_seeds`). It
+fits the full weight-decay searches of several probe methods on every seed as one batch
+(:meth:`ProbeSolver.search_together`, which returns them) and gives a method the seeds'
+rows of the cache as one set of rows, a weight column per seed
+(:meth:`ProbeSolver.union_rows`), for the refits it batches itself. A method takes part
+by implementing :meth:`~vlaug.methods.base.Method.batch_values` and
+:meth:`~vlaug.methods.base.Method.batch_plan`; the same fits as one at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vlaug.methods.base import Method, RunData, Search
+from vlaug.probe import Rows, choose, fit_probes
+
+# The seeds of a method are fitted as one batch (fit_seeds): one optimiser loop, one pass over
+# the rows per evaluation for all of them (streamed: one read of the cache, not one per seed).
+# Rows of the cache are shared: the union of the seeds' rows, each seed's weighted in its own
+# column, when the union holds at most this many times a seed's rows (by default each seed's
+# validation rows are the others' training rows: 1.25 x; a row outside a seed's set costs its
+# problems arithmetic for nothing).
+UNION_LIMIT = 1.5
+# Rows a method builds (its extras) differ between seeds: each seed's block is evaluated under
+# its own problems only (a block's owner, see vlaug.probe.Rows). They are built for every seed
+# (and, in search_together, every method) at once, so only while all of them hold at most this
+# many values (small runs, whose time is the optimiser's loop); otherwise, and when streamed,
+# each seed is fitted on its own.
+BUILT_BATCH_VALUES = 2**26
+# A batch of P problems holds about (3 x history + 6) x (d + 1) x C values per problem of
+# optimiser state (L-BFGS pairs and the pairs' preconditioned y, iterates, gradients, starts,
+# anchors); batches stay within this many values (512 MB of float32: 72 problems at d = 512,
+# C = 100; one seed's grid at d = 1024, C = 400 is fitted as before, one seed at a time).
+BATCH_STATE_VALUES = 2**27
+
+
+class ProbeSolver:
+    """The batched fits of one run: its data and every seed's splits."""
+
+    def __init__(self, data: RunData, splits: list) -> None:
+        self.data = data
+        self.splits = list(splits)
+
+    def state_fits(self, n_problems: int) -> bool:
+        """Whether a batch of ``n_problems`` probes keeps its optimiser state within BATCH_STATE_VALUES."""
+        return n_problems * 36 * (self.data.embed_dim + 1) * self.data.n_classes <= BATCH_STATE_VALUES
+
+    def search_together(self, methods: list[Method]) -> dict[str, dict[int, Search]]:
+        """The full weight-decay searches of several probe methods on every seed, as one batch:
+        one optimiser loop and one pass over the rows per evaluation for every method x seed x
+        weight decay. The methods without extras share the rows of the cache (the union of the
+        seeds' rows, a weight column per seed); each method's built rows are evaluated under its
+        own problems only. The same fits as one search at a time; on small runs, whose time is
+        the optimiser's loop, much less time (vlaug.evaluate calls it with every method of the
+        run). Returns each batched method's searches by seed, under the method's text; methods
+        that cannot share (:meth:`Method.batch_values` None, BATCH_STATE_VALUES) are left out."""
+        data, splits = self.data, self.splits
+        s, grid = len(splits), list(data.settings.grid)
+        chosen, room = [], BUILT_BATCH_VALUES  # within BUILT_BATCH_VALUES of built rows and BATCH_STATE_VALUES of state
+        for m in methods:
+            built = m.batch_values(data, splits)
+            if built is not None and built <= room and self.state_fits((len(chosen) + 1) * s * len(grid)):
+                chosen.append(m)
+                room -= built
+        if len(chosen) * s < 2:
+            return {}  # nothing to share
+        plans = [(m, m.batch_plan(data, splits)) for m in chosen]
+        shared = self.union_rows(plans[0][1].trains) if any(plan.per_seed is None for _, plan in plans) else None
+        plans = [(m, plan) for m, plan in plans if plan.per_seed is not None or shared is not None]
+        if not plans:
+            return {}
+        owned, base, columns = [], {}, s  # a method's built rows: each seed's blocks, owned by its column
+        for m, plan in plans:
+            base[m] = 0 if plan.per_seed is None else columns
+            if plan.per_seed is not None:
+                owned += [(*block[:3], None, columns + j) for j, rows in enumerate(plan.per_seed) for block in rows.blocks()]
+                columns += s
+        uses_shared = any(plan.per_seed is None for _, plan in plans)
+
+        def blocks():  # the cache's rows (resident: one block; streamed: read again), columns 0 … s - 1; then the built
+            if uses_shared:
+                for block in shared.blocks():
+                    yield *block[:3], block[3] if len(block) > 3 else None, block[4] if len(block) > 4 else (0, s)
+            yield from owned
+
+        rows = Rows(blocks, data.embed_dim, data.n_classes, (shared.n_rows if uses_shared else 0) + sum(len(b[1]) for b in owned),
+                    data.device, columns=columns)
+        d, c = data.embed_dim, data.n_classes
+        problems = [(m, plan, j, wd) for m, plan in plans for j in range(s) for wd in grid]
+        start = [plan.init or (torch.zeros(d, c, device=data.device), torch.zeros(c, device=data.device))
+                 for _, plan, _, _ in problems]
+        anchors = None
+        if any(plan.anchor is not None for _, plan in plans):
+            zero = torch.zeros(d, c, device=data.device)
+            anchors = torch.stack([zero if plan.anchor is None else plan.anchor for _, plan, _, _ in problems])
+        fits = fit_probes(rows, [wd for *_, wd in problems], data.settings.max_iter,
+                          init=(torch.stack([w for w, _ in start]), torch.stack([b for _, b in start])),
+                          regularize_towards=anchors, columns=[base[m] + j for m, _, j, _ in problems])
+        k = len(grid)  # problems per method and seed
+        found = {}
+        for i, (m, plan) in enumerate(plans):
+            searched = {}
+            for j, val in enumerate(plan.vals):
+                first = (i * s + j) * k
+                best, search = choose(fits[first:first + k], grid, data.labelled_rows(val))
+                searched[j] = Search(best, search, best["W"], best["b"], plan.per_seed[j] if plan.per_seed else None,
+                                     train=plan.trains[j])
+            found[m.text] = searched
+        return found
+
+    def union_index(self, trains: list[np.ndarray]) -> np.ndarray | None:
+        """The union of the seeds' training rows ``trains``, sorted; None when it is larger than
+        UNION_LIMIT x a seed's rows, or a seed holds a row twice (one weight could not hold both)."""
+        data = self.data
+        if any(len(t) > 1 and not (t[1:] > t[:-1]).all() and len(np.unique(t)) != len(t) for t in trains):
+            return None
+        member = np.zeros(len(data.y), dtype=bool)  # the union, sorted, without sorting millions of row ids
+        for t in trains:
+            member[t] = True
+        union = np.flatnonzero(member)
+        if len(union) > UNION_LIMIT * sum(len(t) for t in trains) / len(trains):
+            return None  # too many rows unused by each seed
+        return union
+
+    def union_rows(self, trains: list[np.ndarray], union: np.ndarray | None = None) -> Rows | None:
+        """The training rows ``trains`` of several seeds, rows of the cache (resident or
+        streamed), as one set of rows: the union of the seeds' rows (``union``, or
+        :meth:`union_index`), with a weight column per seed (0 where a row is not the seed's),
+        read once per pass for all of them; None where :meth:`union_index` is."""
+        data, s = self.data, len(trains)
+        union = self.union_index(trains) if union is None else union
+        if union is None:
+            return None
+        y = data.y[data.rows(union)]
+        weights = torch.zeros(len(union), s, device=data.device)
+        for j, t in enumerate(trains):
+            labels = data.y[data.rows(t)]
+            per_class = data.class_weights(torch.bincount(labels, minlength=data.n_classes).float())
+            weights[data.rows(np.searchsorted(union, t)), j] = per_class[labels]
+        if data.x is not None:  # the resident cache itself, indexed: no copy
+            built = membership_blocks(data.x, y, weights, data.rows(union))
+            return Rows(lambda: built, data.embed_dim, data.n_classes, len(union), data.device, columns=s)
+
+        def blocks():
+            for pos, x in data.stream(union):
+                at = data.rows(pos)
+                yield x, y[at], weights[at]
+
+        return Rows(blocks, data.embed_dim, data.n_classes, len(union), data.device, columns=s)
+
+
+# A row of the union outside a seed's set weighs 0 in that seed's column, and costs its problems
+# arithmetic for nothing (with 5 seeds' default splits, a fifth of a refit's products). Rows
+# that the same seeds hold (a membership pattern) of at least this many are a block of their
+# own, evaluated under those seeds' problems only; the rest stay one block under every seed
+# (small sets: each block costs every evaluation its own dozen operators).
+PATTERN_ROWS = 4096
+PATTERN_SEEDS = 16  # more seeds than this: one block
+
+
+def membership_blocks(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> list[tuple]:
+    """The union's rows ``x[index]`` (labels ``y``, a weight column per seed, 0 outside its
+    set) as blocks ``(x, labels, weights, index, owner)``: one per membership pattern of at
+    least PATTERN_ROWS rows (owner: its seeds' columns), the rest under every column; each
+    block's rows in cache order."""
+    s = weights.shape[1]
+    if s < 2 or s > PATTERN_SEEDS or len(index) < 2 * PATTERN_ROWS:
+        return [(x, y, weights, index)]
+    code = torch.zeros(len(index), dtype=torch.int32, device=weights.device)  # bit j: in seed j's set
+    for j in range(s):
+        code |= (weights[:, j] > 0).to(torch.int32) << j
+    counts = torch.bincount(code, minlength=2**s)
+    own = [int(k) for k in (counts >= PATTERN_ROWS).nonzero().flatten() if 0 < k < 2**s - 1]
+    if not own:
+        return [(x, y, weights, index)]
+    blocks, rest = [], torch.ones(len(code), dtype=torch.bool, device=code.device)
+    for k in own:
+        at = (code == k).nonzero().flatten()
+        cols = torch.tensor([j for j in range(s) if k >> j & 1], device=weights.device)
+        blocks.append((x, y[at], weights[at][:, cols], index[at], cols))
+        rest[at] = False
+    at = rest.nonzero().flatten()
+    if len(at):
+        blocks.append((x, y[at], weights[at], index[at]))
+    return blocks

@@ -1,0 +1,47 @@
+"""The registry of stage-3 methods: :func:`register` adds a class under its name,
+:func:`parse_method` turns a ``--method`` spec into a method object."""
+
+from __future__ import annotations
+
+from vlaug.errors import UsageError
+from vlaug.methods.base import Method
+
+REGISTRY: dict[str, type[Method]] = {}  # name -> method class, in registration order
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available to ``--method`` under ``cls.name``."""
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} is registered twice ({REGISTRY[cls.name].__name__}, {cls.__name__}).")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def parse_method(text: str) -> Method:
+    """Parse ``NAME[:HEAD_DIR][?k=v&...]``; unknown names and options, bad values and a
+    missing or superfluous head folder are UsageErrors."""
+    body, _, query = text.partition("?")
+    name, _, head = body.partition(":")
+    if name not in REGISTRY:
+        raise UsageError(f"--method {text!r}: unknown method {name!r}; known: {', '.join(REGISTRY)}.")
+    cls = REGISTRY[name]
+    if cls.head_kinds and not head:
+        raise UsageError(f"--method {text!r}: {name} needs a head folder, e.g. {name}:runs/{name}1 (from vlaug train-box).")
+    if head and not cls.head_kinds:
+        raise UsageError(f"--method {text!r}: {name} takes no head folder.")
+    return cls(text, head, cls.Options.parse(query, text, name))
+
+
+def markdown_table() -> str:
+    """The method table of docs/probes.md, generated from the registry: each method's spec,
+    its ``summary`` and its options with their defaults (``python -m vlaug.methods --docs
+    docs/probes.md`` rewrites it there; a test checks the page holds it)."""
+    from dataclasses import MISSING, fields
+
+    rows = ["| method | what the probe trains on | options (default) |", "|---|---|---|"]
+    for name, cls in REGISTRY.items():
+        spec = f"`{name}:HEAD_DIR`" if cls.head_kinds else f"`{name}`"
+        options = ", ".join(f"`{f.name}` ({f.default if f.default is not MISSING else f.default_factory()!r})"
+                            for f in fields(cls.Options))
+        rows.append(f"| {spec} | {cls.summary} | {options} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,105 @@
+"""The types a probe run hands from layer to layer: the run's settings
+(:class:`ProbeRunConfig`), the few of them a method reads (:class:`MethodSettings`) and
+what the run produces (:class:`ProbeRun`).
+
+A leaf module: the CLI builds a config, :mod:`vlaug.evaluate` plans and runs it, the
+methods (:mod:`vlaug.methods`) read their settings, :mod:`vlaug.report` writes the
+result; each imports these types from here, none of them from another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from vlaug.choices import REWEIGHTS
+from vlaug.errors import UsageError
+from vlaug.probe import LinearProbe, weight_decay_grid
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """What a method reads of the run's settings: the weight-decay grid it searches, the
+    L-BFGS iterations of a fit, when to select on a sample, how to weight and reweight rows."""
+
+    grid: tuple[float, ...] = tuple(weight_decay_grid(8))  # weight decays, strongest first
+    max_iter: int = 200  # L-BFGS iterations per fit
+    selection_rows: int = 25_000  # above this many training rows, select on a seeded sample (0: never)
+    reweight: str = "none"  # none | groupdro | seed-category | seed-category-kmeans
+    class_weight: bool = False  # weight rows by inverse class frequency
+
+
+@dataclass(frozen=True)
+class ProbeRunConfig:
+    """Everything ``vlaug probe`` needs; the defaults are the CLI's."""
+
+    features: str = ""
+    out: str = ""
+    methods: tuple[str, ...] = ("zero-shot", "linear")
+    train_domains: tuple[str, ...] = ()
+    seeds: int = 5  # seeds 0..seeds-1: splits, augmentation sampling, joint training
+    test_fraction: float = 0.2  # held-out part of the training domains when the cache has no split
+    val_fraction: float = 0.2  # validation part of the training rows
+    shots: int | None = None  # K training rows per class
+    imbalance: str | None = None  # "X:N": X % of classes reduced to N training rows
+    reweight: str = "none"  # none | groupdro | seed-category
+    grid_size: int = 8  # log-spaced weight-decay grid from 1e-1 to 1e-6
+    max_iter: int = 200  # L-BFGS iterations per fit
+    # above this many training rows, the weight decay is selected on a seeded sample of this
+    # many training (and validation) rows, then one warm-started refit uses every row; 0: never
+    selection_rows: int = 25_000
+    class_weight: bool = False  # weight rows by inverse class frequency
+    device: str = "auto"
+    memory_budget: str = "auto"  # stream the cache from disk when it needs more memory (auto: RAM / 4)
+    heads: str = ""  # a folder of head folders: --method all (and a head-needing method without :DIR) takes heads from it
+    tsne: bool = False  # t-SNE instead of PCA for the embedding plot
+    allow_incomplete: bool = False  # probe a cache whose embed run was interrupted (the report says so)
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.seeds < 1:
+            raise UsageError(f"--seeds {self.seeds}, must be >= 1.")
+        if not 0.0 < self.test_fraction < 1.0 or not 0.0 < self.val_fraction < 1.0:
+            raise UsageError(f"--test-fraction {self.test_fraction} and --val-fraction {self.val_fraction} must be in (0, 1).")
+        if self.shots is not None and self.shots < 1:
+            raise UsageError(f"--shots {self.shots}, must be >= 1.")
+        if self.reweight not in REWEIGHTS:
+            raise UsageError(f"--reweight {self.reweight!r}, must be one of {REWEIGHTS}.")
+        if not self.methods:
+            raise UsageError("give at least one --method.")
+        if self.grid_size < 1 or self.max_iter < 10:
+            raise UsageError(f"--grid-size {self.grid_size} must be >= 1 and --max-iter {self.max_iter} >= 10.")
+        if self.selection_rows < 0 or 0 < self.selection_rows < 100:
+            raise UsageError(f"--selection-rows {self.selection_rows}; use 0 (select on every row) or at least 100.")
+
+    def method_settings(self) -> MethodSettings:
+        """The settings every method of this run reads."""
+        return MethodSettings(tuple(weight_decay_grid(self.grid_size)), self.max_iter, self.selection_rows,
+                              self.reweight, self.class_weight)
+
+
+@dataclass
+class ProbeRun:
+    """What :func:`vlaug.evaluate.run_probe` returns: the report and what is written beside it."""
+
+    report: dict  # report.json's contents but the files the writer adds (probe_dirs, plots)
+    probes: dict[str, LinearProbe]  # method -> its probe refitted on train + val of seed 0 (probes/METHOD/)
+    cache: dict  # the cache's identity (checkpoint.cache_identity), recorded in every saved probe
+    first_train: tuple[np.ndarray, np.ndarray, np.ndarray]  # (x, labels, domains) of the geometry rows, seed 0
+    projections: dict[str, tuple[np.ndarray, np.ndarray, int]]  # method -> (x with extras, labels, n originals)
+    box_stats: dict[str, dict | None]  # box head folder -> its stats.json
+    texts_used: dict[str, dict] = field(default_factory=dict)  # method -> {prompt set: templates} its probe holds
+
+
+class Plots(Protocol):
+    """Where a run hands its plots' data as soon as it is known (to be drawn while it goes
+    on): :class:`vlaug.report.PlotWorker`."""
+
+    def submit_data(self, first_train: tuple, projections: dict, tsne: bool, classes: list[str], box_stats: dict) -> None:
+        """The data's plots (embeddings, box volumes): known before any fit."""
+
+    def submit_results(self, report: dict) -> None:
+        """The results' plots (accuracy, trade-off, per domain): known once every seed is fitted."""
