@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -123,6 +125,23 @@ def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path):
 
     with pytest.raises(RuntimeError):
         cache.atomic_write(target, boom)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_atomic_write_renames_only_a_complete_file_and_a_failed_rename_keeps_the_old_one(tmp_path, monkeypatch):
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    renamed = []
+
+    def crash(src, dst):  # a crash at the rename: the temporary file is complete by then
+        renamed.append((Path(src).read_text(), Path(dst).name))
+        raise OSError("crash")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="crash"):
+        cache.atomic_write(target, lambda tmp: tmp.write_text("new"))
+    assert renamed == [("new", "f.txt")]
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 

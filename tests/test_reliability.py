@@ -21,10 +21,15 @@ from vlaug.encoders import load_encoder
 
 ARGS = ["--model", "vlaug-tiny", "--pretrained", "none", "--workers", "0", "--batch-size", "4", "--part-size", "8",
         "--dtype", "float32", "--no-progress"]
+ROOT = Path(__file__).resolve().parents[1]  # where ``python -m tests.fault_injection`` runs
 
 
-def _command(source, out):
-    return [sys.executable, "-m", "vlaug", "embed", str(source), "--out", str(out), *ARGS]
+def _command(source, out, fault: str | None = None):
+    """``vlaug embed`` in a child process; with ``fault`` ("part:N" or "manifest:N") run by
+    tests/fault_injection.py, which SIGKILLs it inside that write, between the temporary
+    file and its rename."""
+    runner = ["-m", "vlaug"] if fault is None else ["-m", "tests.fault_injection", fault]
+    return [sys.executable, *runner, "embed", str(source), "--out", str(out), *ARGS]
 
 
 def _parts(out: Path) -> int:
@@ -48,8 +53,7 @@ def test_sigkill_at_random_moments_and_inside_writes(tmp_path):
     kills = []
     # two kills inside a write, between the temporary file and its rename
     for fault in ("part:2", "manifest:3"):
-        env = {**os.environ, cache.FAULT_ENV: fault}
-        r = subprocess.run(_command(source, out), env=env, capture_output=True, text=True, timeout=180)
+        r = subprocess.run(_command(source, out, fault), cwd=ROOT, capture_output=True, text=True, timeout=180)
         assert r.returncode == -signal.SIGKILL, r.stderr
         kills.append(fault)
         leftovers = list(out.glob(f"*{cache.TMP_MARKER}*")) + list((out / "images").glob(f"*{cache.TMP_MARKER}*"))

@@ -13,8 +13,7 @@ from vlaug.errors import UsageError
 
 # Below this many multiply-adds (or values touched) per step, a CPU problem is too small to
 # share between threads: one thread is faster, and far faster on a busy machine, where each
-# operator waits for the other threads (measured on 2 cores beside another job: a probe run
-# on 2,000 rows took 8.6-11.4 s with two threads, 5.4-6.0 s with one).
+# operator waits for the other threads.
 SMALL_PROBLEM = 2**25
 
 

@@ -29,7 +29,6 @@ from vlaug.devices import autocast, resolve_device, resolve_precision
 from vlaug.errors import EncoderError, UsageError
 
 TINY_MODEL = "vlaug-tiny"
-TINY_COCA_MODEL = "vlaug-tiny-coca"
 RANDOM_WEIGHTS = "none"
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 

@@ -142,13 +142,6 @@ def format_domain_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n} bytes"
-
-
 def _reweighted_methods(report: dict) -> str:
     """--reweight and the methods it applied to: it reweights the rows of the logistic
     probes; zero-shot and the joint methods run as without it."""
@@ -162,41 +155,13 @@ def _reweighted_methods(report: dict) -> str:
 
 
 def format_markdown(report: dict) -> str:
-    p, c = report["protocol"], report["config"]
-    pretrained = report["pretrained"] or "(from the model source)"
-    if pretrained == "none":
-        pretrained = "none — RANDOM weights: these numbers say nothing about CLIP"
-    protocol = []
-    if p["shots"]:
-        protocol.append(f"{p['shots']}-shot (LARE Fig. 4)")
-    if p["imbalance"]:
-        protocol.append(f"imbalance: {p['imbalance']['percent_of_classes']:g} % of classes reduced to "
-                        f"{p['imbalance']['n_images']} training images (LARE Table 3)")
-    sizes = "; ".join(f"seed {s['seed']}: train {s['train']}, val {s['val']}, test in {s['test_in']}, out {s['test_out']}"
-                      for s in p["splits"])
-    warnings = [f"> **Warning: {w}.**" for w in report.get("warnings", [])]
+    """report.md: the run's settings, the accuracy tables, each method's options and
+    selections, the feature geometry, and the files beside it."""
     lines = [
         "# vlaug probe report",
         "",
-        *[line for w in warnings for line in (w, "")],
-        f"- features: `{report['features']}`",
-        f"- model: `{report['model']}`, pretrained: `{pretrained}`, d = {report['embed_dim']}, {len(report['classes'])} classes",
-        f"- training domains: {', '.join(p['train_domains']) or '(no domains)'}; out-of-domain: {', '.join(p['test_domains']) or '(none)'}",
-        "- splits: one held-out test split for every stage and seed: "
-        + ("the cache’s `test` rows" if p["uses_cache_splits"] else
-           f"the held-out test rows are the training-domain rows whose id hashes below {c['test_fraction']}")
-        + ", and every row of the out-of-domain domains; heads and probes fit only on the other rows (seeded "
-        f"validation fraction {c['val_fraction']}); {sizes}",
-        f"- protocol: {', '.join(protocol) or 'all training rows'}; seeds {p['seeds']} (mean ± std over seeds)",
-        f"- probe: multinomial logistic regression, L-BFGS, each weight decay fitted to convergence (at most {c['max_iter']} "
-        f"iterations), chosen on validation accuracy from {len(p['weight_decay_grid'])} values {p['weight_decay_grid'][0]:g} … {p['weight_decay_grid'][-1]:g}"
-        + (f" on a seeded sample of at most {c['selection_rows']} training and {c['selection_rows']} validation rows "
-           "(--selection-rows), then refitted on every training row" if any("selected_on" in r.get("selection", {})
-                                                                            for r in report["results"]) else "") + "; "
-        f"reweight: {_reweighted_methods(report)}; class weights: {c['class_weight']}; zero-shot logits cos / {p['zero_shot_temperature']}",
-        f"- data: {'streamed from disk, ' + str(p.get('passes_over_cache')) + ' reads of the cache' if p.get('streamed') else 'in memory'} (--memory-budget {c.get('memory_budget', 'auto')}"
-        f" = {_size(p.get('memory_budget_bytes', 0))}); device {c['device']}",
-        f"- vlaug {report['vlaug_version']}, {report['seconds']:.1f} s",
+        *_warning_lines(report),
+        *_settings_lines(report),
         "",
         "## Top-1 accuracy (%)",
         "",
@@ -208,25 +173,119 @@ def format_markdown(report: dict) -> str:
         "",
         "## Methods",
         "",
+        *_method_lines(report),
+        "",
+        *_geometry_lines(report),
+        "",
+        _files_line(report),
     ]
+    return "\n".join(lines) + "\n"
+
+
+def _warning_lines(report: dict) -> list[str]:
+    """Each warning of the run in bold, followed by a blank line."""
+    return [line for w in report.get("warnings", []) for line in (f"> **Warning: {w}.**", "")]
+
+
+def _settings_lines(report: dict) -> list[str]:
+    """The bullet list of what was probed and how: cache, model, domains, splits, protocol,
+    probe, data and version."""
+    p = report["protocol"]
+    pretrained = report["pretrained"] or "(from the model source)"
+    if pretrained == "none":
+        pretrained = "none — RANDOM weights: these numbers say nothing about CLIP"
+    return [
+        f"- features: `{report['features']}`",
+        f"- model: `{report['model']}`, pretrained: `{pretrained}`, d = {report['embed_dim']}, {len(report['classes'])} classes",
+        f"- training domains: {', '.join(p['train_domains']) or '(no domains)'}; out-of-domain: {', '.join(p['test_domains']) or '(none)'}",
+        f"- splits: {_splits_text(report)}",
+        f"- protocol: {_protocol_text(p)}; seeds {p['seeds']} (mean ± std over seeds)",
+        f"- probe: {_probe_text(report)}",
+        f"- data: {_data_text(report)}",
+        f"- vlaug {report['vlaug_version']}, {report['seconds']:.1f} s",
+    ]
+
+
+def _splits_text(report: dict) -> str:
+    """Where the test rows come from, the validation fraction and each seed's split sizes."""
+    p, c = report["protocol"], report["config"]
+    sizes = "; ".join(f"seed {s['seed']}: train {s['train']}, val {s['val']}, test in {s['test_in']}, out {s['test_out']}"
+                      for s in p["splits"])
+    test_rows = ("the cache’s `test` rows" if p["uses_cache_splits"] else
+                 f"the held-out test rows are the training-domain rows whose id hashes below {c['test_fraction']}")
+    return (f"one held-out test split for every stage and seed: {test_rows}, and every row of the out-of-domain "
+            f"domains; heads and probes fit only on the other rows (seeded validation fraction {c['val_fraction']}); {sizes}")
+
+
+def _protocol_text(protocol: dict) -> str:
+    """Few-shot and imbalance settings, or that every training row was used."""
+    parts = []
+    if protocol["shots"]:
+        parts.append(f"{protocol['shots']}-shot (LARE Fig. 4)")
+    if protocol["imbalance"]:
+        imbalance = protocol["imbalance"]
+        parts.append(f"imbalance: {imbalance['percent_of_classes']:g} % of classes reduced to "
+                     f"{imbalance['n_images']} training images (LARE Table 3)")
+    return ", ".join(parts) or "all training rows"
+
+
+def _probe_text(report: dict) -> str:
+    """The logistic probe: solver, weight-decay grid and selection, reweighting, class
+    weights and the zero-shot temperature."""
+    p, c = report["protocol"], report["config"]
+    grid = p["weight_decay_grid"]
+    sampled = any("selected_on" in r.get("selection", {}) for r in report["results"])
+    selection = (f" on a seeded sample of at most {c['selection_rows']} training and {c['selection_rows']} validation "
+                 "rows (--selection-rows), then refitted on every training row" if sampled else "")
+    return (f"multinomial logistic regression, L-BFGS, each weight decay fitted to convergence (at most {c['max_iter']} "
+            f"iterations), chosen on validation accuracy from {len(grid)} values {grid[0]:g} … {grid[-1]:g}{selection}; "
+            f"reweight: {_reweighted_methods(report)}; class weights: {c['class_weight']}; "
+            f"zero-shot logits cos / {p['zero_shot_temperature']}")
+
+
+def _data_text(report: dict) -> str:
+    """In memory or streamed (with the number of reads), the memory budget and the device."""
+    from vlaug.cache.budget import format_size
+
+    p, c = report["protocol"], report["config"]
+    source = f"streamed from disk, {p.get('passes_over_cache')} reads of the cache" if p.get("streamed") else "in memory"
+    return (f"{source} (--memory-budget {c.get('memory_budget', 'auto')} = {format_size(p.get('memory_budget_bytes', 0))}); "
+            f"device {c['device']}")
+
+
+def _method_lines(report: dict) -> list[str]:
+    """One bullet per method: its options, its head and what seed 0's selection chose."""
+    lines = []
     for m in report["methods"]:
         opts = ", ".join(f"{k}={v}" for k, v in m["options"].items()) or "no options"
-        sel = m["selection_seed0"]
-        chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sel.items()
+        chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in m["selection_seed0"].items()
                            if k not in ("search", "reweight"))
         lines.append(f"- `{m['method']}`: {opts}" + (f"; head `{m['head']}` ({m['head_config']})" if m["head"] else "")
                      + (f"; seed 0 chose {chosen}" if chosen else ""))
-    lines += ["", "## Feature geometry of the training rows, seed 0 (LatentDR eqs. 10, 11)", "",
-              f"On {p.get('geometry_rows', 0):,} training rows (all of them, or a seeded sample) and their augmentations.", "",
-              "| Method | alignment | uniformity | alignment (with augmentations) | uniformity (with augmentations) |",
-              "|---|---|---|---|---|"]
+    return lines
+
+
+def _geometry_lines(report: dict) -> list[str]:
+    """The feature-geometry section: alignment and uniformity per method, with and without
+    the augmentations."""
+    lines = ["## Feature geometry of the training rows, seed 0 (LatentDR eqs. 10, 11)", "",
+             f"On {report['protocol'].get('geometry_rows', 0):,} training rows (all of them, or a seeded sample) "
+             "and their augmentations.", "",
+             "| Method | alignment | uniformity | alignment (with augmentations) | uniformity (with augmentations) |",
+             "|---|---|---|---|---|"]
     for g in report["feature_geometry"]:
         lines.append(f"| `{g['method']}` | {g['alignment']:.4f} | {g['uniformity']:.4f} | "
                      f"{g['alignment_augmented']:.4f} | {g['uniformity_augmented']:.4f} |")
-    lines += ["", "Plots: `accuracy.png`, `embeddings.png`" + (", `tradeoff.png` (in-domain vs out-of-domain, Pareto front)"
-                                                             if report.get("plots", {}).get("tradeoff") else "") + (", `box_volume_*.png`" if report.get("plots", {}).get("box") else "")
-              + ". Probes: `probes/*/` (`vlaug predict`)."]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _files_line(report: dict) -> str:
+    """The plots and probes written beside report.md."""
+    plots = report.get("plots", {})
+    return ("Plots: `accuracy.png`, `embeddings.png`"
+            + (", `tradeoff.png` (in-domain vs out-of-domain, Pareto front)" if plots.get("tradeoff") else "")
+            + (", `box_volume_*.png`" if plots.get("box") else "")
+            + ". Probes: `probes/*/` (`vlaug predict`).")
 
 
 def _safe_name(text: str) -> str:
@@ -251,7 +310,7 @@ def _json_ready(obj):
 
 def _subplots(*args, **kwargs):
     """``pyplot.subplots`` on a bare Figure: PNGs are drawn by Agg without pyplot's global
-    state and its import (a small run's report: 0.83 s -> 0.79 s)."""
+    state and the time its import takes."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=kwargs.pop("figsize", None))
@@ -333,7 +392,7 @@ def _project(x0, extra: list, tsne: bool, seed: int):
     mean = x0.mean(0)
     centred = (x0 - mean).astype(np.float64)
     # the top two eigenvectors of the d x d covariance: the PCA basis, without an SVD of the
-    # (n, d) rows (about 0.35 s per panel on 2,000 rows on a busy 2-core machine)
+    # (n, d) rows, which takes far longer than one product of them
     _, vecs = np.linalg.eigh(centred.T @ centred)
     basis = vecs[:, ::-1][:, :2].astype(x0.dtype)
     return (x0 - mean) @ basis, [(e - mean) @ basis for e in extra]
@@ -496,9 +555,9 @@ def result_plots(report: dict) -> list[Job]:
 
 class PlotWorker:
     """A second process that draws a report's plots while this one works. Started when a
-    run begins, it imports matplotlib (~0.35 s on 2 cores) while this process imports
-    torch; plots whose data is known early (:meth:`submit`: the embeddings, before the
-    fits) are drawn meanwhile, into memory; :meth:`write` hands it the rest and writes
+    run begins, it imports matplotlib (slow) while this process imports torch; plots
+    whose data is known early (:meth:`submit`: the embeddings, before the fits) are drawn
+    meanwhile, into memory; :meth:`write` hands it the rest and writes
     every plot into the report's folder. Any plot the worker could not draw (it could not
     start, died or failed on that plot) is drawn in this process. ``start`` None: no
     process where matplotlib is already imported here (nothing to hide); True: always
@@ -533,6 +592,14 @@ class PlotWorker:
             return
         self.sent.update(name for name, *_ in jobs)
         self._send(data)
+
+    def submit_data(self, first_train: tuple, projections: dict, tsne: bool, classes: list[str], box_stats: dict) -> None:
+        """The data's plots (:func:`data_plots`), known before any fit (:class:`vlaug.runs.Plots`)."""
+        self.submit(data_plots(first_train, projections, tsne, classes, box_stats))
+
+    def submit_results(self, report: dict) -> None:
+        """The results' plots (:func:`result_plots`), known once every seed is fitted."""
+        self.submit(result_plots(report))
 
     def _send(self, data: bytes) -> None:
         """Write ``data`` to the worker from a thread, after what was sent before: this
@@ -612,9 +679,8 @@ def _draw_all(jobs: list[Job]) -> dict[str, bytes]:
     """PNG bytes of each plot of ``jobs`` that could be drawn. On Linux, every plot but the
     first is drawn in a fork of this process (which runs no Python thread; numpy's BLAS
     threads handle fork), matplotlib imported, while this one draws the first: a report's
-    plots side by side on the cores the fits no longer use (accuracy and per-domain on 2
-    cores: 0.21 s -> 0.17 s in the worker). A child that has not answered within
-    CHILD_SECONDS is stopped, its plot left out."""
+    plots side by side on the cores the fits no longer use. A child that has not answered
+    within CHILD_SECONDS is stopped, its plot left out."""
     import os
     import signal
     import sys
@@ -708,7 +774,7 @@ def _serve_plots() -> None:
         jobs = None  # not held while the next batch is awaited
     sys.stdout.buffer.write(pickle.dumps(drawn))
     sys.stdout.flush()
-    os._exit(0)  # the main process waits for this exit: no interpreter teardown (~0.1 s with matplotlib)
+    os._exit(0)  # the main process waits for this exit: no interpreter teardown (slow once matplotlib is imported)
 
 
 def write_report(out, run: "ProbeRun", tsne: bool = False, plots: PlotWorker | None = None) -> dict:

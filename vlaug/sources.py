@@ -18,7 +18,6 @@ IMAGE_EXTENSIONS = frozenset(
 )
 MANIFEST_EXTENSIONS = frozenset({".csv", ".parquet", ".pq"})
 SPLITS = ("train", "val", "test", "")
-UNLABELED = "unlabeled"  # the layout of a flat folder of images or a path-only manifest
 
 
 class Layout(str, Enum):

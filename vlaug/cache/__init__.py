@@ -27,7 +27,7 @@ from vlaug.cache.budget import (
     plan_memory,
     resident_bytes,
 )
-from vlaug.cache.files import FAULT_ENV, atomic_directory, atomic_write, check_output, read_json_object, write_json
+from vlaug.cache.files import atomic_directory, atomic_write, check_output, read_json_object, write_json
 from vlaug.cache.layout import (
     FAILED_NAME,
     FORMAT_VERSION,
@@ -62,7 +62,7 @@ from vlaug.cache.write import image_schema, part_name, write_failed, write_part,
 from vlaug.choices import CLASSES_PROMPT_SET, STORAGE_DTYPES
 
 __all__ = [
-    "CLASSES_PROMPT_SET", "FAILED_NAME", "FAULT_ENV", "FORMAT_VERSION", "IMAGES_DIR", "LOCK_NAME", "MANIFEST_NAME",
+    "CLASSES_PROMPT_SET", "FAILED_NAME", "FORMAT_VERSION", "IMAGES_DIR", "LOCK_NAME", "MANIFEST_NAME",
     "ROW_GROUP_ROWS", "STORAGE_DTYPES", "TEXTS_NAME", "TMP_MARKER",
     "CacheManifest", "FeatureCache", "MemoryPlan",
     "acquire_lock", "atomic_directory", "atomic_write", "cache_info", "check_complete", "check_output", "check_unlocked", "chunk_rows",

@@ -9,14 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from vlaug.cache.layout import IMAGES_DIR, MANIFEST_NAME, TMP_MARKER
+from vlaug.cache.layout import TMP_MARKER
 from vlaug.errors import UsageError
-
-# Fault injection for the reliability suite: "part:N" or "manifest:N" makes the process
-# SIGKILL itself during its N-th write of that kind, after the temporary file is written
-# and before it is renamed into place (the worst moment for a crash).
-FAULT_ENV = "VLAUG_FAULT_INJECT"
-_fault_counts: dict[str, int] = {}
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -44,27 +38,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        _maybe_inject_fault(path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-
-
-def _maybe_inject_fault(path: Path) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    kind = "manifest" if path.name == MANIFEST_NAME else "part" if path.parent.name == IMAGES_DIR else "other"
-    want, _, n = spec.partition(":")
-    if kind != want:
-        return
-    _fault_counts[kind] = _fault_counts.get(kind, 0) + 1
-    if _fault_counts[kind] == int(n or 1):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
