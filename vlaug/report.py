@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from vlaug.evaluate import ProbeRun
+    from vlaug.runs import ProbeRun
 
 
 def _counts_line(counts: dict[str, int], empty_label: str) -> str:
