@@ -363,8 +363,8 @@ def main() -> None:
 
 def _exit(code) -> None:
     """Exit with ``code`` (as ``sys.exit``) without tearing the interpreter down: freeing
-    torch's, pyarrow's and matplotlib's modules object by object takes ~0.5 s on 2 cores, a
-    sixth of a small ``vlaug probe``. Everything the command wrote is closed by then; exit
+    torch's, pyarrow's and matplotlib's modules object by object is a noticeable part of a
+    small ``vlaug probe`` (docs/benchmarks.md). Everything the command wrote is closed by then; exit
     handlers still run and the standard streams are flushed. Where a thread that is not a
     daemon still runs, the ordinary exit waits for it."""
     import atexit
