@@ -357,7 +357,8 @@ TOLERANCE_GRAD = 1e-5
 # A backtracking step whose predicted decrease of the loss, −step·gᵀd, is below this fraction
 # of the loss stops the line search: float32 sums cannot resolve it (about 2 units in the last
 # place), and a problem there has converged as far as float32 goes (it stops, as if no step
-# decreased the loss). Without it such a problem spent 29 more passes halving its step.
+# decreased the loss). Without it such a problem would keep halving its step, a pass over the
+# rows each, until the backtracking gave up.
 LOSS_RESOLUTION = 2.0**-22
 
 
@@ -397,9 +398,9 @@ def _inverse_hessian_times(S: torch.Tensor, Y: torch.Tensor, MY: torch.Tensor, v
 PRECONDITION_ROWS = 32768
 # A batch keeps one (d + 1) x (d + 1) preconditioner per weight column and weight decay while
 # they hold at most this many values (128 MB: 72 at d = 512); beyond, one per weight decay
-# from the moments of every row, gathered once (d = 1024 and 25 seeds x methods: 32 MB of
-# preconditioners and 8 MB of moments instead of 800 MB and 210 MB): the same minima, by
-# paths that differ slightly from fits one at a time.
+# from the moments of every row, gathered once, so that their memory no longer grows with the
+# number of weight columns (seeds x methods): the same minima, by paths that differ slightly
+# from fits one at a time.
 PRECONDITIONER_VALUES = 2**25
 
 
@@ -414,10 +415,9 @@ def _preconditioners(gram: torch.Tensor, weight_decays: list[float], n_classes: 
     curvature 1/C per class direction, Kronecker-factored with Σ), plus the weight decay λ
     on W (D: 1 on W's rows, 0 on the bias's). L-BFGS started from γM instead of γI
     converges in far fewer iterations on ill-conditioned features (anisotropic embeddings,
-    a common mean, weak weight decays; the 8-value grid on 20,000 CLIP-like rows x 512 x
-    100: 461 -> 68 iterations, benchmarks/probe_speed.py), to the same minimum. δ = 1e-6 x
-    the mean diagonal of Σ/C keeps M bounded where Σ is singular (fewer rows than
-    dimensions). The factor 1/C and a step of 1 from the first iteration were chosen in a
+    a common mean, weak weight decays; benchmarks/probe_speed.py), to the same minimum.
+    δ = 1e-6 x the mean diagonal of Σ/C keeps M bounded where Σ is singular (fewer rows
+    than dimensions). The factor 1/C and a step of 1 from the first iteration were chosen in a
     prototype on synthetic problems from 200 x 512 x 10 to 25,000 x 512 x 100, C = 2 to
     100, λ = 1e-6 to 1e-1 (factors 1/(4C) and 4/C: similar, no better)."""
     d2 = gram.shape[0]
@@ -480,116 +480,209 @@ def fit_probes(
         per weight decay, ``(W, b, {"iterations", "converged"})``.
     """
     d, c, device = train.n_features, train.n_classes, train.device
-    p, m, size = len(weight_decays), history_size, (d + 1) * c
+    p, size = len(weight_decays), (d + 1) * c
     if (columns is None and train.columns > 1) or (columns is not None and (len(columns) != p or max(columns) >= train.columns)):
         raise ValueError(f"{train.columns} weight columns need one column per problem, got {columns}.")
-    cols = None if columns is None else torch.tensor(columns, device=device)
-    wd = torch.tensor(weight_decays, dtype=torch.float32, device=device)
-    theta = torch.zeros(p, d + 1, c, device=device)
-    if init is not None:
-        theta[:, :d] = init[0]
-        theta[:, d] = init[1]
-    # the L-BFGS memory of the problems still running, in the order of ``held`` (problems that
-    # stop leave it: no gathers of every problem's pairs at each iteration)
-    S, Y, MY = (torch.zeros(p, m, size, device=device) for _ in range(3))
-    rho = torch.zeros(p, m, device=device)  # 1 / sᵀy of each stored pair; 0: no pair (adds nothing below)
-    held = list(range(p))
-    iterations = [0] * p
-    threads = torch.get_num_threads()
+    objective = _batched_objective(train, weight_decays, columns, regularize_towards)
+    theta = _starting_weights(p, d, c, init, device)  # (P, d + 1, C)
+    memory = _History(p, history_size, size, device)
     # the optimiser's own arithmetic (vectors of (d + 1)·C per problem) on one thread; the
     # objective's products on all of them when the problem is large enough to share
+    with threads_for(0, device):
+        f, g, M, which = _first_evaluation(objective, theta, train, weight_decays, columns)
+        progress = _Progress(f, g, tolerance_grad)
+        for it in range(1, max_iter + 1):
+            a = progress.running()
+            if not a:
+                break
+            ai = torch.tensor(a, device=device)
+            memory.keep(a)
+            ga, which_a = g[ai].view(len(a), size), which[ai]
+            direction, gtd, step = _search_direction(memory, ga, _apply(M, which_a, ga))
+            fa = f[ai]
+            trial, f_new, g_new, ok, step = _line_search(objective, ai, theta[ai], fa, direction, gtd, step)
+            s = step[:, None] * direction
+            memory.store(s, (g_new - g[ai]).view(len(a), size), ok, M, which_a)
+            oi = ai[ok]
+            theta[oi], f[oi], g[oi] = trial[ok], f_new[ok], g_new[ok]
+            progress.update(it, a, f, fa, f_new, g_new, s, ok)
+    return _results(theta, progress)
+
+
+def _batched_objective(train: Rows, weight_decays: list[float], columns: list[int] | None,
+                       regularize_towards: torch.Tensor | None) -> Callable:
+    """``objective(theta, problems, gram=None)``: the losses and gradients of the problems
+    ``problems`` (a tensor of their indices; None: all, and ``gram`` gathers the features'
+    moments, see :func:`_objectives`) at the weights ``theta``."""
+    device = train.device
+    cols = None if columns is None else torch.tensor(columns, device=device)
+    wd = torch.tensor(weight_decays, dtype=torch.float32, device=device)
+    threads = torch.get_num_threads()  # taken outside the optimiser's single-thread section
     stacked = regularize_towards is not None and regularize_towards.dim() == 3
 
-    def objective(th, problems, gram=None):  # the objectives of the problems ``problems`` (None: all) at th
+    def objective(th, problems, gram=None):
         if problems is None:
             return _objectives(train, th, wd, regularize_towards, threads, cols, gram)
         return _objectives(train, th, wd[problems], regularize_towards[problems] if stacked else regularize_towards,
                            threads, None if cols is None else cols[problems])
 
-    with threads_for(0, device):
-        keys = [(0 if columns is None else columns[k], v) for k, v in enumerate(weight_decays)]
-        pooled = len(set(keys)) * (d + 1) ** 2 > PRECONDITIONER_VALUES  # one per weight decay, from every row
-        if pooled:
-            keys = [(0, v) for v in weight_decays]
-        # float64 moments (on the CPU for MPS, which has none); the preconditioners in float32 on the device
-        gram = torch.zeros(1 if pooled else train.columns, d + 2, d + 2, dtype=torch.float64,
-                           device="cpu" if device.type == "mps" else device)
-        f, g = objective(theta, None, gram)  # and the features' moments
-        distinct = sorted(set(keys))
-        M = torch.cat([_preconditioners(gram[j], [v for i, v in distinct if i == j], c)
-                       for j in sorted({i for i, _ in distinct})]).to(device)
-        which = torch.tensor([distinct.index(key) for key in keys], device=device)
-        block_start = f.clone()
-        converged = [float(g[k].abs().max()) <= tolerance_grad for k in range(p)]
-        active = [bool(torch.isfinite(f[k])) and not converged[k] for k in range(p)]
-        for it in range(1, max_iter + 1):
-            a = [k for k in range(p) if active[k]]
-            if not a:
-                break
-            ai = torch.tensor(a, device=device)
-            if a != held:  # some problems stopped: their pairs leave the memory
-                still = torch.tensor([active[k] for k in held], device=device)
-                S, Y, MY, rho, held = S[still], Y[still], MY[still], rho[still], a
-            ga = g[ai].view(len(a), size)
-            direction = -_inverse_hessian_times(S, Y, MY, rho > 0, ga, _apply(M, which[ai], ga))
-            gtd = (ga * direction).sum(1)
-            ascent = ~(gtd < 0)  # numerically not a descent direction: steepest descent instead
-            if bool(ascent.any()):
-                direction[ascent] = -ga[ascent]
-                gtd = (ga * direction).sum(1)
-            # step 1: M approximates the inverse Hessian from the first iteration on (steepest descent: min(1, 1/‖g‖₁))
-            first = (1 / ga.abs().sum(1).clamp(min=1e-30)).clamp(max=1.0)
-            step = torch.where(ascent, first, torch.ones_like(first))
-            fa, theta_a = f[ai], theta[ai]
-            shaped = direction.view(-1, d + 1, c)
-            trial = theta_a + step.view(-1, 1, 1) * shaped
-            f_new, g_new = objective(trial, ai)
-            ok = torch.isfinite(f_new) & (f_new <= fa + 1e-4 * step * gtd)
-            done = ok.clone()  # accepted, or no shorter step can decrease the loss measurably
-            for _ in range(30):  # backtrack: the minimum of the quadratic through f, f'·d and f_new, within [0.1, 0.5]·t
-                if bool(done.all()):
-                    break
-                redo = (~done).nonzero().flatten()
-                t = step[redo]
-                curve = f_new[redo] - fa[redo] - gtd[redo] * t
-                quad = torch.where(torch.isfinite(curve) & (curve > 0),
-                                   -gtd[redo] * t * t / (2 * curve.clamp(min=1e-30)), 0.5 * t)
-                step[redo] = torch.minimum(torch.maximum(quad, 0.1 * t), 0.5 * t)
-                unresolved = -step[redo] * gtd[redo] <= LOSS_RESOLUTION * fa[redo].abs()
-                done[redo[unresolved]] = True
-                redo = redo[~unresolved]
-                if not len(redo):
-                    break
-                trial[redo] = theta_a[redo] + step[redo].view(-1, 1, 1) * shaped[redo]
-                fr, gr = objective(trial[redo], ai[redo])
-                f_new[redo], g_new[redo] = fr, gr
-                ok[redo] = torch.isfinite(fr) & (fr <= fa[redo] + 1e-4 * step[redo] * gtd[redo])
-                done[redo] = ok[redo]
-            s = step[:, None] * direction
-            y = (g_new - g[ai]).view(len(a), size)
-            sy = (s * y).sum(1)
-            keep = ok & (sy > 1e-10)
-            if bool(keep.any()):  # each problem that stores its pair: oldest out (every one, usually: no gather)
-                ki = slice(None) if bool(keep.all()) else keep.nonzero().flatten()
-                S[ki] = torch.cat([S[ki, 1:], s[keep, None]], 1)
-                Y[ki] = torch.cat([Y[ki, 1:], y[keep, None]], 1)
-                MY[ki] = torch.cat([MY[ki, 1:], _apply(M, which[ai[keep]], y[keep])[:, None]], 1)
-                rho[ki] = torch.cat([rho[ki, 1:], (1 / sy[keep])[:, None]], 1)
-            oi = ai[ok]
-            theta[oi], f[oi], g[oi] = trial[ok], f_new[ok], g_new[ok]
-            small = (g_new.abs().flatten(1).amax(1) <= tolerance_grad) | (s.abs().amax(1) <= 1e-10) | ((f_new - fa).abs() < 1e-10)
-            stuck = (~ok).tolist()  # no step decreased the loss: as far as float32 goes
-            small = (small & ok).tolist()
-            for j, k in enumerate(a):
-                iterations[k] = it
-                stalled = False
-                if it % 10 == 0:
-                    stalled = abs(float(block_start[k]) - float(f[k])) <= 1e-7 * max(1.0, abs(float(f[k])))
-                    block_start[k] = f[k]
-                if small[j] or stuck[j] or stalled:
-                    active[k], converged[k] = False, True
-    return [(theta[k, :d].clone(), theta[k, d].clone(), {"iterations": iterations[k], "converged": converged[k]})
-            for k in range(p)]
+    return objective
+
+
+def _starting_weights(p: int, d: int, c: int, init: tuple[torch.Tensor, torch.Tensor] | None,
+                      device: torch.device) -> torch.Tensor:
+    """The (P, d + 1, C) starting weights, W above b: ``init`` (one or a stack), else zeros."""
+    theta = torch.zeros(p, d + 1, c, device=device)
+    if init is not None:
+        theta[:, :d] = init[0]
+        theta[:, d] = init[1]
+    return theta
+
+
+def _first_evaluation(objective: Callable, theta: torch.Tensor, train: Rows, weight_decays: list[float],
+                      columns: list[int] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The losses (P,) and gradients at ``theta``, and, from the features' moments read in the
+    same pass, the preconditioners M (K, d + 1, d + 1) with ``which`` (P,), the index of each
+    problem's: one per weight column and weight decay, or, beyond PRECONDITIONER_VALUES, one
+    per weight decay from every row."""
+    d, c, device = train.n_features, train.n_classes, train.device
+    keys = [(0 if columns is None else columns[k], v) for k, v in enumerate(weight_decays)]
+    pooled = len(set(keys)) * (d + 1) ** 2 > PRECONDITIONER_VALUES  # one per weight decay, from every row
+    if pooled:
+        keys = [(0, v) for v in weight_decays]
+    # float64 moments (on the CPU for MPS, which has none); the preconditioners in float32 on the device
+    gram = torch.zeros(1 if pooled else train.columns, d + 2, d + 2, dtype=torch.float64,
+                       device="cpu" if device.type == "mps" else device)
+    f, g = objective(theta, None, gram)  # and the features' moments
+    distinct = sorted(set(keys))
+    M = torch.cat([_preconditioners(gram[j], [v for i, v in distinct if i == j], c)
+                   for j in sorted({i for i, _ in distinct})]).to(device)
+    which = torch.tensor([distinct.index(key) for key in keys], device=device)
+    return f, g, M, which
+
+
+class _History:
+    """The L-BFGS memory of the problems still running, in the order of ``held``: per problem
+    ``m`` pairs (s, y), oldest first, with M·y and ρ = 1 / sᵀy (ρ 0: an empty slot, which adds
+    nothing). Problems that stop leave it: no gathers of every problem's pairs at each iteration."""
+
+    def __init__(self, p: int, m: int, size: int, device: torch.device):
+        self.S, self.Y, self.MY = (torch.zeros(p, m, size, device=device) for _ in range(3))
+        self.rho = torch.zeros(p, m, device=device)
+        self.held = list(range(p))
+
+    def keep(self, running: list[int]) -> None:
+        """Drop the pairs of the problems that stopped, ``running`` (sorted) being the rest."""
+        if running == self.held:
+            return
+        alive = set(running)
+        still = torch.tensor([k in alive for k in self.held], device=self.S.device)
+        self.S, self.Y, self.MY, self.rho = self.S[still], self.Y[still], self.MY[still], self.rho[still]
+        self.held = running
+
+    def store(self, s: torch.Tensor, y: torch.Tensor, accepted: torch.Tensor, M: torch.Tensor,
+              which: torch.Tensor) -> None:
+        """Add the pair (s, y) of each running problem whose step was ``accepted`` and has
+        sᵀy > 1e-10, its oldest pair out (every problem, usually: a slice, no gather)."""
+        sy = (s * y).sum(1)
+        keep = accepted & (sy > 1e-10)
+        if not bool(keep.any()):
+            return
+        ki = slice(None) if bool(keep.all()) else keep.nonzero().flatten()
+        self.S[ki] = torch.cat([self.S[ki, 1:], s[keep, None]], 1)
+        self.Y[ki] = torch.cat([self.Y[ki, 1:], y[keep, None]], 1)
+        self.MY[ki] = torch.cat([self.MY[ki, 1:], _apply(M, which[keep], y[keep])[:, None]], 1)
+        self.rho[ki] = torch.cat([self.rho[ki, 1:], (1 / sy[keep])[:, None]], 1)
+
+
+def _search_direction(memory: _History, g: torch.Tensor, Mg: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each running problem's direction −H·g (steepest descent where that is numerically not
+    a descent direction), its slope gᵀd and its first step."""
+    direction = -_inverse_hessian_times(memory.S, memory.Y, memory.MY, memory.rho > 0, g, Mg)
+    gtd = (g * direction).sum(1)
+    ascent = ~(gtd < 0)  # numerically not a descent direction: steepest descent instead
+    if bool(ascent.any()):
+        direction[ascent] = -g[ascent]
+        gtd = (g * direction).sum(1)
+    # step 1: M approximates the inverse Hessian from the first iteration on (steepest descent: min(1, 1/‖g‖₁))
+    first = (1 / g.abs().sum(1).clamp(min=1e-30)).clamp(max=1.0)
+    return direction, gtd, torch.where(ascent, first, torch.ones_like(first))
+
+
+def _line_search(objective: Callable, ai: torch.Tensor, theta_a: torch.Tensor, fa: torch.Tensor,
+                 direction: torch.Tensor, gtd: torch.Tensor, step: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backtrack each problem ``ai`` from ``theta_a`` (A, d + 1, C) along ``direction`` (A, (d + 1)·C)
+    until the Armijo condition holds or no shorter step can decrease the loss measurably;
+    returns the trial weights, their losses and gradients, which were accepted, and the steps."""
+    shaped = direction.view(theta_a.shape)
+    trial = theta_a + step.view(-1, 1, 1) * shaped
+    f_new, g_new = objective(trial, ai)
+    ok = torch.isfinite(f_new) & (f_new <= fa + 1e-4 * step * gtd)
+    done = ok.clone()  # accepted, or no shorter step can decrease the loss measurably
+    for _ in range(30):  # backtrack: the minimum of the quadratic through f, f'·d and f_new, within [0.1, 0.5]·t
+        if bool(done.all()):
+            break
+        redo = (~done).nonzero().flatten()
+        t = step[redo]
+        curve = f_new[redo] - fa[redo] - gtd[redo] * t
+        quad = torch.where(torch.isfinite(curve) & (curve > 0),
+                           -gtd[redo] * t * t / (2 * curve.clamp(min=1e-30)), 0.5 * t)
+        step[redo] = torch.minimum(torch.maximum(quad, 0.1 * t), 0.5 * t)
+        unresolved = -step[redo] * gtd[redo] <= LOSS_RESOLUTION * fa[redo].abs()
+        done[redo[unresolved]] = True
+        redo = redo[~unresolved]
+        if not len(redo):
+            break
+        trial[redo] = theta_a[redo] + step[redo].view(-1, 1, 1) * shaped[redo]
+        fr, gr = objective(trial[redo], ai[redo])
+        f_new[redo], g_new[redo] = fr, gr
+        ok[redo] = torch.isfinite(fr) & (fr <= fa[redo] + 1e-4 * step[redo] * gtd[redo])
+        done[redo] = ok[redo]
+    return trial, f_new, g_new, ok, step
+
+
+class _Progress:
+    """Each problem's iteration count and stopping state: it runs until its gradient, step or
+    loss change is small, no step decreases its loss, or a block of 10 iterations no longer
+    moves the loss."""
+
+    def __init__(self, f: torch.Tensor, g: torch.Tensor, tolerance_grad: float):
+        p = len(f)
+        self.tolerance_grad = tolerance_grad
+        self.iterations = [0] * p
+        self.block_start = f.clone()  # each problem's loss at the start of its block of 10 iterations
+        self.converged = [float(g[k].abs().max()) <= tolerance_grad for k in range(p)]
+        self.active = [bool(torch.isfinite(f[k])) and not self.converged[k] for k in range(p)]
+
+    def running(self) -> list[int]:
+        """The problems still running, in order."""
+        return [k for k in range(len(self.active)) if self.active[k]]
+
+    def update(self, it: int, a: list[int], f: torch.Tensor, fa: torch.Tensor, f_new: torch.Tensor,
+               g_new: torch.Tensor, s: torch.Tensor, ok: torch.Tensor) -> None:
+        """Count iteration ``it`` of the problems ``a``; stop those that converged (``f``: losses after it)."""
+        small = ((g_new.abs().flatten(1).amax(1) <= self.tolerance_grad) | (s.abs().amax(1) <= 1e-10)
+                 | ((f_new - fa).abs() < 1e-10))
+        stuck = (~ok).tolist()  # no step decreased the loss: as far as float32 goes
+        small = (small & ok).tolist()
+        for j, k in enumerate(a):
+            self.iterations[k] = it
+            stalled = False
+            if it % 10 == 0:
+                stalled = abs(float(self.block_start[k]) - float(f[k])) <= 1e-7 * max(1.0, abs(float(f[k])))
+                self.block_start[k] = f[k]
+            if small[j] or stuck[j] or stalled:
+                self.active[k], self.converged[k] = False, True
+
+
+def _results(theta: torch.Tensor, progress: _Progress) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """Per problem, ``(W, b, {"iterations", "converged"})`` from the (P, d + 1, C) weights."""
+    d = theta.shape[1] - 1
+    return [(theta[k, :d].clone(), theta[k, d].clone(),
+             {"iterations": progress.iterations[k], "converged": progress.converged[k]})
+            for k in range(len(theta))]
 
 
 def fit_probe(
