@@ -433,7 +433,7 @@ def test_fits_at_float32_precision_end_their_line_search_at_once(tolerance_grad,
     computed beside other problems differs by a few units in the last place from its loss
     alone: no step passes the Armijo test) stops its line search once the decrease it
     predicts is below the loss's resolution (LOSS_RESOLUTION), not after halving its step
-    30 times, a pass over the rows each (this grid: 78 passes before, 16 now). Every
+    30 times, a pass over the rows each. Every
     problem ends at the float64 minimum's loss (scikit-learn's, tol 1e-12); with no
     gradient tolerance (0: never reached) too."""
     import vlaug.probe as probe_module

@@ -205,3 +205,11 @@ def test_box_volume_plot_ranks_differences_and_per_domain_heat_map(run, tmp_path
     assert values.shape == (3, 2)  # methods x domains (photo, sketch)
     for i, s in enumerate(public["summary"]):
         assert values[i].tolist() == pytest.approx([100 * s["per_domain"][d]["mean"] for d in ("photo", "sketch")])
+
+
+def test_plots_label_a_head_folder_by_its_name_when_that_stays_distinct():
+    from vlaug.report import _plot_labels
+
+    assert _plot_labels(["zero-shot", "box:/tmp/run/heads/box?n_aug=3", "lads:heads/lads/"]) == [
+        "zero-shot", "box:box?n_aug=3", "lads:lads"]
+    assert _plot_labels(["box:/a/box", "box:/b/box"]) == ["box:/a/box", "box:/b/box"]  # ambiguous: as written

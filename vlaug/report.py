@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -317,6 +318,18 @@ def _subplots(*args, **kwargs):
     return fig, fig.subplots(*args, **kwargs)
 
 
+
+def _plot_labels(methods: list[str]) -> list[str]:
+    """The methods as plots label them: a head folder by its last name (``box:runs/a/box``
+    -> ``box:box``) where that leaves every label distinct; else as written."""
+    def short(method: str) -> str:
+        spec, q, query = method.partition("?")
+        name, colon, head = spec.partition(":")
+        return name + colon + Path(head.rstrip("/")).name + q + query if head else method
+
+    labels = [short(m) for m in methods]
+    return labels if len(set(labels)) == len(labels) else list(methods)
+
 def _plot_accuracy(report: dict, file) -> None:
     import numpy as np
 
@@ -330,7 +343,7 @@ def _plot_accuracy(report: dict, file) -> None:
         means = [100 * (r[k]["mean"] or 0) for r in rows]
         stds = [100 * (r[k]["std"] or 0) for r in rows]
         ax.bar(x + (i - (len(keys) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=name)
-    ax.set_xticks(x, [r["method"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(x, _plot_labels([r["method"] for r in rows]), rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(f"{report['model']} / {report['pretrained'] or 'hub'}: mean ± std over {len(report['protocol']['seeds'])} seeds", fontsize=9)
     ax.legend(fontsize=8)
@@ -481,12 +494,13 @@ def _plot_tradeoff(report: dict, file) -> None:
     rows = [r for r in report["summary"] if r["in_domain"]["mean"] is not None and r["out_of_domain"]["mean"] is not None]
     pts = [(100 * r["in_domain"]["mean"], 100 * r["out_of_domain"]["mean"]) for r in rows]
     front = set(pareto_front(pts))
+    labels = _plot_labels([r["method"] for r in rows])
     fig, ax = _subplots(figsize=(7, 5.5))
     for i, r in enumerate(rows):
         on = i in front
         ax.errorbar(*pts[i], xerr=100 * r["in_domain"]["std"], yerr=100 * r["out_of_domain"]["std"], fmt="o", capsize=3,
                     color="tab:red" if on else "tab:blue", ms=6 if on else 4, zorder=3 if on else 2)
-        ax.annotate(r["method"], pts[i], xytext=(4, 3), textcoords="offset points", fontsize=7,
+        ax.annotate(labels[i], pts[i], xytext=(4, 3), textcoords="offset points", fontsize=7,
                     color="tab:red" if on else "0.25", fontweight="bold" if on else "normal")
     line = sorted(pts[i] for i in front)
     ax.plot([p[0] for p in line], [p[1] for p in line], "--", color="tab:red", lw=1, zorder=1,
@@ -519,7 +533,7 @@ def _plot_per_domain(report: dict, file):
                 ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=7,
                         color="white" if values[i, j] < 60 else "black")
     ax.set_xticks(range(len(domains)), [f"{d}{' (train)' if d in train else ''}" for d in domains], fontsize=8)
-    ax.set_yticks(range(len(rows)), [r["method"] for r in rows], fontsize=7)
+    ax.set_yticks(range(len(rows)), _plot_labels([r["method"] for r in rows]), fontsize=7)
     fig.colorbar(image, ax=ax, label="top-1 accuracy (%)")
     ax.set_title(f"accuracy per domain, mean over {len(report['protocol']['seeds'])} seeds", fontsize=9)
     fig.tight_layout()
@@ -624,7 +638,6 @@ class PlotWorker:
         """Write every plot of ``jobs`` into ``folder``: the worker's (those submitted earlier
         and the others, handed to it now) and, drawn here, any it could not draw."""
         import pickle
-        from pathlib import Path
 
         drawn = {}
         self.submit(jobs)
@@ -668,7 +681,6 @@ def _stop(proc) -> None:
 def _draw(name: str, function: str, args: tuple, kwargs: dict, folder=None) -> bytes | None:
     """Draw one plot into ``folder``/``name``, or (no folder) into PNG bytes."""
     import io
-    from pathlib import Path
 
     file = io.BytesIO() if folder is None else Path(folder) / name
     globals()[function](*args, file=file, **kwargs)
@@ -788,7 +800,6 @@ def write_report(out, run: "ProbeRun", tsne: bool = False, plots: PlotWorker | N
     drawn here.
     """
     import json
-    from pathlib import Path
 
     from vlaug import checkpoint
     from vlaug.cache import atomic_directory
