@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +13,33 @@ import pytest
 from PIL import Image
 
 from vlaug.embed import EmbedConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    """The suite runs the same in any launch context.
+
+    - A shell that ignores SIGINT (``trap '' INT``, ``nohup``, a background job of a script)
+      hands that to pytest and, through exec, to every process a test starts: a test that
+      interrupts its child with Ctrl-C would find it deaf. A Python-level handler is reset
+      to the default at exec, so the children start with the ordinary SIGINT.
+    - The processes tests start (``python -m vlaug``, the plot worker) import the vlaug under
+      test, whatever is installed and wherever pytest was started from.
+    - matplotlib writes its configuration and font cache in a folder of the run's own (an
+      absent or read-only $HOME otherwise leaves a folder in /tmp per process), removed at
+      the end.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    config._vlaug_mpl = tempfile.mkdtemp(prefix="vlaug-tests-mpl-")
+    os.environ["MPLCONFIGDIR"] = config._vlaug_mpl
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_vlaug_mpl", None):
+        shutil.rmtree(config._vlaug_mpl, ignore_errors=True)
 
 
 def write_image(path: Path, seed: int, size: int = 40) -> Path:

@@ -1,12 +1,13 @@
 """The CLI as glue: CliRunner end to end on generated images, exit codes, one-line errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import make_domain_folder
+from tests.conftest import make_domain_folder, write_synthetic_cache
 from tests.test_report_identity import assert_matches_golden
 from vlaug import cache
 from vlaug.cli import app
@@ -166,3 +167,31 @@ def test_the_command_line_entry_point_exits_with_the_commands_status(tmp_path):
     assert (tmp_path / "rep" / "accuracy.png").is_file()
     r = subprocess.run(base + ["--out", str(tmp_path / "rep")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "already exists" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_children_of_the_suite_hear_ctrl_c_and_import_this_vlaug(tmp_path):
+    """Whatever shell started the suite (one that ignores SIGINT: nohup, a script's
+    background job), a process a test starts handles Ctrl-C, and imports the vlaug under
+    test from any directory (tests/conftest.py)."""
+    import subprocess
+    import sys
+
+    code = "import signal, vlaug; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, vlaug.__file__)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    handled, where = r.stdout.split()
+    assert handled == "True"
+    assert Path(where).resolve() == (Path(__file__).resolve().parent.parent / "vlaug" / "__init__.py")
+
+
+@pytest.mark.slow
+def test_a_terminal_that_cannot_print_a_dash_gets_a_replacement_not_a_crash(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    feats = write_synthetic_cache(tmp_path / "feat", n_per_class=20, d=8, n_classes=3)
+    r = subprocess.run([sys.executable, "-m", "vlaug", "probe", str(feats), "--out", str(tmp_path / "r"), "-m", "linear",
+                        "--seeds", "1", "--grid-size", "2", "--device", "cpu", "--no-progress"],
+                       capture_output=True, timeout=300, env={**os.environ, "PYTHONIOENCODING": "iso-8859-1"})
+    assert r.returncode == 0, r.stderr.decode("latin-1")[-2000:]
+    assert b"| `linear` |" in r.stdout

@@ -96,6 +96,9 @@ def test_interrupted_torchrun_resumes_in_one_process(tmp_path):
         except (FileNotFoundError, json.JSONDecodeError):
             pass
         time.sleep(0.05)
+    else:
+        _kill_everything_writing(out)
+        raise AssertionError("rank 1 committed no part")
     time.sleep(0.5)
     _kill_everything_writing(out)  # torchrun and its workers, as a crash of the node would
     proc.communicate(timeout=60)

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ def test_manifest_source_gives_the_folder_run_embeddings(tmp_path):
     root = tmp_path / "src"
     for d in ("photo", "sketch"):
         for c in ("a", "b"):
-            write_image(root / d / c / "0.png", seed=hash((d, c)) % 1000)
+            write_image(root / d / c / "0.png", seed=zlib.crc32(f"{d}/{c}".encode()) % 1000)
     embed_source(tiny_config(root, tmp_path / "folder"))
     rows = ["path,class,domain,split"] + [f"{d}/{c}/0.png,{c},{d},{'test' if d == 'sketch' else 'train'}"
                                          for d in ("photo", "sketch") for c in ("a", "b")]
@@ -219,7 +220,11 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, sig):
     proc = _start_embed(source, out)
     _wait_for_parts(out, 2, proc)  # rows 0-7 committed; blocked in row 9
     proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # a child deaf to the signal: fail, and leave no process behind
+        raise
     if sig == signal.SIGINT:
         assert proc.returncode == 130
         assert "Re-run the same command to resume" in stderr and "8 of 18 images" in stderr

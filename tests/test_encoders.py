@@ -172,7 +172,7 @@ def test_default_tag_fails_fast_and_whole_when_the_hub_is_unreachable(tmp_path, 
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache: the weights are not there
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
         monkeypatch.delenv(v, raising=False)
     attempts = []
 

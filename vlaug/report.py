@@ -567,6 +567,16 @@ def result_plots(report: dict) -> list[Job]:
     return jobs
 
 
+def _same_vlaug_env() -> dict:
+    """This process's environment, with the folder this vlaug was imported from first on
+    the path: a child process imports the same vlaug (a checkout that is not installed, or
+    another copy than the installed one)."""
+    import os
+
+    here = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)}
+
+
 class PlotWorker:
     """A second process that draws a report's plots while this one works. Started when a
     run begins, it imports matplotlib (slow) while this process imports torch; plots
@@ -587,7 +597,8 @@ class PlotWorker:
             return
         try:
             self._proc = subprocess.Popen([sys.executable, "-c", "from vlaug.report import _serve_plots; _serve_plots()"],
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                          env=_same_vlaug_env())
         except OSError:
             self._proc = None
 

@@ -353,7 +353,11 @@ def demo(
 
 def main() -> None:
     """Run the command, then exit without the interpreter's teardown once its output is
-    written (see :func:`_exit`)."""
+    written (see :func:`_exit`). A character the terminal's encoding lacks (a dash, ±, in a
+    Latin-1 locale) is printed as a replacement, not a crash after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         app(prog_name="vlaug")
     except SystemExit as e:  # how click ends every command, with its exit code
