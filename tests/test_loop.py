@@ -38,6 +38,54 @@ def test_streaming_through_a_small_shuffle_buffer(tmp_path):
     assert sum(seen) == 2 * 180 and max(seen) == 8  # every training row in each of the 2 epochs, batches of 8
 
 
+def _shuffled_by_concatenation(chunks, batch_size, buffer_rows, generator):
+    """The shuffle buffer's reference: hold the chunks, concatenate them for each draw."""
+    buf_x, buf_y, held = [], [], 0
+
+    def drain(final):
+        x, y = torch.cat(buf_x), torch.cat(buf_y)
+        order = torch.randperm(len(x), generator=generator)
+        stop = len(x) if final else len(x) - len(x) % batch_size
+        for start in range(0, stop, batch_size):
+            yield x[order[start : start + batch_size]], y[order[start : start + batch_size]]
+        return [x[order[stop:]]], [y[order[stop:]]]
+
+    for xb, yb in chunks:
+        buf_x.append(xb)
+        buf_y.append(yb)
+        held += len(xb)
+        if held > buffer_rows:
+            buf_x, buf_y = yield from drain(final=False)
+            held = len(buf_x[0])
+    if held:
+        yield from drain(final=True)
+
+
+def _streamed_batches(chunks, batch_size, buffer_rows, epochs=2):
+    """The training batches fit_streamed draws from ``chunks`` (seed 0)."""
+    batches = []
+
+    def loss_fn(m, x, y):
+        if m.training:
+            batches.append((x.clone(), y.clone()))
+        return m(x).square().mean(), {}
+
+    loop.fit_streamed(torch.nn.Linear(4, 1), loss_fn, train_chunks=lambda: iter(chunks), val_chunks=None, epochs=epochs,
+                      batch_size=batch_size, buffer_rows=buffer_rows, generator=torch.Generator().manual_seed(0))
+    return batches
+
+
+def test_the_shuffle_buffer_draws_the_batches_of_concatenated_chunks():
+    gen = torch.Generator().manual_seed(1)
+    sizes = [7, 0, 25, 3, 40, 1, 12, 9, 30]
+    chunks = [(torch.randn(m, 4, generator=gen), torch.randint(0, 5, (m,), generator=gen)) for m in sizes]
+    for batch_size, buffer_rows in [(8, 32), (8, 5), (16, 10), (4, 1000), (8, 27)]:
+        batches = _streamed_batches(chunks, batch_size, buffer_rows)
+        reference = torch.Generator().manual_seed(0)
+        expected = [b for _ in range(2) for b in _shuffled_by_concatenation(chunks, batch_size, buffer_rows, reference)]
+        assert len(batches) == len(expected) and sum(len(x) for x, _ in batches) == 2 * sum(sizes)
+        for (x, y), (ex, ey) in zip(batches, expected):
+            assert torch.equal(x, ex) and torch.equal(y, ey), (batch_size, buffer_rows)
 
 
 def test_the_epoch_with_the_lowest_validation_loss_is_kept():

@@ -88,31 +88,19 @@ def fit_streamed(
     """:func:`fit` for rows that do not fit in memory: each epoch reads ``train_chunks()``
     (e.g. a cache streamed from disk), keeps the rows in a shuffle buffer of about
     ``buffer_rows`` and draws minibatches from a seeded permutation of it. With a buffer
-    that holds every training row the batch order is exactly :func:`fit`'s.
+    that holds every training row the batch order is exactly :func:`fit`'s. The buffer is
+    one tensor of ``max(buffer_rows, batch_size)`` rows, allocated once per fit.
     ``val_chunks`` (None: no validation rows) gives the validation rows each epoch."""
+    buffer = _ShuffleBuffer(max(buffer_rows, batch_size), batch_size, generator)
 
     def train_batches():
-        buf_x, buf_y, held = [], [], 0
-
-        def drain(final: bool):
-            x, y = torch.cat(buf_x), torch.cat(buf_y)
-            order = torch.randperm(len(x), generator=generator).to(x.device)
-            stop = len(x) if final else len(x) - len(x) % batch_size
-            for start in range(0, stop, batch_size):
-                idx = order[start : start + batch_size]
-                yield x[idx], y[idx]
-            rest = order[stop:]
-            return [x[rest]], [y[rest]]
-
         for xb, yb in train_chunks():
-            buf_x.append(xb)
-            buf_y.append(yb)
-            held += len(xb)
-            if held > buffer_rows:
-                buf_x, buf_y = yield from drain(final=False)
-                held = len(buf_x[0])
-        if held:
-            yield from drain(final=True)
+            if buffer.held + len(xb) > buffer_rows:  # the buffer and this chunk are shuffled together
+                yield from buffer.drain(xb, yb)
+            else:
+                buffer.add(xb, yb)
+        if buffer.held:
+            yield from buffer.drain()
 
     def val_loss():
         if val_chunks is None:
@@ -125,6 +113,56 @@ def fit_streamed(
 
     return fit_batches(module, loss_fn, train_batches=train_batches, val_loss=val_loss, epochs=epochs, lr=lr,
                        weight_decay=weight_decay, progress=progress)
+
+
+class _ShuffleBuffer:
+    """:func:`fit_streamed`'s shuffle buffer: the rows held, in one tensor allocated at the
+    first chunk and refilled in place. A draw permutes the rows held followed by those of
+    the chunk that overflows the buffer, and gathers each minibatch from both, so that
+    the rows are never concatenated (a transient copy of the whole buffer)."""
+
+    def __init__(self, capacity: int, batch_size: int, generator: torch.Generator | None):
+        self.capacity, self.batch_size, self.generator = capacity, batch_size, generator
+        self.x = self.y = None  # (capacity, ...) once the first chunk has come
+        self.held = 0  # rows in x[:held], y[:held]
+
+    def add(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        """Hold a chunk's rows (they must fit)."""
+        self._allocate(xb, yb)
+        self.x[self.held : self.held + len(xb)] = xb
+        self.y[self.held : self.held + len(yb)] = yb
+        self.held += len(xb)
+
+    def drain(self, xb: torch.Tensor | None = None, yb: torch.Tensor | None = None):
+        """Yield minibatches of a seeded permutation of the rows held followed by ``xb``'s:
+        whole batches, keeping the rest for the next draw, or (without a chunk: the end of
+        the epoch) every row, the last batch possibly smaller."""
+        if xb is not None:
+            self._allocate(xb, yb)
+        n = self.held + (len(xb) if xb is not None else 0)
+        order = torch.randperm(n, generator=self.generator).to(self.x.device)
+        stop = n - n % self.batch_size if xb is not None else n
+        for start in range(0, stop, self.batch_size):
+            yield self._gather(order[start : start + self.batch_size], xb, yb)
+        rest = order[stop:]
+        self.x[: len(rest)], self.y[: len(rest)] = self._gather(rest, xb, yb)  # gathered copies: no overlap
+        self.held = len(rest)
+
+    def _allocate(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        """Allocate the buffer like the first chunk (dtype, device, row shape)."""
+        if self.x is None:
+            self.x = xb.new_empty((self.capacity, *xb.shape[1:]))
+            self.y = yb.new_empty((self.capacity, *yb.shape[1:]))
+
+    def _gather(self, idx: torch.Tensor, xb: torch.Tensor | None, yb: torch.Tensor | None):
+        """Rows ``idx`` of the rows held followed by ``xb``'s, as new tensors."""
+        if xb is None:
+            return self.x[idx], self.y[idx]
+        x, y = xb.new_empty((len(idx), *xb.shape[1:])), yb.new_empty((len(idx), *yb.shape[1:]))
+        held = idx < self.held
+        x[held], y[held] = self.x[idx[held]], self.y[idx[held]]
+        x[~held], y[~held] = xb[idx[~held] - self.held], yb[idx[~held] - self.held]
+        return x, y
 
 
 def fit_batches(

@@ -21,7 +21,7 @@ import torch
 from vlaug import cache as cache_io
 from vlaug import checkpoint, loop
 from vlaug.choices import CLASSES_PROMPT_SET
-from vlaug.devices import resolve_device
+from vlaug.devices import release_memory, resolve_device
 from vlaug.errors import UsageError
 from vlaug.heads import (
     HEADS,
@@ -176,9 +176,95 @@ def classes_without_rows(labels: np.ndarray, classes: list[str]) -> list[str]:
 
 
 def _rows_on(device: torch.device, labels: np.ndarray, chunks: Callable, rows: np.ndarray):
-    """Chunks of the streamed cache's ``rows`` as (x, y) on ``device``."""
+    """Chunks of the streamed cache's ``rows`` as (x, y) on ``device``. Before each chunk the C
+    allocator hands back what the previous one's work freed: glibc keeps freed blocks of up
+    to 32 MB (its adaptive mmap threshold) for reuse, and over a pass of a large cache its
+    fragmented heaps would grow by hundreds of MB."""
     for pos, emb in cache_io.take_rows(chunks(), rows):
+        release_memory()
         yield torch.as_tensor(emb, device=device), torch.as_tensor(labels[rows[pos]], device=device)
+
+
+def _read_features(config: TrainConfig, manifest: cache_io.CacheManifest, plan: cache_io.MemoryPlan,
+                   log: Callable[[str], None]) -> cache_io.FeatureCache:
+    """The cache with its embeddings, or without them when they are streamed."""
+    if plan.streamed:  # metadata in memory, embeddings streamed from disk each epoch
+        feats = cache_io.read_metadata(config.features, allow_incomplete=True)
+        log(plan.streaming_note(plan.chunk_rows()))
+    else:
+        feats = cache_io.read_cache(config.features, allow_incomplete=True)
+    if manifest.n_missing:
+        log(f"WARNING: --allow-incomplete: {config.features} is incomplete ({manifest.n_missing} of "
+            f"{manifest.n_inputs} inputs never embedded); the head sees only the rows it holds")
+    return feats
+
+
+def _select_rows(config: TrainConfig, feats: cache_io.FeatureCache,
+                 log: Callable[[str], None]) -> tuple[list[str], np.ndarray, list[str]]:
+    """(training domains, the rows the head may fit on, the classes without any of them)."""
+    domains = check_domains(config.train_domains, [d for d in np.unique(feats.domains).tolist() if d])
+    fractions = id_fractions(cache_io.iter_ids(config.features))
+    rows = training_rows(feats.domains, feats.splits, config.train_domains, fractions, config.test_fraction)
+    if len(rows) < 2:
+        raise UsageError(f"only {len(rows)} training row(s) in {config.features!r} for domains {domains}; need at least 2.")
+    empty = classes_without_rows(feats.labels[rows], feats.classes)
+    if empty:
+        log(f"WARNING: {len(empty)} of {len(feats.classes)} classes have no training rows: {', '.join(empty[:10])}"
+            f"{' ...' if len(empty) > 10 else ''}")
+    return domains, rows, empty
+
+
+# rows -> a callable giving those rows as (x, y) chunks on the training device
+RowChunks = Callable[[np.ndarray], loop.Chunks]
+
+
+def _row_chunks(config: TrainConfig, plan: cache_io.MemoryPlan, feats: cache_io.FeatureCache,
+                device: torch.device) -> tuple[RowChunks, tuple[torch.Tensor, torch.Tensor] | None]:
+    """How rows reach the device: streamed from disk, or sliced from the cache in memory,
+    whose (embeddings, labels) tensors come second (None when streamed)."""
+    if plan.streamed:
+        chunks = lambda: cache_io.iter_embeddings(config.features, plan.chunk_rows())  # noqa: E731
+        return lambda r: (lambda: _rows_on(device, feats.labels, chunks, r)), None
+    x, y = torch.as_tensor(feats.embeddings, device=device), torch.as_tensor(feats.labels, device=device)
+    return lambda r: (lambda: ((x[r[i : i + 8192]], y[r[i : i + 8192]]) for i in range(0, len(r), 8192))), (x, y)
+
+
+def _fit(config: TrainConfig, head: HeadConfig, texts: dict[str, np.ndarray], device: torch.device,
+         plan: cache_io.MemoryPlan, row_chunks: RowChunks, held: tuple[torch.Tensor, torch.Tensor] | None,
+         train_rows: np.ndarray, val_rows: np.ndarray) -> tuple[torch.nn.Module, list[dict], int]:
+    """Build the head and train it under the config's seed: (module, history, selected epoch)."""
+    epochs, batch_size = config.schedule
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)  # initial weights, dropout, pool subsets
+        module, loss_fn = build_training(head, texts, device)
+        schedule = dict(epochs=epochs, batch_size=batch_size, lr=config.lr, weight_decay=config.weight_decay,
+                        generator=torch.Generator().manual_seed(config.seed), progress=config.progress,
+                        val_seed=config.seed)
+        if held is None:
+            # a quarter of the budget for the shuffle buffer (a row costs d float32 and a label)
+            buffer_rows = max(4 * batch_size, plan.budget // 4 // (head.embed_dim * 4 + 8))
+            history, selected = loop.fit_streamed(module, loss_fn, train_chunks=row_chunks(train_rows),
+                                                  val_chunks=row_chunks(val_rows) if len(val_rows) else None,
+                                                  buffer_rows=buffer_rows, **schedule)
+        else:
+            x, y = held
+            history, selected = loop.fit(module, loss_fn, x_train=x[train_rows], y_train=y[train_rows], x_val=x[val_rows],
+                                         y_val=y[val_rows], **schedule)
+    return module, history, selected
+
+
+def _training_record(config: TrainConfig, plan: cache_io.MemoryPlan, manifest: cache_io.CacheManifest,
+                     feats: cache_io.FeatureCache, device: torch.device, domains: list[str], empty: list[str],
+                     n_train: int, n_val: int) -> dict:
+    """The checkpoint's ``training`` section: the run's options and what it trained on."""
+    epochs, batch_size = config.schedule
+    training = {k: v for k, v in asdict(config).items() if k not in ("head", "overwrite", "progress")}
+    training.update(head=config.kind, epochs=epochs, batch_size=batch_size, train_domains=domains, device=str(device),
+                    uses_cache_splits=bool((feats.splits != "").any()),
+                    n_train=n_train, n_val=n_val, optimizer="AdamW",
+                    features=str(Path(config.features).resolve()), streamed=plan.streamed, memory_budget_bytes=plan.budget,
+                    incomplete_cache=bool(manifest.n_missing), classes_without_training_rows=empty)
+    return training
 
 
 def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) -> TrainResult:
@@ -196,64 +282,23 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
     check_labeled(manifest, config.features, "vlaug train-box")
     cache_io.check_complete(config.features, manifest, config.allow_incomplete)
     plan = cache_io.plan_memory(manifest, config.memory_budget, budget)
-    chunk_rows = plan.chunk_rows()
-    if plan.streamed:  # metadata in memory, embeddings streamed from disk each epoch
-        feats = cache_io.read_metadata(config.features, allow_incomplete=True)
-        log(plan.streaming_note(chunk_rows))
-    else:
-        feats = cache_io.read_cache(config.features, allow_incomplete=True)
-    if manifest.n_missing:
-        log(f"WARNING: --allow-incomplete: {config.features} is incomplete ({manifest.n_missing} of "
-            f"{manifest.n_inputs} inputs never embedded); the head sees only the rows it holds")
-    domains = check_domains(config.train_domains, [d for d in np.unique(feats.domains).tolist() if d])
-    fractions = id_fractions(cache_io.iter_ids(config.features))
-    rows = training_rows(feats.domains, feats.splits, config.train_domains, fractions, config.test_fraction)
-    if len(rows) < 2:
-        raise UsageError(f"only {len(rows)} training row(s) in {config.features!r} for domains {domains}; need at least 2.")
-    empty = classes_without_rows(feats.labels[rows], feats.classes)
-    if empty:
-        log(f"WARNING: {len(empty)} of {len(feats.classes)} classes have no training rows: {', '.join(empty[:10])}"
-            f"{' ...' if len(empty) > 10 else ''}")
+    feats = _read_features(config, manifest, plan, log)
+    domains, rows, empty = _select_rows(config, feats, log)
     train_rows, val_rows = stratified_split(rows, feats.labels, config.val_fraction, config.seed)
     device = resolve_device(config.device)
-    epochs, batch_size = config.schedule
     head = config.head.bind(manifest.embed_dim, len(feats.classes))
-    if plan.streamed:
-        chunks = lambda: cache_io.iter_embeddings(config.features, chunk_rows)  # noqa: E731
-        rows_of = lambda r: (lambda: _rows_on(device, feats.labels, chunks, r))  # noqa: E731
-    else:
-        x, y = torch.as_tensor(feats.embeddings, device=device), torch.as_tensor(feats.labels, device=device)
-        rows_of = lambda r: (lambda: ((x[r[i : i + 8192]], y[r[i : i + 8192]]) for i in range(0, len(r), 8192)))  # noqa: E731
+    row_chunks, held = _row_chunks(config, plan, feats, device)
+    release_memory()  # what reading the metadata and the ids left behind
 
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed)  # initial weights, dropout, pool subsets
-        module, loss_fn = build_training(head, feats.texts, device)
-        schedule = dict(epochs=epochs, batch_size=batch_size, lr=config.lr, weight_decay=config.weight_decay,
-                        generator=torch.Generator().manual_seed(config.seed), progress=config.progress,
-                        val_seed=config.seed)
-        if plan.streamed:
-            # a quarter of the budget for the shuffle buffer (a row costs d float32 and a label);
-            # shuffling it makes one transient copy, so the buffer peaks at half the budget
-            buffer_rows = max(4 * batch_size, plan.budget // 4 // (manifest.embed_dim * 4 + 8))
-            history, selected = loop.fit_streamed(module, loss_fn, train_chunks=rows_of(train_rows),
-                                                  val_chunks=rows_of(val_rows) if len(val_rows) else None,
-                                                  buffer_rows=buffer_rows, **schedule)
-        else:
-            history, selected = loop.fit(module, loss_fn, x_train=x[train_rows], y_train=y[train_rows], x_val=x[val_rows],
-                                         y_val=y[val_rows], **schedule)
+    module, history, selected = _fit(config, head, feats.texts, device, plan, row_chunks, held, train_rows, val_rows)
     seconds = time.perf_counter() - start
     stats = None
     if isinstance(head, BoxConfig):
         text = torch.as_tensor(feats.texts[CLASSES_PROMPT_SET], device=device)
-        stats = box_stats(module, rows_of(rows)(), feats.classes, text, seed=config.seed)
+        stats = box_stats(module, row_chunks(rows)(), feats.classes, text, seed=config.seed)
 
-    training = {k: v for k, v in asdict(config).items() if k not in ("head", "overwrite", "progress")}
-    training.update(head=config.kind, epochs=epochs, batch_size=batch_size, train_domains=domains, device=str(device),
-                    uses_cache_splits=bool((feats.splits != "").any()),
-                    n_train=int(len(train_rows)), n_val=int(len(val_rows)), optimizer="AdamW",
-                    features=str(Path(config.features).resolve()), streamed=plan.streamed, memory_budget_bytes=plan.budget,
-                    incomplete_cache=bool(manifest.n_missing), classes_without_training_rows=empty)
+    training = _training_record(config, plan, manifest, feats, device, domains, empty, len(train_rows), len(val_rows))
     made_from = cache_io.read_text_templates(config.features, manifest)
     texts = {name: made_from.get(name, []) for name in prompt_sets_used(head)}
     checkpoint.save_head(

@@ -65,7 +65,8 @@ def iter_embeddings(path: str | os.PathLike, batch_rows: int = 65536, keep_dtype
     :func:`read_cache` (``keep_dtype``: in the stored precision, possibly read-only views).
     A background thread decodes up to two batches ahead: a pyarrow
     dataset scanner would decode faster, but runs ahead without bound when the caller is
-    slower than the disk (2 GB resident on a 2M-row cache).
+    slower than the disk (2 GB resident on a 2M-row cache). Parts are read a row group at
+    a time: pre-buffering (pyarrow's default) would first read a part's whole column.
     """
     path = Path(path)
     manifest = read_manifest(path)
@@ -73,7 +74,7 @@ def iter_embeddings(path: str | os.PathLike, batch_rows: int = 65536, keep_dtype
     def batches():
         for f in listed_part_files(path, manifest):
             try:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=["embedding"], use_threads=False):
+                for batch in pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=batch_rows, columns=["embedding"], use_threads=False):
                     yield embeddings_to_numpy(pa.chunked_array([batch.column(0)]), manifest.embed_dim, str(f), keep_dtype)
             except (OSError, pa.ArrowException) as e:
                 raise CacheError(f"cannot read {str(f)!r}: {e}. The file is damaged; re-run vlaug embed to rebuild it.") from None
