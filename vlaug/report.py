@@ -1,5 +1,5 @@
 """Human-readable output: terminal summaries of caches and heads, and stage 3's report
-(report.json, report.md, plots and saved probes) from a :class:`~vlaug.evaluate.ProbeRun`."""
+(report.json, report.md, plots and saved probes) from a :class:`~vlaug.runs.ProbeRun`."""
 
 from __future__ import annotations
 

@@ -23,6 +23,8 @@ def with_table(page: str) -> str:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--docs"] and len(sys.argv) == 3:
         page = Path(sys.argv[2])
+        if not page.is_file():
+            raise SystemExit(f"--docs {page}: no such file; give the Markdown page that holds the table (docs/probes.md).")
         page.write_text(with_table(page.read_text(encoding="utf-8")), encoding="utf-8")
     else:
         sys.stdout.write(markdown_table())
