@@ -21,7 +21,7 @@ import torch
 from vlaug.cache import FeatureCache, take_rows
 from vlaug.choices import CLASSES_PROMPT_SET
 from vlaug.errors import UsageError
-from vlaug.probe import LinearProbe, ProbeConfig, Rows, calibrate_temperature
+from vlaug.probe import LinearProbe, ProbeConfig, Rows, calibrate_temperature, validation_scores
 from vlaug.runs import MethodSettings
 from vlaug.zero_shot import TEMPERATURE, zero_shot_logits
 
@@ -212,6 +212,17 @@ class RunData:
         logits, zs, y = torch.cat(logits), torch.cat(zs), torch.cat(y)
         return {"logit_scale": 1.0 / calibrate_temperature(logits, y), "zero_shot_temperature": calibrate_temperature(zs, y)}
 
+    def probe_scores(self, probe: LinearProbe, rows: np.ndarray) -> tuple[float, float]:
+        """(accuracy, mean log-loss) of ``probe``'s predictions on labelled ``rows``."""
+        correct, loss, n = 0, 0.0, 0
+        with torch.no_grad():
+            for pos, x in self.stream(np.asarray(rows)):
+                p, y = probe.predict_proba(x), self.y[self.rows(np.asarray(rows)[pos])]
+                correct += int((p.argmax(1) == y).sum())
+                loss += float(-p.gather(1, y[:, None]).clamp(min=1e-30).log().sum())
+                n += len(y)
+        return (correct / n, loss / n) if n else (float("nan"), float("nan"))
+
     def make_probe(self, W: torch.Tensor, b: torch.Tensor, ensemble: float = 0.0,
                    calibration: dict | None = None, gate: dict | None = None) -> LinearProbe:
         """A probe with weights ``W`` (d, C), bias ``b``, the class prompts for its ensemble
@@ -302,6 +313,36 @@ class Method:
         """Its part of a batched search: the seeds' training and validation rows, its
         built rows, start and anchor (asked only where :meth:`batch_values` is not None)."""
         raise NotImplementedError
+
+    def deployed(self, data: RunData, W: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The linear part of what the method deploys from fitted weights ``W``, ``b`` (e.g. a
+        WiSE mix with the zero-shot classifier); the fitted weights themselves by default."""
+        return W, b
+
+    def deploys_fit_as_is(self, gate: dict | None = None) -> bool:
+        """Whether the deployed classifier is the fitted ``x W + b`` itself: no :meth:`deployed`
+        mix, no zero-shot ensemble, no gate (then its validation scores are the fit's)."""
+        return type(self).deployed is Method.deployed and self.ensemble == 0 and gate is None
+
+    def deployed_scores(self, data: RunData, thetas: torch.Tensor, val: np.ndarray,
+                        gate: dict | None = None) -> list[tuple[float, float]]:
+        """Validation ``(accuracy, log-loss)`` of exactly what this method deploys, for each
+        candidate of ``thetas`` (P, d + 1, C: the fitted W over b): its :meth:`deployed` mix,
+        and for an ensemble (or a ``gate``) both sides calibrated on the same ``val`` rows,
+        as the run calibrates the kept candidate. Every selection is made on these scores and
+        ``val_accuracy`` records them (issue 27: never the fit's scores when another model is
+        deployed)."""
+        val = np.asarray(val)
+        if self.deploys_fit_as_is(gate):
+            return validation_scores(data.labelled_rows(val), thetas)
+        if not len(val):
+            return [(float("nan"), float("nan"))] * len(thetas)
+        out = []
+        for theta in thetas:
+            W, b = self.deployed(data, theta[:-1], theta[-1])
+            calibration = data.calibration(W, b, val) if (self.ensemble or gate) else None
+            out.append(data.probe_scores(data.make_probe(W, b, self.ensemble, calibration, gate), val))
+        return out
 
     def fit_seeds(self, data: RunData, splits: list["Splits"], solver, searched: dict[int, Search] | None = None) -> list[Fit]:
         """:meth:`fit` on every seed's splits (seed i: ``splits[i]``). ``solver``: the run's
