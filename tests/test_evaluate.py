@@ -209,7 +209,7 @@ def test_large_training_sets_select_on_a_sample_then_refit_on_every_row(tmp_path
     from vlaug.evaluate import ProbeRunConfig, prepare
     from vlaug.methods import parse_method
     from vlaug.methods.linear import _selection_sample
-    from vlaug.probe import Rows, fit_probe, select_weight_decay, weight_decay_grid
+    from vlaug.probe import Rows, fit_probe, select_weight_decay, validation_scores, weight_decay_grid
     from vlaug.zero_shot import zero_shot_weights
 
     feats = write_synthetic_cache(tmp_path / "feat", n_per_class=100, d=16, n_classes=4)
@@ -225,8 +225,16 @@ def test_large_training_sets_select_on_a_sample_then_refit_on_every_row(tmp_path
     x, y = data.x.float(), data.y
     anchor = zero_shot_weights(data.text) if method == "linear-zs" else None
     init = (anchor, torch.zeros(4)) if anchor is not None else None
-    best, _ = select_weight_decay(Rows.of(x[sub_train], y[sub_train], n_classes=4), Rows.of(x[sub_val], y[sub_val]),
-                                  weight_decay_grid(4), 60, init, anchor)
+    val_rows = Rows.of(x[sub_val], y[sub_val])
+
+    def wise_mix(thetas, grid):  # linear-zs deploys the mix, and is selected on it (issue 27)
+        mixed = thetas.clone()
+        mixed[:, :-1] = 0.5 * anchor + 0.5 * thetas[:, :-1]
+        mixed[:, -1] = 0.5 * thetas[:, -1]
+        return validation_scores(val_rows, mixed)
+
+    best, _ = select_weight_decay(Rows.of(x[sub_train], y[sub_train], n_classes=4), val_rows,
+                                  weight_decay_grid(4), 60, init, anchor, wise_mix if anchor is not None else None)
     assert fit.selection["weight_decay"] == best["weight_decay"]
     W, b, _ = fit_probe(Rows.of(x[splits.train], y[splits.train], n_classes=4), best["weight_decay"], 60,
                         init=(best["W"], best["b"]), regularize_towards=anchor, tolerance_grad=1e-4)

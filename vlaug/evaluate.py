@@ -303,6 +303,12 @@ def _predict(probe: LinearProbe, data: RunData, rows: np.ndarray) -> torch.Tenso
 
 def evaluate_probe(probe: LinearProbe, data: RunData, splits: Splits) -> dict:
     """Accuracies of a probe on one seed's test rows (fractions)."""
+    return _scored(probe, data, splits)[0]
+
+
+def _scored(probe: LinearProbe, data: RunData, splits: Splits) -> tuple[dict, torch.Tensor]:
+    """:func:`evaluate_probe`'s accuracies and the predicted label of every test row (in
+    ``splits.test``'s order)."""
     pred = _predict(probe, data, np.asarray(splits.test))
     y = data.y[data.rows(splits.test)]
     n_in = len(splits.test_in)
@@ -322,7 +328,7 @@ def evaluate_probe(probe: LinearProbe, data: RunData, splits: Splits) -> dict:
         reduced = torch.isin(y, torch.as_tensor(splits.reduced_classes, device=data.device))
         row["reduced_classes"] = metrics.accuracy(pred[reduced], y[reduced])
         row["other_classes"] = metrics.accuracy(pred[~reduced], y[~reduced])
-    return row
+    return row, pred
 
 
 def _geometry_rows(splits: Splits, seed: int) -> np.ndarray:
@@ -442,17 +448,43 @@ def _fit_every_seed(plan: _Plan, progress: bool):
         release_memory()  # the fits' temporaries, before the next method
         bar.update(len(plan.splits))
     bar.close()
+    predictions = []
     for seed, splits in enumerate(plan.splits):
         for method in methods:
             fit = fits.pop((seed, method.text))
-            if method.ensemble or fit.gate:  # both sides calibrated on the validation rows
-                fit.selection["calibration"] = data.calibration(fit.W, fit.b, np.asarray(splits.val))
-            probe = data.make_probe(fit.W, fit.b, method.ensemble, fit.selection.get("calibration"), fit.gate)
-            results.append({"method": method.text, "seed": seed, **evaluate_probe(probe, data, splits),
-                            "selection": fit.selection})
+            row, pred = _scored(deploy(method, data, fit, splits.val), data, splits)
+            results.append({"method": method.text, "seed": seed, **row, "selection": fit.selection})
+            predictions.append((method.text, seed, np.asarray(splits.test), pred.cpu().numpy()))
             if seed == 0:
                 first_fits[method.text] = fit
-    return results, first_fits
+    return results, first_fits, predictions
+
+
+def deploy(method: Method, data: RunData, fit, val: np.ndarray) -> LinearProbe:
+    """The probe a method deploys from one seed's ``fit``: its weights, and for an ensemble
+    (or a gate) both sides calibrated on that seed's validation rows ``val`` (recorded in
+    ``fit.selection["calibration"]``), as every candidate was when it was selected
+    (:meth:`~vlaug.methods.base.Method.deployed_scores`)."""
+    if method.ensemble or fit.gate:
+        fit.selection["calibration"] = data.calibration(fit.W, fit.b, np.asarray(val))
+    return data.make_probe(fit.W, fit.b, method.ensemble, fit.selection.get("calibration"), fit.gate)
+
+
+def _prediction_table(predictions: list[tuple], data: RunData, features: str) -> dict[str, np.ndarray]:
+    """Every test row's prediction, per method and seed (``test_predictions.parquet``): what a
+    paired comparison of two methods resamples (same rows, same seeds)."""
+    rows = np.concatenate([r for _, _, r, _ in predictions]) if predictions else np.zeros(0, np.int64)
+    wanted, back = np.unique(rows, return_inverse=True)
+    ids, offset = np.empty(len(wanted), dtype=object), 0
+    for chunk in cache_io.iter_ids(features) if len(wanted) else ():  # part by part: only the test rows' ids are kept
+        lo, hi = np.searchsorted(wanted, [offset, offset + len(chunk)])
+        ids[lo:hi] = [chunk[i - offset] for i in wanted[lo:hi]]
+        offset += len(chunk)
+    return {"method": np.concatenate([np.full(len(r), m, dtype=object) for m, _, r, _ in predictions] or [np.zeros(0, object)]),
+            "seed": np.concatenate([np.full(len(r), s, dtype=np.int32) for _, s, r, _ in predictions] or [np.zeros(0, np.int32)]),
+            "row": rows.astype(np.int64), "id": ids[back], "domain": data.feats.domains[rows],
+            "label": data.feats.labels[rows].astype(np.int32),
+            "prediction": np.concatenate([p for *_, p in predictions] or [np.zeros(0, np.int64)]).astype(np.int32)}
 
 
 def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None, plots: Plots | None = None) -> ProbeRun:
@@ -487,7 +519,7 @@ def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None], plots:
     box_stats = {x.head: checkpoint.read_head_stats(x.head) for x in methods if x.plots_box_volumes}
     if plots is not None and not config.tsne:  # drawn while the probes are fitted (a t-SNE, on every core, after them)
         plots.submit_data(first_train, projections, config.tsne, m.classes, box_stats)
-    results, first_fits = _fit_every_seed(plan, config.progress)
+    results, first_fits, predictions = _fit_every_seed(plan, config.progress)
     report = {
         "vlaug_version": __version__,
         "features": str(Path(config.features).resolve()),
@@ -521,6 +553,7 @@ def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None], plots:
     return ProbeRun(
         report=report, probes=probes, cache=checkpoint.cache_identity(m), first_train=first_train,
         projections=projections, box_stats=box_stats, texts_used=_texts_used(methods, plan.texts_made_from),
+        test_predictions=_prediction_table(predictions, data, config.features),
     )
 
 

@@ -705,11 +705,13 @@ def select_weight_decay(
     max_iter: int = 200,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     regularize_towards: torch.Tensor | None = None,
+    scorer: Scorer | None = None,
 ) -> tuple[dict, list[dict]]:
     """Fit every weight decay of ``grid`` as one batched problem (:func:`fit_probes`), each
     to convergence, and keep the one with the best validation accuracy, ties broken by the
     lower validation log-loss (see :func:`_better`), then by the grid's order: the rule of
-    scikit-learn's LogisticRegressionCV with an accuracy-then-log-loss scorer.
+    scikit-learn's LogisticRegressionCV with an accuracy-then-log-loss scorer. ``scorer``:
+    the scores of what is deployed from each fit, when that is not the fit (see :func:`choose`).
 
     The weight decay is the only thing selected. Keeping instead the L-BFGS iterate with
     the best validation accuracy (as one keeps an SGD epoch) selects unconverged weights
@@ -721,15 +723,24 @@ def select_weight_decay(
         the best ``{"weight_decay", "iterations", "converged", "val_accuracy", "val_log_loss", "W", "b"}``
         and the search (the same without W and b, per weight decay).
     """
-    return choose(fit_probes(train, grid, max_iter, init, regularize_towards), grid, val)
+    return choose(fit_probes(train, grid, max_iter, init, regularize_towards), grid, val, scorer)
 
 
-def choose(fits: list[tuple[torch.Tensor, torch.Tensor, dict]], grid: list[float], val: Rows) -> tuple[dict, list[dict]]:
+# (P, d + 1, C) candidates and their weight decays -> each one's validation (accuracy, log-loss)
+Scorer = Callable[[torch.Tensor, list[float]], list[tuple[float, float]]]
+
+
+def choose(fits: list[tuple[torch.Tensor, torch.Tensor, dict]], grid: list[float], val: Rows,
+           scorer: Scorer | None = None) -> tuple[dict, list[dict]]:
     """The best of the fits at each weight decay of ``grid`` (:func:`fit_probes`' output) on
-    the validation rows ``val`` (:func:`_better`), and every candidate's scores."""
+    the validation rows ``val`` (:func:`_better`), and every candidate's scores. ``scorer``:
+    the validation ``(accuracy, log-loss)`` of what is deployed from each candidate's stacked
+    (P, d + 1, C) weights, given with their weight decays (a method's :meth:`~vlaug.methods.base.Method.deployed_scores`),
+    when that is not the fit itself; by default the fits' own scores on ``val``."""
     W0 = fits[0][0]
+    thetas = torch.stack([torch.cat([W, b[None]]) for W, b, _ in fits])
     with threads_for(val.n_rows * W0.shape[0] * W0.shape[1] * len(grid), W0.device):
-        scores = validation_scores(val, torch.stack([torch.cat([W, b[None]]) for W, b, _ in fits]))
+        scores = scorer(thetas, list(grid)) if scorer is not None else validation_scores(val, thetas)
     search, best = [], None
     for wd, (W, b, info), (accuracy, log_loss) in zip(grid, fits, scores):
         entry = {"weight_decay": wd, **info, "val_accuracy": accuracy, "val_log_loss": log_loss}

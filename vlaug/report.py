@@ -800,8 +800,27 @@ def _serve_plots() -> None:
     os._exit(0)  # the main process waits for this exit: no interpreter teardown (slow once matplotlib is imported)
 
 
+PREDICTIONS_NAME = "test_predictions.parquet"
+
+
+def _write_predictions(path: Path, columns: dict) -> None:
+    """Every test row's prediction per method and seed, one Parquet row each (for paired
+    comparisons between methods: same rows, same seeds)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"method": pa.array(columns["method"].tolist(), pa.string()).dictionary_encode(),
+                      "seed": pa.array(columns["seed"], pa.int32()), "row": pa.array(columns["row"], pa.int64()),
+                      "id": pa.array(columns["id"].tolist(), pa.string()),
+                      "domain": pa.array(columns["domain"].tolist(), pa.string()).dictionary_encode(),
+                      "label": pa.array(columns["label"], pa.int32()),
+                      "prediction": pa.array(columns["prediction"], pa.int32())})
+    pq.write_table(table, path)
+
+
 def write_report(out, run: "ProbeRun", tsne: bool = False, plots: PlotWorker | None = None) -> dict:
-    """Write REPORT_DIR atomically: report.json, report.md, PNG plots and probes/METHOD/.
+    """Write REPORT_DIR atomically: report.json, report.md, PNG plots, probes/METHOD/ and
+    test_predictions.parquet (every test row's prediction per method and seed).
 
     The folder is built under a temporary name and renamed into place, so a failure
     leaves no half-written report. Returns the report as written to report.json.
@@ -833,6 +852,9 @@ def write_report(out, run: "ProbeRun", tsne: bool = False, plots: PlotWorker | N
                 {"training": {"method": method, "refit_on": "train + val rows of seed 0", **public["config"]},
                  "cache": {**run.cache, "texts": run.texts_used.get(method, {})}, "history": [], "selected_epoch": 0},
             )
+        if run.test_predictions:
+            _write_predictions(tmp / PREDICTIONS_NAME, run.test_predictions)
+            public["test_predictions"] = PREDICTIONS_NAME
         public = _json_ready(public)
         (tmp / "report.json").write_text(json.dumps(public, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(format_markdown(public), encoding="utf-8")

@@ -92,6 +92,9 @@ class ProbeRun:
     projections: dict[str, tuple[np.ndarray, np.ndarray, int]]  # method -> (x with extras, labels, n originals)
     box_stats: dict[str, dict | None]  # box head folder -> its stats.json
     texts_used: dict[str, dict] = field(default_factory=dict)  # method -> {prompt set: templates} its probe holds
+    # every test row's prediction per method and seed (test_predictions.parquet): method, seed, row, id, domain,
+    # label, prediction
+    test_predictions: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Plots(Protocol):

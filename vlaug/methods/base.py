@@ -337,12 +337,15 @@ class Method:
             return validation_scores(data.labelled_rows(val), thetas)
         if not len(val):
             return [(float("nan"), float("nan"))] * len(thetas)
-        out = []
-        for theta in thetas:
-            W, b = self.deployed(data, theta[:-1], theta[-1])
-            calibration = data.calibration(W, b, val) if (self.ensemble or gate) else None
-            out.append(data.probe_scores(data.make_probe(W, b, self.ensemble, calibration, gate), val))
-        return out
+        return [self.final_scores(data, *self.deployed(data, theta[:-1], theta[-1]), val, gate) for theta in thetas]
+
+    def final_scores(self, data: RunData, W: torch.Tensor, b: torch.Tensor, val: np.ndarray,
+                     gate: dict | None = None) -> tuple[float, float]:
+        """Validation ``(accuracy, log-loss)`` of the probe deployed with the final weights
+        ``W``, ``b`` (after :meth:`deployed`): with the method's zero-shot ensemble (or
+        ``gate``), both sides calibrated on ``val`` as the run calibrates them."""
+        calibration = data.calibration(W, b, val) if (self.ensemble or gate) else None
+        return data.probe_scores(data.make_probe(W, b, self.ensemble, calibration, gate), val)
 
     def fit_seeds(self, data: RunData, splits: list["Splits"], solver, searched: dict[int, Search] | None = None) -> list[Fit]:
         """:meth:`fit` on every seed's splits (seed i: ``splits[i]``). ``solver``: the run's

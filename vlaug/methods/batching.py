@@ -106,7 +106,7 @@ class ProbeSolver:
             searched = {}
             for j, val in enumerate(plan.vals):
                 first = (i * s + j) * k
-                best, search = choose(fits[first:first + k], grid, data.labelled_rows(val))
+                best, search = choose(fits[first:first + k], grid, data.labelled_rows(val), m.scorer(data, val))
                 searched[j] = Search(best, search, best["W"], best["b"], plan.per_seed[j] if plan.per_seed else None,
                                      train=plan.trains[j])
             found[m.text] = searched

@@ -19,8 +19,8 @@ from vlaug.methods.registry import register
 from vlaug.methods.base import BatchPlan, EnsembleOptions, Fit, Method, RunData, Search
 from vlaug.methods.batching import ProbeSolver
 from vlaug.discriminant import SHRINKAGE_GRID, ClassStatistics, gda_weights, shrunk_inverses
-from vlaug.probe import (Rows, as_labels, fit_probe, fit_probes, fit_reweighted, is_better, row_pieces,
-                         select_weight_decay, validation_scores)
+from vlaug.probe import (Rows, Scorer, as_labels, fit_probe, fit_probes, fit_reweighted, is_better, row_pieces,
+                         select_weight_decay)
 from vlaug.zero_shot import zero_shot_weights
 
 # After a search on a sample, the fit on every training row starts from the sample's probe at
@@ -61,6 +61,37 @@ class ProbeMethod(Method):
         """The classifier kept once the fit is done."""
         return W, b
 
+    def deployed(self, data, W, b):
+        return self.finish(W, b, self.start(data)[1])
+
+    def deploys_fit_as_is(self, gate=None):
+        return type(self).finish is ProbeMethod.finish and self.ensemble == 0 and gate is None
+
+    def gate_for(self, data: RunData, train: np.ndarray, val: np.ndarray) -> dict | None:
+        """The input-adaptive gate the deployed probe carries, set from the training and
+        validation rows before any selection (so that every candidate is scored with it); None
+        for a fixed mix."""
+        return None
+
+    def scorer(self, data: RunData, val: np.ndarray, gate: dict | None = None, rows: Rows | None = None,
+               train: np.ndarray | None = None) -> Scorer | None:
+        """How a search scores its candidates: the validation scores of what this method
+        deploys from each (:meth:`deployed_scores`; with --reweight, each candidate first
+        reweighted on the training ``rows``, cache rows ``train``, as :meth:`fit` reweights
+        the chosen one), or None where that is the fit itself."""
+        reweight = data.settings.reweight != "none"
+        if self.deploys_fit_as_is(gate) and not reweight:
+            return None
+
+        def scores(thetas: torch.Tensor, grid: list[float]) -> list[tuple[float, float]]:
+            if reweight:
+                parts = [self._reweighted(data, rows, train, th[:-1], th[-1], {"weight_decay": wd})
+                         for th, wd in zip(thetas, grid)]
+                thetas = torch.stack([torch.cat([W, b[None]]) for W, b in parts])
+            return self.deployed_scores(data, thetas, val, gate)
+
+        return scores
+
     def fit_seeds(self, data, splits, solver: ProbeSolver, searched: dict[int, Search] | None = None) -> list[Fit]:
         """Every seed's fit. The seeds' logistic searches (or, after searches on samples,
         their refits on every training row) run as one batch where that pays (see
@@ -77,52 +108,62 @@ class ProbeMethod(Method):
         """Train on ``splits.train``, the weight decay chosen on ``splits.val``; ``found``: a
         search already run for these rows (taken only if it was made for them)."""
         train, val = np.asarray(splits.train), np.asarray(splits.val)
+        gate = self.gate_for(data, train, val)
         if self.solver == "gda":
-            return self._fit_gda(data, train, val, seed)
+            return self._fit_gda(data, train, val, seed, gate)
         if found is None or found.train is None or not np.array_equal(found.train, train):  # not these rows' search
-            found = self._search(data, train, val, seed)
+            found = self._search(data, train, val, seed, gate)
         best, rows = found.best, found.rows if found.rows is not None else self.training_rows(data, train, seed)
-        selection = {k: best[k] for k in ("weight_decay", "iterations", "converged", "val_accuracy", "val_log_loss")}
+        selection = {k: best[k] for k in ("weight_decay", "iterations", "converged", "stalled", "val_accuracy",
+                                          "val_log_loss") if k in best}
+        W, b = self._reweighted(data, rows, train, found.W, found.b, selection)
+        W, b = self.finish(W, b, self.start(data)[1])
         if found.sample is not None:
             selection["selected_on"] = {"train_rows": len(found.sample[0]), "val_rows": len(found.sample[1])}
             selection["refit"] = found.refit
+            # the search scored the sample's fits; what is deployed is the fit on every training row, scored here
+            # on the same validation rows
+            selection["val_accuracy"], selection["val_log_loss"] = self.final_scores(data, W, b, found.sample[1], gate)
             # where refit (this seed's train + val rows, the same weight decay) starts from: a few iterations away
             self._fitted = {**getattr(self, "_fitted", {}), seed: (found.W, found.b)}
-        W, b = self._reweighted(data, rows, train, found.W, found.b, selection)
         selection["n_train_rows"] = rows.n_rows
-        return Fit(*self.finish(W, b, self.start(data)[1]), selection, found.search)
+        return Fit(W, b, selection, found.search, gate=gate)
 
-    def _search(self, data: RunData, train: np.ndarray, val: np.ndarray, seed: int) -> Search:
-        """One seed's logistic search: the weight decay chosen on the validation rows, the
-        probe at that weight decay on the training rows."""
+    def _search(self, data: RunData, train: np.ndarray, val: np.ndarray, seed: int, gate: dict | None = None) -> Search:
+        """One seed's logistic search: the weight decay chosen on the validation rows (by
+        what the method deploys, :meth:`scorer`), the probe at that weight decay on the
+        training rows."""
         init, anchor = self.start(data)
         cfg = data.settings
         grid = list(cfg.grid)
         sample = _selection_sample(train, val, cfg.selection_rows, seed)
         rows = self.training_rows(data, train, seed)
         if sample is None:
-            best, search = select_weight_decay(rows, data.labelled_rows(val), grid, cfg.max_iter, init, anchor)
+            best, search = select_weight_decay(rows, data.labelled_rows(val), grid, cfg.max_iter, init, anchor,
+                                               self.scorer(data, val, gate, rows, train))
             return Search(best, search, best["W"], best["b"], rows)
         # select on a seeded sample held in memory, then refit on every training row, warm-started
-        best, search = self._search_sample(data, sample, seed, grid, init, anchor)
+        best, search = self._search_sample(data, sample, seed, grid, init, anchor, gate)
         W, b, info = fit_probe(rows, best["weight_decay"], cfg.max_iter, init=(best["W"], best["b"]),
                                regularize_towards=anchor, tolerance_grad=REFIT_TOLERANCE)
         return Search(best, search, W, b, rows, sample, {"iterations": info["iterations"], "converged": info["converged"]})
 
-    def _search_sample(self, data, sample, seed, grid, init, anchor) -> tuple[dict, list[dict]]:
+    def _search_sample(self, data, sample, seed, grid, init, anchor, gate=None) -> tuple[dict, list[dict]]:
         """The search on a seeded sample of the training and validation rows, held in memory."""
         sub_train, sub_val = sample
         held = data.subset(np.concatenate([sub_train, sub_val]))
         local = np.arange(len(sub_train) + len(sub_val))
-        return select_weight_decay(self.training_rows(held, local[:len(sub_train)], seed),
-                                   held.labelled_rows(local[len(sub_train):]), grid, data.settings.max_iter, init, anchor)
+        rows = self.training_rows(held, local[:len(sub_train)], seed)
+        return select_weight_decay(rows, held.labelled_rows(local[len(sub_train):]), grid, data.settings.max_iter, init,
+                                   anchor, self.scorer(held, local[len(sub_train):], gate, rows, local[:len(sub_train)]))
 
     def batch_values(self, data: RunData, splits) -> float | None:
         """How many values this method's rows built for every seed at once would hold (0:
         none, rows of the cache), or None where its seeds' full searches cannot join a batch
-        (GDA, searches on a sample, a method's extras streamed)."""
+        (GDA, searches on a sample, a method's extras streamed, a gate or --reweight: their
+        candidates are scored one by one)."""
         cfg = data.settings
-        if self.solver != "logistic" or (data.x is None and self.extra_rows()):
+        if self.solver != "logistic" or (data.x is None and self.extra_rows()) or not self._batchable(data):
             return None  # streamed extras: each block's draws are seeded by its place in the seed's own stream
         if any(_selection_sample(np.asarray(s.train), np.asarray(s.val), cfg.selection_rows, seed) is not None
                for seed, s in enumerate(splits)):
@@ -143,7 +184,8 @@ class ProbeMethod(Method):
         refits on every training row of the cache as one batch; {} where the seeds are
         fitted one by one."""
         cfg = data.settings
-        if self.solver != "logistic" or self.extra_rows() or len(splits) < 2 or not solver.state_fits(len(splits)):
+        if (self.solver != "logistic" or self.extra_rows() or len(splits) < 2 or not solver.state_fits(len(splits))
+                or not self._batchable(data)):
             return {}
         trains, vals = [np.asarray(s.train) for s in splits], [np.asarray(s.val) for s in splits]
         samples = [_selection_sample(t, v, cfg.selection_rows, seed) for seed, (t, v) in enumerate(zip(trains, vals))]
@@ -189,23 +231,29 @@ class ProbeMethod(Method):
         chosen["n_train_rows"] = train_rows.n_rows
         return Fit(*self.finish(W, b, anchor), chosen)
 
-    def _fit_gda(self, data: RunData, train: np.ndarray, val: np.ndarray, seed: int) -> Fit:
+    def _batchable(self, data: RunData) -> bool:
+        """Whether this method's searches may join a batch: not with --reweight (each candidate
+        is reweighted before it is scored) nor with a gate (scored with it, one by one)."""
+        return data.settings.reweight == "none" and type(self).gate_for is ProbeMethod.gate_for
+
+    def _fit_gda(self, data: RunData, train: np.ndarray, val: np.ndarray, seed: int, gate: dict | None = None) -> Fit:
         """GDA on the training rows (and the method's extras): one pass for the class
         statistics, one eigendecomposition, every shrinkage of SHRINKAGE_GRID scored on the
-        validation rows in one pass; the best accuracy wins, ties to the lower log-loss."""
+        validation rows (what the method deploys: with its gate or ensemble, each candidate
+        calibrated); the best accuracy wins, ties to the lower log-loss."""
         rows = self.training_rows(data, train, seed)
         stats = _statistics(rows, data.device)
         priors = self._priors(data)
         fits = [gda_weights(stats, inv, priors) for inv in shrunk_inverses(stats.covariance(), SHRINKAGE_GRID)]
         theta = torch.stack([torch.cat([W, b[None]]) for W, b in fits]).float().to(data.device)
-        scores = validation_scores(data.labelled_rows(val), theta)
+        scores = self.deployed_scores(data, theta, val, gate)
         search, best = [], None
         for alpha, (accuracy, log_loss), th in zip(SHRINKAGE_GRID, scores, theta):
             search.append({"shrinkage": alpha, "val_accuracy": accuracy, "val_log_loss": log_loss})
             if best is None or is_better((accuracy, log_loss), (best[0]["val_accuracy"], best[0]["val_log_loss"])):
                 best = (search[-1], th)
         entry, th = best
-        return Fit(th[:-1], th[-1], {**entry, "n_train_rows": rows.n_rows}, search)
+        return Fit(th[:-1], th[-1], {**entry, "n_train_rows": rows.n_rows}, search, gate=gate)
 
     def _priors(self, data: RunData) -> torch.Tensor | None:
         """GDA's class priors: uniform with --class-weight, else the training rows' frequencies (None)."""

@@ -215,17 +215,23 @@ class Adaptive(PromptShift):
     def prompt_sets(self):
         return list(dict.fromkeys([CLASSES_PROMPT_SET, *super().prompt_sets()]))
 
-    def fit(self, data, splits, seed, found=None):
-        fit = super().fit(data, splits, seed, found)
-        means, precision = _gate_model(data, np.asarray(splits.train))
-        d2 = torch.cat([mahalanobis(x, means, precision) for _, x in data.stream(np.asarray(splits.val))])
+    def gate_for(self, data, train, val):
+        """The gate, from the Gaussian model of the training rows and the quantiles of the
+        validation rows' distances to it; set before the search, so that every candidate is
+        scored (and the best chosen) with the gate it will be deployed with."""
+        means, precision = _gate_model(data, train)
+        d2 = torch.cat([mahalanobis(x, means, precision) for _, x in data.stream(val)])
         center, median = float(torch.quantile(d2, self.options.quantile)), float(d2.median())
         width = max((center - median) / GATE_SOFTNESS, 1e-6 * max(center, 1e-12))
-        fit.selection["gate"] = {"center": center, "width": width, "max": self.options.zero_shot_max,
+        return {"means": means, "precision": precision, "center": center, "width": width,
+                "max": self.options.zero_shot_max, "val_rows_past_center": float((d2 > center).float().mean())}
+
+    def fit(self, data, splits, seed, found=None):
+        fit = super().fit(data, splits, seed, found)
+        g = fit.gate
+        fit.selection["gate"] = {"center": g["center"], "width": g["width"], "max": g["max"],
                                  "quantile": self.options.quantile, "shrinkage": GATE_SHRINKAGE,
-                                 "val_rows_past_center": float((d2 > center).float().mean())}
-        fit.gate = {"means": means, "precision": precision, "center": center, "width": width,
-                    "max": self.options.zero_shot_max}
+                                 "val_rows_past_center": g["val_rows_past_center"]}
         self._gates = {**getattr(self, "_gates", {}), seed: (data, fit.gate)}
         return fit
 

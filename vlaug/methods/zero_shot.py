@@ -19,7 +19,11 @@ class ZeroShot(Method):
         return [CLASSES_PROMPT_SET]
 
     def fit(self, data, splits, seed):
-        return Fit(zero_shot_weights(data.text), torch.zeros(data.n_classes, device=data.device))
+        W, b = zero_shot_weights(data.text), torch.zeros(data.n_classes, device=data.device)
+        if splits is None or not len(splits.val):
+            return Fit(W, b)
+        (accuracy, log_loss), = self.deployed_scores(data, torch.cat([W, b[None]])[None], splits.val)
+        return Fit(W, b, {"val_accuracy": accuracy, "val_log_loss": log_loss})  # nothing chosen: for comparison
 
     def refit(self, data, rows, seed, selection):
-        return self.fit(data, None, seed)
+        return Fit(zero_shot_weights(data.text), torch.zeros(data.n_classes, device=data.device), dict(selection))

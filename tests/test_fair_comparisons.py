@@ -1,0 +1,84 @@
+"""Comparisons on equal terms (issue 27): every method is selected on the validation
+accuracy of exactly what it deploys, and records that number."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import write_synthetic_cache
+from vlaug.evaluate import ProbeRunConfig, _fit_every_seed, deploy, prepare
+from vlaug.heads import make_head_config
+from vlaug.train import TrainConfig, train_head
+
+
+@pytest.fixture(scope="module")
+def cache_and_heads(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fair")
+    feats = write_synthetic_cache(root / "feat", n_per_class=25, d=32, n_classes=4)
+    for head, kw in [("box", {}), ("dr-sa", {}), ("lads", {"source": "photo", "targets": ("sketch",)})]:
+        train_head(TrainConfig(features=str(feats), out=str(root / head), head=make_head_config(head, **kw), epochs=5,
+                               progress=False, device="cpu", train_domains=("photo",)))
+    return root, feats
+
+
+# every kind of deployed model: the fit itself, a WiSE mix, fixed ensembles, a gate, GDA, augmented rows, joint methods
+METHODS = ["zero-shot", "linear", "linear-zs", "linear-zs?wise=0.3&ensemble=0.4", "linear?ensemble=0.5",
+           "box:{root}/box?n_aug=2&ensemble=0.3", "dr:{root}/dr-sa", "lads:{root}/lads", "gaussian", "mixup",
+           "xdomain-mix", "gda", "gda?ensemble=0.5", "text-anchor?solver=gda", "adaptive", "adaptive?solver=logistic",
+           "adaptive?prompt_shift=false&ensemble=0.2", "linear-adamw?max_steps=60", "batchformer?max_steps=30&ensemble=0.5"]
+
+
+def _accuracy(probe, data, rows) -> float:
+    """The probe's accuracy on cache rows ``rows``, computed here."""
+    rows = torch.as_tensor(np.asarray(rows))
+    with torch.no_grad():
+        return int((probe.predict_proba(data.x[rows].float()).argmax(1) == data.y[rows]).sum()) / len(rows)
+
+
+@pytest.mark.parametrize("reweight", ["none", "groupdro"])
+def test_val_accuracy_is_the_deployed_probes_and_the_best_candidates(cache_and_heads, tmp_path, reweight):
+    """For every method, the recorded ``val_accuracy`` is the accuracy on the validation rows
+    of the probe the run deploys for that seed (mix, ensemble, calibration and gate included,
+    before the refit on train + val), and no candidate of its search scored better."""
+    root, feats = cache_and_heads
+    methods = [m.format(root=root) for m in METHODS]
+    if reweight != "none":
+        methods = [m for m in methods if m.split("?")[0] in ("linear", "linear-zs", "gaussian", "box:" + str(root / "box"))]
+    config = ProbeRunConfig(features=str(feats), out=str(tmp_path / "r"), methods=tuple(methods), train_domains=("photo",),
+                            seeds=2, grid_size=4, max_iter=60, device="cpu", progress=False, reweight=reweight)
+    plan = prepare(config)
+    results, first_fits, _ = _fit_every_seed(plan, progress=False)
+    val = plan.splits[0].val
+    for method in plan.methods:
+        fit = first_fits[method.text]
+        recorded = fit.selection["val_accuracy"]
+        probe = deploy(method, plan.data, fit, val)
+        assert recorded == pytest.approx(_accuracy(probe, plan.data, val), abs=1e-9), method.text
+        for candidate in fit.search:
+            assert candidate["val_accuracy"] <= recorded + 1e-12, (method.text, candidate)
+    assert {r["method"] for r in results if "val_accuracy" in r["selection"]} == set(methods)
+
+
+def test_linear_zs_selects_on_the_wise_mix(cache_and_heads, tmp_path):
+    """linear-zs deploys (1 − λ)·zero-shot + λ·W: its weight decay is the one whose mix scores
+    best on the validation rows, which the unmixed fit's scores need not agree with."""
+    from vlaug.methods import parse_method
+    from vlaug.zero_shot import zero_shot_weights
+
+    root, feats = cache_and_heads
+    config = ProbeRunConfig(features=str(feats), out=str(tmp_path / "r"), methods=("linear-zs?wise=0.3",),
+                            train_domains=("photo",), seeds=1, grid_size=5, max_iter=60, device="cpu", progress=False)
+    plan = prepare(config)
+    data, splits = plan.data, plan.splits[0]
+    method = parse_method("linear-zs?wise=0.3")
+    fit = method.fit(data, splits, 0)
+    anchor = zero_shot_weights(data.text)
+    for candidate in fit.search:  # each candidate's score is its mix's, recomputed by hand
+        wd = candidate["weight_decay"]
+        from vlaug.probe import Rows, fit_probe
+        W, b, _ = fit_probe(method.training_rows(data, np.asarray(splits.train), 0), wd, 60,
+                            init=(anchor, torch.zeros(data.n_classes)), regularize_towards=anchor)
+        mixed = data.make_probe(0.7 * anchor + 0.3 * W, 0.3 * b)
+        assert candidate["val_accuracy"] == pytest.approx(_accuracy(mixed, data, splits.val), abs=0.02), wd
+    best = max(fit.search, key=lambda c: (c["val_accuracy"], -c["val_log_loss"]))
+    assert fit.selection["weight_decay"] == best["weight_decay"]
