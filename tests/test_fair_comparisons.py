@@ -82,3 +82,21 @@ def test_linear_zs_selects_on_the_wise_mix(cache_and_heads, tmp_path):
         assert candidate["val_accuracy"] == pytest.approx(_accuracy(mixed, data, splits.val), abs=0.02), wd
     best = max(fit.search, key=lambda c: (c["val_accuracy"], -c["val_log_loss"]))
     assert fit.selection["weight_decay"] == best["weight_decay"]
+
+
+def test_converged_only_when_the_gradient_test_passed():
+    """``converged``: the largest gradient entry passed the tolerance; a fit that stopped
+    because its loss or step stopped moving is ``stalled``; one that ran out of iterations is
+    neither (issue 27, item 7)."""
+    from vlaug.probe import Rows, fit_probe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(200, 8, generator=g), dim=1)
+    y = torch.randint(0, 3, (200,), generator=g)
+    rows = Rows.of(x, y, n_classes=3)
+    _, _, info = fit_probe(rows, 1e-2, 200)
+    assert info["converged"] and not info["stalled"]
+    _, _, info = fit_probe(rows, 1e-2, 500, tolerance_grad=1e-30)  # no float32 gradient gets there
+    assert not info["converged"] and info["stalled"] and info["iterations"] < 500
+    _, _, info = fit_probe(rows, 1e-6, 3)  # stopped at its cap
+    assert not info["converged"] and not info["stalled"] and info["iterations"] == 3

@@ -477,7 +477,7 @@ def fit_probes(
     (``train.columns`` > 1: the training sets of several seeds, or methods, in one pass).
 
     Returns:
-        per weight decay, ``(W, b, {"iterations", "converged"})``.
+        per weight decay, ``(W, b, {"iterations", "converged", "stalled"})``.
     """
     d, c, device = train.n_features, train.n_classes, train.device
     p, size = len(weight_decays), (d + 1) * c
@@ -646,7 +646,9 @@ def _line_search(objective: Callable, ai: torch.Tensor, theta_a: torch.Tensor, f
 class _Progress:
     """Each problem's iteration count and stopping state: it runs until its gradient, step or
     loss change is small, no step decreases its loss, or a block of 10 iterations no longer
-    moves the loss."""
+    moves the loss. ``converged``: it stopped because its largest gradient entry passed the
+    tolerance; ``stalled``: it stopped for any other of those reasons (as far as float32 goes,
+    but not shown optimal); neither: it ran out of iterations."""
 
     def __init__(self, f: torch.Tensor, g: torch.Tensor, tolerance_grad: float):
         p = len(f)
@@ -654,6 +656,7 @@ class _Progress:
         self.iterations = [0] * p
         self.block_start = f.clone()  # each problem's loss at the start of its block of 10 iterations
         self.converged = [float(g[k].abs().max()) <= tolerance_grad for k in range(p)]
+        self.stalled = [False] * p
         self.active = [bool(torch.isfinite(f[k])) and not self.converged[k] for k in range(p)]
 
     def running(self) -> list[int]:
@@ -663,10 +666,10 @@ class _Progress:
     def update(self, it: int, a: list[int], f: torch.Tensor, fa: torch.Tensor, f_new: torch.Tensor,
                g_new: torch.Tensor, s: torch.Tensor, ok: torch.Tensor) -> None:
         """Count iteration ``it`` of the problems ``a``; stop those that converged (``f``: losses after it)."""
-        small = ((g_new.abs().flatten(1).amax(1) <= self.tolerance_grad) | (s.abs().amax(1) <= 1e-10)
-                 | ((f_new - fa).abs() < 1e-10))
+        gradient = g_new.abs().flatten(1).amax(1) <= self.tolerance_grad
+        small = gradient | (s.abs().amax(1) <= 1e-10) | ((f_new - fa).abs() < 1e-10)
         stuck = (~ok).tolist()  # no step decreased the loss: as far as float32 goes
-        small = (small & ok).tolist()
+        gradient, small = (gradient & ok).tolist(), (small & ok).tolist()
         for j, k in enumerate(a):
             self.iterations[k] = it
             stalled = False
@@ -674,14 +677,16 @@ class _Progress:
                 stalled = abs(float(self.block_start[k]) - float(f[k])) <= 1e-7 * max(1.0, abs(float(f[k])))
                 self.block_start[k] = f[k]
             if small[j] or stuck[j] or stalled:
-                self.active[k], self.converged[k] = False, True
+                self.active[k] = False
+                self.converged[k], self.stalled[k] = gradient[j], not gradient[j]
 
 
 def _results(theta: torch.Tensor, progress: _Progress) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
-    """Per problem, ``(W, b, {"iterations", "converged"})`` from the (P, d + 1, C) weights."""
+    """Per problem, ``(W, b, {"iterations", "converged", "stalled"})`` from the (P, d + 1, C)
+    weights (see :class:`_Progress`)."""
     d = theta.shape[1] - 1
     return [(theta[k, :d].clone(), theta[k, d].clone(),
-             {"iterations": progress.iterations[k], "converged": progress.converged[k]})
+             {"iterations": progress.iterations[k], "converged": progress.converged[k], "stalled": progress.stalled[k]})
             for k in range(len(theta))]
 
 
@@ -720,7 +725,7 @@ def select_weight_decay(
     off its test accuracy.
 
     Returns:
-        the best ``{"weight_decay", "iterations", "converged", "val_accuracy", "val_log_loss", "W", "b"}``
+        the best ``{"weight_decay", "iterations", "converged", "stalled", "val_accuracy", "val_log_loss", "W", "b"}``
         and the search (the same without W and b, per weight decay).
     """
     return choose(fit_probes(train, grid, max_iter, init, regularize_towards), grid, val, scorer)

@@ -146,7 +146,7 @@ class ProbeMethod(Method):
         best, search = self._search_sample(data, sample, seed, grid, init, anchor, gate)
         W, b, info = fit_probe(rows, best["weight_decay"], cfg.max_iter, init=(best["W"], best["b"]),
                                regularize_towards=anchor, tolerance_grad=REFIT_TOLERANCE)
-        return Search(best, search, W, b, rows, sample, {"iterations": info["iterations"], "converged": info["converged"]})
+        return Search(best, search, W, b, rows, sample, {k: info[k] for k in ("iterations", "converged", "stalled")})
 
     def _search_sample(self, data, sample, seed, grid, init, anchor, gate=None) -> tuple[dict, list[dict]]:
         """The search on a seeded sample of the training and validation rows, held in memory."""
@@ -205,7 +205,7 @@ class ProbeMethod(Method):
                           init=(torch.stack([best["W"] for best, _ in picks]), torch.stack([best["b"] for best, _ in picks])),
                           regularize_towards=anchor, tolerance_grad=REFIT_TOLERANCE, columns=list(range(len(splits))))
         return {seed: Search(best, search, W, b, None, samples[seed],
-                                {"iterations": info["iterations"], "converged": info["converged"]}, trains[seed])
+                                {k: info[k] for k in ("iterations", "converged", "stalled")}, trains[seed])
                 for seed, ((best, search), (W, b, info)) in enumerate(zip(picks, fits))}
 
     def refit(self, data, rows, seed, selection) -> Fit:
