@@ -100,3 +100,33 @@ def test_converged_only_when_the_gradient_test_passed():
     assert not info["converged"] and info["stalled"] and info["iterations"] < 500
     _, _, info = fit_probe(rows, 1e-6, 3)  # stopped at its cap
     assert not info["converged"] and not info["stalled"] and info["iterations"] == 3
+
+
+@pytest.mark.parametrize("method", ["xdomain-mix", "mixup"])
+def test_pairs_span_the_whole_training_set_of_a_cache_sorted_by_domain(tmp_path, monkeypatch, method):
+    """Mixup and xdomain-mix pair rows across the whole training set, not within the blocks a
+    resident cache is read in: on a cache sorted by domain, whose blocks each hold one domain,
+    xdomain-mix still mixes across domains (issue 27, item 6)."""
+    from vlaug import augment
+    from vlaug.methods import base, parse_method
+
+    feats = write_synthetic_cache(tmp_path / "feat", n_per_class=20, d=16, n_classes=3, domains=("photo", "art"))
+    config = ProbeRunConfig(features=str(feats), out=str(tmp_path / "r"), methods=(method,), seeds=1, device="cpu",
+                            progress=False)
+    plan = prepare(config)
+    data, train = plan.data, np.asarray(plan.splits[0].train)
+    by_domain = train[np.argsort(data.dom[train].numpy(), kind="stable")]
+    assert data.dom[by_domain[0]] != data.dom[by_domain[-1]]
+    monkeypatch.setattr(base, "STREAM_ROWS", 16)  # blocks of 16 rows: most of them hold one domain
+    seen = []
+    for name in ("cross_domain_mix", "latent_mixup"):
+        real = getattr(augment, name)
+        monkeypatch.setattr(augment, name, lambda x, *a, _real=real, **k: seen.append(len(x)) or _real(x, *a, **k))
+    rows = parse_method(method).training_rows(data, np.sort(by_domain), 0)
+    assert seen == [len(train)]  # one draw over every training row
+    assert rows.n_rows == 2 * len(train)
+    if method == "xdomain-mix":  # its partners: the same class, another domain
+        partners = augment.cross_domain_partners(data.y[data.rows(train)], data.dom[data.rows(train)], 1,
+                                                 torch.Generator().manual_seed(0))[0]
+        dom = data.dom[data.rows(train)]
+        assert bool((dom[partners] != dom).all())

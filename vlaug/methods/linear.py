@@ -275,7 +275,14 @@ class ProbeMethod(Method):
     def blocks(self, data: RunData, rows: np.ndarray, seed: int):
         """Training rows ``rows`` block by block with the method's extras: ``(x, labels, extra)``,
         ``extra`` = (x, soft targets) or None. Block k draws its augmentations from its own
-        generator (seeded by (seed, k)), so every pass over a streamed cache sees the same rows."""
+        generator (seeded by (seed, k)), so every pass over a streamed cache sees the same rows.
+        A method that pairs rows across the training set (``streams`` False: mixup,
+        xdomain-mix) gets every row as one block, so that any two rows can pair."""
+        if not self.streams and data.x is not None and self.extra_rows():
+            r = data.rows(rows)
+            x = data.x[r].float()
+            yield x, data.y[r], self.augment(data, x, data.y[r], data.dom[r], block_generator(seed, 0))
+            return
         for k, (pos, x) in enumerate(data.stream(rows)):
             r = data.rows(rows[pos])
             yield x, data.y[r], self.augment(data, x, data.y[r], data.dom[r], block_generator(seed, k))
