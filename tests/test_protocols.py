@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from vlaug.errors import UsageError
-from vlaug.protocols import check_domains, id_fractions, make_splits, parse_imbalance, stratified_split, training_rows
+from vlaug.protocols import (check_domains, id_fractions, make_splits, parse_imbalance, stratified_split, training_pool,
+                             training_rows, validation_mask)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -30,10 +31,10 @@ def test_training_rows_follow_domains_splits_and_the_held_out_test_rows():
     domains = np.array(["a", "a", "b", "b"])
     fractions = np.array([0.5, 0.1, 0.7, 0.05])  # rows 1 and 3 are held-out test rows at test_fraction 0.2
     none = np.array([""] * 4)
-    assert training_rows(domains, none, ["a"], fractions, 0.2).tolist() == [0]
-    assert training_rows(domains, np.array(["train", "test", "train", "train"]), ["a"], fractions, 0.2).tolist() == [0]
-    assert training_rows(domains, none, [], fractions, 0.2).tolist() == [0, 2]
-    assert training_rows(domains, none, [], fractions, 0.01).tolist() == [0, 1, 2, 3]
+    assert training_pool(domains, none, ["a"], fractions, 0.2).tolist() == [0]
+    assert training_pool(domains, np.array(["train", "test", "train", "train"]), ["a"], fractions, 0.2).tolist() == [0]
+    assert training_pool(domains, none, [], fractions, 0.2).tolist() == [0, 2]
+    assert training_pool(domains, none, [], fractions, 0.01).tolist() == [0, 1, 2, 3]
     with pytest.raises(UsageError, match="'c' is not in the cache"):
         check_domains(["c"], ["a", "b"])
     assert check_domains([], ["a", "b"]) == ["a", "b"]
@@ -72,9 +73,16 @@ def test_protocols_never_overlap_and_count_exactly(seed, shots, imbalance):
     assert set(doms[s.test_out]) == {"b", "c"} and len(s.test_out) == 200
     # the test rows are the rows of domain a whose id hashes below 0.2, whatever the seed
     assert s.test_in.tolist() == np.flatnonzero((doms == "a") & (fractions < 0.2)).tolist()
-    rest = np.bincount(labels[(doms == "a") & (fractions >= 0.2)], minlength=5)
+    # the validation rows: those of the rest whose rescaled hash is below 0.2, whatever the seed
+    rest = (doms == "a") & (fractions >= 0.2)
+    # (and, for a class without one, its row of lowest hash)
+    u = (fractions - 0.2) / 0.8
+    ruled = np.flatnonzero(rest & (u < 0.2))
+    without = [c for c in range(5) if not (labels[ruled] == c).any()]
+    fallback = sorted(np.flatnonzero(rest & (labels == c))[np.argmin(u[rest & (labels == c)])] for c in without)
+    assert s.val.tolist() == sorted(ruled.tolist() + fallback)
     counts = np.bincount(labels[s.train], minlength=5)
-    expected = np.full(5, shots) if shots else rest - np.round(0.2 * rest).astype(int)  # 20 % of the rest validates
+    expected = np.full(5, shots) if shots else np.bincount(labels[rest], minlength=5) - np.bincount(labels[s.val], minlength=5)
     if imbalance:
         assert len(s.reduced_classes) == round(imbalance[0] / 100 * 5)
         expected[s.reduced_classes] = imbalance[1]
@@ -98,3 +106,34 @@ def test_protocol_errors():
         with pytest.raises(UsageError, match="--imbalance"):
             parse_imbalance(bad)
     assert parse_imbalance("50:10") == (50.0, 10)
+
+
+def test_validation_rows_are_fixed_by_the_ids_stratified_and_kept_from_heads():
+    """The validation rows depend on the row ids alone: the same for every seed, stable when
+    rows are added, at least one per class of 2+ rows and never a whole class; the rows a
+    head may fit on (training_rows) are the pool without them (issue 27, item 4)."""
+    labels, doms = _labels_domains()
+    fractions, none = _fractions(len(labels)), np.array([""] * len(labels))
+    vals = {tuple(make_splits(labels, doms, none, fractions=fractions, train_domains=["a"], seed=seed).val)
+            for seed in range(4)}
+    assert len(vals) == 1
+    val = np.array(vals.pop())
+    head_rows = training_rows(doms, none, labels, ["a"], fractions, 0.2, 0.2)
+    assert len(np.intersect1d(head_rows, val)) == 0
+    pool = training_pool(doms, none, ["a"], fractions, 0.2)
+    assert sorted(np.concatenate([head_rows, val]).tolist()) == pool.tolist()
+    # adding rows moves no old row (but the fallback row of a class that had no row below the fraction)
+    more_labels, more_doms = np.concatenate([labels, labels[:50]]), np.concatenate([doms, np.array(["a"] * 50)])
+    more = id_fractions([f"img{i}.jpg" for i in range(len(more_labels))])
+    grown = make_splits(more_labels, more_doms, np.array([""] * len(more_labels)), fractions=more, train_domains=["a"],
+                        seed=0).val
+    ruled = val[(fractions[val] - 0.2) / 0.8 < 0.2]  # all but the rows a class of no such row falls back on
+    assert len(ruled) >= len(val) - 5 and set(ruled.tolist()) <= set(grown.tolist())
+    # a class of two rows whose hashes both fall past the fraction still validates on one and trains on the other
+    small = validation_mask(np.arange(4), np.array([0, 0, 1, 1]), np.array([0.9, 0.95, 0.01, 0.02]), np.array([""] * 4),
+                            0.0, 0.2)
+    assert small.tolist() == [True, False, True, False]
+    # the cache's own val rows validate: heads may then fit on every train row
+    splits = np.array((["train"] * 6 + ["val"] * 2 + ["test"] * 2) * 30)
+    assert training_rows(doms, splits, labels, ["a"], fractions, 0.2, 0.2).tolist() == \
+        training_pool(doms, splits, ["a"], fractions, 0.2).tolist()

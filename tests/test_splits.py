@@ -66,7 +66,11 @@ def test_no_test_row_or_test_domain_reaches_a_head_or_a_probe(tmp_path):
 
 @pytest.mark.parametrize("train_args, match", [
     ([], "include this probe's out-of-domain test domains ['sketch']"),
-    (["--train-domain", "photo", "--test-fraction", "0.1"], "of this probe's held-out test rows"),
+    (["--train-domain", "photo", "--test-fraction", "0.1"], "train it with vlaug train-box --test-fraction 0.2 "
+                                                              "--probe-val-fraction 0.2"),
+    (["--train-domain", "photo", "--probe-val-fraction", "0.1"], "of this probe's validation rows"),
+    (["--train-domain", "photo", "--test-fraction", "0.05", "--probe-val-fraction", "0.05"],
+     "of this probe's held-out test rows"),
 ])
 def test_a_head_that_saw_test_rows_is_refused(tmp_path, train_args, match):
     feats = write_synthetic_cache(tmp_path / "feat", n_per_class=25, d=16, n_classes=3)
@@ -81,4 +85,32 @@ def test_a_head_that_saw_test_rows_is_refused(tmp_path, train_args, match):
     (tmp_path / "box" / "config.json").write_text(json.dumps(config))
     r = runner.invoke(app, ["probe", str(feats), "--out", str(tmp_path / "rep"), "--train-domain", "photo", "--seeds", "1",
                             "-m", f"box:{tmp_path / 'box'}", *COMMON])
-    assert r.exit_code == 2 and "without a held-out test split" in r.stderr
+    assert r.exit_code == 2 and "did not hold out the probe's test rows" in r.stderr
+
+
+def test_no_validation_row_reaches_a_head(tmp_path):
+    """The rows any probe seed validates on are fixed by their ids and held out by
+    train-box: replacing every one of them by noise leaves the head (weights, history, kept
+    epoch) unchanged, and the probe accepts it (issue 27, item 4). The probe's own selections
+    do read those rows: that is what they are for."""
+    from vlaug.evaluate import ProbeRunConfig, prepare
+
+    clean = write_synthetic_cache(tmp_path / "clean", n_per_class=25, d=16, n_classes=3)
+    config = ProbeRunConfig(features=str(clean), out=str(tmp_path / "never"), methods=("linear",), seeds=3,
+                            train_domains=("photo",), device="cpu", progress=False)
+    vals = [s.val for s in prepare(config).splits]
+    assert all(np.array_equal(vals[0], v) for v in vals) and len(vals[0])
+    noisy = _copy_with_noise_on(clean, tmp_path / "noisy", vals[0])
+    heads = []
+    for name, feats in (("a", clean), ("b", noisy)):
+        out = tmp_path / name / "box"
+        r = runner.invoke(app, ["train-box", str(feats), "--out", str(out), "--epochs", "4", "--train-domain", "photo",
+                                *COMMON])
+        assert r.exit_code == 0, r.output
+        heads.append((load_file(str(out / "model.safetensors")), json.loads((out / "config.json").read_text())))
+    (a, config_a), (b, config_b) = heads
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    assert config_a["history"] == config_b["history"] and config_a["selected_epoch"] == config_b["selected_epoch"]
+    r = runner.invoke(app, ["probe", str(noisy), "--out", str(tmp_path / "rep"), "--train-domain", "photo", "--seeds", "3",
+                            "--grid-size", "2", "--max-iter", "20", "-m", f"box:{tmp_path / 'b' / 'box'}", *COMMON])
+    assert r.exit_code == 0, r.output

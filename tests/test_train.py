@@ -15,7 +15,7 @@ from vlaug import cache
 from vlaug.cli import app
 from vlaug.errors import UsageError
 from vlaug.heads import HEADS, make_head_config
-from vlaug.protocols import id_fractions
+from vlaug.protocols import id_fractions, validation_mask
 from vlaug.train import TrainConfig, head_config, train_head
 
 runner = CliRunner()
@@ -55,10 +55,12 @@ def test_validation_rows_come_only_from_training_domains_and_are_stratified(feat
     train_head(_config(features, tmp_path / "h", train_domains=("sketch",), val_fraction=0.2))
     t = json.loads((tmp_path / "h" / "config.json").read_text())["training"]
     feats = cache.read_cache(features)
-    fit_rows = (feats.domains == "sketch") & (id_fractions(feats.ids) >= 0.2)  # outside the held-out test rows
+    fractions = id_fractions(feats.ids)
+    pool = np.flatnonzero((feats.domains == "sketch") & (fractions >= 0.2))  # outside the held-out test rows
+    fit_rows = pool[~validation_mask(pool, feats.labels, fractions, feats.splits, 0.2, 0.2)]  # and the probe's val rows
     per_class = np.bincount(feats.labels[fit_rows])
-    assert t["n_val"] == sum(round(0.2 * n) for n in per_class) and t["n_train"] + t["n_val"] == fit_rows.sum()
-    assert t["test_fraction"] == 0.2 and t["uses_cache_splits"] is False
+    assert t["n_val"] == sum(round(0.2 * n) for n in per_class) and t["n_train"] + t["n_val"] == len(fit_rows)
+    assert t["test_fraction"] == 0.2 and t["probe_val_fraction"] == 0.2 and t["uses_cache_splits"] is False
 
 
 def test_lads_missing_prompt_set_lists_the_sets(features, tmp_path):
@@ -89,8 +91,10 @@ def test_bad_options_write_nothing(features, tmp_path):
 
 def test_cli_trains_every_head_and_info_describes_it(features, tmp_path):
     feats = cache.read_cache(features)
-    fit_rows = id_fractions(feats.ids) >= 0.2  # every domain, outside the held-out test rows
-    n_fit, n_val = int(fit_rows.sum()), sum(round(0.2 * n) for n in np.bincount(feats.labels[fit_rows]))
+    fractions = id_fractions(feats.ids)
+    pool = np.flatnonzero(fractions >= 0.2)  # every domain, outside the held-out test rows ...
+    fit_rows = pool[~validation_mask(pool, feats.labels, fractions, feats.splits, 0.2, 0.2)]  # ... and the probe's val rows
+    n_fit, n_val = len(fit_rows), sum(round(0.2 * n) for n in np.bincount(feats.labels[fit_rows]))
     for head, extra in [("box", []), ("dr-sa", ["--norm", "pre"]), ("dr-pool", ["--dr-mode", "d"]),
                         ("lads", ["--source-prompts", "photo", "--target-prompts", "sketch"])]:
         out = tmp_path / head

@@ -181,26 +181,36 @@ def _load_heads(methods: list[Method], manifest: cache_io.CacheManifest, feature
     return heads
 
 
-def _check_head_saw_no_test_row(path: str, training: dict, feats: cache_io.FeatureCache, fractions: np.ndarray,
-                                 splits: Splits, config: ProbeRunConfig) -> None:
+def _check_head_held_out(path: str, training: dict, feats: cache_io.FeatureCache, fractions: np.ndarray,
+                         splits: list[Splits], config: ProbeRunConfig) -> None:
     """Refuse a head whose training rows (recomputed from the rule it recorded) include any
-    of this probe's test rows, in domain or out of domain."""
-    if "test_fraction" not in training:
-        raise UsageError(f"head {path!r} was trained without a held-out test split (an older vlaug) and may have seen "
-                         f"this probe's test rows; train it again with vlaug train-box.")
-    seen = training_rows(feats.domains, feats.splits, training.get("train_domains") or [], fractions,
-                         training["test_fraction"])
-    overlap = np.intersect1d(seen, splits.test)
-    if not len(overlap):
-        return
-    test_domains = sorted({d for d in feats.domains[np.intersect1d(seen, splits.test_out)].tolist()})
-    if test_domains:
-        flags = " ".join(f"--train-domain {d}" for d in (config.train_domains or ["DOMAIN"]))
-        raise UsageError(f"head {path!r} was trained on the domains {training.get('train_domains')}, which include this "
-                         f"probe's out-of-domain test domains {test_domains}; train it with vlaug train-box {flags}.")
-    raise UsageError(f"head {path!r} was trained on {len(overlap)} of this probe's held-out test rows (it held out "
-                     f"--test-fraction {training['test_fraction']}, this probe {config.test_fraction}); use the same "
-                     "--test-fraction for both.")
+    row a seed of this probe tests on (in domain or out of domain) or selects on."""
+    if "test_fraction" not in training or "probe_val_fraction" not in training:
+        raise UsageError(f"head {path!r} was trained by an older vlaug that did not hold out the probe's "
+                         f"{'test' if 'test_fraction' not in training else 'validation'} rows, and may have been fitted on "
+                         "rows this probe selects or tests on; train it again with vlaug train-box.")
+    seen = training_rows(feats.domains, feats.splits, feats.labels, training.get("train_domains") or [], fractions,
+                         training["test_fraction"], training["probe_val_fraction"])
+    for s in splits:
+        overlap = np.intersect1d(seen, s.test)
+        if len(overlap):
+            test_domains = sorted({d for d in feats.domains[np.intersect1d(seen, s.test_out)].tolist()})
+            if test_domains:
+                flags = " ".join(f"--train-domain {d}" for d in (config.train_domains or ["DOMAIN"]))
+                raise UsageError(f"head {path!r} was trained on the domains {training.get('train_domains')}, which include "
+                                 f"this probe's out-of-domain test domains {test_domains}; train it with vlaug train-box {flags}.")
+            raise UsageError(f"head {path!r} was trained on {len(overlap)} of this probe's held-out test rows (it held out "
+                             f"--test-fraction {training['test_fraction']}, this probe {config.test_fraction}); use the same "
+                             "--test-fraction for both.")
+        overlap = np.intersect1d(seen, s.val)
+        if len(overlap):  # the rule's fractions differ (the validation rows are hashed past the test rows)
+            held = f"--probe-val-fraction {training['probe_val_fraction']}"
+            ours, fix = f"validates on --val-fraction {config.val_fraction}", f"--probe-val-fraction {config.val_fraction}"
+            if training["test_fraction"] != config.test_fraction:
+                held = f"--test-fraction {training['test_fraction']} and {held}"
+                ours, fix = f"tests on --test-fraction {config.test_fraction} and {ours}", f"--test-fraction {config.test_fraction} {fix}"
+            raise UsageError(f"head {path!r} was trained on {len(overlap)} of this probe's validation rows (it held out "
+                             f"{held}; this probe {ours}); train it with vlaug train-box {fix}.")
 
 
 def prepare(config: ProbeRunConfig) -> _Plan:
@@ -226,7 +236,7 @@ def prepare(config: ProbeRunConfig) -> _Plan:
     fractions = id_fractions(cache_io.iter_ids(config.features))
     splits = _seed_splits(config, feats, fractions, train_domains, imbalance)
     for path, ckpt in heads.items():
-        _check_head_saw_no_test_row(path, ckpt.config.get("training", {}), feats, fractions, splits[0], config)
+        _check_head_held_out(path, ckpt.config.get("training", {}), feats, fractions, splits, config)
     empty = classes_without_rows(feats.labels[splits[0].train], feats.classes)
     if empty:
         warnings.append(f"{len(empty)} of {len(feats.classes)} classes have no training rows (seed 0): "

@@ -7,8 +7,14 @@ One held-out test split serves every stage. When the cache has a ``split`` colum
 row when the hash of its id falls below ``test_fraction`` (:func:`id_fractions`): fixed
 by the row itself, independent of any seed and of the other rows (adding images to a
 cache never moves an old row across the split), and the same for ``vlaug train-box`` and
-``vlaug probe``. Heads and probes fit only on the other rows; seeds vary the
-train/validation partition and sampling.
+``vlaug probe``.
+
+The validation rows follow the same kind of rule (:func:`validation_mask`): the cache's
+``val`` rows, else the rows of the training pool whose id hash falls in the next
+``val_fraction`` of [0, 1), stratified by class. They are the same for every seed, and
+``vlaug train-box`` never trains a head on them, so no selection a probe makes on them
+was fitted on them too (issue 27). Seeds vary what they should: initialisation, sampled
+augmentations, few-shot and imbalance draws.
 """
 
 from __future__ import annotations
@@ -52,11 +58,11 @@ def test_mask(splits: np.ndarray, fractions: np.ndarray, test_fraction: float) -
     return fractions < test_fraction
 
 
-def training_rows(domains: np.ndarray, splits: np.ndarray, train_domains: list[str] | tuple[str, ...],
+def training_pool(domains: np.ndarray, splits: np.ndarray, train_domains: list[str] | tuple[str, ...],
                   fractions: np.ndarray, test_fraction: float) -> np.ndarray:
-    """Indices of the rows a head or probe may fit on: rows of the training domains (all
-    rows when none is given) that are not test rows (split ``train`` when the cache has
-    splits, else every row outside the held-out test split)."""
+    """Indices of the rows of the training domains (all rows when none is given) that are
+    neither test rows nor the cache's own ``val`` rows (split ``train`` when the cache has
+    splits, else every row outside the held-out test split): training and validation rows."""
     keep = np.ones(len(domains), dtype=bool)
     if train_domains:
         keep &= np.isin(domains, list(train_domains))
@@ -65,6 +71,53 @@ def training_rows(domains: np.ndarray, splits: np.ndarray, train_domains: list[s
     else:
         keep &= ~test_mask(splits, fractions, test_fraction)
     return np.flatnonzero(keep)
+
+
+def validation_mask(pool: np.ndarray, labels: np.ndarray, fractions: np.ndarray, splits: np.ndarray,
+                    test_fraction: float, val_fraction: float) -> np.ndarray:
+    """Which rows of ``pool`` (:func:`training_pool`) validate, by a rule of each row's id
+    alone, the same for every seed and stage: the row's id hash, rescaled to [0, 1) over
+    the pool (past ``test_fraction`` when the test rows are hashed too), below
+    ``val_fraction``. Stratified: a class with at least 2 rows in the pool gets at least one
+    validation row (its lowest hash) and keeps at least one training row (its highest), so
+    a small class is never left out of either. Adding images to a cache moves no old row
+    across, but for that fallback in a class of a few rows."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UsageError(f"--val-fraction {val_fraction}, must be in (0, 1).")
+    u = fractions[pool]
+    if not (splits != "").any():  # the pool's hashes lie in [test_fraction, 1)
+        u = (u - test_fraction) / (1.0 - test_fraction)
+    val = u < val_fraction
+    if len(pool):
+        lab = labels[pool]
+        order = np.lexsort((u, lab))  # by class, then hash
+        _, starts, counts = np.unique(lab[order], return_index=True, return_counts=True)
+        for start, count in zip(starts, counts):
+            if count < 2:
+                continue
+            mine = order[start:start + count]
+            if not val[mine].any():
+                val[mine[0]] = True
+            if val[mine].all():
+                val[mine[-1]] = False
+    return val
+
+
+def training_rows(domains: np.ndarray, splits: np.ndarray, labels: np.ndarray, train_domains: list[str] | tuple[str, ...],
+                  fractions: np.ndarray, test_fraction: float, val_fraction: float) -> np.ndarray:
+    """Indices of the rows a head may fit on: the training pool (:func:`training_pool`)
+    without the validation rows every probe seed selects on (the cache's ``val`` rows, which
+    are not in the pool, or :func:`validation_mask`'s)."""
+    pool = training_pool(domains, splits, train_domains, fractions, test_fraction)
+    if _cache_validates(domains, splits, train_domains):
+        return pool
+    return pool[~validation_mask(pool, labels, fractions, splits, test_fraction, val_fraction)]
+
+
+def _cache_validates(domains: np.ndarray, splits: np.ndarray, train_domains) -> bool:
+    """Whether the cache's split column holds ``val`` rows in the training domains (then they validate)."""
+    in_train = np.isin(domains, list(train_domains)) if len(train_domains) else np.ones(len(domains), bool)
+    return bool((in_train & (splits == "val")).any())
 
 
 def stratified_split(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,28 +196,28 @@ def make_splits(
     """One seed's protocol (LARE's Table 1 columns, Figure 4 few-shot, Table 3 imbalance).
 
     Training domains' rows are split into train / val / in-domain test: by the cache's
-    ``split`` column when it has one (``val`` rows, else a stratified ``val_fraction`` of
-    the ``train`` rows), else the held-out test rows are fixed by the hash of their id
-    (``fractions`` from :func:`id_fractions`, below ``test_fraction``) and a seeded
-    stratified ``val_fraction`` of the rest validates. Every row of the other domains is
-    out-of-domain test (only its ``test`` rows when the cache has splits). Then ``shots`` keeps K training
-    rows per class, and ``imbalance`` = (X, N) cuts X % of the classes (chosen with the
-    seed) to N training rows.
+    ``split`` column when it has one (``val`` rows, else ``val_fraction`` of the ``train``
+    rows by :func:`validation_mask`), else the held-out test rows are fixed by the hash of
+    their id (``fractions`` from :func:`id_fractions`, below ``test_fraction``) and
+    :func:`validation_mask` picks ``val_fraction`` of the rest, stratified; neither depends
+    on the seed. Every row of the other domains is out-of-domain test (only its ``test``
+    rows when the cache has splits). Then ``shots`` keeps K training rows per class, and
+    ``imbalance`` = (X, N) cuts X % of the classes, both drawn with the seed.
     """
     names = class_names or [str(c) for c in range(int(labels.max()) + 1)]
     in_train_domain = np.isin(domains, train_domains) if len(train_domains) else np.ones(len(labels), bool)
+    pool = training_pool(domains, splits, train_domains, fractions, test_fraction)
     if (splits != "").any():
-        pool = np.flatnonzero(in_train_domain & (splits == "train"))
         val = np.flatnonzero(in_train_domain & (splits == "val"))
         test_in = np.flatnonzero(in_train_domain & (splits == "test"))
         test_out = np.flatnonzero(~in_train_domain & (splits == "test"))
-        if not len(val):
-            pool, val = stratified_split(pool, labels, val_fraction, seed)
     else:
-        held = test_mask(splits, fractions, test_fraction)
-        test_in = np.flatnonzero(in_train_domain & held)
-        pool, val = stratified_split(np.flatnonzero(in_train_domain & ~held), labels, val_fraction, seed + 1)
+        val = np.zeros(0, np.int64)
+        test_in = np.flatnonzero(in_train_domain & test_mask(splits, fractions, test_fraction))
         test_out = np.flatnonzero(~in_train_domain)
+    if not len(val):
+        held_val = validation_mask(pool, labels, fractions, splits, test_fraction, val_fraction)
+        pool, val = pool[~held_val], pool[held_val]
     rng = np.random.default_rng([seed, 7])
     train = pool if shots is None else _keep_shots(pool, labels, shots, rng, names)
     reduced: list[int] = []

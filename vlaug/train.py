@@ -49,7 +49,10 @@ class TrainConfig:
     head: HeadConfig = field(default_factory=BoxConfig)  # the head to train, with its options (vlaug.heads)
     train_domains: tuple[str, ...] = ()  # empty: every domain
     test_fraction: float = 0.2  # held-out test rows (by id hash) when the cache has no split: never trained on
-    val_fraction: float = 0.2  # stratified part of the training rows that selects the epoch
+    val_fraction: float = 0.2  # stratified part of the head's training rows that selects the epoch
+    # vlaug probe's validation rows (by id hash, vlaug.protocols.validation_mask), held out so that no probe selects
+    # on a row its head was fitted on; must equal the probe's --val-fraction (the probe checks it)
+    probe_val_fraction: float = 0.2
     epochs: int | None = None  # None: the head's schedule (box 100, dr 100, lads 50)
     batch_size: int | None = None  # None: the head's schedule (box 512, dr 256, lads 256)
     lr: float = 1e-3  # AdamW learning rate
@@ -68,6 +71,8 @@ class TrainConfig:
             raise UsageError(f"--val-fraction {self.val_fraction}, must be in [0, 1).")
         if not 0.0 < self.test_fraction < 1.0:
             raise UsageError(f"--test-fraction {self.test_fraction}, must be in (0, 1).")
+        if not 0.0 < self.probe_val_fraction < 1.0:
+            raise UsageError(f"--probe-val-fraction {self.probe_val_fraction}, must be in (0, 1).")
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -204,7 +209,8 @@ def _select_rows(config: TrainConfig, feats: cache_io.FeatureCache,
     """(training domains, the rows the head may fit on, the classes without any of them)."""
     domains = check_domains(config.train_domains, [d for d in np.unique(feats.domains).tolist() if d])
     fractions = id_fractions(cache_io.iter_ids(config.features))
-    rows = training_rows(feats.domains, feats.splits, config.train_domains, fractions, config.test_fraction)
+    rows = training_rows(feats.domains, feats.splits, feats.labels, config.train_domains, fractions, config.test_fraction,
+                         config.probe_val_fraction)
     if len(rows) < 2:
         raise UsageError(f"only {len(rows)} training row(s) in {config.features!r} for domains {domains}; need at least 2.")
     empty = classes_without_rows(feats.labels[rows], feats.classes)

@@ -177,7 +177,8 @@ def train_box(
     head: Annotated[HeadChoice, typer.Option(help="box (LARE), dr-sa / dr-pool (LatentDR), lads (baseline).")] = "box",
     train_domain: Annotated[Optional[List[str]], typer.Option("--train-domain", help="Train on this domain; repeatable. Default: all.")] = None,
     test_fraction: Annotated[float, typer.Option(help="Held-out test rows (by a hash of the row id) when the cache has no split column; never trained on, as in vlaug probe.")] = 0.2,
-    val_fraction: Annotated[float, typer.Option(help="Stratified part of the training rows whose loss selects the epoch.")] = 0.2,
+    val_fraction: Annotated[float, typer.Option(help="Stratified part of the head's training rows whose loss selects the epoch.")] = 0.2,
+    probe_val_fraction: Annotated[float, typer.Option(help="vlaug probe's validation rows (by a hash of the row id, the same for every seed), never trained on: give the probe's --val-fraction.")] = 0.2,
     epochs: Annotated[Optional[int], typer.Option(help="Default: box 100, dr 100, lads 50.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Default: box 512, dr 256, lads 256.")] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
@@ -212,7 +213,7 @@ def train_box(
     options = {k: _value(v) for k, v in given.items() if v is not None}
     config = TrainConfig(
         features=str(features), out=str(out), head=head_config(_value(head), options),
-        train_domains=tuple(train_domain or ()), test_fraction=test_fraction, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
+        train_domains=tuple(train_domain or ()), test_fraction=test_fraction, val_fraction=val_fraction, probe_val_fraction=probe_val_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, seed=seed, device=device, memory_budget=memory_budget, overwrite=overwrite,
         allow_incomplete=allow_incomplete, progress=progress,
     )
@@ -229,7 +230,7 @@ def probe(
     train_domain: Annotated[Optional[List[str]], typer.Option("--train-domain", help="Training domain; repeatable. Default: all.")] = None,
     seeds: Annotated[int, typer.Option(help="Seeds 0..N-1: splits, sampling, joint training; mean ± std over them.")] = 5,
     test_fraction: Annotated[float, typer.Option(help="Held-out test rows of the training domains (by a hash of the row id, the same for every seed and stage) when the cache has no split column.")] = 0.2,
-    val_fraction: Annotated[float, typer.Option(help="Validation part of the training rows (selects weight decay and epoch).")] = 0.2,
+    val_fraction: Annotated[float, typer.Option(help="Validation part of the training rows (selects weight decay and epoch), by a hash of the row id: the same for every seed and stage, never trained on by vlaug train-box heads.")] = 0.2,
     shots: Annotated[Optional[int], typer.Option(help="K training images per class (few-shot).")] = None,
     imbalance: Annotated[Optional[str], typer.Option(help="X:N: X % of the classes reduced to N training images.")] = None,
     reweight: Annotated[ReweightChoice, typer.Option(help="Probe reweighting: none, groupdro, seed-category (pattern imbalance).")] = "none",
