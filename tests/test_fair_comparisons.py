@@ -63,6 +63,7 @@ def test_linear_zs_selects_on_the_wise_mix(cache_and_heads, tmp_path):
     """linear-zs deploys (1 − λ)·zero-shot + λ·W: its weight decay is the one whose mix scores
     best on the validation rows, which the unmixed fit's scores need not agree with."""
     from vlaug.methods import parse_method
+    from vlaug.probe import fit_probe
     from vlaug.zero_shot import zero_shot_weights
 
     root, feats = cache_and_heads
@@ -75,7 +76,6 @@ def test_linear_zs_selects_on_the_wise_mix(cache_and_heads, tmp_path):
     anchor = zero_shot_weights(data.text)
     for candidate in fit.search:  # each candidate's score is its mix's, recomputed by hand
         wd = candidate["weight_decay"]
-        from vlaug.probe import Rows, fit_probe
         W, b, _ = fit_probe(method.training_rows(data, np.asarray(splits.train), 0), wd, 60,
                             init=(anchor, torch.zeros(data.n_classes)), regularize_towards=anchor)
         mixed = data.make_probe(0.7 * anchor + 0.3 * W, 0.3 * b)
@@ -130,3 +130,42 @@ def test_pairs_span_the_whole_training_set_of_a_cache_sorted_by_domain(tmp_path,
                                                  torch.Generator().manual_seed(0))[0]
         dom = data.dom[data.rows(train)]
         assert bool((dom[partners] != dom).all())
+
+
+@pytest.mark.parametrize("labels, end", [("clean", "weak"), ("random", "strong")])
+def test_the_search_goes_past_an_end_of_the_grid_it_chose(labels, end):
+    """When the best weight decay is an end of the grid, the search goes on past it a decade
+    at a time (warm-started) until the best is interior or 3 decades were added, and says so
+    (issue 27, item 5)."""
+    from vlaug.methods.linear import GRID_EXTENSION_DECADES, extend_grid
+    from vlaug.probe import Rows, select_weight_decay
+    from vlaug.runs import MethodSettings
+
+    g = torch.Generator().manual_seed(1)
+    centres = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=1)
+    y = torch.randint(0, 3, (300,), generator=g)
+    x = torch.nn.functional.normalize(centres[y] + 0.05 * torch.randn(300, 8, generator=g), dim=1)
+    if labels == "random":  # nothing to learn but the prior: the strongest weight decay fits the validation rows best
+        x = torch.nn.functional.normalize(torch.randn(300, 8, generator=g), dim=1)
+        y = torch.cat([torch.tensor([0, 0, 0, 1, 2]).repeat(40), torch.zeros(100, dtype=torch.long)])
+    train, val = Rows.of(x[:200], y[:200], n_classes=3), Rows.of(x[200:], y[200:], n_classes=3)
+    grid = [1e-2, 1e-3]
+    best, search = select_weight_decay(train, val, grid, 100)
+    assert best["weight_decay"] == (1e-3 if end == "weak" else 1e-2)
+    settings = MethodSettings(grid=tuple(grid), max_iter=100)
+    best, search, info = extend_grid(train, val, best, search, settings, None)
+    added = [c["weight_decay"] for c in search if c.get("extension")]
+    assert info["grid_extended"] and added and len(added) <= GRID_EXTENSION_DECADES
+    factor = 0.1 if end == "weak" else 10.0
+    start = grid[1] if end == "weak" else grid[0]
+    assert added == pytest.approx([start * factor ** (k + 1) for k in range(len(added))])
+    assert info["grid"] == pytest.approx([min(grid + added), max(grid + added)])
+    # it stopped because the best is interior, or at the bound
+    interior = best["weight_decay"] != added[-1]
+    assert interior or len(added) == GRID_EXTENSION_DECADES
+    assert best["val_accuracy"] == max(c["val_accuracy"] for c in search)
+    # an interior choice is left alone
+    mid, mid_search = select_weight_decay(train, val, [1e-1, best["weight_decay"], best["weight_decay"] / 100], 100) \
+        if end == "weak" else select_weight_decay(train, val, [best["weight_decay"] * 100, best["weight_decay"], 1e-6], 100)
+    if mid["weight_decay"] == best["weight_decay"]:
+        assert extend_grid(train, val, mid, mid_search, settings, None)[2]["grid_extended"] is False

@@ -446,7 +446,10 @@ def test_fits_at_float32_precision_end_their_line_search_at_once(tolerance_grad,
     monkeypatch.setattr(probe_module, "_objectives", lambda *a, **k: passes.append(1) or real(*a, **k))
     fits = fit_probes(rows, grid, max_iter=300, tolerance_grad=tolerance_grad)
     iterations = max(info["iterations"] for *_, info in fits)
-    assert all(info["converged"] for *_, info in fits) and iterations < 300
+    # stopped before the cap: by the gradient test (converged) or by float32's resolution (stalled, never converged)
+    assert all(info["converged"] != info["stalled"] for *_, info in fits) and iterations < 300
+    if tolerance_grad == 0:
+        assert not any(info["converged"] for *_, info in fits)
     assert len(passes) <= iterations + 12  # the first pass, and a few backtracking ones
 
     x64, w = torch.tensor(x, dtype=torch.float64), torch.full((n,), 1.0 / n, dtype=torch.float64)

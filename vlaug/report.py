@@ -238,8 +238,16 @@ def _probe_text(report: dict) -> str:
     sampled = any("selected_on" in r.get("selection", {}) for r in report["results"])
     selection = (f" on a seeded sample of at most {c['selection_rows']} training and {c['selection_rows']} validation "
                  "rows (--selection-rows), then refitted on every training row" if sampled else "")
+    searched = [r["selection"] for r in report["results"] if "grid_extended" in r.get("selection", {})]
+    extended = [x for x in searched if x["grid_extended"]]
+    if extended:
+        lo, hi = min(x["grid"][0] for x in extended), max(x["grid"][1] for x in extended)
+        selection += (f"; where the best value was at an end of the grid, the search went on past it a decade at a time "
+                      f"(at most 3) until the best was interior: {len(extended)} of {len(searched)} searches, values "
+                      f"{lo:g} … {hi:g} tried")
     return (f"multinomial logistic regression, L-BFGS, each weight decay fitted to convergence (at most {c['max_iter']} "
-            f"iterations), chosen on validation accuracy from {len(grid)} values {grid[0]:g} … {grid[-1]:g}{selection}; "
+            f"iterations), chosen on the validation accuracy of what each method deploys from {len(grid)} values "
+            f"{grid[0]:g} … {grid[-1]:g}{selection}; "
             f"reweight: {_reweighted_methods(report)}; class weights: {c['class_weight']}; "
             f"zero-shot logits cos / {p['zero_shot_temperature']}")
 

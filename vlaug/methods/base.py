@@ -109,6 +109,7 @@ class Search:
     sample: tuple[np.ndarray, np.ndarray] | None = None
     refit: dict | None = None
     train: np.ndarray | None = None  # the training rows it was fitted for
+    extension: dict | None = None  # {"grid_extended", "grid"} once continued past an end of the grid (None: not yet)
 
 
 @dataclass

@@ -20,13 +20,20 @@ from vlaug.methods.base import BatchPlan, EnsembleOptions, Fit, Method, RunData,
 from vlaug.methods.batching import ProbeSolver
 from vlaug.discriminant import SHRINKAGE_GRID, ClassStatistics, gda_weights, shrunk_inverses
 from vlaug.probe import (Rows, Scorer, as_labels, fit_probe, fit_probes, fit_reweighted, is_better, row_pieces,
-                         select_weight_decay)
+                         select_weight_decay, validation_scores)
 from vlaug.zero_shot import zero_shot_weights
 
 # After a search on a sample, the fit on every training row starts from the sample's probe at
 # the chosen weight decay and stops at scikit-learn's default tolerance (largest gradient entry
 # 1e-4) rather than the search's 1e-5: each of its evaluations is a pass over every row.
 REFIT_TOLERANCE = 1e-4
+
+# When the chosen weight decay is at an end of the grid, the search goes on past that end, a decade
+# at a time (each fit warm-started from the best so far), until the best is interior or this
+# many decades were added on that side (issue 27: on the shift benchmark most augmenting methods
+# chose the grid's weakest value, 1e-6, on most seeds). 3 decades: 1e-9 … 1e2 around the default
+# grid, far enough that a rows-per-dimension ratio of a few hundred is covered at the weak end.
+GRID_EXTENSION_DECADES = 3
 
 # --reweight: Adam steps from the selected probe, regrouping period t0 and Mei et al.'s η
 REWEIGHT_SCHEDULE = {"steps": 500, "period": 100, "eta": 0.01, "lr": 0.01}
@@ -114,8 +121,14 @@ class ProbeMethod(Method):
         if found is None or found.train is None or not np.array_equal(found.train, train):  # not these rows' search
             found = self._search(data, train, val, seed, gate)
         best, rows = found.best, found.rows if found.rows is not None else self.training_rows(data, train, seed)
+        if found.extension is None:  # a batched search: extended here, past an end of the grid if it chose one
+            best, search, found.extension = extend_grid(rows, data.labelled_rows(val), best, found.search,
+                                                        data.settings, self.start(data)[1], self.scorer(data, val, gate, rows, train))
+            if best is not found.best:
+                found.best, found.search, found.W, found.b = best, search, best["W"], best["b"]
         selection = {k: best[k] for k in ("weight_decay", "iterations", "converged", "stalled", "val_accuracy",
                                           "val_log_loss") if k in best}
+        selection.update(found.extension)
         W, b = self._reweighted(data, rows, train, found.W, found.b, selection)
         W, b = self.finish(W, b, self.start(data)[1])
         if found.sample is not None:
@@ -139,23 +152,27 @@ class ProbeMethod(Method):
         sample = _selection_sample(train, val, cfg.selection_rows, seed)
         rows = self.training_rows(data, train, seed)
         if sample is None:
-            best, search = select_weight_decay(rows, data.labelled_rows(val), grid, cfg.max_iter, init, anchor,
-                                               self.scorer(data, val, gate, rows, train))
-            return Search(best, search, best["W"], best["b"], rows)
+            scorer, labelled = self.scorer(data, val, gate, rows, train), data.labelled_rows(val)
+            best, search = select_weight_decay(rows, labelled, grid, cfg.max_iter, init, anchor, scorer)
+            best, search, extension = extend_grid(rows, labelled, best, search, cfg, anchor, scorer)
+            return Search(best, search, best["W"], best["b"], rows, extension=extension)
         # select on a seeded sample held in memory, then refit on every training row, warm-started
-        best, search = self._search_sample(data, sample, seed, grid, init, anchor, gate)
+        best, search, extension = self._search_sample(data, sample, seed, grid, init, anchor, gate)
         W, b, info = fit_probe(rows, best["weight_decay"], cfg.max_iter, init=(best["W"], best["b"]),
                                regularize_towards=anchor, tolerance_grad=REFIT_TOLERANCE)
-        return Search(best, search, W, b, rows, sample, {k: info[k] for k in ("iterations", "converged", "stalled")})
+        return Search(best, search, W, b, rows, sample, {k: info[k] for k in ("iterations", "converged", "stalled")},
+                      extension=extension)
 
-    def _search_sample(self, data, sample, seed, grid, init, anchor, gate=None) -> tuple[dict, list[dict]]:
-        """The search on a seeded sample of the training and validation rows, held in memory."""
+    def _search_sample(self, data, sample, seed, grid, init, anchor, gate=None) -> tuple[dict, list[dict], dict]:
+        """The search on a seeded sample of the training and validation rows, held in memory
+        (extended past an end of the grid that it chose)."""
         sub_train, sub_val = sample
         held = data.subset(np.concatenate([sub_train, sub_val]))
         local = np.arange(len(sub_train) + len(sub_val))
-        rows = self.training_rows(held, local[:len(sub_train)], seed)
-        return select_weight_decay(rows, held.labelled_rows(local[len(sub_train):]), grid, data.settings.max_iter, init,
-                                   anchor, self.scorer(held, local[len(sub_train):], gate, rows, local[:len(sub_train)]))
+        rows, labelled = self.training_rows(held, local[:len(sub_train)], seed), held.labelled_rows(local[len(sub_train):])
+        scorer = self.scorer(held, local[len(sub_train):], gate, rows, local[:len(sub_train)])
+        best, search = select_weight_decay(rows, labelled, grid, data.settings.max_iter, init, anchor, scorer)
+        return extend_grid(rows, labelled, best, search, data.settings, anchor, scorer)
 
     def batch_values(self, data: RunData, splits) -> float | None:
         """How many values this method's rows built for every seed at once would hold (0:
@@ -201,12 +218,12 @@ class ProbeMethod(Method):
             picks.append(self._search_sample(data, sample, seed, grid, init, anchor))
             release_memory()  # the sample's copy and the search's temporaries, before the next seed's (lowers the peak)
         union = solver.union_rows(trains, members)
-        fits = fit_probes(union, [best["weight_decay"] for best, _ in picks], cfg.max_iter,
-                          init=(torch.stack([best["W"] for best, _ in picks]), torch.stack([best["b"] for best, _ in picks])),
+        fits = fit_probes(union, [best["weight_decay"] for best, *_ in picks], cfg.max_iter,
+                          init=(torch.stack([best["W"] for best, *_ in picks]), torch.stack([best["b"] for best, *_ in picks])),
                           regularize_towards=anchor, tolerance_grad=REFIT_TOLERANCE, columns=list(range(len(splits))))
         return {seed: Search(best, search, W, b, None, samples[seed],
-                                {k: info[k] for k in ("iterations", "converged", "stalled")}, trains[seed])
-                for seed, ((best, search), (W, b, info)) in enumerate(zip(picks, fits))}
+                             {k: info[k] for k in ("iterations", "converged", "stalled")}, trains[seed], extension)
+                for seed, ((best, search, extension), (W, b, info)) in enumerate(zip(picks, fits))}
 
     def refit(self, data, rows, seed, selection) -> Fit:
         train_rows = self.training_rows(data, rows, seed)
@@ -336,6 +353,35 @@ def _joined(blocks: list[tuple], n_classes: int) -> list[tuple]:
         return [(torch.cat([x for x, _ in blocks]), torch.cat([t for _, t in blocks]))]
     soft = [F.one_hot(t, n_classes).to(x.dtype) if t.dim() == 1 else t for x, t in blocks]
     return [(torch.cat([x for x, _ in blocks]), torch.cat(soft))]
+
+
+def extend_grid(rows: Rows, val: Rows, best: dict, search: list[dict], settings, anchor: torch.Tensor | None,
+                scorer: Scorer | None = None) -> tuple[dict, list[dict], dict]:
+    """The search continued past an end of the weight-decay grid that it chose: a decade at a
+    time (each fit warm-started from the best so far, scored like the grid, by ``scorer``),
+    until the best is interior or GRID_EXTENSION_DECADES were added on that side. Returns the
+    best, the search (each added candidate marked ``"extension": true``) and
+    ``{"grid_extended", "grid": [lowest, highest weight decay tried]}``."""
+    grid = [c["weight_decay"] for c in search]
+    info = {"grid_extended": False, "grid": [min(grid), max(grid)]}
+    if len(grid) < 2:
+        return best, search, info
+    search = list(search)
+    for factor in (0.1, 10.0):  # the weak end, then the strong end
+        end = min(grid) if factor < 1 else max(grid)
+        for _ in range(GRID_EXTENSION_DECADES):
+            if best["weight_decay"] != end:
+                break
+            end *= factor
+            W, b, fit = fit_probe(rows, end, settings.max_iter, init=(best["W"], best["b"]), regularize_towards=anchor)
+            theta = torch.cat([W, b[None]])[None]
+            (accuracy, log_loss), = scorer(theta, [end]) if scorer is not None else validation_scores(val, theta)
+            entry = {"weight_decay": end, **fit, "val_accuracy": accuracy, "val_log_loss": log_loss, "extension": True}
+            search.append(entry)
+            info = {"grid_extended": True, "grid": [min(info["grid"][0], end), max(info["grid"][1], end)]}
+            if is_better((accuracy, log_loss), (best["val_accuracy"], best["val_log_loss"])):
+                best = {**entry, "W": W, "b": b}
+    return best, search, info
 
 
 def _selection_sample(train: np.ndarray, val: np.ndarray, limit: int, seed: int):
