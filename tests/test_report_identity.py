@@ -41,7 +41,7 @@ COMMON = ["--train-domain", "photo", "--seeds", "2", "--grid-size", "3", "--max-
 SCENARIOS = {
     "all_methods": (["zero-shot", "linear", "linear-zs?wise=0.3", "linear?ensemble=0.3", "box:{root}/box?n_aug=3&ensemble=0.5",
                      "dr:{root}/dr-sa", "lads:{root}/lads", "gaussian?sigma=0.2", "mixup", "xdomain-mix",
-                     "batchformer?epochs=3", "latentdr-sa?epochs=3", "latentdr-pool?epochs=3"], []),
+                     "batchformer?max_steps=30", "latentdr-sa?max_steps=30", "latentdr-pool?max_steps=30"], []),
     "reweighted": (["linear", "gaussian", "box:{root}/box"],
                    ["--reweight", "seed-category", "--class-weight", "--imbalance", "50:8"]),
     "groupdro_shots": (["linear", "mixup"], ["--reweight", "groupdro", "--shots", "10"]),

@@ -34,6 +34,11 @@ REFIT_TOLERANCE = 1e-4
 # chose the grid's weakest value, 1e-6, on most seeds). 3 decades: 1e-9 … 1e2 around the default
 # grid, far enough that a rows-per-dimension ratio of a few hundred is covered at the weak end.
 GRID_EXTENSION_DECADES = 3
+# A value past the grid replaces the best only with a higher validation accuracy, or the same
+# accuracy and a log-loss lower by this fraction: past the weak end, where the rows are nearly
+# separable, the log-loss of successive decades differs in its last digits, and the choice
+# would follow the optimiser's start (a batched fit or one alone) rather than the data.
+EXTENSION_GAIN = 1e-3
 
 # --reweight: Adam steps from the selected probe, regrouping period t0 and Mei et al.'s η
 REWEIGHT_SCHEDULE = {"steps": 500, "period": 100, "eta": 0.01, "lr": 0.01}
@@ -358,8 +363,9 @@ def _joined(blocks: list[tuple], n_classes: int) -> list[tuple]:
 def extend_grid(rows: Rows, val: Rows, best: dict, search: list[dict], settings, anchor: torch.Tensor | None,
                 scorer: Scorer | None = None) -> tuple[dict, list[dict], dict]:
     """The search continued past an end of the weight-decay grid that it chose: a decade at a
-    time (each fit warm-started from the best so far, scored like the grid, by ``scorer``),
-    until the best is interior or GRID_EXTENSION_DECADES were added on that side. Returns the
+    time (each fit warm-started from the best so far, scored like the grid, by ``scorer``;
+    taken when better by EXTENSION_GAIN), until the best is interior or GRID_EXTENSION_DECADES
+    were added on that side. Returns the
     best, the search (each added candidate marked ``"extension": true``) and
     ``{"grid_extended", "grid": [lowest, highest weight decay tried]}``."""
     grid = [c["weight_decay"] for c in search]
@@ -379,7 +385,8 @@ def extend_grid(rows: Rows, val: Rows, best: dict, search: list[dict], settings,
             entry = {"weight_decay": end, **fit, "val_accuracy": accuracy, "val_log_loss": log_loss, "extension": True}
             search.append(entry)
             info = {"grid_extended": True, "grid": [min(info["grid"][0], end), max(info["grid"][1], end)]}
-            if is_better((accuracy, log_loss), (best["val_accuracy"], best["val_log_loss"])):
+            if accuracy > best["val_accuracy"] or (accuracy == best["val_accuracy"]
+                                                   and log_loss < (1 - EXTENSION_GAIN) * best["val_log_loss"]):
                 best = {**entry, "W": W, "b": b}
     return best, search, info
 
