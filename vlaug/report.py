@@ -215,7 +215,8 @@ def _splits_text(report: dict) -> str:
     test_rows = ("the cache’s `test` rows" if p["uses_cache_splits"] else
                  f"the held-out test rows are the training-domain rows whose id hashes below {c['test_fraction']}")
     return (f"one held-out test split for every stage and seed: {test_rows}, and every row of the out-of-domain "
-            f"domains; heads and probes fit only on the other rows (seeded validation fraction {c['val_fraction']}); {sizes}")
+            f"domains; the validation rows are fixed the same way (a fraction {c['val_fraction']} of the rest, by id hash, "
+            f"stratified; the same for every seed), and neither heads nor probes fit on either; {sizes}")
 
 
 def _protocol_text(protocol: dict) -> str:
