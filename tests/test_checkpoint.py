@@ -13,14 +13,15 @@ from tests.test_train import _config
 from vlaug import cache
 from vlaug.checkpoint import HEAD_KINDS, build_head, check_head_matches_cache, load_head
 from vlaug.errors import CacheMismatchError, CheckpointError
-from vlaug.protocols import id_fractions
+from vlaug.protocols import id_fractions, training_rows
 from vlaug.train import train_head
 
 
 def _n_fit_rows(features, domain, test_fraction=0.2):
-    """Rows of ``domain`` outside the held-out test split."""
+    """Rows of ``domain`` outside the held-out test split and the probe's validation rows."""
     feats = cache.read_cache(features)
-    return int(((feats.domains == domain) & (id_fractions(feats.ids) >= test_fraction)).sum())
+    fractions = id_fractions(feats.ids)
+    return len(training_rows(feats.domains, feats.splits, feats.labels, [domain], fractions, test_fraction, 0.2))
 
 
 @pytest.fixture(scope="module")
