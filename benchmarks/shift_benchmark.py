@@ -245,6 +245,7 @@ def measure(sim: dict) -> dict:
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 THREADS = {"n": None}  # --threads: set in main()
+SKIPPED = {"names": ()}  # --skip: registered methods left out of the run (set in main(), stated in the output)
 
 
 def vlaug_cli(args: list[str], log) -> subprocess.CompletedProcess:
@@ -308,6 +309,8 @@ def method_specs(heads: dict, joint_epochs: int | None,
 
     specs, missing = [], []
     for name, cls in REGISTRY.items():
+        if name in SKIPPED["names"]:
+            continue
         options = {}
         fields_ = {f.name for f in dataclasses.fields(cls.Options)} if dataclasses.is_dataclass(cls.Options) else set()
         if "epochs" in fields_ and joint_epochs:
@@ -1091,6 +1094,8 @@ def markdown(run: dict) -> str:
          f"seeds 0..{n_seeds[-1] - 1 if n_seeds else '?'} ({', '.join(map(str, n_seeds))} per setting); "
          f"total {meta['seconds']:.0f} s.", "",
          _caches_line(run), "",
+         *([f"Left out of this run (`--skip`): {', '.join(f'`{n}`' for n in meta['skipped'])}; their rows are "
+            "not here and no claim below covers them.", ""] if meta.get("skipped") else []),
          "Every method of `vlaug.methods.REGISTRY` is run through `python -m vlaug probe` on a feature cache written "
          "with vlaug's own writer; heads come from `python -m vlaug train-box` on `photo`. The simulator and the "
          "published figures it is calibrated to are described in the script's docstring. "
@@ -1269,13 +1274,15 @@ def _meta(argv: list[str]) -> dict:
     return {"argv": argv, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()} "
             f"{os.cpu_count()} cores, {platform.system()}", "python": platform.python_version(),
             "vlaug_version": __version__, "git": git, "torch": torch.__version__, "sklearn": sklearn.__version__,
-            "torch_threads": torch.get_num_threads(), "threads_env": THREADS["n"]}
+            "torch_threads": torch.get_num_threads(), "threads_env": THREADS["n"], "skipped": list(SKIPPED["names"])}
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
+    ap.add_argument("--skip", default="", help="comma-separated registered methods to leave out (e.g. the joint methods "
+                                                "whose AdamW searches dominate the time); the output names them")
     ap.add_argument("--seeds", type=int, default=None, help="vlaug probe --seeds (default 10; 2 with --quick)")
     ap.add_argument("--caches", choices=CACHE_KINDS, default="reported",
                     help="reported: each setting's simulator seed (the published numbers; run once, at the end); "
@@ -1300,6 +1307,7 @@ def main(argv: list[str] | None = None) -> dict:
         run["meta"]["argv"] = argv
         return _write(run, args, lambda msg: print(msg, file=sys.stderr))
     THREADS["n"] = args.threads or None
+    SKIPPED["names"] = tuple(n.strip() for n in args.skip.split(",") if n.strip())
     if args.threads:
         import torch
         from threadpoolctl import threadpool_limits
