@@ -1,8 +1,14 @@
-"""The generic minibatch training loop: AdamW over epochs, the epoch with the lowest
-validation loss kept. It knows no head and no file: callers pass a module, a loss and
-their rows (tensors in memory, or callables that stream chunks of rows).
+"""The generic minibatch training loops. It knows no head and no file: callers pass a
+module, a loss and their rows (tensors in memory, or callables that stream chunks of rows).
 
-Used by stage 2 (``vlaug train-box``) for every head and by stage 3's joint methods.
+- :func:`fit` / :func:`fit_streamed` / :func:`fit_batches`: AdamW over epochs, the epoch
+  with the lowest validation loss kept. Stage 2 (``vlaug train-box``) trains every head so.
+- :func:`fit_steps`: a budget counted in optimiser steps, validation every few steps, one
+  copy of the module per configuration (learning rate, weight decay), all trained on the
+  same minibatches in one vectorised forward (``torch.func.vmap``); each keeps the step with
+  its lowest validation loss and stops on its own patience. Stage 3's joint methods search
+  their grid so.
+
 Each epoch draws a seeded permutation and slices batches from it (no DataLoader, no
 per-sample Python).
 """
@@ -12,14 +18,18 @@ from __future__ import annotations
 import copy
 import math
 import sys
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
+from torch.func import functional_call, vmap
 
 # (module, x, y) -> (loss, parts): parts are detached scalars logged per epoch
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
 # () -> one pass over some rows as (x, y) tensors on the module's device
 Chunks = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+# stacked parameters of the configurations still training ({name: (A, ...)}) -> (A,) validation losses
+StackedLoss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
 def fit(
@@ -226,3 +236,190 @@ def mean_loss(module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, batch_s
             loss, parts = loss_fn(module, x[start : start + batch_size], y[start : start + batch_size])
             total += float(parts[part] if part else loss) * len(x[start : start + batch_size])
     return total / len(x)
+
+
+@dataclass
+class StepRun:
+    """One configuration of :func:`fit_steps`: how it stopped and the parameters it kept."""
+
+    lr: float
+    weight_decay: float
+    steps: int = 0  # optimiser steps it ran
+    stopped: str = "cap"  # "patience": its validation loss stopped improving; "cap": it ran max_steps
+    selected_step: int = 0  # the step kept (lowest validation loss; the last step without validation)
+    val_loss: float | None = None  # validation loss at the kept step (None: no validation)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # the kept parameters, by name
+
+
+def fit_steps(
+    module: torch.nn.Module,
+    loss_fn: LossFn,
+    *,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    batch_size: int,
+    max_steps: int,
+    configs: list[tuple[float, float]],
+    val_loss: StackedLoss | None = None,
+    val_every: int = 1,
+    patience: int | None = None,
+    min_improvement: float = 0.0,
+    generator: torch.Generator | None = None,
+    vectorize: bool = True,
+) -> list[StepRun]:
+    """Train one copy of ``module`` (all from its current weights) per configuration
+    ``(lr, weight_decay)`` of ``configs`` with AdamW, counting optimiser steps.
+
+    Every step draws one minibatch (slices of a seeded permutation of the training rows,
+    a new one each pass) and feeds it to every configuration still training: the copies'
+    parameters are stacked and ``loss_fn`` runs once for all of them under
+    ``torch.func.vmap`` (``randomness="different"``: each copy draws its own dropout).
+    Every ``val_every`` steps (and at the last) ``val_loss`` scores the copies; each keeps
+    the step with its lowest validation loss and stops once ``patience`` steps have passed
+    without a lower one by more than ``min_improvement`` (a fraction of the loss that last
+    restarted its patience: a loss that creeps down forever does not keep a copy training).
+    A few rows make a small epoch, never a short training.
+
+    Args:
+        loss_fn: ``(module, x, y) -> (loss, parts)``; the module it is given calls
+            ``module`` with a copy's parameters.
+        x_train, y_train: tensors on the module's device.
+        configs: ``(lr, weight_decay)`` per copy (decoupled weight decay, as torch's AdamW).
+        val_loss: the copies' validation losses from their stacked parameters; None: no
+            validation, every copy runs ``max_steps`` steps and keeps the last.
+        patience: steps without a lower validation loss before a copy stops (None: never).
+        min_improvement: the relative drop of the validation loss that restarts the patience
+            (0: any drop).
+        generator: CPU generator for the batch order.
+        vectorize: False for a module that ``vmap`` cannot run: the copies' forwards then
+            run one after another in each step (same batches, same updates).
+
+    Returns:
+        one :class:`StepRun` per configuration, in order; ``module`` itself is unchanged.
+    """
+    if max_steps < 1 or val_every < 1 or not configs:
+        raise ValueError(f"max_steps == {max_steps} and val_every == {val_every} must be >= 1, with at least one config.")
+    runs = [StepRun(lr, wd) for lr, wd in configs]
+    optimizer = _StackedAdamW(module, configs)
+    buffers = {name: b for name, b in module.named_buffers()}  # shared by the copies (vlaug's modules update none)
+    batches = _batches(len(x_train), batch_size, generator, x_train.device)
+    reference = [(math.inf, 0)] * len(runs)  # (loss, step) that last restarted each copy's patience (step 0: none yet)
+    module.train()
+    for step in range(1, max_steps + 1):
+        idx = next(batches)
+        losses = _stacked_losses(module, loss_fn, optimizer.params, buffers, x_train[idx], y_train[idx], vectorize)
+        losses.sum().backward()  # the copies are independent: each gets its own gradient
+        optimizer.step()
+        if val_loss is None or (step % val_every and step < max_steps):
+            continue
+        with torch.no_grad():
+            scores = val_loss(optimizer.params).tolist()
+        done = []
+        for slot, (k, score) in enumerate(zip(optimizer.ids, scores)):
+            run, score = runs[k], score if math.isfinite(score) else math.inf
+            if not run.state or score < run.val_loss:
+                run.selected_step, run.val_loss = step, score
+                run.state = optimizer.copy(slot)
+            if not reference[k][1] or score < reference[k][0] * (1 - min_improvement):
+                reference[k] = (score, step)
+            if patience is not None and step - reference[k][1] >= patience:
+                run.steps, run.stopped = step, "patience"
+                done.append(slot)
+        optimizer.drop(done)
+        if not optimizer.ids:
+            break
+    for slot, k in enumerate(optimizer.ids):  # still training at the cap
+        runs[k].steps, runs[k].stopped = max_steps, "cap"
+        if val_loss is None:
+            runs[k].selected_step, runs[k].state = max_steps, optimizer.copy(slot)
+    module.eval()
+    return runs
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator | None, device: torch.device) -> Iterator[torch.Tensor]:
+    """Row indices of minibatches, endlessly: each pass a seeded permutation, sliced (the last slice may be smaller)."""
+    while True:
+        order = torch.randperm(n, generator=generator).to(device)
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]
+
+
+class _Bound:
+    """``module`` called with one copy's parameters (``torch.func.functional_call``): what a
+    :data:`LossFn` calls; its other attributes are the module's."""
+
+    def __init__(self, module: torch.nn.Module, state: dict[str, torch.Tensor]):
+        self._module, self._state = module, state
+
+    def __call__(self, *args):
+        return functional_call(self._module, self._state, args)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def _stacked_losses(module, loss_fn: LossFn, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                    x: torch.Tensor, y: torch.Tensor, vectorize: bool) -> torch.Tensor:
+    """(A,) training losses of the copies on one minibatch."""
+
+    def one(p):
+        return loss_fn(_Bound(module, {**p, **buffers}), x, y)[0]
+
+    if vectorize:
+        return vmap(one, randomness="different")(params)
+    n = len(next(iter(params.values())))
+    return torch.stack([one({name: p[i] for name, p in params.items()}) for i in range(n)])
+
+
+class _StackedAdamW:
+    """AdamW (torch's update: decoupled weight decay, bias-corrected moments) over stacked
+    copies of a module's parameters, each copy with its own lr and weight decay; copies
+    that stop are dropped from the stack."""
+
+    BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults
+
+    def __init__(self, module: torch.nn.Module, configs: list[tuple[float, float]]):
+        n = len(configs)
+        self.params = {name: p.detach().unsqueeze(0).repeat(n, *[1] * p.dim()).requires_grad_()
+                       for name, p in module.named_parameters()}  # {name: (A, ...)}
+        self.exp_avg = {name: torch.zeros_like(p) for name, p in self.params.items()}
+        self.exp_avg_sq = {name: torch.zeros_like(p) for name, p in self.params.items()}
+        device = next(iter(self.params.values())).device
+        self.lr = torch.tensor([lr for lr, _ in configs], device=device)  # (A,)
+        self.weight_decay = torch.tensor([wd for _, wd in configs], device=device)
+        self.ids = list(range(n))  # the configuration of each slot still in the stack
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update of every copy from its gradient (cleared afterwards)."""
+        self.t += 1
+        (b1, b2), t = self.BETAS, self.t
+        correction1, correction2 = 1 - b1**t, math.sqrt(1 - b2**t)
+        for name, p in self.params.items():
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            lr, wd = self.lr.view(shape), self.weight_decay.view(shape)
+            grad, m, v = p.grad, self.exp_avg[name], self.exp_avg_sq[name]
+            if grad is None:  # unused by the loss: left alone, as torch's AdamW does
+                continue
+            p.mul_(1 - lr * wd)
+            m.lerp_(grad, 1 - b1)
+            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            p.sub_(lr / correction1 * m / (v.sqrt() / correction2 + self.EPS))
+            p.grad = None
+
+    def copy(self, slot: int) -> dict[str, torch.Tensor]:
+        """The parameters of the copy in ``slot``, detached."""
+        return {name: p[slot].detach().clone() for name, p in self.params.items()}
+
+    def drop(self, slots: list[int]) -> None:
+        """Remove the copies in ``slots`` from the stack."""
+        if not slots:
+            return
+        keep = [i for i in range(len(self.ids)) if i not in slots]
+        index = torch.as_tensor(keep, device=self.lr.device, dtype=torch.long)
+        self.params = {name: p.detach()[index].requires_grad_() for name, p in self.params.items()}
+        self.exp_avg = {name: m[index] for name, m in self.exp_avg.items()}
+        self.exp_avg_sq = {name: v[index] for name, v in self.exp_avg_sq.items()}
+        self.lr, self.weight_decay = self.lr[index], self.weight_decay[index]
+        self.ids = [self.ids[i] for i in keep]
