@@ -169,3 +169,31 @@ def test_the_search_goes_past_an_end_of_the_grid_it_chose(labels, end):
         if end == "weak" else select_weight_decay(train, val, [best["weight_decay"] * 100, best["weight_decay"], 1e-6], 100)
     if mid["weight_decay"] == best["weight_decay"]:
         assert extend_grid(train, val, mid, mid_search, settings, None)[2]["grid_extended"] is False
+
+
+def test_a_batched_search_records_the_values_it_tried_past_the_grid(tmp_path):
+    """A search run in the batch (several seeds and methods together) is extended in fit()
+    like a search run alone, and its record lists every value tried, past the grid too."""
+    feats = write_synthetic_cache(tmp_path / "feat", n_per_class=40, d=16, n_classes=3)
+    config = ProbeRunConfig(features=str(feats), out=str(tmp_path / "r"), methods=("linear", "linear-zs"), seeds=2,
+                            train_domains=("photo",), grid_size=3, max_iter=60, device="cpu", progress=False)
+    plan = prepare(config)
+    results, _, _ = _fit_every_seed(plan, progress=False)
+    for r in results:
+        sel = r["selection"]
+        assert "grid_extended" in sel
+        tried = sorted({c["weight_decay"] for c in _first_fits_search(plan, r)})
+        assert sel["grid"] == pytest.approx([tried[0], tried[-1]])
+        assert any(c.get("extension") for c in _first_fits_search(plan, r)) == sel["grid_extended"]
+    assert any(r["selection"]["grid_extended"] for r in results)  # (separable clusters: the weakest value is best)
+
+
+def _first_fits_search(plan, result):
+    """The search a result's method recorded for its seed (fitted again: the fits are deterministic)."""
+    from vlaug.methods import parse_method
+    from vlaug.methods.batching import ProbeSolver
+
+    method = parse_method(result["method"])
+    method.bind(plan.data.feats, plan.train_domains)
+    fits = method.fit_seeds(plan.data, plan.splits, ProbeSolver(plan.data, plan.splits))
+    return fits[result["seed"]].search

@@ -129,8 +129,9 @@ class ProbeMethod(Method):
         if found.extension is None:  # a batched search: extended here, past an end of the grid if it chose one
             best, search, found.extension = extend_grid(rows, data.labelled_rows(val), best, found.search,
                                                         data.settings, self.start(data)[1], self.scorer(data, val, gate, rows, train))
+            found.search = search  # with the values tried past the grid
             if best is not found.best:
-                found.best, found.search, found.W, found.b = best, search, best["W"], best["b"]
+                found.best, found.W, found.b = best, best["W"], best["b"]
         selection = {k: best[k] for k in ("weight_decay", "iterations", "converged", "stalled", "val_accuracy",
                                           "val_log_loss") if k in best}
         selection.update(found.extension)
