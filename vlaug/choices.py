@@ -9,6 +9,8 @@ CLASSES_PROMPT_SET = "classes"  # the class-name prompt ensemble in texts.parque
 STORAGE_DTYPES = ("float16", "float32")  # of the image embeddings in a cache
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of the encoder's forward pass
 HEAD_KINDS = ("box", "dr-sa", "dr-pool", "lads")  # stage-2 heads (vlaug train-box --head)
+PROTOCOLS = ("single", "leave-one-domain-out")  # vlaug probe --protocol
+SELECTIONS = ("training-domain", "leave-one-domain-out", "oracle", "all")  # vlaug probe --selection (DomainBed's)
 REWEIGHTS = ("none", "groupdro", "seed-category", "seed-category-kmeans")  # probe reweighting (vlaug probe --reweight)
 # LatentDR's layer options
 DR_NORMS = ("post", "pre")

@@ -18,14 +18,15 @@ import numpy as np
 import torch
 
 from vlaug import cache as cache_io
-from vlaug import checkpoint, metrics
+from vlaug import checkpoint, domainbed, metrics
 from vlaug._version import __version__
 from vlaug.choices import CLASSES_PROMPT_SET
 from vlaug.devices import release_memory, resolve_device, threads_for
 from vlaug.errors import CheckpointError, UsageError
-from vlaug.methods import Method, RunData, parse_method
+from vlaug.methods import Fit, Method, RunData, parse_method
+from vlaug.methods.registry import expand_method
 from vlaug.methods.batching import ProbeSolver
-from vlaug.methods.linear import block_generator
+from vlaug.methods.linear import ProbeMethod, block_generator
 from vlaug.probe import LinearProbe
 from vlaug.runs import Plots, ProbeRun, ProbeRunConfig
 from vlaug.protocols import Splits, check_domains, id_fractions, make_splits, parse_imbalance, training_rows
@@ -50,6 +51,7 @@ class _Plan:
     warnings: list[str] = field(default_factory=list)  # printed, and at the top of the report
     texts_made_from: dict[str, list[str]] = field(default_factory=dict)  # prompt set -> the templates it was encoded from
     fractions: np.ndarray | None = None  # each row's id hash (protocols.id_fractions): fingerprints the splits
+    tasks: list[domainbed.Task] | None = None  # --protocol leave-one-domain-out: what each of ``splits`` is
 
 
 ALL_METHODS = "all"  # --method all: every registered method with its default options
@@ -122,7 +124,19 @@ def _same_run(m: Method) -> tuple:
 
 def _parse_methods(config: ProbeRunConfig) -> tuple[list[Method], list[str], set[str]]:
     specs, notes, from_all = _method_specs(config)
-    methods = [parse_method(m) for m in specs]
+    methods = []
+    for spec in specs:  # a spec that lists values: one method per configuration, grouped under the spec
+        configs = expand_method(spec)
+        if len(configs) > 1 and config.protocol == "single":
+            raise UsageError(f"--method {spec!r} lists several values; they are searched under --protocol "
+                             "leave-one-domain-out. Under --protocol single give one value per option.")
+        for text, chosen in configs:
+            m = parse_method(text)
+            m.group = spec
+            m.config = {k: getattr(m.options, k) for k in chosen}
+            methods.append(m)
+        if spec in from_all:
+            from_all.update(text for text, _ in configs)
     named = {_same_run(m) for m in methods if m.text not in from_all}
     methods = [m for m in methods if m.text not in from_all or _same_run(m) not in named]  # given by name: theirs
     texts = [m.text for m in methods]
@@ -216,6 +230,10 @@ def _check_head_held_out(path: str, training: dict, feats: cache_io.FeatureCache
 def prepare(config: ProbeRunConfig) -> _Plan:
     """Check everything before any work: methods, heads against the cache, domains, protocol."""
     methods, skipped, from_all = _parse_methods(config)  # the options first (no cache read yet), then the files
+    lodo = config.protocol != "single"
+    selections = domainbed.parse_selections(config.selection) if lodo else ()
+    if lodo:
+        _drop_head_methods(methods, from_all, skipped)
     _check_reweight(config, methods, from_all, skipped)
     budget = cache_io.parse_memory_budget(config.memory_budget)
     imbalance = parse_imbalance(config.imbalance)
@@ -234,14 +252,41 @@ def prepare(config: ProbeRunConfig) -> _Plan:
     chunk_rows = memory.chunk_rows(max(1 + m.extra_rows() for m in methods))  # streamed, a block grows by its extras
     data = _run_data(config, feats, domain_index, heads, memory, chunk_rows)
     fractions = id_fractions(cache_io.iter_ids(config.features))
-    splits = _seed_splits(config, feats, fractions, train_domains, imbalance)
+    tasks = None
+    if lodo:
+        data.balance_domains = True  # training-domain validation: the mean of the training domains' accuracies
+        if (feats.domains == "").any():
+            raise UsageError(f"--protocol leave-one-domain-out needs a domain for every row; cache {config.features!r} has "
+                             f"{int((feats.domains == '').sum())} rows without one (embed a domain/class folder or a "
+                             "manifest with a domain column).")
+        test_domains = check_domains(config.test_domains, train_domains, "--test-domain")
+        tasks = domainbed.plan_tasks(feats.labels, feats.domains, feats.splits, train_domains, test_domains, config.seeds,
+                                     selections, config.holdout_fraction)
+        splits = [t.splits for t in tasks]
+    else:
+        splits = _seed_splits(config, feats, fractions, train_domains, imbalance)
     for path, ckpt in heads.items():
         _check_head_held_out(path, ckpt.config.get("training", {}), feats, fractions, splits, config)
     empty = classes_without_rows(feats.labels[splits[0].train], feats.classes)
     if empty:
         warnings.append(f"{len(empty)} of {len(feats.classes)} classes have no training rows (seed 0): "
                         f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
-    return _Plan(methods, data, train_domains, splits, imbalance, memory, chunk_rows, warnings, made_from, fractions)
+    return _Plan(methods, data, train_domains, splits, imbalance, memory, chunk_rows, warnings, made_from, fractions, tasks)
+
+
+def _drop_head_methods(methods: list[Method], from_all: set[str], notes: list[str]) -> None:
+    """Under --protocol leave-one-domain-out, leave out the methods that need a trained head
+    (from ``--method all``, with a note) or refuse them (given by name): a head would have to
+    be trained per seed and test domain without the rows each selection validates on."""
+    for m in list(methods):
+        if not m.head_kinds:
+            continue
+        if m.group not in from_all and m.text not in from_all:
+            raise UsageError(f"--method {m.group!r} needs a head from vlaug train-box, which --protocol leave-one-domain-out "
+                             "cannot use yet (a head must not have seen the test domain nor the rows a selection "
+                             "validates on, per seed); leave it out, or use --protocol single.")
+        methods.remove(m)
+        notes.append(f"{m.name} skipped: methods with a trained head do not run under --protocol leave-one-domain-out yet")
 
 
 def _checked_cache(config: ProbeRunConfig, skipped: list[str]) -> tuple[cache_io.CacheManifest, list[str]]:
@@ -442,12 +487,12 @@ def _seed0_samples(plan: _Plan, sample: np.ndarray, x_sample: torch.Tensor):
     return geometry, projections
 
 
-def _fit_every_seed(plan: _Plan, progress: bool):
-    """Every method on every seed: per-seed result rows, and seed 0's fits (their selections)."""
+def _fit_all(plan: _Plan, progress: bool) -> dict[tuple[int, str], "Fit"]:
+    """Every method on every split of the plan (a seed's, or a task of the DomainBed
+    protocol): the fits by (split index, method text)."""
     from tqdm.auto import tqdm
 
     data, methods = plan.data, plan.methods
-    results, first_fits = [], {}
     bar = tqdm(total=len(plan.splits) * len(methods), desc="probe", unit="fit", disable=not progress, file=sys.stderr)
     fits = {}
     solver = ProbeSolver(data, plan.splits)
@@ -458,6 +503,14 @@ def _fit_every_seed(plan: _Plan, progress: bool):
         release_memory()  # the fits' temporaries, before the next method
         bar.update(len(plan.splits))
     bar.close()
+    return fits
+
+
+def _fit_every_seed(plan: _Plan, progress: bool):
+    """Every method on every seed: per-seed result rows, and seed 0's fits (their selections)."""
+    data, methods = plan.data, plan.methods
+    results, first_fits = [], {}
+    fits = _fit_all(plan, progress)
     predictions = []
     for seed, splits in enumerate(plan.splits):
         for method in methods:
@@ -483,18 +536,23 @@ def deploy(method: Method, data: RunData, fit, val: np.ndarray) -> LinearProbe:
 def _prediction_table(predictions: list[tuple], data: RunData, features: str) -> dict[str, np.ndarray]:
     """Every test row's prediction, per method and seed (``test_predictions.parquet``): what a
     paired comparison of two methods resamples (same rows, same seeds)."""
-    rows = np.concatenate([r for _, _, r, _ in predictions]) if predictions else np.zeros(0, np.int64)
+    rows = np.concatenate([p[2] for p in predictions]) if predictions else np.zeros(0, np.int64)
     wanted, back = np.unique(rows, return_inverse=True)
     ids, offset = np.empty(len(wanted), dtype=object), 0
     for chunk in cache_io.iter_ids(features) if len(wanted) else ():  # part by part: only the test rows' ids are kept
         lo, hi = np.searchsorted(wanted, [offset, offset + len(chunk)])
         ids[lo:hi] = [chunk[i - offset] for i in wanted[lo:hi]]
         offset += len(chunk)
-    return {"method": np.concatenate([np.full(len(r), m, dtype=object) for m, _, r, _ in predictions] or [np.zeros(0, object)]),
-            "seed": np.concatenate([np.full(len(r), s, dtype=np.int32) for _, s, r, _ in predictions] or [np.zeros(0, np.int32)]),
-            "row": rows.astype(np.int64), "id": ids[back], "domain": data.feats.domains[rows],
-            "label": data.feats.labels[rows].astype(np.int32),
-            "prediction": np.concatenate([p for *_, p in predictions] or [np.zeros(0, np.int64)]).astype(np.int32)}
+    def column(k: int, dtype) -> np.ndarray:  # field k of every prediction, one value per row
+        return np.concatenate([np.full(len(p[2]), p[k], dtype=dtype) for p in predictions] or [np.zeros(0, dtype)])
+
+    table = {"method": column(0, object), "seed": column(1, np.int32),
+             "row": rows.astype(np.int64), "id": ids[back], "domain": data.feats.domains[rows],
+             "label": data.feats.labels[rows].astype(np.int32),
+             "prediction": np.concatenate([p[3] for p in predictions] or [np.zeros(0, np.int64)]).astype(np.int32)}
+    if predictions and len(predictions[0]) > 4:  # --protocol leave-one-domain-out: which model predicted
+        table["test_domain"], table["model_selection"] = column(4, object), column(5, object)
+    return table
 
 
 def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None, plots: Plots | None = None) -> ProbeRun:
@@ -529,6 +587,8 @@ def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None], plots:
     box_stats = {x.head: checkpoint.read_head_stats(x.head) for x in methods if x.plots_box_volumes}
     if plots is not None and not config.tsne:  # drawn while the probes are fitted (a t-SNE, on every core, after them)
         plots.submit_data(first_train, projections, config.tsne, m.classes, box_stats)
+    if plan.tasks is not None:
+        return _run_domainbed(plan, config, plots, start, (sample, first_train, geometry, projections, box_stats))
     results, first_fits, predictions = _fit_every_seed(plan, config.progress)
     report = {
         "vlaug_version": __version__,
@@ -565,6 +625,151 @@ def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None], plots:
         projections=projections, box_stats=box_stats, texts_used=_texts_used(methods, plan.texts_made_from),
         test_predictions=_prediction_table(predictions, data, config.features),
     )
+
+
+def _run_domainbed(plan: _Plan, config: ProbeRunConfig, plots: Plots | None, start: float, seen: tuple) -> ProbeRun:
+    """--protocol leave-one-domain-out: every task fitted, each selection's model per method,
+    seed and test domain scored on the test domain's ``in`` rows (:mod:`vlaug.domainbed`)."""
+    sample, first_train, geometry, projections, box_stats = seen
+    data, m = plan.data, plan.data.feats.manifest
+    fits = _fit_all(plan, config.progress)
+    results, predictions = _domainbed_results(plan, fits)
+    groups = list(dict.fromkeys(x.group for x in plan.methods))
+    test_domains = list(dict.fromkeys(t.test_domain for t in plan.tasks))
+    report = {
+        "vlaug_version": __version__,
+        "features": str(Path(config.features).resolve()),
+        "model": m.model,
+        "pretrained": m.pretrained,
+        "embed_dim": m.embed_dim,
+        "classes": m.classes,
+        "templates": m.templates,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items() if k not in ("overwrite", "progress")},
+        "protocol": _domainbed_protocol(config, plan, test_domains, int(len(sample))),
+        "methods": [{"method": g, "name": members[0].name, "options": members[0].options.to_dict(),
+                     "configurations": [x.config for x in members], "n_configurations": _n_configurations(members, fits)}
+                    for g in groups for members in [[x for x in plan.methods if x.group == g]]],
+        "results": results,
+        "tables": domainbed.tables(results, groups, test_domains),
+        "feature_geometry": geometry,
+        "seconds": time.perf_counter() - start,
+        "warnings": plan.warnings,
+        "incomplete_cache": bool(m.n_missing),
+    }
+    if plots is not None:
+        plots.submit_results(report)
+    return ProbeRun(report=report, probes={}, cache=checkpoint.cache_identity(m), first_train=first_train,
+                    projections=projections, box_stats=box_stats, texts_used=_texts_used(plan.methods, plan.texts_made_from),
+                    test_predictions=_prediction_table(predictions, data, config.features))
+
+
+def _n_configurations(members: list[Method], fits: dict) -> int:
+    """How many configurations a method's selection chose among (DomainBed's point: more
+    configurations, more chances): its listed configurations × the candidates of its own
+    search on the grid (the probe's weight decays, a joint method's lr × weight decay; not
+    the values a search added past the grid's end), on the first task."""
+    def candidates(x: Method) -> int:
+        fit = fits.get((0, x.text))
+        return max(1, len([e for e in fit.search if not e.get("extension")])) if fit is not None else 1
+    return sum(candidates(x) for x in members)
+
+
+def _domainbed_protocol(config: ProbeRunConfig, plan: _Plan, test_domains: list[str], geometry_rows: int) -> dict:
+    feats = plan.data.feats
+    per_seed = {}
+    for t in plan.tasks:
+        if t.role != domainbed.LODO and t.seed not in per_seed:
+            per_seed[t.seed] = t
+    return {
+        "name": config.protocol,
+        "domains": plan.train_domains,
+        "test_domains": test_domains,
+        "selections": list(dict.fromkeys(t.role for t in plan.tasks)),
+        "holdout_fraction": config.holdout_fraction,
+        "uses_cache_splits": bool((feats.splits != "").any()),
+        "seeds": list(range(config.seeds)),
+        "tasks": [{"seed": t.seed, "test_domain": t.test_domain, "role": t.role, "fold": t.fold,
+                   "train": int(len(t.splits.train)), "val": int(len(t.splits.val)), "test": int(len(t.splits.test_out)),
+                   "fingerprints": split_fingerprints(t.splits, plan.fractions)} for t in plan.tasks],
+        "weight_decay_grid": list(plan.data.settings.grid),
+        "zero_shot_temperature": TEMPERATURE,
+        "streamed": plan.memory.streamed,
+        "passes_over_cache": plan.data.passes,
+        "memory_budget_bytes": plan.memory.budget,
+        "geometry_rows": geometry_rows,
+    }
+
+
+def _domainbed_results(plan: _Plan, fits: dict) -> tuple[list[dict], list[tuple]]:
+    """One result per method (its configurations together) × seed × test domain × selection:
+    the selection's model scored on the test domain's ``in`` rows; and its predictions."""
+    data, tasks = plan.data, plan.tasks
+    groups: dict[str, list[Method]] = {}
+    for x in plan.methods:
+        groups.setdefault(x.group, []).append(x)
+    where = {(t.seed, t.test_domain, t.role): i for i, t in enumerate(tasks) if t.role != domainbed.LODO}
+    folds: dict[tuple[int, str], list[int]] = {}
+    for i, t in enumerate(tasks):
+        if t.role == domainbed.LODO:
+            folds.setdefault((t.seed, t.test_domain), []).append(i)
+    refit_seed = len(tasks)  # the refits' seeds: past every task's (methods keep per-seed state from their fits)
+    results, predictions = [], []
+    for seed, test in dict.fromkeys((t.seed, t.test_domain) for t in tasks):
+        for group, members in groups.items():
+            n_conf = _n_configurations(members, fits)
+            for role in [r for r in domainbed.SELECTIONS if any(t.role == r for t in tasks)]:
+                if role == domainbed.LODO:
+                    x, fit, test_rows, chosen = _lodo_model(data, members, fits, [tasks[i] for i in folds[seed, test]],
+                                                            folds[seed, test], refit_seed)
+                    refit_seed += 1
+                else:
+                    task = tasks[where[seed, test, role]]
+                    i = where[seed, test, role]
+                    scores = [(fits[i, x.text].selection.get("val_accuracy", float("-inf")),
+                               fits[i, x.text].selection.get("val_log_loss", float("inf"))) for x in members]
+                    x = members[domainbed.best_config(scores)]
+                    fit, test_rows = fits[i, x.text], task.splits.test_out
+                    deploy(x, data, fit, task.splits.val)
+                    chosen = fit.selection
+                probe = data.make_probe(fit.W, fit.b, x.ensemble, fit.selection.get("calibration"), fit.gate)
+                row, pred = _scored(probe, data, Splits(domainbed.EMPTY, domainbed.EMPTY, domainbed.EMPTY, test_rows))
+                results.append({"method": group, "seed": seed, "test_domain": test, "model_selection": role,
+                                "out_of_domain": row["out_of_domain"], "balanced_accuracy": row["balanced_accuracy"],
+                                "n_test_rows": int(len(test_rows)), "config": x.config, "n_configurations": n_conf,
+                                "selection": chosen})
+                predictions.append((group, seed, np.asarray(test_rows), pred.cpu().numpy(), test, role))
+    return results, predictions
+
+
+def _lodo_model(data: RunData, members: list[Method], fits: dict, fold_tasks: list, fold_index: list[int],
+                refit_seed: int):
+    """Leave-one-domain-out selection for one seed and test domain: each configuration's
+    candidates scored by their mean over the folds, the best one refitted on every training
+    domain's ``in`` rows (the folds' training and validation rows together); an ensemble or
+    gate is calibrated on the training domains' ``out`` rows, which no selection used."""
+    choices = []
+    for x in members:
+        searches = [fits[i, x.text].search or [fits[i, x.text].selection] for i in fold_index]
+        choices.append(domainbed.lodo_choice(searches))
+    scores = [(c[0]["val_accuracy"], c[0]["val_log_loss"]) if c else (float("-inf"), float("inf")) for c in choices]
+    k = domainbed.best_config(scores)
+    x, (best, means) = members[k], choices[k]
+    first = fits[fold_index[0], x.text].selection
+    chosen = {**{key: v for key, v in first.items() if key not in _PER_FIT}, **best,
+              "folds": [t.fold for t in fold_tasks], "candidates": means}
+    train = np.union1d(fold_tasks[0].splits.train, fold_tasks[0].splits.val)
+    calibration_rows = fold_tasks[0].calibration
+    fit = x.refit(data, train, refit_seed, chosen)
+    if isinstance(x, ProbeMethod) and type(x).gate_for is not ProbeMethod.gate_for:  # set on these rows, as a fit sets it
+        fit.gate = x.gate_for(data, train, calibration_rows)
+        fit.selection["gate"] = {**fit.selection.get("gate", {}), **{k: fit.gate[k] for k in ("center", "width", "max")}}
+    deploy(x, data, fit, calibration_rows)
+    return x, fit, fold_tasks[0].splits.test_out, fit.selection
+
+
+# what a fit records about itself, not about the configuration chosen (left out of a leave-one-domain-out choice)
+_PER_FIT = ("val_accuracy", "val_log_loss", "iterations", "converged", "stalled", "n_train_rows", "steps", "stopped",
+            "selected_step", "calibration", "grid_extended", "grid", "selected_on", "refit")
 
 
 def _texts_used(methods: list[Method], made_from: dict[str, list[str]]) -> dict[str, dict]:

@@ -155,9 +155,12 @@ class Rows:
     """
 
     def __init__(self, blocks: Callable[[], Iterable[tuple]], n_features: int, n_classes: int, n_rows: int,
-                 device: torch.device | str = "cpu", columns: int = 1):
+                 device: torch.device | str = "cpu", columns: int = 1, groups: int = 0):
         self.blocks, self.n_features, self.n_classes, self.n_rows = blocks, n_features, n_classes, n_rows
         self.device, self.columns = torch.device(device), columns
+        # rows only scored, in groups whose scores are averaged (vlaug.methods.base.RunData.val_groups): the
+        # blocks' weight slot holds each row's group id in 0 … groups − 1; 0: no groups
+        self.groups = groups
 
     @classmethod
     def of(cls, x: torch.Tensor, targets: torch.Tensor, sample_weight: torch.Tensor | None = None,
@@ -316,17 +319,30 @@ def _accumulate(x, t, weights, W, b, loss, gW, gb) -> None:
 
 
 def validation_scores(rows: Rows, theta: torch.Tensor) -> list[tuple[float, float]]:
-    """(accuracy, mean log-loss) of each of P problems ``theta`` on labelled rows (one pass)."""
+    """(accuracy, mean log-loss) of each of P problems ``theta`` on labelled rows (one pass);
+    with ``rows.groups``, the mean over the groups of each group's."""
     p, _, c = theta.shape
     W, b = _stacked(theta)
     correct, loss, n = torch.zeros(p, device=theta.device), torch.zeros(p, device=theta.device), 0
-    for x, y, _ in row_pieces(rows, p * c):
+    if rows.groups:  # each group's accuracy and log-loss, then their mean (counts per group: equal hits, equal scores)
+        g = rows.groups
+        correct, loss = torch.zeros(g, p, device=theta.device), torch.zeros(g, p, device=theta.device)
+        counts = torch.zeros(g, device=theta.device)
+    for x, y, w in row_pieces(rows, p * c):
         z = torch.addmm(b, x, W).view(len(x), p, c)
+        if rows.groups:
+            correct.index_add_(0, w, (z.argmax(2) == y[:, None]).float())
+            loss.index_add_(0, w, z.logsumexp(2) - _target_logits(z, y))
+            counts.index_add_(0, w, torch.ones(len(y), device=theta.device))
+            n += len(y)
+            continue
         correct += (z.argmax(2) == y[:, None]).sum(0)
         loss += (z.logsumexp(2) - _target_logits(z, y)).sum(0)
         n += len(y)
     if not n:
         return [(float("nan"), float("nan"))] * p
+    if rows.groups:
+        return list(zip(((correct / counts[:, None]).mean(0)).tolist(), ((loss / counts[:, None]).mean(0)).tolist()))
     return [(a / n, v / n) for a, v in zip(correct.tolist(), loss.tolist())]
 
 

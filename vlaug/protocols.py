@@ -28,12 +28,12 @@ import numpy as np
 from vlaug.errors import UsageError
 
 
-def check_domains(requested: list[str] | tuple[str, ...], available: list[str]) -> list[str]:
-    """The requested training domains, or all of them when none is given."""
+def check_domains(requested: list[str] | tuple[str, ...], available: list[str], flag: str = "--train-domain") -> list[str]:
+    """The requested domains (``flag`` names them in errors), or all of them when none is given."""
     missing = [d for d in requested if d not in available]
     if missing:
         raise UsageError(
-            f"--train-domain {missing[0]!r} is not in the cache; its domains are {available or ['(none)']}."
+            f"{flag} {missing[0]!r} is not in the cache; its domains are {available or ['(none)']}."
         )
     return list(requested) if requested else list(available)
 
@@ -258,3 +258,35 @@ def _cut_classes(train: np.ndarray, labels: np.ndarray, imbalance: tuple[float, 
             rows = rng.permutation(rows)[:n_keep]
         keep.append(rows)
     return np.sort(np.concatenate(keep)), reduced
+
+
+# ----------------------------------------------------------------------------- DomainBed
+
+HOLDOUT_FRACTION = 0.2  # DomainBed's holdout_fraction: each domain's `out` part
+
+
+def in_out_splits(labels: np.ndarray, domains: np.ndarray, splits: np.ndarray, domain_names: list[str], seed: int,
+                  holdout_fraction: float = HOLDOUT_FRACTION) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each domain's ``(in, out)`` rows for one seed (DomainBed's trial): ``holdout_fraction``
+    of each class of the domain held out (:func:`stratified_split`, drawn with the seed and
+    the domain's place in ``domain_names``), or, when the cache has a ``split`` column, its
+    ``train`` rows as ``in`` and its ``val`` rows as ``out`` (the same for every seed; any
+    other split value is refused)."""
+    out = {}
+    has_splits = bool((splits != "").any())
+    if has_splits:
+        other = sorted(set(np.unique(splits).tolist()) - {"train", "val"})
+        if other:
+            raise UsageError(f"--protocol leave-one-domain-out reads the cache's split column as DomainBed's in/out parts "
+                             f"(train rows: in, val rows: out); it also holds {other}. Embed a manifest whose split column "
+                             "holds only train and val, or one without a split column (the probe then draws them per seed).")
+    for k, d in enumerate(domain_names):
+        rows = np.flatnonzero(domains == d)
+        if has_splits:
+            out[d] = (rows[splits[rows] == "train"], rows[splits[rows] == "val"])
+        else:
+            out[d] = stratified_split(rows, labels, holdout_fraction, [seed, 0xD0, k])
+        if not len(out[d][0]) or not len(out[d][1]):
+            raise UsageError(f"domain {d!r} has {len(out[d][0])} in and {len(out[d][1])} out rows for seed {seed}; "
+                             "every domain needs both (give it more rows, or leave it out of the cache).")
+    return out

@@ -119,7 +119,10 @@ def _pct(stat: dict | None) -> str:
 
 
 def format_table(report: dict) -> str:
-    """LARE's Table 1 shape: top-1 accuracy (%) in domain, out of domain, extended, plus balanced accuracy."""
+    """LARE's Table 1 shape: top-1 accuracy (%) in domain, out of domain, extended, plus balanced accuracy
+    (under --protocol leave-one-domain-out, DomainBed's tables)."""
+    if is_domainbed(report):
+        return _domainbed_tables(report)
     rows = report["summary"]
     has_imbalance = any("reduced_classes" in r for r in rows)
     head = ["Method", "In-domain", "Out-of-domain", "Extended", "Balanced"]
@@ -155,9 +158,82 @@ def _reweighted_methods(report: dict) -> str:
             + (f"; not to {', '.join(f'`{m}`' for m in others)} (no probe rows to reweight)" if others else ""))
 
 
+def is_domainbed(report: dict) -> bool:
+    """Whether ``report`` comes from ``--protocol leave-one-domain-out``."""
+    return report["protocol"].get("name") == "leave-one-domain-out"
+
+
+SELECTION_TITLES = {
+    "training-domain": "Training-domain validation",
+    "leave-one-domain-out": "Leave-one-domain-out cross-validation",
+    "oracle": "Oracle: test-domain validation (uses test-domain labels; not comparable with the others)",
+}
+
+
+def format_domainbed_table(report: dict, selection: str) -> str:
+    """DomainBed's table for one selection: per method, the accuracy (%) on each test
+    domain's ``in`` rows, mean ± std over seeds, and Avg (mean over test domains)."""
+    domains = report["protocol"]["test_domains"]
+    lines = ["| Method | configurations | " + " | ".join(domains) + " | Avg |", "|" + "---|" * (len(domains) + 3)]
+    for r in report["tables"].get(selection, []):
+        cells = [_pct(r["domains"].get(d)) for d in domains]
+        lines.append(f"| `{r['method']}` | {r['n_configurations']} | " + " | ".join(cells) + f" | {_pct(r.get('avg'))} |")
+    return "\n".join(lines)
+
+
+def _domainbed_tables(report: dict) -> str:
+    """Every selection's table, each under its title (what the CLI prints)."""
+    return "\n\n".join(f"{SELECTION_TITLES[s]}:\n\n{format_domainbed_table(report, s)}" for s in report["tables"])
+
+
+def format_domainbed_markdown(report: dict) -> str:
+    """report.md of ``--protocol leave-one-domain-out``: the settings, DomainBed's table for
+    each selection (the oracle's last, apart), the methods and the files."""
+    p, c = report["protocol"], report["config"]
+    n = len(p["seeds"])
+    split = ("the cache's split column: `train` rows are `in`, `val` rows are `out` (the same for every seed)"
+             if p["uses_cache_splits"] else
+             f"drawn per seed: {c['holdout_fraction']:g} of each class of each domain is `out`, the rest `in`")
+    lines = ["# vlaug probe report: DomainBed protocol (leave-one-domain-out)", "", *_warning_lines(report),
+             f"- features: `{report['features']}`",
+             f"- model: `{report['model']}`, pretrained: `{report['pretrained'] or '(from the model source)'}`, "
+             f"d = {report['embed_dim']}, {len(report['classes'])} classes",
+             f"- domains: {', '.join(p['domains'])}; each test domain in turn ({', '.join(p['test_domains'])}), trained on "
+             "the `in` rows of the others; every number is the accuracy on the test domain's `in` rows",
+             f"- in/out split of each domain: {split}",
+             f"- seeds (DomainBed's trials) {p['seeds']}: mean ± std over the {n} seeds (population std; DomainBed prints "
+             "the standard error, std/√n, which `report.json` holds as `se`); Avg: the mean over test domains, ± the "
+             "std over seeds of each seed's mean",
+             "- selections: training-domain validation (the mean over the training domains of the accuracy on their "
+             "`out` rows), leave-one-domain-out cross-validation (each training domain held out in turn, scored on its "
+             "`in` rows; the best mean is refitted on every training domain), oracle (the test domain's `out` rows)",
+             "- configurations: each method's search (the probe's weight decays, a joint method's lr × weight decay) "
+             "times the values its options list; the selection chooses among all of them",
+             f"- probe: {_probe_text(report)}",
+             f"- data: {_data_text(report)}",
+             f"- vlaug {report['vlaug_version']}, {report['seconds']:.1f} s", ""]
+    for selection in report["tables"]:
+        lines += [f"## {SELECTION_TITLES[selection]} (%)", "", format_domainbed_table(report, selection), ""]
+    lines += ["## Methods", ""]
+    for m in report["methods"]:
+        opts = ", ".join(f"{k}={v}" for k, v in m["options"].items()) or "no options"
+        configs = [x for x in m["configurations"] if x]
+        lines.append(f"- `{m['method']}`: {opts}; {m['n_configurations']} configurations"
+                     + (f" ({len(configs)} listed: " + "; ".join(", ".join(f"{k}={v}" for k, v in x.items()) for x in configs)
+                        + ")" if configs else ""))
+    lines += ["", *_geometry_lines(report), "",
+              "Plots: `domainbed.png` (accuracy per test domain and method, one panel per selection), `embeddings.png`. "
+              "No probe is saved: the protocol trains one model per seed, test domain and selection; "
+              "`vlaug probe --protocol single` saves the probe to deploy. Every test prediction: `test_predictions.parquet` "
+              "(with `test_domain` and `model_selection`)."]
+    return "\n".join(lines) + "\n"
+
+
 def format_markdown(report: dict) -> str:
     """report.md: the run's settings, the accuracy tables, each method's options and
     selections, the feature geometry, and the files beside it."""
+    if is_domainbed(report):
+        return format_domainbed_markdown(report)
     lines = [
         "# vlaug probe report",
         "",
@@ -236,7 +312,8 @@ def _probe_text(report: dict) -> str:
     weights and the zero-shot temperature."""
     p, c = report["protocol"], report["config"]
     grid = p["weight_decay_grid"]
-    sampled = any("selected_on" in r.get("selection", {}) for r in report["results"])
+    # a search on a sample records its sizes (a dict); the joint methods record how they select (text)
+    sampled = any(isinstance(r.get("selection", {}).get("selected_on"), dict) for r in report["results"])
     selection = (f" on a seeded sample of at most {c['selection_rows']} training and {c['selection_rows']} validation "
                  "rows (--selection-rows), then refitted on every training row" if sampled else "")
     searched = [r["selection"] for r in report["results"] if "grid_extended" in r.get("selection", {})]
@@ -567,9 +644,41 @@ def data_plots(first_train: tuple, projections: dict, tsne: bool, classes: list[
     return jobs
 
 
+def _plot_domainbed(report: dict, file) -> None:
+    """DomainBed's tables as bars: per test domain (and Avg), each method's mean accuracy
+    with its std over seeds; one panel per selection."""
+    import numpy as np
+
+    domains = report["protocol"]["test_domains"]
+    selections = list(report["tables"])
+    methods = [r["method"] for r in report["tables"][selections[0]]]
+    x = np.arange(len(domains) + 1)
+    width = 0.8 / max(1, len(methods))
+    fig, axes = _subplots(len(selections), 1, figsize=(max(6, 1.0 * (len(domains) + 1) * max(1, len(methods)) / 3 + 3),
+                                                        2.8 * len(selections) + 0.6), squeeze=False)
+    for ax, selection in zip(axes[:, 0], selections):
+        for i, r in enumerate(report["tables"][selection]):
+            stats = [r["domains"].get(d) for d in domains] + [r.get("avg")]
+            means = [100 * s["mean"] if s else 0 for s in stats]
+            stds = [100 * s["std"] if s else 0 for s in stats]
+            ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=_plot_labels(methods)[i])
+        ax.set_xticks(x, [*domains, "Avg"], fontsize=8)
+        ax.set_ylabel("accuracy (%)", fontsize=8)
+        ax.set_title(SELECTION_TITLES[selection].split(" (")[0] + (" (uses test-domain labels)" if selection == "oracle" else ""),
+                     fontsize=9)
+    axes[0, 0].legend(fontsize=7, ncol=min(4, len(methods)))
+    fig.suptitle(f"{report['model']}: test domain held out, mean ± std over {len(report['protocol']['seeds'])} seeds",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120, format="png")
+
+
 def result_plots(report: dict) -> list[Job]:
     """The plots of the results (``report``'s summary, model and protocol): accuracy per
-    method, per domain, and in- against out-of-domain when both are measured."""
+    method, per domain, and in- against out-of-domain when both are measured (DomainBed's
+    protocol: its tables' plot)."""
+    if is_domainbed(report):
+        return [("domainbed.png", "_plot_domainbed", (report,), {})]
     jobs = [("accuracy.png", "_plot_accuracy", (report,), {}), ("per_domain.png", "_plot_per_domain", (report,), {})]
     if _has_both_axes(report):
         jobs.append(("tradeoff.png", "_plot_tradeoff", (report,), {}))
@@ -824,6 +933,9 @@ def _write_predictions(path: Path, columns: dict) -> None:
                       "domain": pa.array(columns["domain"].tolist(), pa.string()).dictionary_encode(),
                       "label": pa.array(columns["label"], pa.int32()),
                       "prediction": pa.array(columns["prediction"], pa.int32())})
+    for name in ("test_domain", "model_selection"):  # --protocol leave-one-domain-out
+        if name in columns:
+            table = table.append_column(name, pa.array(columns[name].tolist(), pa.string()).dictionary_encode())
     pq.write_table(table, path)
 
 
@@ -849,7 +961,9 @@ def write_report(out, run: "ProbeRun", tsne: bool = False, plots: PlotWorker | N
         public["probe_dirs"] = {method: f"probes/{_safe_name(method)}" for method in run.probes}
         public["plots"] = {"accuracy": "accuracy.png", "embeddings": "embeddings.png", "per_domain": "per_domain.png",
                            "box": {head: _box_file(head) for head, stats in run.box_stats.items() if stats}}
-        if _has_both_axes(public):  # in-domain vs out-of-domain, one point per method
+        if is_domainbed(public):
+            public["plots"] = {"domainbed": "domainbed.png", "embeddings": "embeddings.png", "box": {}}
+        elif _has_both_axes(public):  # in-domain vs out-of-domain, one point per method
             public["plots"]["tradeoff"] = "tradeoff.png"
         jobs = result_plots(public) + data_plots(run.first_train, run.projections, tsne, public["classes"], run.box_stats)
         plots = plots or PlotWorker(start=False)

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from vlaug.choices import REWEIGHTS
+from vlaug.choices import PROTOCOLS, REWEIGHTS
 from vlaug.errors import UsageError
 from vlaug.probe import LinearProbe, weight_decay_grid
 
@@ -56,6 +56,12 @@ class ProbeRunConfig:
     heads: str = ""  # a folder of head folders: --method all (and a head-needing method without :DIR) takes heads from it
     tsne: bool = False  # t-SNE instead of PCA for the embedding plot
     allow_incomplete: bool = False  # probe a cache whose embed run was interrupted (the report says so)
+    # "single": train on --train-domain, test on the rest (LARE's protocol); "leave-one-domain-out": DomainBed's
+    # (vlaug.domainbed): each domain in turn is the test domain, under the model selections of ``selection``
+    protocol: str = "single"
+    test_domains: tuple[str, ...] = ()  # leave-one-domain-out: the test domains (default: every domain in turn)
+    selection: str = "training-domain"  # leave-one-domain-out: training-domain | leave-one-domain-out | oracle | all
+    holdout_fraction: float = 0.2  # leave-one-domain-out: each domain's `out` part (DomainBed's holdout_fraction)
     overwrite: bool = False
     progress: bool = True
 
@@ -72,6 +78,19 @@ class ProbeRunConfig:
             raise UsageError("give at least one --method.")
         if self.grid_size < 1 or self.max_iter < 10:
             raise UsageError(f"--grid-size {self.grid_size} must be >= 1 and --max-iter {self.max_iter} >= 10.")
+        if self.protocol not in PROTOCOLS:
+            raise UsageError(f"--protocol {self.protocol!r}; use one of {', '.join(PROTOCOLS)}.")
+        if self.protocol == "single" and (self.test_domains or self.selection != "training-domain"):
+            raise UsageError("--test-domain and --selection belong to --protocol leave-one-domain-out; add it, or leave them "
+                             "out (--protocol single tests on every domain but the --train-domain ones).")
+        if self.protocol != "single":
+            given = [flag for flag, value in (("--train-domain", self.train_domains), ("--shots", self.shots),
+                                              ("--imbalance", self.imbalance)) if value]
+            if given:
+                raise UsageError(f"{given[0]} belongs to --protocol single; under leave-one-domain-out every domain is "
+                                 "a training domain in turn (pick the test domains with --test-domain).")
+            if not 0.0 < self.holdout_fraction < 1.0:
+                raise UsageError(f"--holdout-fraction {self.holdout_fraction}, must be in (0, 1).")
         if self.selection_rows < 0 or 0 < self.selection_rows < 100:
             raise UsageError(f"--selection-rows {self.selection_rows}; use 0 (select on every row) or at least 100.")
 

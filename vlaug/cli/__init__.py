@@ -71,6 +71,8 @@ NormChoice = _choices("NormChoice", choices.DR_NORMS)
 DRModeChoice = _choices("DRModeChoice", choices.DR_MODES)
 DegradeChoice = _choices("DegradeChoice", choices.DR_DEGRADES)
 ReweightChoice = _choices("ReweightChoice", choices.REWEIGHTS)
+ProtocolChoice = _choices("ProtocolChoice", choices.PROTOCOLS)
+SelectionChoice = _choices("SelectionChoice", choices.SELECTIONS)
 
 
 def _value(choice):
@@ -228,6 +230,14 @@ def probe(
     method: Annotated[List[str], typer.Option("--method", "-m", help="NAME[:HEAD_DIR][?key=value&...]; repeatable. "
                       f"{METHODS_HELP}; or all: every method with its defaults (heads from --heads).")],
     train_domain: Annotated[Optional[List[str]], typer.Option("--train-domain", help="Training domain; repeatable. Default: all.")] = None,
+    protocol: Annotated[ProtocolChoice, typer.Option(help="single: train on --train-domain, test on the rest (LARE); "
+                        "leave-one-domain-out: DomainBed's, each domain in turn the test domain (docs/protocols-and-reports.md).")] = "single",
+    test_domain: Annotated[Optional[List[str]], typer.Option("--test-domain", help="leave-one-domain-out: a test domain; "
+                           "repeatable. Default: every domain in turn.")] = None,
+    selection: Annotated[SelectionChoice, typer.Option(help="leave-one-domain-out: DomainBed's model selection: "
+                         "training-domain, leave-one-domain-out, oracle (test-domain labels) or all.")] = "training-domain",
+    holdout_fraction: Annotated[float, typer.Option(help="leave-one-domain-out: each domain's out part, per class and seed "
+                                "(DomainBed's holdout_fraction), when the cache has no split column.")] = 0.2,
     seeds: Annotated[int, typer.Option(help="Seeds 0..N-1: splits, sampling, joint training; mean ± std over them.")] = 5,
     test_fraction: Annotated[float, typer.Option(help="Held-out test rows of the training domains (by a hash of the row id, the same for every seed and stage) when the cache has no split column.")] = 0.2,
     val_fraction: Annotated[float, typer.Option(help="Validation part of the training rows (selects weight decay and epoch), by a hash of the row id: the same for every seed and stage, never trained on by vlaug train-box heads.")] = 0.2,
@@ -263,6 +273,8 @@ def probe(
             test_fraction=test_fraction, val_fraction=val_fraction, shots=shots, imbalance=imbalance, reweight=_value(reweight),
             grid_size=grid_size, max_iter=max_iter, selection_rows=selection_rows, class_weight=class_weight, device=device, tsne=tsne,
             overwrite=overwrite, memory_budget=memory_budget, allow_incomplete=allow_incomplete, progress=progress, heads=str(heads or ""),
+            protocol=_value(protocol), test_domains=tuple(test_domain or ()), selection=_value(selection),
+            holdout_fraction=holdout_fraction,
         )
         report = write_report(out, run_probe(config, plots=plots), tsne=tsne, plots=plots)
     finally:

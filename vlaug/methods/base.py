@@ -138,6 +138,9 @@ class RunData:
     device: torch.device
     chunks: Callable[[], Iterator[tuple[int, np.ndarray]]] | None = None  # the cache read from disk (streamed)
     passes: int = 0  # reads of the cache from disk so far (streamed)
+    # validation scores weigh each domain's rows equally (the mean of the domains' accuracies, DomainBed's
+    # training-domain validation) instead of pooling them
+    balance_domains: bool = False
 
     @property
     def n_classes(self) -> int:
@@ -170,19 +173,34 @@ class RunData:
         x = self.x[r] if self.x is not None else self.gather(rows)  # resident: kept in its precision
         return replace(self, x=x, y=self.y[r], dom=self.dom[r], chunks=None, passes=0)
 
+    def val_groups(self, rows: np.ndarray) -> tuple[torch.Tensor, int] | None:
+        """Per validation row of ``rows``, its group in the scores, and the number of groups:
+        None (every row alike), or with ``balance_domains`` and several domains among
+        ``rows``, the row's domain, so that the accuracy is the mean over the domains of each
+        domain's accuracy (counted per domain: equal hits give equal scores)."""
+        if not self.balance_domains or not len(rows):
+            return None
+        _, groups = torch.unique(self.dom[self.rows(rows)], return_inverse=True)
+        n = int(groups.max()) + 1
+        return (groups, n) if n > 1 else None
+
     def labelled_rows(self, rows: np.ndarray) -> Rows:
-        """Rows with their labels (validation rows: the probe's accuracy is read off them);
-        the resident cache itself, indexed (no copy), or read again on every pass when streamed."""
+        """Rows with their labels (validation rows: the probe's accuracy is read off them,
+        per group of :meth:`val_groups` when that is not None: the group ids ride in the
+        blocks' weight slot, ``Rows.groups`` says how many); the resident cache itself,
+        indexed (no copy), or read again on every pass when streamed."""
+        grouped = self.val_groups(np.asarray(rows))
+        ids, n_groups = grouped if grouped is not None else (None, 0)
         if self.x is not None:
             index = self.rows(rows)
-            built = [(self.x, self.y[index], None, index)]
-            return Rows(lambda: built, self.embed_dim, self.n_classes, len(rows), self.device)
+            built = [(self.x, self.y[index], ids, index)]
+            return Rows(lambda: built, self.embed_dim, self.n_classes, len(rows), self.device, groups=n_groups)
 
         def blocks():
             for pos, x in self.stream(rows):
-                yield x, self.y[self.rows(rows[pos])], None
+                yield x, self.y[self.rows(rows[pos])], None if ids is None else ids[self.rows(pos)]
 
-        return Rows(blocks, self.embed_dim, self.n_classes, len(rows), self.device)
+        return Rows(blocks, self.embed_dim, self.n_classes, len(rows), self.device, groups=n_groups)
 
     def class_weights(self, counts: torch.Tensor) -> torch.Tensor:
         """Per class, the weight of a training row with that (hard) label, from the training
@@ -215,14 +233,19 @@ class RunData:
 
     def probe_scores(self, probe: LinearProbe, rows: np.ndarray) -> tuple[float, float]:
         """(accuracy, mean log-loss) of ``probe``'s predictions on labelled ``rows``."""
-        correct, loss, n = 0, 0.0, 0
+        grouped = self.val_groups(np.asarray(rows))
+        ids, g = grouped if grouped is not None else (torch.zeros(len(rows), dtype=torch.long, device=self.device), 1)
+        correct, loss, n = (torch.zeros(g, dtype=torch.float64, device=self.device) for _ in range(3))
         with torch.no_grad():
             for pos, x in self.stream(np.asarray(rows)):
                 p, y = probe.predict_proba(x), self.y[self.rows(np.asarray(rows)[pos])]
-                correct += int((p.argmax(1) == y).sum())
-                loss += float(-p.gather(1, y[:, None]).clamp(min=1e-30).log().sum())
-                n += len(y)
-        return (correct / n, loss / n) if n else (float("nan"), float("nan"))
+                at = ids[self.rows(pos)]
+                correct.index_add_(0, at, (p.argmax(1) == y).double())
+                loss.index_add_(0, at, -p.gather(1, y[:, None])[:, 0].clamp(min=1e-30).log().double())
+                n.index_add_(0, at, torch.ones(len(y), dtype=torch.float64, device=self.device))
+        if not len(rows):
+            return float("nan"), float("nan")
+        return float((correct / n).mean()), float((loss / n).mean())  # per group, then the mean over groups
 
     def make_probe(self, W: torch.Tensor, b: torch.Tensor, ensemble: float = 0.0,
                    calibration: dict | None = None, gate: dict | None = None) -> LinearProbe:
@@ -261,6 +284,8 @@ class Method:
         self.text = text  # as the user wrote it: the method's name in reports
         self.head = head  # head directory (methods that need a head)
         self.options = options if options is not None else self.Options()
+        self.group = text  # the --method spec it came from: one of several configurations when that spec lists values
+        self.config = {}  # the listed options' values this configuration takes ({} when the spec lists none)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.text!r})"

@@ -32,6 +32,35 @@ def parse_method(text: str) -> Method:
     return cls(text, head, cls.Options.parse(query, text, name))
 
 
+def expand_method(text: str) -> list[tuple[str, dict]]:
+    """The configurations a ``--method`` spec lists: an option given several comma-separated
+    values (``gaussian?sigma=0.05,0.1``) makes one spec per combination, in the order given
+    (the first option outermost), each with its ``{option: value}``; a spec without lists is
+    itself, with ``{}``. Options whose value is text (e.g. the joint methods' ``lr`` grid,
+    searched inside the method) keep their commas."""
+    from dataclasses import fields
+    from itertools import product
+    from urllib.parse import parse_qsl
+
+    body, _, query = text.partition("?")
+    cls = REGISTRY.get(body.partition(":")[0])
+    if cls is None or not query:
+        return [(text, {})]
+    kinds = {f.name: type(f.default) for f in fields(cls.Options)}
+    pairs = parse_qsl(query, keep_blank_values=True)
+    listed = [(k, [x.strip() for x in v.split(",")] if kinds.get(k) not in (None, str) else [v]) for k, v in pairs]
+    for k, values in listed:
+        if len(set(values)) < len(values):
+            raise UsageError(f"--method {text!r}: {k} repeats a value; give each once.")
+    if all(len(values) == 1 for _, values in listed):
+        return [(text, {})]
+    out = []
+    for combo in product(*(values for _, values in listed)):
+        spec = body + "?" + "&".join(f"{k}={v}" for (k, _), v in zip(listed, combo))
+        out.append((spec, {k: v for (k, values), v in zip(listed, combo) if len(values) > 1}))
+    return out
+
+
 def markdown_table() -> str:
     """The method table of docs/probes.md, generated from the registry: each method's spec,
     its ``summary`` and its options with their defaults (``python -m vlaug.methods --docs
