@@ -731,6 +731,9 @@ def _domainbed_results(plan: _Plan, fits: dict) -> tuple[list[dict], list[tuple]
                     fit, test_rows = fits[i, x.text], task.splits.test_out
                     deploy(x, data, fit, task.splits.val)
                     chosen = fit.selection
+                    if len(members) > 1:  # every configuration's best candidate, as the selection compared them
+                        chosen = {**chosen, "configurations": [{"config": y.config, "val_accuracy": a, "val_log_loss": ll}
+                                                               for y, (a, ll) in zip(members, scores)]}
                 probe = data.make_probe(fit.W, fit.b, x.ensemble, fit.selection.get("calibration"), fit.gate)
                 row, pred = _scored(probe, data, Splits(domainbed.EMPTY, domainbed.EMPTY, domainbed.EMPTY, test_rows))
                 results.append({"method": group, "seed": seed, "test_domain": test, "model_selection": role,
@@ -757,6 +760,8 @@ def _lodo_model(data: RunData, members: list[Method], fits: dict, fold_tasks: li
     first = fits[fold_index[0], x.text].selection
     chosen = {**{key: v for key, v in first.items() if key not in _PER_FIT}, **best,
               "folds": [t.fold for t in fold_tasks], "candidates": means}
+    if len(members) > 1:  # every configuration's best mean over the folds
+        chosen["configurations"] = [{"config": y.config, "val_accuracy": a, "val_log_loss": ll} for y, (a, ll) in zip(members, scores)]
     train = np.union1d(fold_tasks[0].splits.train, fold_tasks[0].splits.val)
     calibration_rows = fold_tasks[0].calibration
     fit = x.refit(data, train, refit_seed, chosen)

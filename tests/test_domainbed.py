@@ -1,0 +1,222 @@
+"""DomainBed's protocol (issue 28): per-seed in/out splits, the training problems of the
+three model selections, their choices, the tables and the report, and the refusals."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.conftest import write_synthetic_cache
+from vlaug import domainbed
+from vlaug.cli import app
+from vlaug.errors import UsageError
+from vlaug.evaluate import ProbeRunConfig, run_probe
+from vlaug.methods.registry import expand_method
+from vlaug.probe import Rows, validation_scores
+from vlaug.protocols import in_out_splits
+from vlaug.report import format_markdown, write_report
+
+DOMAINS = ("clipart", "painting", "photo", "sketch")
+runner = CliRunner()
+
+
+def _labels_domains(n_per=(40, 25, 30, 35), n_classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([rng.integers(0, n_classes, n) for n in n_per])
+    domains = np.concatenate([np.full(n, d) for n, d in zip(n_per, DOMAINS)]).astype(object)
+    return labels, domains
+
+
+def test_in_out_splits_cover_each_domain_stratified_and_vary_with_the_seed():
+    labels, domains = _labels_domains()
+    none = np.full(len(labels), "", dtype=object)
+    first = in_out_splits(labels, domains, none, list(DOMAINS), seed=0)
+    again = in_out_splits(labels, domains, none, list(DOMAINS), seed=0)
+    other = in_out_splits(labels, domains, none, list(DOMAINS), seed=1)
+    for d in DOMAINS:
+        rows = np.flatnonzero(domains == d)
+        inn, out = first[d]
+        assert np.array_equal(np.sort(np.concatenate([inn, out])), rows) and not np.intersect1d(inn, out).size
+        for c in np.unique(labels[rows]):  # 20 % of each class (rounded, at least one) is out
+            n = int((labels[rows] == c).sum())
+            assert int((labels[out] == c).sum()) == (min(n - 1, max(1, round(0.2 * n))) if n > 1 else 0)
+        assert np.array_equal(again[d][1], out)
+    assert any(not np.array_equal(first[d][1], other[d][1]) for d in DOMAINS)
+
+
+def test_a_split_column_gives_in_and_out_and_anything_else_is_refused():
+    labels, domains = _labels_domains()
+    splits = np.where(np.arange(len(labels)) % 5 == 0, "val", "train").astype(object)
+    parts = in_out_splits(labels, domains, splits, list(DOMAINS), seed=3)
+    for d in DOMAINS:
+        assert (splits[parts[d][0]] == "train").all() and (splits[parts[d][1]] == "val").all()
+        assert len(parts[d][0]) + len(parts[d][1]) == int((domains == d).sum())
+    splits[7] = "test"
+    with pytest.raises(UsageError, match="train rows: in, val rows: out"):
+        in_out_splits(labels, domains, splits, list(DOMAINS), seed=0)
+
+
+def test_the_tasks_never_train_on_the_test_domain_and_validate_where_each_selection_says():
+    labels, domains = _labels_domains()
+    none = np.full(len(labels), "", dtype=object)
+    tasks = domainbed.plan_tasks(labels, domains, none, list(DOMAINS), ["photo", "sketch"], 2, domainbed.SELECTIONS, 0.2)
+    assert len(tasks) == 2 * 2 * (1 + 1 + 3)  # seeds x test domains x (training-domain, oracle, 3 folds)
+    for t in tasks:
+        parts = in_out_splits(labels, domains, none, list(DOMAINS), t.seed)
+        others = [d for d in DOMAINS if d != t.test_domain]
+        s = t.splits
+        assert not np.isin(s.train, np.flatnonzero(domains == t.test_domain)).any()
+        assert not np.intersect1d(s.train, s.val).size
+        assert np.array_equal(s.test_out, parts[t.test_domain][0])  # every selection is scored on the test domain's in rows
+        if t.role == domainbed.TRAINING_DOMAIN:
+            assert np.array_equal(s.train, np.sort(np.concatenate([parts[d][0] for d in others])))
+            assert np.array_equal(s.val, np.sort(np.concatenate([parts[d][1] for d in others])))
+        elif t.role == domainbed.ORACLE:
+            assert np.array_equal(s.val, parts[t.test_domain][1])
+        else:
+            assert t.fold in others and np.array_equal(s.val, parts[t.fold][0])
+            assert np.array_equal(s.train, np.sort(np.concatenate([parts[d][0] for d in others if d != t.fold])))
+            assert np.array_equal(t.calibration, np.sort(np.concatenate([parts[d][1] for d in others])))
+    with pytest.raises(UsageError, match="three domains"):
+        domainbed.plan_tasks(labels[domains != "photo"], domains[domains != "photo"], none[domains != "photo"],
+                             ["clipart", "painting"], ["clipart"], 1, domainbed.SELECTIONS, 0.2)
+
+
+def test_leave_one_domain_out_takes_the_best_mean_over_the_folds():
+    folds = [[{"weight_decay": 0.1, "val_accuracy": 0.9, "val_log_loss": 0.3},
+              {"weight_decay": 0.01, "val_accuracy": 0.7, "val_log_loss": 0.5}],
+             [{"weight_decay": 0.1, "val_accuracy": 0.5, "val_log_loss": 0.9},
+              {"weight_decay": 0.01, "val_accuracy": 0.8, "val_log_loss": 0.4},
+              {"weight_decay": 0.001, "val_accuracy": 1.0, "val_log_loss": 0.1}]]  # 0.001: scored in one fold only
+    best, means = domainbed.lodo_choice(folds)
+    assert best["weight_decay"] == 0.01 and best["val_accuracy"] == pytest.approx(0.75)
+    assert [m["weight_decay"] for m in means] == [0.1, 0.01]
+    assert domainbed.lodo_choice([[{"weight_decay": 1.0, "val_accuracy": 1, "val_log_loss": 0}], []]) is None
+
+
+def test_grouped_validation_scores_are_the_mean_of_the_groups_accuracies():
+    torch.manual_seed(0)
+    x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    groups = torch.cat([torch.zeros(40, dtype=torch.long), torch.ones(10, dtype=torch.long)])  # unequal sizes
+    theta = torch.randn(2, 5, 3)
+    grouped = validation_scores(Rows(lambda: [(x, y, groups)], 4, 3, 50, groups=2), theta)
+    pooled = validation_scores(Rows(lambda: [(x, y, None)], 4, 3, 50), theta)
+    for p in range(2):
+        hit = (x @ theta[p, :-1] + theta[p, -1]).argmax(1) == y
+        assert grouped[p][0] == pytest.approx((hit[:40].float().mean() + hit[40:].float().mean()).item() / 2)
+        assert pooled[p][0] == pytest.approx(hit.float().mean().item())
+
+
+def test_option_lists_expand_into_configurations():
+    assert [c for _, c in expand_method("gaussian?sigma=0.05,0.2&n_aug=1,2")] == [
+        {"sigma": "0.05", "n_aug": "1"}, {"sigma": "0.05", "n_aug": "2"}, {"sigma": "0.2", "n_aug": "1"},
+        {"sigma": "0.2", "n_aug": "2"}]
+    assert expand_method("linear-adamw?lr=1e-3,1e-2") == [("linear-adamw?lr=1e-3,1e-2", {})]  # searched inside
+    with pytest.raises(UsageError, match="repeats"):
+        expand_method("gaussian?sigma=0.1,0.1")
+
+
+@pytest.fixture(scope="module")
+def four_domains(tmp_path_factory):
+    root = tmp_path_factory.mktemp("domainbed")
+    return write_synthetic_cache(root / "feat", n_per_class=20, d=16, n_classes=3, domains=DOMAINS, prompt_sets=())
+
+
+@pytest.fixture(scope="module")
+def run(four_domains, tmp_path_factory):
+    config = ProbeRunConfig(features=str(four_domains), out=str(tmp_path_factory.mktemp("out") / "r"), methods=("zero-shot", "linear", "gaussian?sigma=0.05,0.3"),
+                            seeds=2, grid_size=4, max_iter=60, device="cpu", progress=False,
+                            protocol="leave-one-domain-out", selection="all")
+    return run_probe(config)
+
+
+def test_one_result_per_method_seed_test_domain_and_selection(run, four_domains):
+    results = run.report["results"]
+    assert len(results) == 3 * 2 * 4 * 3
+    keys = {(r["method"], r["seed"], r["test_domain"], r["model_selection"]) for r in results}
+    assert len(keys) == len(results)
+    for r in results:  # the three selections are measured on the same rows: the test domain's in rows
+        same = [x["n_test_rows"] for x in results if (x["seed"], x["test_domain"]) == (r["seed"], r["test_domain"])]
+        assert len(set(same)) == 1
+    zs = [r["out_of_domain"] for r in results if r["method"] == "zero-shot" and (r["seed"], r["test_domain"]) == (0, "photo")]
+    assert len(set(zs)) == 1  # nothing to select
+    gauss = [r for r in results if r["method"] == "gaussian?sigma=0.05,0.3"]
+    assert {r["config"]["sigma"] for r in gauss} <= {0.05, 0.3} and all(r["n_configurations"] == 8 for r in gauss)
+
+
+def test_the_selections_choose_what_their_scores_say(run):
+    for r in run.report["results"]:
+        s = r["selection"]
+        if r["method"].startswith("gaussian"):  # the configuration chosen is the one its selection scored best
+            scores = [(c["val_accuracy"], -c["val_log_loss"]) for c in s["configurations"]]
+            assert r["config"] == s["configurations"][scores.index(max(scores))]["config"]
+        if r["method"] != "linear":
+            continue
+        if r["model_selection"] == domainbed.LODO:  # the refitted weight decay is the best mean over the folds
+            best = max(s["candidates"], key=lambda c: (c["val_accuracy"], -c["val_log_loss"]))
+            assert s["weight_decay"] == best["weight_decay"] and len(s["folds"]) == 3
+            assert r["test_domain"] not in s["folds"]
+        else:
+            assert 0.0 <= s["val_accuracy"] <= 1.0
+
+
+def test_tables_average_the_test_domains(run):
+    tables = run.report["tables"]
+    assert list(tables) == list(domainbed.SELECTIONS)
+    for selection, table in tables.items():
+        for row in table:
+            mine = [r for r in run.report["results"] if r["method"] == row["method"] and r["model_selection"] == selection]
+            for d, stat in row["domains"].items():
+                values = [r["out_of_domain"] for r in mine if r["test_domain"] == d]
+                assert stat["mean"] == pytest.approx(np.mean(values)) and stat["std"] == pytest.approx(np.std(values))
+            assert row["avg"]["mean"] == pytest.approx(np.mean([v["mean"] for v in row["domains"].values()]))
+
+
+def test_the_report_keeps_the_oracle_apart_and_writes_every_prediction(run, tmp_path):
+    public = write_report(tmp_path / "r", run)
+    md = (tmp_path / "r" / "report.md").read_text()
+    titles = [md.index("## Training-domain validation"), md.index("## Leave-one-domain-out cross-validation"),
+              md.index("## Oracle: test-domain validation (uses test-domain labels")]
+    assert titles == sorted(titles)
+    assert md == format_markdown(json.loads((tmp_path / "r" / "report.json").read_text()))
+    assert (tmp_path / "r" / "domainbed.png").stat().st_size > 0 and public["plots"]["domainbed"] == "domainbed.png"
+    table = pq.read_table(tmp_path / "r" / "test_predictions.parquet").to_pydict()
+    assert len(table["prediction"]) == sum(r["n_test_rows"] for r in public["results"])
+    assert set(table["model_selection"]) == set(domainbed.SELECTIONS)
+    for r in public["results"][:12]:  # each result's accuracy is its predictions'
+        at = [i for i in range(len(table["method"])) if (table["method"][i], table["seed"][i], table["test_domain"][i],
+                                                           table["model_selection"][i]) ==
+              (r["method"], r["seed"], r["test_domain"], r["model_selection"])]
+        assert {table["domain"][i] for i in at} == {r["test_domain"]}
+        hits = np.mean([table["prediction"][i] == table["label"][i] for i in at])
+        assert hits == pytest.approx(r["out_of_domain"], abs=1e-6)
+
+
+def test_same_seeds_same_splits(four_domains, run, tmp_path):
+    config = ProbeRunConfig(features=str(four_domains), out=str(tmp_path / "r"), methods=("zero-shot",), seeds=2, device="cpu",
+                            progress=False, protocol="leave-one-domain-out", selection="all")
+    again = run_probe(config).report["protocol"]["tasks"]
+    assert [t["fingerprints"] for t in again] == [t["fingerprints"] for t in run.report["protocol"]["tasks"]]
+    by_seed = {t["seed"]: t["fingerprints"]["train"] for t in again if t["role"] == "training-domain" and t["test_domain"] == "photo"}
+    assert by_seed[0] != by_seed[1]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--test-domain", "photo"], "belong to --protocol leave-one-domain-out"),
+    (["--selection", "oracle"], "belong to --protocol leave-one-domain-out"),
+    (["--protocol", "leave-one-domain-out", "--train-domain", "photo"], "--train-domain belongs to --protocol single"),
+    (["--protocol", "leave-one-domain-out", "--test-domain", "nowhere"], "--test-domain 'nowhere' is not in the cache"),
+    (["-m", "gaussian?sigma=0.1,0.2"], "searched under --protocol"),
+    (["--protocol", "leave-one-domain-out", "-m", "box:heads/box"], "cannot use yet"),
+])
+def test_wrong_protocol_options_are_one_line_and_exit_2(four_domains, tmp_path, args, match):
+    base = ["probe", str(four_domains), "--out", str(tmp_path / "r"), "--no-progress"]
+    if "-m" not in args:
+        base += ["-m", "linear"]
+    r = runner.invoke(app, base + args)
+    assert r.exit_code == 2, r.output
+    assert match in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
