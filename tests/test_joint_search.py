@@ -138,16 +138,17 @@ def test_a_loss_that_creeps_down_does_not_keep_a_configuration_training():
     x, y = torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 2
     creeping = [1.0, 0.5, 0.499, 0.498, 0.497, 0.496, 0.495, 0.494]  # 0.2 % per check after the first drop
 
-    def run(min_improvement):
+    def run(min_improvement, min_delta=0.0):
         losses = iter(creeping)
         (out,) = loop.fit_steps(torch.nn.Linear(4, 2), lambda m, xb, yb: (torch.nn.functional.cross_entropy(m(xb), yb), {}),
                                 x_train=x, y_train=y, batch_size=32, max_steps=8, configs=[(0.1, 0.0)], patience=3,
                                 val_loss=lambda params: torch.tensor([next(losses)]), min_improvement=min_improvement,
-                                generator=torch.Generator().manual_seed(0))
+                                min_delta=min_delta, generator=torch.Generator().manual_seed(0))
         return out.steps, out.stopped, out.selected_step
 
     assert run(0.0) == (8, "cap", 8)  # every drop restarts the patience
     assert run(0.01) == (5, "patience", 5)  # drops under 1 % do not; the lowest loss is still the one kept
+    assert run(0.0, min_delta=0.004) == (5, "patience", 5)  # nor, with min_delta, 0.003 in 3 steps
 
 
 def test_refit_trains_the_chosen_configuration_for_the_kept_steps(plan, monkeypatch):
@@ -189,7 +190,8 @@ def test_every_joint_method_searches_its_grid_reproducibly(plan, name):
     ("linear-adamw?max_steps=0", "max_steps == 0, must be >= 1"),
     ("latentdr-sa?patience=0", "patience == 0, must be >= 1"),
     ("latentdr-pool?val_every=0", "val_every == 0, must be >= 1"),
-    ("linear-adamw?min_improvement=1", "min_improvement == 1.0, must be in"),
+    ("linear-adamw?min_improvement=1", "min_improvement == 1.0 must be in"),
+    ("linear-adamw?min_delta=-0.1", "min_delta == -0.1 >= 0"),
     ("linear-adamw?epochs=10", "unknown option 'epochs'"),
 ])
 def test_bad_options_are_one_line_naming_the_value(spec, match):

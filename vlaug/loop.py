@@ -264,6 +264,7 @@ def fit_steps(
     val_every: int = 1,
     patience: int | None = None,
     min_improvement: float = 0.0,
+    min_delta: float = 0.0,
     generator: torch.Generator | None = None,
     vectorize: bool = True,
 ) -> list[StepRun]:
@@ -276,9 +277,10 @@ def fit_steps(
     ``torch.func.vmap`` (``randomness="different"``: each copy draws its own dropout).
     Every ``val_every`` steps (and at the last) ``val_loss`` scores the copies; each keeps
     the step with its lowest validation loss and stops once ``patience`` steps have passed
-    without a lower one by more than ``min_improvement`` (a fraction of the loss that last
-    restarted its patience: a loss that creeps down forever does not keep a copy training).
-    A few rows make a small epoch, never a short training.
+    without one lower by more than ``min_improvement`` × the loss that last restarted its
+    patience + ``min_delta`` (a loss that creeps down forever, as cross-entropy does on
+    separable rows, does not keep a copy training). A few rows make a small epoch, never a
+    short training.
 
     Args:
         loss_fn: ``(module, x, y) -> (loss, parts)``; the module it is given calls
@@ -288,8 +290,8 @@ def fit_steps(
         val_loss: the copies' validation losses from their stacked parameters; None: no
             validation, every copy runs ``max_steps`` steps and keeps the last.
         patience: steps without a lower validation loss before a copy stops (None: never).
-        min_improvement: the relative drop of the validation loss that restarts the patience
-            (0: any drop).
+        min_improvement, min_delta: the relative and absolute drop of the validation loss
+            that restarts the patience (both 0: any drop).
         generator: CPU generator for the batch order.
         vectorize: False for a module that ``vmap`` cannot run: the copies' forwards then
             run one after another in each step (same batches, same updates).
@@ -320,7 +322,7 @@ def fit_steps(
             if not run.state or score < run.val_loss:
                 run.selected_step, run.val_loss = step, score
                 run.state = optimizer.copy(slot)
-            if not reference[k][1] or score < reference[k][0] * (1 - min_improvement):
+            if not reference[k][1] or score < reference[k][0] * (1 - min_improvement) - min_delta:
                 reference[k] = (score, step)
             if patience is not None and step - reference[k][1] >= patience:
                 run.steps, run.stopped = step, "patience"
