@@ -220,3 +220,33 @@ def test_wrong_protocol_options_are_one_line_and_exit_2(four_domains, tmp_path, 
     assert r.exit_code == 2, r.output
     assert match in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_splits_with_the_same_training_rows_share_the_grids_fits(four_domains, tmp_path):
+    """The training-domain and oracle selections train on the same rows, as do the folds
+    (T, v) and (v, T): the grid is fitted once for them, and each selects on its own rows
+    exactly as a search of its own would."""
+    from vlaug.evaluate import prepare
+    from vlaug.methods import parse_method
+    from vlaug.methods.batching import ProbeSolver
+
+    config = ProbeRunConfig(features=str(four_domains), out=str(tmp_path / "r"), methods=("linear",), seeds=1,
+                            grid_size=4, max_iter=60, device="cpu", progress=False,
+                            protocol="leave-one-domain-out", selection="all")
+    plan = prepare(config)
+    shared = plan.methods[0]
+    counted = []
+    import vlaug.methods.linear as linear
+    real = linear.fit_probes
+    linear.fit_probes = lambda *a, **k: counted.append(len(a[1])) or real(*a, **k)
+    try:
+        fits = shared.fit_seeds(plan.data, plan.splits, ProbeSolver(plan.data, plan.splits))
+    finally:
+        linear.fit_probes = real
+    unique = {np.asarray(s.train).tobytes() for s in plan.splits}
+    assert counted.count(4) == len(unique) < len(plan.splits)  # 4 three-domain sets + 6 pairs, for 20 tasks
+    for split, fit in zip(plan.splits, fits):
+        alone = parse_method("linear").fit(plan.data, split, 0)
+        assert fit.selection["weight_decay"] == alone.selection["weight_decay"]
+        assert fit.selection["val_accuracy"] == alone.selection["val_accuracy"]
+        assert torch.allclose(fit.W, alone.W, atol=1e-6)

@@ -198,3 +198,32 @@ def test_bad_options_are_one_line_naming_the_value(spec, match):
     with pytest.raises(UsageError, match=match) as e:
         parse_method(spec)
     assert "\n" not in str(e.value)
+
+
+def test_seeds_stacked_train_as_they_would_alone(monkeypatch, tmp_path):
+    """Seeds (or DomainBed's folds) trained as one stack (an accelerator's path, forced here
+    on the CPU) get each its own rows, batches, start and validation: a linear classifier
+    comes out the same as trained alone, and every seed keeps its own search."""
+    from tests.conftest import write_synthetic_cache
+    from vlaug.evaluate import ProbeRunConfig, prepare
+    from vlaug.methods import Method, joint
+    from vlaug.methods.batching import ProbeSolver
+
+    feats = write_synthetic_cache(tmp_path / "feat", n_per_class=25, d=16, n_classes=3,
+                                  domains=("clipart", "painting", "photo", "sketch"), prompt_sets=())
+    config = ProbeRunConfig(features=str(feats), out=str(tmp_path / "r"), methods=("linear-adamw?max_steps=120&val_every=5",),
+                            seeds=2, device="cpu", progress=False, protocol="leave-one-domain-out")
+    plan = prepare(config)
+    method = plan.methods[0]
+    monkeypatch.setattr(joint, "STACK_DEVICES", ("cpu",))
+    calls = []
+    real = joint.loop.fit_steps
+    monkeypatch.setattr(joint.loop, "fit_steps", lambda *a, **k: calls.append(len(k["configs"])) or real(*a, **k))
+    stacked = method.fit_seeds(plan.data, plan.splits, ProbeSolver(plan.data, plan.splits))
+    assert calls == [len(plan.splits) * len(method.options.configs())]  # one loop for every task
+    alone = Method.fit_seeds(method, plan.data, plan.splits, None)
+    assert len(stacked) == len(alone) == 8  # 2 seeds x 4 test domains
+    for a, b in zip(stacked, alone):
+        assert [(e["lr"], e["weight_decay"], e["steps"], e["selected_step"]) for e in a.search] == \
+            [(e["lr"], e["weight_decay"], e["steps"], e["selected_step"]) for e in b.search]
+        assert torch.allclose(a.W, b.W, atol=1e-5) and a.selection["val_accuracy"] == b.selection["val_accuracy"]

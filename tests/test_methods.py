@@ -38,7 +38,7 @@ def test_parse_method_fills_typed_defaults():
     g = parse_method("gaussian")
     assert isinstance(g, Gaussian) and g.options.to_dict() == {"ensemble": 0.0, "n_aug": 1, "sigma": 0.1}
     joint = parse_method("latentdr-sa?batch_size=64&lr=0.01")
-    assert (joint.options.batch_size, joint.options.lr, joint.options.max_steps) == (64, "0.01", 4000)
+    assert (joint.options.batch_size, joint.options.lr, joint.options.max_steps) == (64, "0.01", 10_000)
     assert parse_method("zero-shot").options.to_dict() == {}
 
 

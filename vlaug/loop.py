@@ -251,6 +251,17 @@ class StepRun:
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # the kept parameters, by name
 
 
+@dataclass
+class StepTask:
+    """One training problem of :func:`fit_steps` when it trains several at once (seeds,
+    folds): its rows, batch order, validation loss and starting parameters."""
+
+    rows: torch.Tensor | None = None  # indices of its training rows in x_train (None: every row)
+    generator: torch.Generator | None = None  # CPU generator of its batch order
+    val_loss: StackedLoss | None = None  # its copies' validation losses (None: no validation)
+    init: dict[str, torch.Tensor] | None = None  # its starting parameters by name (None: the module's)
+
+
 def fit_steps(
     module: torch.nn.Module,
     loss_fn: LossFn,
@@ -267,6 +278,8 @@ def fit_steps(
     min_delta: float = 0.0,
     generator: torch.Generator | None = None,
     vectorize: bool = True,
+    tasks: list[StepTask] | None = None,
+    task_of: list[int] | None = None,
 ) -> list[StepRun]:
     """Train one copy of ``module`` (all from its current weights) per configuration
     ``(lr, weight_decay)`` of ``configs`` with AdamW, counting optimiser steps.
@@ -295,6 +308,12 @@ def fit_steps(
         generator: CPU generator for the batch order.
         vectorize: False for a module that ``vmap`` cannot run: the copies' forwards then
             run one after another in each step (same batches, same updates).
+        tasks, task_of: several training problems at once (the seeds or folds of a joint
+            method, issue 28): copy k trains task ``task_of[k]``, on that task's rows, batches
+            (its own generator: the batches it would get alone), starting parameters and
+            validation loss (``val_loss`` and ``generator`` are then unused). Every copy still
+            training takes one step per step, all in one vectorised forward (copies whose
+            batches differ in size, at the end of a pass, in one forward per size).
 
     Returns:
         one :class:`StepRun` per configuration, in order; ``module`` itself is unchanged.
@@ -302,22 +321,41 @@ def fit_steps(
     if max_steps < 1 or val_every < 1 or not configs:
         raise ValueError(f"max_steps == {max_steps} and val_every == {val_every} must be >= 1, with at least one config.")
     runs = [StepRun(lr, wd) for lr, wd in configs]
-    optimizer = _StackedAdamW(module, configs)
+    if tasks is None:
+        tasks, task_of = [StepTask(None, generator, val_loss)], [0] * len(configs)
+    if task_of is None or len(task_of) != len(configs):
+        raise ValueError("task_of must name the task of every configuration.")
+    initial = None
+    if any(t.init is not None for t in tasks):
+        own = dict(module.named_parameters())
+        initial = {name: torch.stack([(tasks[t].init or own)[name].detach() for t in task_of]) for name in own}
+    optimizer = _StackedAdamW(module, configs, initial)
     buffers = {name: b for name, b in module.named_buffers()}  # shared by the copies (vlaug's modules update none)
-    batches = _batches(len(x_train), batch_size, generator, x_train.device)
+    batches = [_batches(len(x_train) if t.rows is None else len(t.rows), batch_size, t.generator, x_train.device)
+               for t in tasks]
     reference = [(math.inf, 0)] * len(runs)  # (loss, step) that last restarted each copy's patience (step 0: none yet)
     module.train()
     for step in range(1, max_steps + 1):
-        idx = next(batches)
-        losses = _stacked_losses(module, loss_fn, optimizer.params, buffers, x_train[idx], y_train[idx], vectorize)
+        alive = sorted({task_of[k] for k in optimizer.ids})
+        picked = {}
+        for t in alive:  # each task's next batch, as it would draw it alone
+            idx = next(batches[t])
+            rows = idx if tasks[t].rows is None else tasks[t].rows[idx]
+            picked[t] = (x_train[rows], y_train[rows])
+        if len(tasks) == 1:
+            losses = _stacked_losses(module, loss_fn, optimizer.params, buffers, *picked[0], vectorize)
+        else:
+            losses = _task_losses(module, loss_fn, optimizer.params, buffers, picked,
+                                  [task_of[k] for k in optimizer.ids], vectorize)
         losses.sum().backward()  # the copies are independent: each gets its own gradient
         optimizer.step()
-        if val_loss is None or (step % val_every and step < max_steps):
+        if step % val_every and step < max_steps:
             continue
-        with torch.no_grad():
-            scores = val_loss(optimizer.params).tolist()
+        scores = _validation(tasks, optimizer.params, [task_of[k] for k in optimizer.ids])
         done = []
         for slot, (k, score) in enumerate(zip(optimizer.ids, scores)):
+            if score is None:  # a task without validation: it runs max_steps and keeps the last
+                continue
             run, score = runs[k], score if math.isfinite(score) else math.inf
             if not run.state or score < run.val_loss:
                 run.selected_step, run.val_loss = step, score
@@ -332,10 +370,49 @@ def fit_steps(
             break
     for slot, k in enumerate(optimizer.ids):  # still training at the cap
         runs[k].steps, runs[k].stopped = max_steps, "cap"
-        if val_loss is None:
+        if tasks[task_of[k]].val_loss is None:
             runs[k].selected_step, runs[k].state = max_steps, optimizer.copy(slot)
     module.eval()
     return runs
+
+
+def _validation(tasks: list[StepTask], params: dict[str, torch.Tensor], slot_tasks: list[int]) -> list[float | None]:
+    """Each copy's validation loss (None for a task without validation), task by task."""
+    scores: list[float | None] = [None] * len(slot_tasks)
+    with torch.no_grad():
+        for t in sorted(set(slot_tasks)):
+            if tasks[t].val_loss is None:
+                continue
+            slots = [i for i, u in enumerate(slot_tasks) if u == t]
+            mine = params if len(slots) == len(slot_tasks) else {n: p[slots] for n, p in params.items()}
+            for i, v in zip(slots, tasks[t].val_loss(mine).tolist()):
+                scores[i] = v
+    return scores
+
+
+def _task_losses(module, loss_fn: LossFn, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                 picked: dict[int, tuple[torch.Tensor, torch.Tensor]], slot_tasks: list[int], vectorize: bool) -> torch.Tensor:
+    """(A,) training losses of copies that train different tasks, each on its task's batch:
+    one vectorised forward per batch size (all copies but at the end of a pass)."""
+    by_size: dict[int, list[int]] = {}
+    for slot, t in enumerate(slot_tasks):
+        by_size.setdefault(len(picked[t][1]), []).append(slot)
+    out = torch.zeros(len(slot_tasks), device=next(iter(params.values())).device)
+
+    def one(p, x, y):
+        return loss_fn(_Bound(module, {**p, **buffers}), x, y)[0]
+
+    for slots in by_size.values():
+        index = torch.as_tensor(slots, device=out.device)
+        mine = {n: p[index] for n, p in params.items()}
+        x = torch.stack([picked[slot_tasks[s]][0] for s in slots])
+        y = torch.stack([picked[slot_tasks[s]][1] for s in slots])
+        if vectorize:
+            losses = vmap(one, randomness="different")(mine, x, y)
+        else:
+            losses = torch.stack([one({n: p[i] for n, p in mine.items()}, x[i], y[i]) for i in range(len(slots))])
+        out = out.index_put((index,), losses)
+    return out
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None, device: torch.device) -> Iterator[torch.Tensor]:
@@ -380,10 +457,14 @@ class _StackedAdamW:
 
     BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults
 
-    def __init__(self, module: torch.nn.Module, configs: list[tuple[float, float]]):
+    def __init__(self, module: torch.nn.Module, configs: list[tuple[float, float]],
+                 initial: dict[str, torch.Tensor] | None = None):
         n = len(configs)
-        self.params = {name: p.detach().unsqueeze(0).repeat(n, *[1] * p.dim()).requires_grad_()
-                       for name, p in module.named_parameters()}  # {name: (A, ...)}
+        if initial is not None:  # each copy's own start, stacked {name: (A, ...)}
+            self.params = {name: p.clone().requires_grad_() for name, p in initial.items()}
+        else:
+            self.params = {name: p.detach().unsqueeze(0).repeat(n, *[1] * p.dim()).requires_grad_()
+                           for name, p in module.named_parameters()}  # {name: (A, ...)}
         self.exp_avg = {name: torch.zeros_like(p) for name, p in self.params.items()}
         self.exp_avg_sq = {name: torch.zeros_like(p) for name, p in self.params.items()}
         device = next(iter(self.params.values())).device
