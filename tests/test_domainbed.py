@@ -210,7 +210,6 @@ def test_same_seeds_same_splits(four_domains, run, tmp_path):
     (["--protocol", "leave-one-domain-out", "--train-domain", "photo"], "--train-domain belongs to --protocol single"),
     (["--protocol", "leave-one-domain-out", "--test-domain", "nowhere"], "--test-domain 'nowhere' is not in the cache"),
     (["-m", "gaussian?sigma=0.1,0.2"], "searched under --protocol"),
-    (["--protocol", "leave-one-domain-out", "-m", "box:heads/box"], "cannot use yet"),
 ])
 def test_wrong_protocol_options_are_one_line_and_exit_2(four_domains, tmp_path, args, match):
     base = ["probe", str(four_domains), "--out", str(tmp_path / "r"), "--no-progress"]
@@ -250,3 +249,75 @@ def test_splits_with_the_same_training_rows_share_the_grids_fits(four_domains, t
         assert fit.selection["weight_decay"] == alone.selection["weight_decay"]
         assert fit.selection["val_accuracy"] == alone.selection["val_accuracy"]
         assert torch.allclose(fit.W, alone.W, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def head_set(four_domains, tmp_path_factory):
+    from vlaug.heads import make_head_config
+    from vlaug.train import TrainConfig, train_head
+
+    out = tmp_path_factory.mktemp("heads") / "box"
+    result = train_head(TrainConfig(features=str(four_domains), out=str(out), head=make_head_config("box"), epochs=2,
+                                    progress=False, device="cpu", protocol="leave-one-domain-out", seeds=2,
+                                    selection="all"), log=lambda msg: None)
+    assert result.n_heads == 2 * (4 + 6)  # seeds x (held-out domains + held-out pairs)
+    return out
+
+
+def test_a_head_set_holds_one_head_per_seed_and_held_out_domains_trained_on_the_others_in_rows(head_set, four_domains):
+    from vlaug import cache as cache_io
+    from vlaug.checkpoint import read_head_config
+    from vlaug.train import HEAD_SET_NAME
+
+    index = json.loads((head_set / HEAD_SET_NAME).read_text())
+    feats = cache_io.read_metadata(str(four_domains))
+    assert index["kind"] == "box" and index["domains"] == list(DOMAINS) and len(index["heads"]) == 20
+    for h in index["heads"]:
+        training = read_head_config(head_set / h["path"])["training"]
+        assert (training["split_seed"], training["held_out"]) == (h["seed"], h["held_out"])
+        parts = in_out_splits(feats.labels, feats.domains, feats.splits, list(DOMAINS), h["seed"])
+        rows = [d for d in DOMAINS if d not in h["held_out"]]
+        assert training["train_domains"] == rows
+        assert training["n_train"] + training["n_val"] == sum(len(parts[d][0]) for d in rows)
+
+
+def test_methods_with_heads_run_under_the_protocol_with_a_head_per_task(head_set, four_domains, tmp_path):
+    from vlaug.evaluate import prepare
+
+    config = ProbeRunConfig(features=str(four_domains), out=str(tmp_path / "r"), methods=(f"box:{head_set}?n_aug=2",),
+                            seeds=2, grid_size=3, max_iter=40, device="cpu", progress=False,
+                            protocol="leave-one-domain-out", selection="all")
+    plan = prepare(config)
+    method = plan.methods[0]
+    for i, t in enumerate(plan.tasks):  # each task's head: its seed, without its test domain (and fold)
+        held = "+".join(sorted({t.test_domain, t.fold} - {""}))
+        assert method.task_heads[i].endswith(f"seed{t.seed}/without-{held}")
+    report = run_probe(config).report
+    assert len(report["results"]) == 2 * 4 * 3 and all(0 <= r["out_of_domain"] <= 1 for r in report["results"])
+
+
+@pytest.mark.parametrize("case, match", [
+    ("plain head", "train a set of heads with vlaug train-box FEATURES --protocol leave-one-domain-out"),
+    ("set under single", "is a set of heads for --protocol leave-one-domain-out"),
+    ("other holdout", "--holdout-fraction 0.2, this probe splits with 0.3"),
+    ("more seeds", "has no head for seed 2"),
+])
+def test_heads_that_do_not_fit_the_protocol_are_refused(head_set, four_domains, tmp_path, case, match):
+    from vlaug.heads import make_head_config
+    from vlaug.train import TrainConfig, train_head
+
+    head, kw = str(head_set), dict(protocol="leave-one-domain-out", selection="all", seeds=2)
+    if case == "plain head":
+        head = str(tmp_path / "plain")
+        train_head(TrainConfig(features=str(four_domains), out=head, head=make_head_config("box"), epochs=1, progress=False,
+                               device="cpu"), log=lambda msg: None)
+    elif case == "set under single":
+        kw = {}
+    elif case == "other holdout":
+        kw["holdout_fraction"] = 0.3
+    else:
+        kw["seeds"] = 3
+    config = ProbeRunConfig(features=str(four_domains), out=str(tmp_path / "r"), methods=(f"box:{head}",), device="cpu",
+                            progress=False, **kw)
+    with pytest.raises(UsageError, match=match):
+        run_probe(config)

@@ -7,6 +7,7 @@ returns a :class:`ProbeRun`; :func:`vlaug.report.write_report` writes it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import sys
 import time
@@ -22,6 +23,7 @@ from vlaug import checkpoint, domainbed, metrics
 from vlaug._version import __version__
 from vlaug.choices import CLASSES_PROMPT_SET
 from vlaug.devices import release_memory, resolve_device, threads_for
+from vlaug.cache.files import read_json_object
 from vlaug.errors import CheckpointError, UsageError
 from vlaug.methods import Fit, Method, RunData, parse_method
 from vlaug.methods.registry import expand_method
@@ -65,10 +67,15 @@ def _head_folders(heads: str, kinds: tuple[str, ...]) -> list[str]:
     if not root.is_dir():
         raise UsageError(f"--heads {heads!r} is not a folder; give the folder that holds your head folders "
                          "(e.g. heads/ with heads/box from vlaug train-box --out heads/box).")
+    from vlaug.train import HEAD_SET_NAME, is_head_set
+
     found = []
-    for sub in sorted(p for p in root.iterdir() if checkpoint.is_head(p)):
+    for sub in sorted(p for p in root.iterdir() if checkpoint.is_head(p) or is_head_set(p)):
         try:
-            kind = checkpoint.read_head_config(sub)["kind"]
+            if is_head_set(sub):  # a set of heads for --protocol leave-one-domain-out: its kind in its index
+                kind = read_json_object(sub / HEAD_SET_NAME, CheckpointError, "").get("kind")
+            else:
+                kind = checkpoint.read_head_config(sub)["kind"]
         except CheckpointError:
             continue  # not readable as a head: --method NAME:DIR names it when wanted, and says why
         if kind in kinds:
@@ -232,8 +239,6 @@ def prepare(config: ProbeRunConfig) -> _Plan:
     methods, skipped, from_all = _parse_methods(config)  # the options first (no cache read yet), then the files
     lodo = config.protocol != "single"
     selections = domainbed.parse_selections(config.selection) if lodo else ()
-    if lodo:
-        _drop_head_methods(methods, from_all, skipped)
     _check_reweight(config, methods, from_all, skipped)
     budget = cache_io.parse_memory_budget(config.memory_budget)
     imbalance = parse_imbalance(config.imbalance)
@@ -247,14 +252,8 @@ def prepare(config: ProbeRunConfig) -> _Plan:
     domain_names, domain_index = np.unique(feats.domains, return_inverse=True)  # sorted names, index per row
     train_domains = check_domains(config.train_domains, [d for d in domain_names.tolist() if d])
     _bind(methods, feats, train_domains, from_all, warnings)
-    made_from = cache_io.read_text_templates(config.features, feats.manifest)
-    heads = _load_heads(methods, feats.manifest, config.features, warnings, made_from)
-    chunk_rows = memory.chunk_rows(max(1 + m.extra_rows() for m in methods))  # streamed, a block grows by its extras
-    data = _run_data(config, feats, domain_index, heads, memory, chunk_rows)
-    fractions = id_fractions(cache_io.iter_ids(config.features))
     tasks = None
     if lodo:
-        data.balance_domains = True  # training-domain validation: the mean of the training domains' accuracies
         if (feats.domains == "").any():
             raise UsageError(f"--protocol leave-one-domain-out needs a domain for every row; cache {config.features!r} has "
                              f"{int((feats.domains == '').sum())} rows without one (embed a domain/class folder or a "
@@ -262,11 +261,19 @@ def prepare(config: ProbeRunConfig) -> _Plan:
         test_domains = check_domains(config.test_domains, train_domains, "--test-domain")
         tasks = domainbed.plan_tasks(feats.labels, feats.domains, feats.splits, train_domains, test_domains, config.seeds,
                                      selections, config.holdout_fraction)
+    head_users = _resolve_head_sets(methods, tasks, feats, config)
+    made_from = cache_io.read_text_templates(config.features, feats.manifest)
+    heads = _load_heads(head_users, feats.manifest, config.features, warnings, made_from)
+    chunk_rows = memory.chunk_rows(max(1 + m.extra_rows() for m in methods))  # streamed, a block grows by its extras
+    data = _run_data(config, feats, domain_index, heads, memory, chunk_rows)
+    fractions = id_fractions(cache_io.iter_ids(config.features))
+    if lodo:
+        data.balance_domains = True  # training-domain validation: the mean of the training domains' accuracies
         splits = [t.splits for t in tasks]
     else:
         splits = _seed_splits(config, feats, fractions, train_domains, imbalance)
-    for path, ckpt in heads.items():
-        _check_head_held_out(path, ckpt.config.get("training", {}), feats, fractions, splits, config)
+        for path, ckpt in heads.items():
+            _check_head_held_out(path, ckpt.config.get("training", {}), feats, fractions, splits, config)
     empty = classes_without_rows(feats.labels[splits[0].train], feats.classes)
     if empty:
         warnings.append(f"{len(empty)} of {len(feats.classes)} classes have no training rows (seed 0): "
@@ -274,19 +281,65 @@ def prepare(config: ProbeRunConfig) -> _Plan:
     return _Plan(methods, data, train_domains, splits, imbalance, memory, chunk_rows, warnings, made_from, fractions, tasks)
 
 
-def _drop_head_methods(methods: list[Method], from_all: set[str], notes: list[str]) -> None:
-    """Under --protocol leave-one-domain-out, leave out the methods that need a trained head
-    (from ``--method all``, with a note) or refuse them (given by name): a head would have to
-    be trained per seed and test domain without the rows each selection validates on."""
-    for m in list(methods):
-        if not m.head_kinds:
+def _with_head(method: Method, head: str) -> Method:
+    """``method`` with another head folder (a head of its set, for one task)."""
+    clone = copy.copy(method)
+    clone.head = head
+    return clone
+
+
+def _resolve_head_sets(methods: list[Method], tasks: list | None, feats: cache_io.FeatureCache,
+                       config: ProbeRunConfig) -> list[Method]:
+    """The methods whose heads are to be loaded: under --protocol leave-one-domain-out, each
+    head-needing method's folder must be a set of heads from ``vlaug train-box --protocol
+    leave-one-domain-out``; the method gets, per task, the head of its split seed trained
+    without the task's test domain (and fold), checked never to have fitted a row the task
+    validates or tests on (``task_heads``, by task index; ``set_heads``, by (seed, held-out
+    domains)). Under --protocol single a set is refused."""
+    from vlaug.protocols import in_out_splits
+    from vlaug.train import HEAD_SET_NAME, is_head_set
+
+    users = []
+    for m in methods:
+        if not m.head:
             continue
-        if m.group not in from_all and m.text not in from_all:
-            raise UsageError(f"--method {m.group!r} needs a head from vlaug train-box, which --protocol leave-one-domain-out "
-                             "cannot use yet (a head must not have seen the test domain nor the rows a selection "
-                             "validates on, per seed); leave it out, or use --protocol single.")
-        methods.remove(m)
-        notes.append(f"{m.name} skipped: methods with a trained head do not run under --protocol leave-one-domain-out yet")
+        if tasks is None:
+            if is_head_set(m.head):
+                raise UsageError(f"--method {m.group!r}: {m.head!r} is a set of heads for --protocol leave-one-domain-out; "
+                                 "add that protocol, or give a head from vlaug train-box --protocol single.")
+            users.append(m)
+            continue
+        if not is_head_set(m.head):
+            raise UsageError(f"--method {m.group!r}: under --protocol leave-one-domain-out a head must not have seen the "
+                             f"test domain nor the rows a selection validates on, per seed; train a set of heads with "
+                             f"vlaug train-box FEATURES --protocol leave-one-domain-out --seeds {config.seeds} "
+                             f"--selection {config.selection} --out {m.head}-domainbed and give that folder.")
+        index = read_json_object(Path(m.head) / HEAD_SET_NAME, UsageError, "")
+        members = {(h["seed"], tuple(sorted(h["held_out"]))): str(Path(m.head) / h["path"]) for h in index.get("heads", [])}
+        if index.get("holdout_fraction") != config.holdout_fraction:
+            raise UsageError(f"--method {m.group!r}: the heads of {m.head!r} were trained with --holdout-fraction "
+                             f"{index.get('holdout_fraction')}, this probe splits with {config.holdout_fraction}; use the same.")
+        m.task_heads, m.set_heads = {}, members
+        parts = {}
+        for i, t in enumerate(tasks):
+            held = tuple(sorted({t.test_domain, t.fold} - {""}))
+            path = members.get((t.seed, held))
+            if path is None:
+                raise UsageError(f"--method {m.group!r}: {m.head!r} has no head for seed {t.seed} without {' and '.join(held)}; "
+                                 f"train the set with vlaug train-box FEATURES --protocol leave-one-domain-out --seeds "
+                                 f"{config.seeds} --selection {config.selection}.")
+            if t.seed not in parts:
+                parts[t.seed] = in_out_splits(feats.labels, feats.domains, feats.splits,
+                                              [d for d in np.unique(feats.domains).tolist()], t.seed, config.holdout_fraction)
+            seen = np.concatenate([parts[t.seed][d][0] for d in parts[t.seed] if d not in held])
+            used = np.concatenate([t.splits.val, t.splits.test_out])
+            if np.isin(used, seen).any():  # a set from another cache or split: never fitted on what this task scores on
+                raise UsageError(f"--method {m.group!r}: head {path!r} was trained on rows this probe validates or tests on "
+                                 "(another cache, split or --holdout-fraction); train the set again on this cache.")
+            m.task_heads[i] = path
+        m.head = m.task_heads[0]
+        users += [_with_head(m, p) for p in dict.fromkeys(m.task_heads.values())]
+    return users
 
 
 def _checked_cache(config: ProbeRunConfig, skipped: list[str]) -> tuple[cache_io.CacheManifest, list[str]]:
@@ -496,10 +549,15 @@ def _fit_all(plan: _Plan, progress: bool) -> dict[tuple[int, str], "Fit"]:
     bar = tqdm(total=len(plan.splits) * len(methods), desc="probe", unit="fit", disable=not progress, file=sys.stderr)
     fits = {}
     solver = ProbeSolver(data, plan.splits)
-    searched = solver.search_together(methods)  # the probe methods' weight-decay searches, as one batch
+    # the probe methods' weight-decay searches, as one batch (not those with a head per task: each task's own rows)
+    searched = solver.search_together([m for m in methods if not getattr(m, "task_heads", None)])
     for method in methods:  # a method's seeds together: it may share work between them (Method.fit_seeds)
-        for seed, fit in enumerate(method.fit_seeds(data, plan.splits, solver, searched.get(method.text))):
-            fits[seed, method.text] = fit
+        if getattr(method, "task_heads", None):  # DomainBed's tasks, each with the head trained without its domains
+            for i, split in enumerate(plan.splits):
+                fits[i, method.text] = _with_head(method, method.task_heads[i]).fit(data, split, i)
+        else:
+            for seed, fit in enumerate(method.fit_seeds(data, plan.splits, solver, searched.get(method.text))):
+                fits[seed, method.text] = fit
         release_memory()  # the fits' temporaries, before the next method
         bar.update(len(plan.splits))
     bar.close()
@@ -764,6 +822,8 @@ def _lodo_model(data: RunData, members: list[Method], fits: dict, fold_tasks: li
         chosen["configurations"] = [{"config": y.config, "val_accuracy": a, "val_log_loss": ll} for y, (a, ll) in zip(members, scores)]
     train = np.union1d(fold_tasks[0].splits.train, fold_tasks[0].splits.val)
     calibration_rows = fold_tasks[0].calibration
+    if getattr(x, "set_heads", None):  # the head trained on every training domain (without the test domain)
+        x = _with_head(x, x.set_heads[fold_tasks[0].seed, (fold_tasks[0].test_domain,)])
     fit = x.refit(data, train, refit_seed, chosen)
     if isinstance(x, ProbeMethod) and type(x).gate_for is not ProbeMethod.gate_for:  # set on these rows, as a fit sets it
         fit.gate = x.gate_for(data, train, calibration_rows)

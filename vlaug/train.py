@@ -9,6 +9,8 @@ larger than ``--memory-budget``), trains the head with the generic loop of
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -20,7 +22,7 @@ import torch
 
 from vlaug import cache as cache_io
 from vlaug import checkpoint, loop
-from vlaug.choices import CLASSES_PROMPT_SET
+from vlaug.choices import CLASSES_PROMPT_SET, PROTOCOLS
 from vlaug.devices import release_memory, resolve_device
 from vlaug.errors import UsageError
 from vlaug.heads import (
@@ -58,6 +60,13 @@ class TrainConfig:
     lr: float = 1e-3  # AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay
     seed: int = 0  # initial weights, batch order, validation split, dropout
+    # "leave-one-domain-out": a set of heads for vlaug probe's DomainBed protocol (train_head_set): per split
+    # seed 0 … seeds − 1, one head per held-out domain (and per held-out pair for that selection), each on
+    # the `in` rows of the other domains
+    protocol: str = "single"
+    seeds: int = 5  # leave-one-domain-out: the probe's seeds (each draws its own in/out split)
+    selection: str = "training-domain"  # leave-one-domain-out: leave-one-domain-out or all also trains the pairs
+    holdout_fraction: float = 0.2  # leave-one-domain-out: each domain's `out` part (the probe's --holdout-fraction)
     device: str = "auto"
     memory_budget: str = "auto"  # stream the cache from disk when its embeddings need more (auto: RAM / 4)
     allow_incomplete: bool = False  # train on a cache whose embed run was interrupted
@@ -79,6 +88,13 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} {value}, must be >= 1.")
         if self.lr <= 0 or self.weight_decay < 0:
             raise UsageError(f"--lr {self.lr} must be > 0 and --weight-decay {self.weight_decay} >= 0.")
+        if self.protocol not in PROTOCOLS:
+            raise UsageError(f"--protocol {self.protocol!r}; use one of {', '.join(PROTOCOLS)}.")
+        if self.protocol != "single" and self.train_domains:
+            raise UsageError("--train-domain belongs to --protocol single; under leave-one-domain-out every domain is "
+                             "held out in turn.")
+        if self.seeds < 1 or not 0.0 < self.holdout_fraction < 1.0:
+            raise UsageError(f"--seeds {self.seeds} must be >= 1 and --holdout-fraction {self.holdout_fraction} in (0, 1).")
 
     @property
     def kind(self) -> str:
@@ -122,10 +138,15 @@ class TrainResult:
     history: list[dict]
     seconds: float
     stats: dict | None = None
+    n_heads: int = 1  # --protocol leave-one-domain-out: the heads of the set (this result is the last one's)
 
     def summary(self) -> str:
         best = self.history[self.selected_epoch - 1]
         val = f"val loss {best['val_loss']:.4f}" if best["val_loss"] is not None else "no validation rows"
+        if self.n_heads > 1:
+            return (f"trained {self.n_heads} {self.kind} heads for vlaug probe --protocol leave-one-domain-out "
+                    f"(the last on {self.n_train} rows, kept epoch {self.selected_epoch}, {val}) -> {self.out} "
+                    f"(index: {self.out}/{HEAD_SET_NAME})")
         return (
             f"trained {self.kind} on {self.n_train} rows ({self.n_val} validation) for {len(self.history)} epochs "
             f"in {self.seconds:.1f} s; kept epoch {self.selected_epoch} ({val}) -> {self.out}"
@@ -282,6 +303,8 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
         CacheError: the cache is unreadable.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    if config.protocol != "single":
+        return train_head_set(config, log)
     budget = cache_io.parse_memory_budget(config.memory_budget)
     out = cache_io.check_output(config.out, config.overwrite, checkpoint.is_head, "vlaug head")
     manifest = cache_io.read_manifest(config.features)
@@ -290,6 +313,14 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
     plan = cache_io.plan_memory(manifest, config.memory_budget, budget)
     feats = _read_features(config, manifest, plan, log)
     domains, rows, empty = _select_rows(config, feats, log)
+    return _train_on(config, out, manifest, plan, feats, domains, rows, empty, {})
+
+
+def _train_on(config: TrainConfig, out: Path, manifest: cache_io.CacheManifest, plan: cache_io.MemoryPlan,
+              feats: cache_io.FeatureCache, domains: list[str], rows: np.ndarray, empty: list[str],
+              record: dict) -> TrainResult:
+    """Train the head on ``rows`` (its epoch chosen on a stratified part of them) and write it
+    to ``out``, with ``record`` added to its training section."""
     train_rows, val_rows = stratified_split(rows, feats.labels, config.val_fraction, config.seed)
     device = resolve_device(config.device)
     head = config.head.bind(manifest.embed_dim, len(feats.classes))
@@ -305,6 +336,7 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
         stats = box_stats(module, row_chunks(rows)(), feats.classes, text, seed=config.seed)
 
     training = _training_record(config, plan, manifest, feats, device, domains, empty, len(train_rows), len(val_rows))
+    training.update(record)
     made_from = cache_io.read_text_templates(config.features, manifest)
     texts = {name: made_from.get(name, []) for name in prompt_sets_used(head)}
     checkpoint.save_head(
@@ -314,3 +346,60 @@ def train_head(config: TrainConfig, log: Callable[[str], None] | None = None) ->
         stats=stats, overwrite=config.overwrite,
     )
     return TrainResult(str(out), config.kind, len(train_rows), len(val_rows), selected, history, seconds, stats)
+
+
+HEAD_SET_NAME = "heads.json"  # the index of a set of heads trained under --protocol leave-one-domain-out
+
+
+def head_set_folder(seed: int, held_out: tuple[str, ...] | list[str]) -> str:
+    """Where a set's head for split seed ``seed`` without the domains ``held_out`` lives, inside the set."""
+    return f"seed{seed}/without-{'+'.join(sorted(held_out))}"
+
+
+def is_head_set(path: str | os.PathLike) -> bool:
+    return (Path(path) / HEAD_SET_NAME).is_file()
+
+
+def train_head_set(config: TrainConfig, log: Callable[[str], None]) -> TrainResult:
+    """``--protocol leave-one-domain-out``: for each split seed, one head per held-out domain
+    (and, when the selection includes leave-one-domain-out, per held-out pair), each trained
+    on the `in` rows of the other domains of that seed's split (vlaug.protocols.in_out_splits,
+    as vlaug probe draws it), written to ``OUT/seedS/without-D[+E]/`` with ``OUT/heads.json``
+    listing them. The folder appears whole or not at all. Returns the last head's result,
+    with the number of heads in ``n_heads``."""
+    from itertools import combinations
+
+    from vlaug.protocols import in_out_splits
+
+    budget = cache_io.parse_memory_budget(config.memory_budget)
+    cache_io.check_output(config.out, config.overwrite, is_head_set, "vlaug head set")
+    manifest = cache_io.read_manifest(config.features)
+    check_labeled(manifest, config.features, "vlaug train-box")
+    cache_io.check_complete(config.features, manifest, config.allow_incomplete)
+    plan = cache_io.plan_memory(manifest, config.memory_budget, budget)
+    feats = _read_features(config, manifest, plan, log)
+    names = [d for d in np.unique(feats.domains).tolist() if d]
+    pairs = config.selection in ("leave-one-domain-out", "all")
+    if len(names) < 2 + pairs or (feats.domains == "").any():
+        raise UsageError(f"--protocol leave-one-domain-out needs a domain for every row and at least {2 + pairs} domains; "
+                         f"cache {config.features!r} has {names or ['(none)']}.")
+    held_sets = [(d,) for d in names] + (list(combinations(names, 2)) if pairs else [])
+    heads, result = [], None
+    with cache_io.atomic_directory(Path(config.out)) as tmp:
+        for seed in range(config.seeds):
+            parts = in_out_splits(feats.labels, feats.domains, feats.splits, names, seed, config.holdout_fraction)
+            for held in held_sets:
+                domains = [d for d in names if d not in held]
+                rows = np.sort(np.concatenate([parts[d][0] for d in domains]))
+                folder = head_set_folder(seed, held)
+                log(f"head {len(heads) + 1}/{config.seeds * len(held_sets)}: split seed {seed}, without {', '.join(held)}")
+                record = {"protocol": config.protocol, "split_seed": seed, "held_out": list(held),
+                          "holdout_fraction": config.holdout_fraction}
+                result = _train_on(config, tmp / folder, manifest, plan, feats, domains, rows,
+                                   classes_without_rows(feats.labels[rows], feats.classes), record)
+                heads.append({"seed": seed, "held_out": list(held), "path": folder})
+        index = {"kind": config.kind, "protocol": config.protocol, "seeds": config.seeds, "selection": config.selection,
+                 "holdout_fraction": config.holdout_fraction, "domains": names, "heads": heads}
+        (tmp / HEAD_SET_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    result.out, result.n_heads = str(config.out), len(heads)
+    return result

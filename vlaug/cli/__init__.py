@@ -186,6 +186,12 @@ def train_box(
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.01,
     seed: Annotated[int, typer.Option(help="Seeds weights, batch order, validation split and dropout.")] = 0,
+    protocol: Annotated[ProtocolChoice, typer.Option(help="leave-one-domain-out: a set of heads for vlaug probe "
+                        "--protocol leave-one-domain-out, one per split seed and held-out domain, in sub-folders of --out.")] = "single",
+    seeds: Annotated[int, typer.Option(help="leave-one-domain-out: heads for the probe's seeds 0..N-1 (each draws its own in/out split).")] = 5,
+    selection: Annotated[SelectionChoice, typer.Option(help="leave-one-domain-out: leave-one-domain-out or all also trains "
+                         "one head per held-out pair (that selection's folds).")] = "training-domain",
+    holdout_fraction: Annotated[float, typer.Option(help="leave-one-domain-out: each domain's out part (the probe's --holdout-fraction).")] = 0.2,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     alpha: Annotated[Optional[float], typer.Option(help="box: weight of the classification terms (default 0.5); lads: of the domain alignment (default 0.5).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="box, lads: classification logits are cos / temperature (default: box 0.1, lads 0.01).")] = None,
@@ -217,7 +223,8 @@ def train_box(
         features=str(features), out=str(out), head=head_config(_value(head), options),
         train_domains=tuple(train_domain or ()), test_fraction=test_fraction, val_fraction=val_fraction, probe_val_fraction=probe_val_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, seed=seed, device=device, memory_budget=memory_budget, overwrite=overwrite,
-        allow_incomplete=allow_incomplete, progress=progress,
+        allow_incomplete=allow_incomplete, progress=progress, protocol=_value(protocol), seeds=seeds,
+        selection=_value(selection), holdout_fraction=holdout_fraction,
     )
     typer.echo(train_head(config).summary())
 
