@@ -51,17 +51,20 @@ def test_accuracy_agrees_with_sklearn_within_a_point(comparison):
 
 
 def test_chosen_weight_decays_agree(comparison):
-    # Validation accuracies tie often on these small validation sets; the tie goes to the lower
-    # log-loss, which vlaug computes in float32 and scikit-learn's probe here in float64 (and
-    # both solvers stop at a tolerance), so two candidates whose log-losses differ in their
-    # 5th digit could be ranked apart. On this cache every choice agrees (24 of 24); the test
-    # asks for most, and that any that differ were ties in validation accuracy.
+    # On this cache every choice agrees (24 of 24; also on simulator seeds 1-5). The test asks
+    # for most rather than all: on larger caches (benchmarks/domainbed_sklearn.py, 7 classes,
+    # d = 64) about 1 choice in 12 differs, always between two candidates whose validation
+    # accuracies are within a few rows of each other, and where vlaug's fit and scikit-learn's
+    # (tol 1e-10, float64) classify one or two borderline validation rows differently: vlaug
+    # stops at an absolute gradient tolerance (1e-5, float32), and at weight decays >= 0.1 the
+    # logits are within ~1e-3 of each other, so a bias off by ~5e-5 moves a prediction. The
+    # accuracies still agree within a point.
     choices = comparison["choices"]
     assert sum(c["same"] for c in choices) >= 0.9 * len(choices)
     for c in choices:
-        if not c["same"]:
-            assert c["vlaug_val"][0] == pytest.approx(c["sklearn_val"][0], abs=1e-6), c
-    # the validation scores of the chosen candidate are the same numbers in both
+        if not c["same"]:  # a near-tie: the two best validation accuracies a few rows apart
+            assert abs(c["vlaug_val"][0] - c["sklearn_val"][0]) <= 0.02, c
+    # the chosen candidate's validation scores are the same numbers in both
     for c in choices:
         if c["same"]:
             np.testing.assert_allclose(c["vlaug_val"], c["sklearn_val"], rtol=1e-3, atol=1e-6)

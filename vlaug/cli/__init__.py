@@ -287,7 +287,8 @@ def probe(
     finally:
         plots.close()
     typer.echo(format_table(report))
-    typer.echo(f"report: {out / 'report.md'}, {out / 'report.json'}; plots and probes in {out}/")
+    saved = "plots and probes" if report["probe_dirs"] else "plots"
+    typer.echo(f"report: {out / 'report.md'}, {out / 'report.json'}; {saved} in {out}/")
 
 
 @app.command(cls=_Command)
