@@ -95,6 +95,10 @@ def test_leave_one_domain_out_takes_the_best_mean_over_the_folds():
     assert best["weight_decay"] == 0.01 and best["val_accuracy"] == pytest.approx(0.75)
     assert [m["weight_decay"] for m in means] == [0.1, 0.01]
     assert domainbed.lodo_choice([[{"weight_decay": 1.0, "val_accuracy": 1, "val_log_loss": 0}], []]) is None
+    # equal means of other accuracies (201 + 201 + 194 and 200 + 199 + 197 hits of 210): the log-loss decides
+    folds = [[{"weight_decay": 0.1, "val_accuracy": a / 210, "val_log_loss": 0.9},
+              {"weight_decay": 0.01, "val_accuracy": b / 210, "val_log_loss": 0.1}] for a, b in ((201, 200), (201, 199), (194, 197))]
+    assert domainbed.lodo_choice(folds)[0]["weight_decay"] == 0.01
 
 
 def test_grouped_validation_scores_are_the_mean_of_the_groups_accuracies():

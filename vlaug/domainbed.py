@@ -122,8 +122,10 @@ def lodo_choice(fold_searches: list[list[dict]]) -> tuple[dict, list[dict]] | No
     means = []
     for key in common:
         entries = [f[key] for f in by_fold]
-        means.append({**dict(key), "val_accuracy": float(np.mean([e["val_accuracy"] for e in entries])),
-                      "val_log_loss": float(np.mean([e["val_log_loss"] for e in entries])),
+        # rounded: two candidates whose folds' accuracies have the same mean compare equal (then the log-loss decides),
+        # whatever the order of the float sums
+        means.append({**dict(key), "val_accuracy": round(float(np.mean([e["val_accuracy"] for e in entries])), 12),
+                      "val_log_loss": round(float(np.mean([e["val_log_loss"] for e in entries])), 12),
                       "fold_val_accuracy": [e["val_accuracy"] for e in entries],
                       **({"selected_step": int(round(np.mean([e["selected_step"] for e in entries])))}
                          if all("selected_step" in e for e in entries) else {})})

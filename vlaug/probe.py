@@ -341,8 +341,9 @@ def validation_scores(rows: Rows, theta: torch.Tensor) -> list[tuple[float, floa
         n += len(y)
     if not n:
         return [(float("nan"), float("nan"))] * p
-    if rows.groups:
-        return list(zip(((correct / counts[:, None]).mean(0)).tolist(), ((loss / counts[:, None]).mean(0)).tolist()))
+    if rows.groups:  # in float64, rounded: equal means of other hit counts compare equal (ties go to the log-loss)
+        mean = lambda v: [round(x, 12) for x in (v.double() / counts.double()[:, None]).mean(0).tolist()]  # noqa: E731
+        return list(zip(mean(correct), mean(loss)))
     return [(a / n, v / n) for a, v in zip(correct.tolist(), loss.tolist())]
 
 

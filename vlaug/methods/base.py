@@ -245,7 +245,8 @@ class RunData:
                 n.index_add_(0, at, torch.ones(len(y), dtype=torch.float64, device=self.device))
         if not len(rows):
             return float("nan"), float("nan")
-        return float((correct / n).mean()), float((loss / n).mean())  # per group, then the mean over groups
+        # per group, then the mean over groups (rounded: equal means of other hit counts compare equal)
+        return round(float((correct / n).mean()), 12), round(float((loss / n).mean()), 12)
 
     def make_probe(self, W: torch.Tensor, b: torch.Tensor, ensemble: float = 0.0,
                    calibration: dict | None = None, gate: dict | None = None) -> LinearProbe:
