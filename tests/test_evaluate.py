@@ -340,6 +340,7 @@ def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, mon
     for name in ("together", "alone"):
         if name == "alone":  # nothing batched: every method and seed searched, and refitted, on its own
             monkeypatch.setattr(batching, "UNION_LIMIT", 0.0)
+            monkeypatch.setattr(linear, "GRID_FITS_VALUES", 0)  # nor the grid's fits shared by seeds with the same rows
             monkeypatch.setattr(linear.ProbeMethod, "batch_values", lambda *a: None)
         args = ["probe", str(feats), "--out", str(tmp_path / name), "--train-domain", "photo", "--seeds", str(seeds),
                 "--grid-size", "4", "--max-iter", "60", "--selection-rows", str(selection_rows), "--device", "cpu",
@@ -352,10 +353,8 @@ def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, mon
             assert batches == [batched * seeds * 4]
         elif name == "together":  # the refits of the two methods without extras, each one batch of 3 seeds
             assert batches == [3, 3]
-        else:  # alone: no batch; a method without extras fits its grid once for the seeds (their training rows are the same)
-            row_sets = seeds if patterns else 1  # with --shots each seed trains on rows of its own
-            shared = 0 if selection_rows else row_sets * sum(m in ("linear", "linear-zs") for m in methods)
-            assert len(batches) == (1 if not selection_rows else 2) + shared and not any(batches[len(batches) - shared:])
+        else:
+            assert len(batches) == (1 if not selection_rows else 2)  # alone: no batch
         if name == "together" and patterns:
             assert owners and all(len(o) >= 3 for o in owners), owners  # blocks of the rows of 1 or 2 of the 3 seeds
     together, alone = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("together", "alone"))
@@ -394,7 +393,9 @@ def test_batches_keep_their_optimiser_state_within_the_limit_and_searches_match_
     for module in (linear, batching):
         monkeypatch.setattr(module, "fit_probes", counted)
     per_problem = 36 * 17 * 4  # (3 x history + 6) x (d + 1) x C
-    for limit, expected in ((24, [24]), (12, [12, 12]), (11, [])):  # problems: 2 methods x 3 seeds x 4 weight decays
+    # problems: 2 methods x 3 seeds x 4 weight decays; at 11, one seed at a time, and each method fits its grid once for
+    # the 3 seeds, whose training rows are the same (ProbeMethod._search; no weight columns: 0)
+    for limit, expected in ((24, [24]), (12, [12, 12]), (11, [0, 0])):
         batches.clear()
         monkeypatch.setattr(batching, "BATCH_STATE_VALUES", limit * per_problem)
         r = runner.invoke(app, ["probe", str(feats), "--out", str(tmp_path / f"r{limit}"), "--seeds", "3", "--grid-size",

@@ -166,7 +166,8 @@ class ProbeMethod(Method):
         rows = self.training_rows(data, train, seed)
         if sample is None:
             scorer, labelled = self.scorer(data, val, gate, rows, train), data.labelled_rows(val)
-            if self.extra_rows():
+            past = None  # the extension's fits on these rows
+            if self.extra_rows() or len(grid) * (data.embed_dim + 1) * data.n_classes > GRID_FITS_VALUES:
                 best, search = select_weight_decay(rows, labelled, grid, cfg.max_iter, init, anchor, scorer)
             else:  # the grid's fits depend on the training rows alone: splits that share them share the fits
                 key = (data.x is not None, len(train), hashlib.blake2b(np.ascontiguousarray(train).tobytes()).hexdigest())
@@ -174,9 +175,10 @@ class ProbeMethod(Method):
                 if key not in memo:
                     while memo and (len(memo) + 1) * len(grid) * (data.embed_dim + 1) * data.n_classes > GRID_FITS_VALUES:
                         memo.pop(next(iter(memo)))  # the oldest first
-                    memo[key] = fit_probes(rows, grid, cfg.max_iter, init=init, regularize_towards=anchor)
-                best, search = choose(memo[key], grid, labelled, scorer)
-            best, search, extension = extend_grid(rows, labelled, best, search, cfg, anchor, scorer)
+                    memo[key] = (fit_probes(rows, grid, cfg.max_iter, init=init, regularize_towards=anchor), {})
+                fits, past = memo[key]
+                best, search = choose(fits, grid, labelled, scorer)
+            best, search, extension = extend_grid(rows, labelled, best, search, cfg, anchor, scorer, past)
             return Search(best, search, best["W"], best["b"], rows, extension=extension)
         # select on a seeded sample held in memory, then refit on every training row, warm-started
         best, search, extension = self._search_sample(data, sample, seed, grid, init, anchor, gate)
@@ -378,11 +380,13 @@ def _joined(blocks: list[tuple], n_classes: int) -> list[tuple]:
 
 
 def extend_grid(rows: Rows, val: Rows, best: dict, search: list[dict], settings, anchor: torch.Tensor | None,
-                scorer: Scorer | None = None) -> tuple[dict, list[dict], dict]:
+                scorer: Scorer | None = None, memo: dict | None = None) -> tuple[dict, list[dict], dict]:
     """The search continued past an end of the weight-decay grid that it chose: a decade at a
     time (each fit warm-started from the best so far, scored like the grid, by ``scorer``;
     taken when better by EXTENSION_GAIN), until the best is interior or GRID_EXTENSION_DECADES
-    were added on that side. Returns the
+    were added on that side. ``memo``: fits already made on the same training rows, by
+    (weight decay of the start, weight decay): a split that shares its rows and its best
+    value with an earlier one continues from the same fits. Returns the
     best, the search (each added candidate marked ``"extension": true``) and
     ``{"grid_extended", "grid": [lowest, highest weight decay tried]}``."""
     grid = [c["weight_decay"] for c in search]
@@ -396,7 +400,13 @@ def extend_grid(rows: Rows, val: Rows, best: dict, search: list[dict], settings,
             if best["weight_decay"] != end:
                 break
             end *= factor
-            W, b, fit = fit_probe(rows, end, settings.max_iter, init=(best["W"], best["b"]), regularize_towards=anchor)
+            key = (best["weight_decay"], end)
+            if memo is not None and key in memo:
+                W, b, fit = memo[key]
+            else:
+                W, b, fit = fit_probe(rows, end, settings.max_iter, init=(best["W"], best["b"]), regularize_towards=anchor)
+                if memo is not None:
+                    memo[key] = (W, b, fit)
             theta = torch.cat([W, b[None]])[None]
             (accuracy, log_loss), = scorer(theta, [end]) if scorer is not None else validation_scores(val, theta)
             entry = {"weight_decay": end, **fit, "val_accuracy": accuracy, "val_log_loss": log_loss, "extension": True}
