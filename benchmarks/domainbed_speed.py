@@ -73,6 +73,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods-too", action="store_true")
     ap.add_argument("--method-timeout", type=float, default=1200.0)
+    ap.add_argument("--head-sets", default=",".join(HEAD_SETS), help="head kinds trained as sets (comma-separated; '' for none)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
@@ -96,7 +97,7 @@ def main(argv=None) -> dict:
             from vlaug.methods import REGISTRY
 
             out["head_sets"], heads = {}, {}
-            for kind in HEAD_SETS:  # one head per split seed and held-out domain or pair
+            for kind in [k for k in args.head_sets.split(",") if k]:  # one head per split seed and held-out domain or pair
                 folder = tmp / "heads" / kind
                 cmd = [sys.executable, "-m", "vlaug", "train-box", str(cache), "--out", str(folder), "--head", kind,
                        "--protocol", "leave-one-domain-out", "--seeds", str(args.seeds), "--selection", "all",
