@@ -19,7 +19,7 @@ DR_DEGRADES = ("attention", "gaussian")
 
 # the modules of vlaug/methods that hold the built-in stage-3 methods, in their listing order
 # (--method all, --help, the docs' table); any other module there is imported after them
-METHOD_MODULES = ("zero_shot", "linear", "augmenting", "joint", "robust")
+METHOD_MODULES = ("zero_shot", "linear", "augmenting", "joint", "robust", "fewshot")
 
 
 def builtin_methods() -> tuple[str, ...]:

@@ -11,7 +11,7 @@ import copy
 import hashlib
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +31,7 @@ from vlaug.methods.batching import ProbeSolver
 from vlaug.methods.linear import ProbeMethod, block_generator
 from vlaug.probe import LinearProbe
 from vlaug.runs import Plots, ProbeRun, ProbeRunConfig
-from vlaug.protocols import Splits, check_domains, id_fractions, make_splits, parse_imbalance, training_rows
+from vlaug.protocols import FEW_SHOT_VAL, Splits, check_domains, id_fractions, make_splits, parse_imbalance, training_rows
 from vlaug.train import check_labeled, classes_without_rows
 from vlaug.zero_shot import TEMPERATURE
 
@@ -54,6 +54,7 @@ class _Plan:
     texts_made_from: dict[str, list[str]] = field(default_factory=dict)  # prompt set -> the templates it was encoded from
     fractions: np.ndarray | None = None  # each row's id hash (protocols.id_fractions): fingerprints the splits
     tasks: list[domainbed.Task] | None = None  # --protocol leave-one-domain-out: what each of ``splits`` is
+    shots: int | None = None  # --shots K of these splits (one K of a sweep)
 
 
 ALL_METHODS = "all"  # --method all: every registered method with its default options
@@ -394,7 +395,7 @@ def _seed_splits(config: ProbeRunConfig, feats: cache_io.FeatureCache, fractions
     splits = [make_splits(feats.labels, feats.domains, feats.splits, fractions=fractions,
                           train_domains=train_domains if config.train_domains else [], seed=seed,
                           test_fraction=config.test_fraction, val_fraction=config.val_fraction, shots=config.shots,
-                          imbalance=imbalance, class_names=feats.classes)
+                          imbalance=imbalance, class_names=feats.classes, val_shots=config.val_shots)
               for seed in range(config.seeds)]
     for seed, s in enumerate(splits):
         if not len(s.train) or not len(s.val):
@@ -516,6 +517,9 @@ def _protocol(config: ProbeRunConfig, plan: _Plan, geometry_rows: int) -> dict:
                     "fingerprints": split_fingerprints(s, plan.fractions)}
                    for i, s in enumerate(plan.splits)],
         "shots": config.shots,
+        # with --shots: validation rows per class (few-shot validation, issue 29), or "all" of the held-out ones
+        "val_shots": None if config.shots is None else (config.val_shots if config.val_shots is not None
+                                                         else min(config.shots_list[-1], FEW_SHOT_VAL)),
         "imbalance": {"percent_of_classes": plan.imbalance[0], "n_images": plan.imbalance[1]} if plan.imbalance else None,
         "weight_decay_grid": list(plan.data.settings.grid),
         "zero_shot_temperature": TEMPERATURE,
@@ -574,7 +578,8 @@ def _fit_every_seed(plan: _Plan, progress: bool):
         for method in methods:
             fit = fits.pop((seed, method.text))
             row, pred = _scored(deploy(method, data, fit, splits.val), data, splits)
-            results.append({"method": method.text, "seed": seed, **row, "selection": fit.selection})
+            results.append({"method": method.text, "seed": seed, **row, "selection": fit.selection,
+                            **({"shots": plan.shots} if plan.shots is not None else {})})
             predictions.append((method.text, seed, np.asarray(splits.test), pred.cpu().numpy()))
             if seed == 0:
                 first_fits[method.text] = fit
@@ -588,7 +593,7 @@ def deploy(method: Method, data: RunData, fit, val: np.ndarray) -> LinearProbe:
     (:meth:`~vlaug.methods.base.Method.deployed_scores`)."""
     if method.ensemble or fit.gate:
         fit.selection["calibration"] = data.calibration(fit.W, fit.b, np.asarray(val))
-    return data.make_probe(fit.W, fit.b, method.ensemble, fit.selection.get("calibration"), fit.gate)
+    return data.make_probe(fit.W, fit.b, method.ensemble, fit.selection.get("calibration"), fit.gate, fit.parts)
 
 
 def _prediction_table(predictions: list[tuple], data: RunData, features: str) -> dict[str, np.ndarray]:
@@ -622,11 +627,46 @@ def run_probe(config: ProbeRunConfig, log: Callable[[str], None] | None = None, 
         UsageError / CacheMismatchError / CheckpointError: bad input, found before training.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    plan = prepare(config)
+    sweep = config.shots_list if isinstance(config.shots, tuple) else ()
+    # a sweep is checked at its largest K (the draw most likely to lack rows) before any training
+    plan = prepare(replace(config, shots=sweep[-1]) if sweep else config)
     m = plan.data.feats.manifest
     # a small cache runs on one thread: its operators are too small to share (see devices.threads_for)
     with threads_for(m.n_images * m.embed_dim * len(m.classes) * config.grid_size, plan.data.device):
-        return _run(plan, config, log, plots)
+        if sweep:
+            return _run_sweep(plan, config, log)
+        return _run(replace(plan, shots=config.shots), config, log, plots)
+
+
+def _run_sweep(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None]) -> ProbeRun:
+    """--shots K1,K2,...: one run per K on the same seeds (each seed's draws nested: the K-shot
+    rows hold the smaller K's), merged into one report: every result carries its ``shots``,
+    ``shots_sweep`` holds each K's summary and splits, the tables and plots of the report's
+    top level, and the saved probes, are the largest K's."""
+    runs = []
+    for i, k in enumerate(config.shots_list):
+        sub = replace(config, shots=k)
+        splits = _seed_splits(sub, plan.data.feats, plan.fractions, plan.train_domains, plan.imbalance)
+        runs.append(_run(replace(plan, splits=splits, shots=k, warnings=plan.warnings if i == 0 else []), sub, log, None))
+    last = runs[-1]
+    report = dict(last.report)
+    report["config"] = {**report["config"], "shots": list(config.shots_list)}
+    report["results"] = [r for run in runs for r in run.report["results"]]
+    report["warnings"] = runs[0].report["warnings"]
+    report["shots_sweep"] = {
+        "shots": list(config.shots_list),
+        "per_shots": [{"shots": k, "val_shots": run.report["protocol"]["val_shots"], "splits": run.report["protocol"]["splits"],
+                       "summary": run.report["summary"], "seconds": run.report["seconds"]}
+                      for k, run in zip(config.shots_list, runs)],
+        "probes_and_plots": f"the {config.shots_list[-1]}-shot run's (accuracy, per-domain and trade-off plots, saved probes)",
+    }
+    report["seconds"] = sum(run.report["seconds"] for run in runs)
+    predictions = {}
+    for k, run in zip(config.shots_list, runs):
+        for name, column in run.test_predictions.items():
+            predictions.setdefault(name, []).append(column)
+        predictions.setdefault("shots", []).append(np.full(len(run.test_predictions["row"]), k, dtype=np.int32))
+    return replace(last, report=report, test_predictions={k: np.concatenate(v) for k, v in predictions.items()})
 
 
 def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None], plots: Plots | None) -> ProbeRun:
@@ -676,7 +716,7 @@ def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None], plots:
     for method in methods:
         chosen = first_fits[method.text].selection
         fit = method.refit(data, refit_rows, 0, chosen)
-        probes[method.text] = data.make_probe(fit.W, fit.b, method.ensemble, chosen.get("calibration"), fit.gate).cpu()
+        probes[method.text] = data.make_probe(fit.W, fit.b, method.ensemble, chosen.get("calibration"), fit.gate, fit.parts).cpu()
     report["seconds"] = time.perf_counter() - start
     return ProbeRun(
         report=report, probes=probes, cache=checkpoint.cache_identity(m), first_train=first_train,
@@ -792,7 +832,7 @@ def _domainbed_results(plan: _Plan, fits: dict) -> tuple[list[dict], list[tuple]
                     if len(members) > 1:  # every configuration's best candidate, as the selection compared them
                         chosen = {**chosen, "configurations": [{"config": y.config, "val_accuracy": a, "val_log_loss": ll}
                                                                for y, (a, ll) in zip(members, scores)]}
-                probe = data.make_probe(fit.W, fit.b, x.ensemble, fit.selection.get("calibration"), fit.gate)
+                probe = data.make_probe(fit.W, fit.b, x.ensemble, fit.selection.get("calibration"), fit.gate, fit.parts)
                 row, pred = _scored(probe, data, Splits(domainbed.EMPTY, domainbed.EMPTY, domainbed.EMPTY, test_rows))
                 results.append({"method": group, "seed": seed, "test_domain": test, "model_selection": role,
                                 "out_of_domain": row["out_of_domain"], "balanced_accuracy": row["balanced_accuracy"],

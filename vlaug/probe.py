@@ -51,6 +51,15 @@ class ProbeConfig:
     gate_max: float = 0.0
     gate_center: float = 0.0
     gate_width: float = 1.0
+    # Tip-Adapter's cache model (vlaug.methods.fewshot): logits += cache_alpha·exp(−cache_beta·(1 − x̂·Kᵀ))·V over
+    # n_keys keys K (n_keys, d) with their one-hot labels V (n_keys, C); 0 keys: none
+    n_keys: int = 0
+    cache_alpha: float = 0.0
+    cache_beta: float = 1.0
+    # CLIP-Adapter's residual bottleneck: the linear layer reads normalize(r·A(x̂) + (1 − r)·x̂), A two bias-free
+    # layers d → adapter_hidden → d, each followed by a ReLU, r = adapter_ratio; 0: none
+    adapter_hidden: int = 0
+    adapter_ratio: float = 0.2
 
     def __post_init__(self):
         if not 0.0 <= self.ensemble <= 1.0:
@@ -76,9 +85,23 @@ class LinearProbe(nn.Module):
         if config.gate_max > 0:  # the gate's Gaussian model of the training rows: class means, shared precision
             self.register_buffer("gate_means", torch.zeros(config.n_classes, config.embed_dim))
             self.register_buffer("gate_precision", torch.zeros(config.embed_dim, config.embed_dim))
+        if config.n_keys:
+            self.register_buffer("cache_keys", torch.zeros(config.n_keys, config.embed_dim))
+            self.register_buffer("cache_values", torch.zeros(config.n_keys, config.n_classes))
+        if config.adapter_hidden:
+            self.adapter = nn.Sequential(nn.Linear(config.embed_dim, config.adapter_hidden, bias=False), nn.ReLU(),
+                                         nn.Linear(config.adapter_hidden, config.embed_dim, bias=False), nn.ReLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
+        c = self.config
+        if c.adapter_hidden:
+            f = F.normalize(x.float(), dim=-1)
+            logits = self.linear(F.normalize(c.adapter_ratio * self.adapter(f) + (1 - c.adapter_ratio) * f, dim=-1))
+        else:
+            logits = self.linear(x)
+        if c.n_keys:
+            logits = logits + c.cache_alpha * cache_logits(x, self.cache_keys, self.cache_values, c.cache_beta)
+        return logits
 
     @torch.no_grad()
     def zero_shot_weight(self, x: torch.Tensor) -> torch.Tensor | float:
@@ -94,10 +117,19 @@ class LinearProbe(nn.Module):
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         lam = self.zero_shot_weight(x)
         if not torch.is_tensor(lam) and lam == 0:  # no zero-shot side (an int 0 too)
-            return self.linear(x).softmax(-1)
-        p = (self.linear(x) * self.config.logit_scale).softmax(-1)
+            return self(x).softmax(-1)
+        p = (self(x) * self.config.logit_scale).softmax(-1)
         zs = zero_shot_logits(x, self.text, self.config.temperature).softmax(-1)
         return (1 - lam) * p + lam * zs
+
+
+def cache_logits(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beta: float) -> torch.Tensor:
+    """Tip-Adapter's cache term exp(−β(1 − x̂·Kᵀ))·V for (n, d) rows ``x`` (normalised here), keys
+    (k, d) and values (k, C): (n, C), in pieces of rows whose affinities hold at most PIECE_VALUES."""
+    f = F.normalize(x.float(), dim=-1)
+    step = max(1, PIECE_VALUES // max(1, len(keys)))
+    parts = [torch.exp(-beta * (1 - f[i:i + step] @ keys.T)) @ values for i in range(0, len(f), step)]
+    return torch.cat(parts) if parts else f.new_zeros(0, values.shape[1])
 
 
 def calibrate_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 50) -> float:

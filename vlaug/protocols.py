@@ -192,6 +192,7 @@ def make_splits(
     shots: int | None = None,
     imbalance: tuple[float, int] | None = None,
     class_names: list[str] | None = None,
+    val_shots: int | str | None = None,
 ) -> Splits:
     """One seed's protocol (LARE's Table 1 columns, Figure 4 few-shot, Table 3 imbalance).
 
@@ -203,6 +204,12 @@ def make_splits(
     on the seed. Every row of the other domains is out-of-domain test (only its ``test``
     rows when the cache has splits). Then ``shots`` keeps K training rows per class, and
     ``imbalance`` = (X, N) cuts X % of the classes, both drawn with the seed.
+
+    Few-shot validation (issue 29): with ``shots``, the validation rows are few-shot too:
+    ``val_shots`` per class (None: min(K, FEW_SHOT_VAL)) drawn with the seed from those
+    validation rows, or all of them with ``val_shots="all"``. Every draw is a prefix of one
+    seeded permutation per class (training and validation each their own), so the same seed
+    gives nested sets: the 2-shot rows hold the 1-shot rows, and so on.
     """
     names = class_names or [str(c) for c in range(int(labels.max()) + 1)]
     in_train_domain = np.isin(domains, train_domains) if len(train_domains) else np.ones(len(labels), bool)
@@ -220,21 +227,31 @@ def make_splits(
         pool, val = pool[~held_val], pool[held_val]
     rng = np.random.default_rng([seed, 7])
     train = pool if shots is None else _keep_shots(pool, labels, shots, rng, names)
+    if shots is not None and val_shots != "all":
+        k = min(shots, FEW_SHOT_VAL) if val_shots is None else int(val_shots)
+        val = _keep_shots(val, labels, k, np.random.default_rng([seed, 8]), names, "--val-shots", "validation rows")
     reduced: list[int] = []
     if imbalance is not None:
         train, reduced = _cut_classes(train, labels, imbalance, rng, names)
     return Splits(np.sort(train), np.sort(val), np.sort(test_in), np.sort(test_out), reduced)
 
 
-def _keep_shots(pool: np.ndarray, labels: np.ndarray, shots: int, rng: np.random.Generator, names: list[str]) -> np.ndarray:
-    """K rows per class of ``pool``, drawn with ``rng``."""
+# With --shots K, the validation rows per class when --val-shots is not given: min(K, 4) (issue 29: a
+# few-shot user does not hold a large labelled validation set; 4 keeps the 1- and 2-shot sets honest while
+# leaving the selection some rows at 8 and 16 shots)
+FEW_SHOT_VAL = 4
+
+
+def _keep_shots(pool: np.ndarray, labels: np.ndarray, shots: int, rng: np.random.Generator, names: list[str],
+                flag: str = "--shots", what: str = "training rows (after validation)") -> np.ndarray:
+    """K rows per class of ``pool``, drawn with ``rng`` (a prefix of one permutation per class:
+    a larger K keeps the rows of a smaller one)."""
     keep = []
     for c in np.unique(labels[pool]):
         rows = pool[labels[pool] == c]
         if len(rows) < shots:
             raise UsageError(
-                f"--shots {shots}: class {names[c]!r} has only {len(rows)} training rows (after validation); "
-                "pass a smaller K."
+                f"{flag} {shots}: class {names[c]!r} has only {len(rows)} {what}; pass a smaller value."
             )
         keep.append(rng.permutation(rows)[:shots])
     return np.sort(np.concatenate(keep))

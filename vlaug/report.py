@@ -123,6 +123,9 @@ def format_table(report: dict) -> str:
     (under --protocol leave-one-domain-out, DomainBed's tables)."""
     if is_domainbed(report):
         return _domainbed_tables(report)
+    if report.get("shots_sweep"):  # a table per K
+        return "\n\n".join(f"{run['shots']}-shot:\n\n{format_table({**report, 'shots_sweep': None, 'summary': run['summary']})}"
+                           for run in report["shots_sweep"]["per_shots"])
     rows = report["summary"]
     has_imbalance = any("reduced_classes" in r for r in rows)
     head = ["Method", "In-domain", "Out-of-domain", "Extended", "Balanced"]
@@ -240,10 +243,7 @@ def format_markdown(report: dict) -> str:
         *_warning_lines(report),
         *_settings_lines(report),
         "",
-        "## Top-1 accuracy (%)",
-        "",
-        format_table(report),
-        "",
+        *_accuracy_sections(report),
         "## Per domain (%)",
         "",
         format_domain_table(report),
@@ -257,6 +257,27 @@ def format_markdown(report: dict) -> str:
         _files_line(report),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _accuracy_sections(report: dict) -> list[str]:
+    """The top-1 accuracy table, or with a shots sweep one per K (and the sweep's plot)."""
+    sweep = report.get("shots_sweep")
+    if not sweep:
+        return ["## Top-1 accuracy (%)", "", format_table(report), ""]
+    lines = []
+    for run in sweep["per_shots"]:
+        n_val = sorted({s["val"] for s in run["splits"]})
+        lines += [f"## Top-1 accuracy (%), {run['shots']}-shot", "",
+                  f"Validation: {_val_shots_text(run['val_shots'])} ({', '.join(map(str, n_val))} rows); {run['seconds']:.1f} s.",
+                  "", format_table({**report, "shots_sweep": None, "summary": run["summary"]}), ""]
+    lines += [f"`shots.png`: accuracy against K per method. The tables below the sweep, the plots other than "
+              f"`shots.png` and the saved probes are {sweep['probes_and_plots']}.", ""]
+    return lines
+
+
+def _val_shots_text(val_shots) -> str:
+    return ("every held-out validation row (--val-shots all: more labels than the K shots)" if val_shots == "all" else
+            f"{val_shots} rows per class (few-shot validation)")
 
 
 def _warning_lines(report: dict) -> list[str]:
@@ -299,7 +320,9 @@ def _protocol_text(protocol: dict) -> str:
     """Few-shot and imbalance settings, or that every training row was used."""
     parts = []
     if protocol["shots"]:
-        parts.append(f"{protocol['shots']}-shot (LARE Fig. 4)")
+        parts.append(f"{protocol['shots']}-shot (LARE Fig. 4); validation: {_val_shots_text(protocol.get('val_shots'))}, "
+                     "drawn with the seed from the held-out validation rows; the saved probes are refitted on train + "
+                     "these validation rows")
     if protocol["imbalance"]:
         imbalance = protocol["imbalance"]
         parts.append(f"imbalance: {imbalance['percent_of_classes']:g} % of classes reduced to "
@@ -673,6 +696,34 @@ def _plot_domainbed(report: dict, file) -> None:
     fig.savefig(file, dpi=120, format="png")
 
 
+def _plot_shots(report: dict, file) -> None:
+    """A shots sweep: per method, the mean accuracy (± std over seeds) against K, in domain
+    and, when there are unseen domains, out of domain (LARE's Fig. 4, CoOp's and
+    Tip-Adapter's figure)."""
+    runs = report["shots_sweep"]["per_shots"]
+    shots = [run["shots"] for run in runs]
+    keys = [("in_domain", "in domain")] + ([("out_of_domain", "out of domain")] if report["protocol"]["test_domains"] else [])
+    fig, axes = _subplots(1, len(keys), figsize=(5.2 * len(keys), 4.2), squeeze=False)
+    methods = [r["method"] for r in runs[0]["summary"]]
+    for ax, (key, title) in zip(axes[0], keys):
+        for method, label in zip(methods, _plot_labels(methods)):
+            stats = [next((r[key] for r in run["summary"] if r["method"] == method), None) for run in runs]
+            points = [(k, s) for k, s in zip(shots, stats) if s and s.get("mean") is not None]
+            if points:
+                ax.errorbar([k for k, _ in points], [100 * s["mean"] for _, s in points],
+                            yerr=[100 * s["std"] for _, s in points], marker="o", ms=3, capsize=2, lw=1, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(shots, [str(k) for k in shots])
+        ax.set_xlabel("training images per class (K)")
+        ax.set_ylabel(f"accuracy {title} (%)")
+        ax.grid(alpha=0.3)
+        ax.set_title(title, fontsize=9)
+    axes[0, -1].legend(fontsize=7)
+    fig.suptitle(f"{report['model']}: mean ± std over {len(report['protocol']['seeds'])} seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120, format="png")
+
+
 def result_plots(report: dict) -> list[Job]:
     """The plots of the results (``report``'s summary, model and protocol): accuracy per
     method, per domain, and in- against out-of-domain when both are measured (DomainBed's
@@ -682,6 +733,8 @@ def result_plots(report: dict) -> list[Job]:
     jobs = [("accuracy.png", "_plot_accuracy", (report,), {}), ("per_domain.png", "_plot_per_domain", (report,), {})]
     if _has_both_axes(report):
         jobs.append(("tradeoff.png", "_plot_tradeoff", (report,), {}))
+    if report.get("shots_sweep"):
+        jobs.append(("shots.png", "_plot_shots", (report,), {}))
     return jobs
 
 
@@ -936,6 +989,8 @@ def _write_predictions(path: Path, columns: dict) -> None:
     for name in ("test_domain", "model_selection"):  # --protocol leave-one-domain-out
         if name in columns:
             table = table.append_column(name, pa.array(columns[name].tolist(), pa.string()).dictionary_encode())
+    if "shots" in columns:  # a --shots sweep: which K's model predicted
+        table = table.append_column("shots", pa.array(columns["shots"], pa.int32()))
     pq.write_table(table, path)
 
 
@@ -965,6 +1020,8 @@ def write_report(out, run: "ProbeRun", tsne: bool = False, plots: PlotWorker | N
             public["plots"] = {"domainbed": "domainbed.png", "embeddings": "embeddings.png", "box": {}}
         elif _has_both_axes(public):  # in-domain vs out-of-domain, one point per method
             public["plots"]["tradeoff"] = "tradeoff.png"
+        if public.get("shots_sweep"):
+            public["plots"]["shots"] = "shots.png"
         jobs = result_plots(public) + data_plots(run.first_train, run.projections, tsne, public["classes"], run.box_stats)
         plots = plots or PlotWorker(start=False)
         plots.submit(jobs)  # drawn there while the files are written here

@@ -42,7 +42,10 @@ class ProbeRunConfig:
     seeds: int = 5  # seeds 0..seeds-1: splits, augmentation sampling, joint training
     test_fraction: float = 0.2  # held-out part of the training domains when the cache has no split
     val_fraction: float = 0.2  # validation part of the training rows
-    shots: int | None = None  # K training rows per class
+    # K training rows per class; several values (a tuple): the sweep, one run per K on the same seeds' nested draws
+    shots: int | tuple[int, ...] | None = None
+    # with shots: validation rows per class (None: min(K, 4)), or "all" (every held-out validation row)
+    val_shots: int | str | None = None
     imbalance: str | None = None  # "X:N": X % of classes reduced to N training rows
     reweight: str = "none"  # none | groupdro | seed-category
     grid_size: int = 8  # log-spaced weight-decay grid from 1e-1 to 1e-6
@@ -70,8 +73,18 @@ class ProbeRunConfig:
             raise UsageError(f"--seeds {self.seeds}, must be >= 1.")
         if not 0.0 < self.test_fraction < 1.0 or not 0.0 < self.val_fraction < 1.0:
             raise UsageError(f"--test-fraction {self.test_fraction} and --val-fraction {self.val_fraction} must be in (0, 1).")
-        if self.shots is not None and self.shots < 1:
+        if isinstance(self.shots, (tuple, list)):
+            values = tuple(int(k) for k in self.shots)
+            if not values or len(set(values)) < len(values):
+                raise UsageError(f"--shots {','.join(map(str, values))}: give each K once.")
+            object.__setattr__(self, "shots", values[0] if len(values) == 1 else tuple(sorted(values)))
+        if any(k < 1 for k in self.shots_list):
             raise UsageError(f"--shots {self.shots}, must be >= 1.")
+        if self.val_shots is not None:
+            if self.shots is None:
+                raise UsageError("--val-shots belongs to --shots (few-shot validation); add --shots K, or leave it out.")
+            if self.val_shots != "all" and not (isinstance(self.val_shots, int) and self.val_shots >= 1):
+                raise UsageError(f"--val-shots {self.val_shots!r}: give a number of rows per class (>= 1) or 'all'.")
         if self.reweight not in REWEIGHTS:
             raise UsageError(f"--reweight {self.reweight!r}, must be one of {REWEIGHTS}.")
         if not self.methods:
@@ -93,6 +106,11 @@ class ProbeRunConfig:
                 raise UsageError(f"--holdout-fraction {self.holdout_fraction}, must be in (0, 1).")
         if self.selection_rows < 0 or 0 < self.selection_rows < 100:
             raise UsageError(f"--selection-rows {self.selection_rows}; use 0 (select on every row) or at least 100.")
+
+    @property
+    def shots_list(self) -> tuple[int, ...]:
+        """The K of every run: () without --shots, one value, or the sweep's, ascending."""
+        return () if self.shots is None else self.shots if isinstance(self.shots, tuple) else (self.shots,)
 
     def method_settings(self) -> MethodSettings:
         """The settings every method of this run reads."""

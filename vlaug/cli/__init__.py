@@ -18,7 +18,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from vlaug import choices
 from vlaug._version import __version__
-from vlaug.errors import VlaugError
+from vlaug.errors import UsageError, VlaugError
 from vlaug.sources import Layout
 
 METHODS_HELP = ", ".join(choices.builtin_methods())
@@ -78,6 +78,27 @@ SelectionChoice = _choices("SelectionChoice", choices.SELECTIONS)
 def _value(choice):
     """The string of a choice option (Typer passes an Enum member, or the default as written)."""
     return choice.value if isinstance(choice, Enum) else choice
+
+
+def _shots(text: str | None) -> int | tuple[int, ...] | None:
+    """--shots: K, or the sweep's comma-separated values."""
+    if text is None:
+        return None
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--shots {text!r}: give K (e.g. 16) or comma-separated values (e.g. 1,2,4,8,16).") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _val_shots(text: str | None) -> int | str | None:
+    """--val-shots: rows per class, or 'all'."""
+    if text is None or text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--val-shots {text!r}: give a number of rows per class (e.g. 4) or 'all'.") from None
 
 
 def _errors_to_exit(fn):
@@ -248,7 +269,10 @@ def probe(
     seeds: Annotated[int, typer.Option(help="Seeds 0..N-1: splits, sampling, joint training; mean ± std over them.")] = 5,
     test_fraction: Annotated[float, typer.Option(help="Held-out test rows of the training domains (by a hash of the row id, the same for every seed and stage) when the cache has no split column.")] = 0.2,
     val_fraction: Annotated[float, typer.Option(help="Validation part of the training rows (selects weight decay and epoch), by a hash of the row id: the same for every seed and stage, never trained on by vlaug train-box heads.")] = 0.2,
-    shots: Annotated[Optional[int], typer.Option(help="K training images per class (few-shot).")] = None,
+    shots: Annotated[Optional[str], typer.Option(help="K training images per class (few-shot); a list (1,2,4,8,16) runs "
+                     "the sweep in one report, the same seeds drawing nested sets.")] = None,
+    val_shots: Annotated[Optional[str], typer.Option(help="With --shots: validation images per class (default min(K, 4)), "
+                         "or 'all' (every held-out validation row; the report says so).")] = None,
     imbalance: Annotated[Optional[str], typer.Option(help="X:N: X % of the classes reduced to N training images.")] = None,
     reweight: Annotated[ReweightChoice, typer.Option(help="Probe reweighting: none, groupdro, seed-category (pattern imbalance).")] = "none",
     class_weight: Annotated[bool, typer.Option("--class-weight/--no-class-weight", help="Weight rows by inverse class frequency.")] = False,
@@ -277,7 +301,7 @@ def probe(
 
         config = ProbeRunConfig(
             features=str(features), out=str(out), methods=tuple(method), train_domains=tuple(train_domain or ()), seeds=seeds,
-            test_fraction=test_fraction, val_fraction=val_fraction, shots=shots, imbalance=imbalance, reweight=_value(reweight),
+            test_fraction=test_fraction, val_fraction=val_fraction, shots=_shots(shots), val_shots=_val_shots(val_shots), imbalance=imbalance, reweight=_value(reweight),
             grid_size=grid_size, max_iter=max_iter, selection_rows=selection_rows, class_weight=class_weight, device=device, tsne=tsne,
             overwrite=overwrite, memory_budget=memory_budget, allow_incomplete=allow_incomplete, progress=progress, heads=str(heads or ""),
             protocol=_value(protocol), test_domains=tuple(test_domain or ()), selection=_value(selection),

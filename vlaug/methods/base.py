@@ -93,6 +93,9 @@ class Fit:
     search: list[dict] = field(default_factory=list)  # every candidate the selection tried
     # an input-adaptive ensemble's gate: {"means": (C, d), "precision": (d, d), "center", "width", "max"}
     gate: dict | None = None
+    # what the probe holds beside x W + b (vlaug.methods.fewshot): {"cache": {"keys", "values", "alpha", "beta"}}
+    # (Tip-Adapter) and/or {"adapter": {"down", "up", "ratio"}} (CLIP-Adapter)
+    parts: dict | None = None
 
 
 @dataclass
@@ -248,15 +251,41 @@ class RunData:
         # per group, then the mean over groups (rounded: equal means of other hit counts compare equal)
         return round(float((correct / n).mean()), 12), round(float((loss / n).mean()), 12)
 
+    def logit_scores(self, logits: torch.Tensor, rows: np.ndarray) -> list[tuple[float, float]]:
+        """(accuracy, mean log-loss) of each candidate's logits ``(P, n, C)`` (or one's, ``(n, C)``) on labelled ``rows``
+        (in memory, in ``rows``' order), per group of :meth:`val_groups` then averaged, as
+        :meth:`probe_scores` scores a probe."""
+        rows = np.asarray(rows)
+        logits = logits if logits.dim() == 3 else logits[None]  # one candidate: (n, C)
+        if not len(rows):
+            return [(float("nan"), float("nan"))] * len(logits)
+        grouped = self.val_groups(rows)
+        ids, g = grouped if grouped is not None else (torch.zeros(len(rows), dtype=torch.long, device=self.device), 1)
+        y = self.y[self.rows(rows)]
+        logp = logits.double().log_softmax(-1)
+        hits = (logits.argmax(-1) == y).double()  # (P, n)
+        losses = -logp.gather(2, y.view(1, -1, 1).expand(len(logits), -1, 1))[..., 0]
+        n = torch.bincount(ids, minlength=g).double()
+        acc = torch.zeros(len(logits), g, dtype=torch.float64, device=self.device).index_add_(1, ids, hits) / n
+        loss = torch.zeros(len(logits), g, dtype=torch.float64, device=self.device).index_add_(1, ids, losses) / n
+        return [(round(float(a), 12), round(float(l), 12)) for a, l in zip(acc.mean(1), loss.mean(1))]
+
     def make_probe(self, W: torch.Tensor, b: torch.Tensor, ensemble: float = 0.0,
-                   calibration: dict | None = None, gate: dict | None = None) -> LinearProbe:
+                   calibration: dict | None = None, gate: dict | None = None, parts: dict | None = None) -> LinearProbe:
         """A probe with weights ``W`` (d, C), bias ``b``, the class prompts for its ensemble
-        and, for an ensemble, its :meth:`calibration` and (input-adaptive) its ``gate``."""
+        and, for an ensemble, its :meth:`calibration` and (input-adaptive) its ``gate``;
+        ``parts``: a few-shot method's cache model or adapter (:attr:`Fit.parts`)."""
         c, g = calibration or {}, gate or {}
+        cache, adapter = (parts or {}).get("cache"), (parts or {}).get("adapter")
         probe = LinearProbe(ProbeConfig(self.embed_dim, self.n_classes, ensemble,
                                         c.get("zero_shot_temperature", TEMPERATURE), c.get("logit_scale", 1.0),
                                         gate_max=g.get("max", 0.0), gate_center=g.get("center", 0.0),
-                                        gate_width=g.get("width", 1.0)))
+                                        gate_width=g.get("width", 1.0),
+                                        n_keys=len(cache["keys"]) if cache else 0,
+                                        cache_alpha=cache["alpha"] if cache else 0.0,
+                                        cache_beta=cache["beta"] if cache else 1.0,
+                                        adapter_hidden=len(adapter["down"]) if adapter else 0,
+                                        adapter_ratio=adapter["ratio"] if adapter else 0.2))
         with torch.no_grad():
             probe.linear.weight.copy_(W.T.cpu())
             probe.linear.bias.copy_(b.cpu())
@@ -264,6 +293,12 @@ class RunData:
             if gate:
                 probe.gate_means.copy_(gate["means"].cpu())
                 probe.gate_precision.copy_(gate["precision"].cpu())
+            if cache:
+                probe.cache_keys.copy_(cache["keys"].cpu())
+                probe.cache_values.copy_(cache["values"].cpu())
+            if adapter:
+                probe.adapter[0].weight.copy_(adapter["down"].cpu())
+                probe.adapter[2].weight.copy_(adapter["up"].cpu())
         return probe.to(self.device).eval()
 
 
