@@ -85,6 +85,7 @@ def test_few_shot_and_imbalance_protocols(setup, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "fs" / "report.json").read_text())
     assert all(s["train"] == 12 for s in report["protocol"]["splits"])
+    assert all(s["val"] <= 4 * 3 for s in report["protocol"]["splits"])  # few-shot validation: min(K, 4) per class
     r = _probe(root, feats, tmp_path / "im", ["zero-shot", "linear"], "--imbalance", "50:2", "--reweight", "seed-category")
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "im" / "report.json").read_text())

@@ -25,7 +25,9 @@ def cache_and_heads(tmp_path_factory):
 METHODS = ["zero-shot", "linear", "linear-zs", "linear-zs?wise=0.3&ensemble=0.4", "linear?ensemble=0.5",
            "box:{root}/box?n_aug=2&ensemble=0.3", "dr:{root}/dr-sa", "lads:{root}/lads", "gaussian", "mixup",
            "xdomain-mix", "gda", "gda?ensemble=0.5", "text-anchor?solver=gda", "adaptive", "adaptive?solver=logistic",
-           "adaptive?prompt_shift=false&ensemble=0.2", "linear-adamw?max_steps=60", "batchformer?max_steps=30&ensemble=0.5"]
+           "adaptive?prompt_shift=false&ensemble=0.2", "linear-adamw?max_steps=60", "batchformer?max_steps=30&ensemble=0.5",
+           # few-shot adapters (issue 29): a cache model, a bottleneck, trained and closed-form linear ones
+           "tip-adapter", "tip-adapter-f?epochs=3", "clip-adapter?epochs=5", "taskres?epochs=5", "cross-modal", "lp++", "clap"]
 
 
 def _accuracy(probe, data, rows) -> float:

@@ -229,7 +229,9 @@ def make_splits(
     train = pool if shots is None else _keep_shots(pool, labels, shots, rng, names)
     if shots is not None and val_shots != "all":
         k = min(shots, FEW_SHOT_VAL) if val_shots is None else int(val_shots)
-        val = _keep_shots(val, labels, k, np.random.default_rng([seed, 8]), names, "--val-shots", "validation rows")
+        # the default takes what a class has when it holds fewer; a --val-shots the user gave must be met
+        val = _keep_shots(val, labels, k, np.random.default_rng([seed, 8]), names, "--val-shots", "validation rows",
+                          at_most=val_shots is None)
     reduced: list[int] = []
     if imbalance is not None:
         train, reduced = _cut_classes(train, labels, imbalance, rng, names)
@@ -243,13 +245,13 @@ FEW_SHOT_VAL = 4
 
 
 def _keep_shots(pool: np.ndarray, labels: np.ndarray, shots: int, rng: np.random.Generator, names: list[str],
-                flag: str = "--shots", what: str = "training rows (after validation)") -> np.ndarray:
+                flag: str = "--shots", what: str = "training rows (after validation)", at_most: bool = False) -> np.ndarray:
     """K rows per class of ``pool``, drawn with ``rng`` (a prefix of one permutation per class:
-    a larger K keeps the rows of a smaller one)."""
+    a larger K keeps the rows of a smaller one); ``at_most``: a class with fewer keeps them all."""
     keep = []
     for c in np.unique(labels[pool]):
         rows = pool[labels[pool] == c]
-        if len(rows) < shots:
+        if len(rows) < shots and not at_most:
             raise UsageError(
                 f"{flag} {shots}: class {names[c]!r} has only {len(rows)} {what}; pass a smaller value."
             )

@@ -565,7 +565,7 @@ class CLAP(Method):
         state = opt.state[opt._params[0]]
         W = (F.normalize(P.detach(), dim=-1).T / TEMPERATURE).contiguous()
         return W, zero, {"constraint": self.options.constraint, "iterations": int(state.get("n_iter", 0)),
-                         "lambda_mean": float(lam.mean()), "train_loss": float(loss)}
+                         "lambda_mean": float(lam.mean()), "train_loss": float(closure().detach())}
 
     def fit(self, data, splits, seed):
         train, val = np.asarray(splits.train), np.asarray(splits.val)
