@@ -561,8 +561,8 @@ class CLAP(Method):
             loss.backward()
             return loss
 
-        loss = opt.step(closure)
-        state = opt.state[opt._params[0]]
+        opt.step(closure)
+        state = opt.state[P]
         W = (F.normalize(P.detach(), dim=-1).T / TEMPERATURE).contiguous()
         return W, zero, {"constraint": self.options.constraint, "iterations": int(state.get("n_iter", 0)),
                          "lambda_mean": float(lam.mean()), "train_loss": float(closure().detach())}
