@@ -210,3 +210,23 @@ def test_tip_adapter_refuses_a_cache_model_beyond_few_shot(monkeypatch, feats, t
     assert parse_method("tip-adapter?alpha=1&beta=2").options.alpha == 1
     with pytest.raises(UsageError, match="give both"):
         parse_method("tip-adapter?alpha=1")
+
+
+def test_the_readme_sweep_from_the_command_line(feats, tmp_path):
+    from typer.testing import CliRunner
+
+    from vlaug.cli import app
+
+    methods = [a for m in ("zero-shot", "linear", "tip-adapter", "tip-adapter-f", "clip-adapter", "taskres", "cross-modal",
+                           "lp++", "clap") for a in ("-m", m)]
+    out = tmp_path / "few-shot"
+    r = CliRunner().invoke(app, ["probe", str(feats), "--out", str(out), "--train-domain", "photo", "--shots", "1,2,4,8,16",
+                                 "--seeds", "1", "--grid-size", "2", "--max-iter", "20", "--device", "cpu", "--no-progress",
+                                 *methods])
+    assert r.exit_code == 0, r.output
+    assert "16-shot:" in r.output and (out / "shots.png").is_file()
+    for bad, fix in ((["--shots", "1,x"], "comma-separated"), (["--shots", "2", "--val-shots", "many"], "'all'"),
+                     (["--shots", "2,2"], "once"), (["--val-shots", "3"], "belongs to --shots")):
+        r = CliRunner().invoke(app, ["probe", str(feats), "--out", str(tmp_path / "bad"), "-m", "zero-shot", *bad])
+        assert r.exit_code == 2 and fix in r.output, (bad, r.output)
+        assert not (tmp_path / "bad").exists()
