@@ -204,7 +204,13 @@ def test_tip_adapter_refuses_a_cache_model_beyond_few_shot(monkeypatch, feats, t
     from vlaug.methods import fewshot
 
     monkeypatch.setattr(fewshot, "MAX_KEYS", 10)
-    plan = _plan(feats, tmp_path, ["tip-adapter"])
+    with pytest.raises(UsageError, match="--shots"):  # refused before any training
+        _plan(feats, tmp_path, ["linear", "tip-adapter"])
+    plan = _plan(feats, tmp_path, ["all"])  # under -m all: left out, with the reason
+    assert "tip-adapter" not in [m.name for m in plan.methods] and "linear" in [m.name for m in plan.methods]
+    assert any(w.startswith("tip-adapter skipped") and "--shots" in w for w in plan.warnings)
+    plan = _plan(feats, tmp_path, ["tip-adapter"], shots=1)  # 4 keys + 4 validation rows: fits
+    monkeypatch.setattr(fewshot, "MAX_KEYS", 3)
     with pytest.raises(UsageError, match="--shots"):
         plan.methods[0].fit(plan.data, plan.splits[0], 0)
     assert parse_method("tip-adapter?alpha=1&beta=2").options.alpha == 1

@@ -275,6 +275,7 @@ def prepare(config: ProbeRunConfig) -> _Plan:
         splits = _seed_splits(config, feats, fractions, train_domains, imbalance)
         for path, ckpt in heads.items():
             _check_head_held_out(path, ckpt.config.get("training", {}), feats, fractions, splits, config)
+    _bind(methods, feats, train_domains, from_all, warnings, splits)
     empty = classes_without_rows(feats.labels[splits[0].train], feats.classes)
     if empty:
         warnings.append(f"{len(empty)} of {len(feats.classes)} classes have no training rows (seed 0): "
@@ -357,12 +358,13 @@ def _checked_cache(config: ProbeRunConfig, skipped: list[str]) -> tuple[cache_io
 
 
 def _bind(methods: list[Method], feats: cache_io.FeatureCache, train_domains: list[str], from_all: set[str],
-          warnings: list[str]) -> None:
-    """Each method against the cache (its prompt sets), before any work; under ``--method
-    all`` what this cache cannot run is left out, with its reason."""
+          warnings: list[str], splits: list[Splits] | None = None) -> None:
+    """Each method against the cache (its prompt sets), or with ``splits`` against the
+    protocol's splits, before any work; under ``--method all`` what this cache cannot run is
+    left out, with its reason."""
     for m in list(methods):
         try:
-            note = m.bind(feats, train_domains)
+            note = m.bind(feats, train_domains) if splits is None else m.check_splits(splits)
         except UsageError as e:
             if m.text not in from_all:
                 raise

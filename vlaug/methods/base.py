@@ -336,6 +336,11 @@ class Method:
         Returns a warning for the report (what this cache makes of the method), or None."""
         return None
 
+    def check_splits(self, splits: list["Splits"]) -> None:
+        """Refuse (UsageError, with the fix) splits this method cannot train on, before any
+        training (e.g. a cache model of more keys than it holds); under ``--method all`` the
+        method is left out instead, with the reason."""
+
     def reweighting_conflict(self) -> str:
         """Why --reweight cannot apply to this method ('' when it can, or has no rows of its
         own to reweight: then the report says it was not applied)."""

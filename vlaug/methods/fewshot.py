@@ -150,6 +150,10 @@ class _CacheMethod(Method):
     def prompt_sets(self):
         return [CLASSES_PROMPT_SET]
 
+    def check_splits(self, splits):
+        # the refit keeps the training and the validation rows as keys
+        _check_keys(self.name, max(len(s.train) + len(s.val) for s in splits))
+
     def _grid(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         o = self.options
         return (TIP_ALPHAS, TIP_BETAS) if o.alpha == -1.0 else ((o.alpha,), (o.beta,))
