@@ -236,3 +236,18 @@ def test_the_readme_sweep_from_the_command_line(feats, tmp_path):
         r = CliRunner().invoke(app, ["probe", str(feats), "--out", str(tmp_path / "bad"), "-m", "zero-shot", *bad])
         assert r.exit_code == 2 and fix in r.output, (bad, r.output)
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_streamed_cache_gives_the_same_numbers(feats, tmp_path):
+    """The few-shot methods read their rows off a cache streamed from disk as from memory."""
+    reports = []
+    for budget in ("auto", "1K"):
+        config = ProbeRunConfig(features=str(feats), out=str(tmp_path / budget), methods=tuple(FEW_SHOT),
+                                train_domains=("photo",), seeds=1, shots=3, grid_size=3, max_iter=60, device="cpu",
+                                progress=False, memory_budget=budget)
+        reports.append(run_probe(config, log=lambda m: None).report)
+    assert [r["protocol"]["streamed"] for r in reports] == [False, True]
+    for a, b in zip(*(r["results"] for r in reports)):
+        assert a["method"] == b["method"]
+        assert a["in_domain"] == pytest.approx(b["in_domain"], abs=1e-9) and \
+            a["out_of_domain"] == pytest.approx(b["out_of_domain"], abs=1e-9), a["method"]

@@ -133,8 +133,11 @@ def _search_cache(data: RunData, keys: torch.Tensor, values: torch.Tensor, val: 
     per = max(1, SEARCH_VALUES // max(1, zs.numel()))
     a = torch.tensor(alphas, device=data.device)
     search = []
+    # the cosines x̂·Kᵀ once (in row pieces of at most SEARCH_VALUES): each β is then an exp and a product with L
+    f, step = F.normalize(x, dim=-1), max(1, SEARCH_VALUES // max(1, len(keys)))
+    cosines = [f[i:i + step] @ keys.T for i in range(0, len(f), step)]
     for beta in betas:
-        cache = cache_logits(x, keys, values, beta)
+        cache = torch.cat([torch.exp(-beta * (1 - c)) @ values for c in cosines])
         for i in range(0, len(alphas), per):
             scores = data.logit_scores(zs[None] + a[i:i + per, None, None] * cache[None], val)
             search += [{"alpha": alphas[i + j], "beta": beta, "val_accuracy": s[0], "val_log_loss": s[1]}
