@@ -303,7 +303,8 @@ def test_method_all_runs_every_registered_method_and_skips_missing_heads(tmp_pat
 def test_cli_help_lists_every_registered_method():
     builtin = choices.builtin_methods()  # read off the source, without importing vlaug.methods
     assert [m.split(":")[0] for m in builtin] == [n for n in REGISTRY if REGISTRY[n].__module__.startswith("vlaug.")]
-    assert all((":" in m) == bool(REGISTRY[m.split(":")[0]].head_kinds) for m in builtin)
+    assert all((":" in m) == bool(REGISTRY[m.split(":")[0]].head_kinds or REGISTRY[m.split(":")[0]].path_argument)
+               for m in builtin)
     assert all(m in cli.METHODS_HELP for m in builtin)
 
 

@@ -19,7 +19,7 @@ DR_DEGRADES = ("attention", "gaussian")
 
 # the modules of vlaug/methods that hold the built-in stage-3 methods, in their listing order
 # (--method all, --help, the docs' table); any other module there is imported after them
-METHOD_MODULES = ("zero_shot", "linear", "augmenting", "joint", "robust", "fewshot")
+METHOD_MODULES = ("zero_shot", "linear", "augmenting", "joint", "robust", "fewshot", "cdga")
 
 
 def builtin_methods() -> tuple[str, ...]:
@@ -40,5 +40,7 @@ def builtin_methods() -> tuple[str, ...]:
             values = {t.id: a.value for a in node.body if isinstance(a, ast.Assign) for t in a.targets
                       if isinstance(t, ast.Name)}
             if "name" in values:
-                found.append(ast.literal_eval(values["name"]) + (":DIR" if "head_kinds" in values else ""))
+                path = (":DIR" if "head_kinds" in values else
+                        ":" + ast.literal_eval(values["path_argument"]) if "path_argument" in values else "")
+                found.append(ast.literal_eval(values["name"]) + path)
     return tuple(found)

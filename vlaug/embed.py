@@ -562,6 +562,8 @@ class _PartWriter:
         emb = np.concatenate(self.embeddings)
         recs = [self.pending[i] for i in self.positions[:n]]
         rows = {key: [getattr(r, key) for r in recs] for key in ("id", "path", "label", "class_name", "domain", "split")}
+        for name in dict(recs[0].extra) if recs and recs[0].extra else ():  # a generated set's provenance (vlaug generate)
+            rows[name] = [dict(r.extra).get(name, "") for r in recs]
         name = cache.part_name(self.next_index, self.part_rank)
         cache.write_part(self.out, name, rows, emb[:n], self.dtype)
         if self.ctx.distributed:

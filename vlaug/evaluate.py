@@ -111,6 +111,9 @@ def _method_specs(config: ProbeRunConfig) -> tuple[list[str], list[str], set[str
                 specs.append(text)
             continue
         for name, cls in REGISTRY.items():
+            if cls.path_argument:  # its path is the user's: nothing to take it from
+                notes.append(f"{name} skipped: it needs {name}:{cls.path_argument} (name it beside all)")
+                continue
             if not cls.head_kinds:
                 found = [name]
             else:
@@ -388,6 +391,7 @@ def _run_data(config: ProbeRunConfig, feats: cache_io.FeatureCache, domain_index
         text=torch.as_tensor(feats.texts[CLASSES_PROMPT_SET], device=device),
         heads=heads, settings=config.method_settings(), device=device,
         chunks=(lambda: cache_io.iter_embeddings(config.features, chunk_rows)) if memory.streamed else None,
+        features=config.features,
     )
 
 

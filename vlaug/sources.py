@@ -17,6 +17,10 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
 )
 MANIFEST_EXTENSIONS = frozenset({".csv", ".parquet", ".pq"})
+GENERATED_MANIFEST = "generated.parquet"  # the manifest vlaug generate writes in its folder (vlaug embed GEN_DIR reads it)
+# what a generated image's cache row keeps of its manifest row: the source row it was made from, the domains it
+# moved between and (image-guided) the row that guided it; the cdga probe method reads them (split hygiene)
+GENERATION_COLUMNS = ("source_id", "source_domain", "target_domain", "guide_id")
 SPLITS = ("train", "val", "test", "")
 
 
@@ -36,6 +40,9 @@ class ImageRecord:
     class_name: str | None
     domain: str = ""  # "" when the source has no domains
     split: str | None = None  # train / val / test when the source says so, else None (null in the cache)
+    # vlaug generate's provenance columns (GENERATION_COLUMNS) of a generated image, as (name, value) pairs: the
+    # cache keeps them as columns
+    extra: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,8 @@ def load_source(
         return replace(_load_manifest(root.resolve(), classes), detected=layout is Layout.auto)
     if not root.is_dir():
         raise SourceError(f"source {str(source)!r} is neither a folder nor a CSV/Parquet manifest.")
+    if layout is Layout.auto and (root / GENERATED_MANIFEST).is_file():  # a vlaug generate folder: its manifest
+        return replace(_load_manifest((root / GENERATED_MANIFEST).resolve(), classes), detected=True)
     return _load_folder(root.resolve(), layout, classes)
 
 
@@ -307,12 +316,15 @@ def _load_manifest(path: Path, classes: list[str] | None) -> Source:
             "Each row needs its own 'id' (or its own 'path' when there is no 'id' column)."
         )
 
+    kept = [c for c in GENERATION_COLUMNS if c in columns] if path.name == GENERATED_MANIFEST else []
+    extra = {c: [_cell(v) for v in columns[c]] for c in kept}
     records = []
     for i in range(n_rows):
         p = Path(paths[i])
         resolved = p if p.is_absolute() else base / p
         name = class_of_row[i]
-        records.append(ImageRecord(ids[i], str(resolved), index.get(name), name, domains[i], splits[i] or None))
+        records.append(ImageRecord(ids[i], str(resolved), index.get(name), name, domains[i], splits[i] or None,
+                                   tuple((c, extra[c][i]) for c in kept)))
     return Source(str(path), Layout.manifest.value, records, class_names, sorted(set(domains) - {""}), 0)
 
 

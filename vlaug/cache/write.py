@@ -55,7 +55,8 @@ def write_part(path: str | os.PathLike, name: str, rows: dict, embeddings: np.nd
     """Write one part of image rows atomically to ``images/NAME``.
 
     Args:
-        rows: lists ``id``, ``path``, ``label``, ``class_name``, ``domain``, ``split``.
+        rows: lists ``id``, ``path``, ``label``, ``class_name``, ``domain``, ``split`` (and any more
+            string columns, written after the embedding: readers select the standard ones).
         embeddings: (n, d) L2-normalised embeddings, stored as ``dtype``.
     """
     folder = Path(path) / IMAGES_DIR
@@ -63,6 +64,8 @@ def write_part(path: str | os.PathLike, name: str, rows: dict, embeddings: np.nd
     schema = image_schema(embeddings.shape[1], dtype)
     arrays = [pa.array(rows[name_], type=schema.field(name_).type) for name_ in schema.names[:-1]]
     table = pa.Table.from_arrays(arrays + [_embedding_array(embeddings, dtype)], schema=schema)
+    for extra in [k for k in rows if k not in schema.names]:  # more string columns (a generated set's provenance)
+        table = table.append_column(extra, pa.array(rows[extra], pa.string()))
     atomic_write(folder / name, lambda tmp: _write_table(table, tmp, row_group_size=max(1, min(len(table), ROW_GROUP_ROWS))))
 
 

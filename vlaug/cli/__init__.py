@@ -338,6 +338,47 @@ def predict(
 
 @app.command(cls=_Command)
 @_errors_to_exit
+def generate(
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="The images to move between domains: what vlaug embed reads (a domain/class folder or a manifest with domains).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the generated images and their manifest (vlaug embed GEN_DIR reads it); a rerun resumes it.")],
+    model: Annotated[str, typer.Option(help="A diffusers model id or a local diffusers folder: Stable Diffusion (img2img) for --variant prompt, an image-variation model for --variant image.")],
+    variant: Annotated[str, typer.Option(help="prompt: CDGA-PG (img2img with 'a {domain} of a {class}.'); image: CDGA-IG (conditioned on a mix of the source's and a target-domain image's CLIP embeddings).")] = "prompt",
+    layout: Annotated[Layout, typer.Option(help="Source layout, as vlaug embed.")] = Layout.auto,
+    classes: Annotated[Optional[Path], typer.Option("--classes", help="Text file, one class per line: the class order.")] = None,
+    train_domain: Annotated[Optional[List[str]], typer.Option("--train-domain", help="A domain whose images are moved (and a target); repeatable. Default: every domain.")] = None,
+    target_domain: Annotated[Optional[List[str]], typer.Option("--target-domain", help="A domain to move them towards; repeatable. Default: the training domains. With --variant prompt a domain may be named by text only.")] = None,
+    per_image: Annotated[int, typer.Option(help="Images per source image and target domain.")] = 1,
+    strength: Annotated[float, typer.Option(help="Prompt-guided: how far from the source image (1: pure noise).")] = 0.75,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
+    mix: Annotated[float, typer.Option(help="Image-guided: λ of (1 − λ)·e_source + λ·e_guide.")] = 0.5,
+    prompt: Annotated[str, typer.Option(help="Prompt-guided: the template, with {domain} and {class}.")] = "a {domain} of a {class}.",
+    size: Annotated[int, typer.Option(help="Side of the generated images in pixels (a multiple of 8).")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the run (each image's seed comes from it, its source image and target).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per pipeline call.")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    limit: Annotated[int, typer.Option(help="At most this many source images (0: all): to try a model first.")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+):
+    """CDGA: generate images that move each training image towards the other domains (latent diffusion; resumable)."""
+    from vlaug.generate import GenerateConfig, generate as run
+
+    config = GenerateConfig(
+        source=str(source), out=str(out), model=model, variant=variant, layout=_value(layout),
+        classes_file=str(classes) if classes else None, train_domains=tuple(train_domain or ()),
+        target_domains=tuple(target_domain or ()), per_image=per_image, strength=strength, guidance_scale=guidance_scale,
+        steps=steps, mix=mix, prompt=prompt, seed=seed, batch_size=batch_size, size=size, device=device, limit=limit,
+        progress=progress,
+    )
+    summary = run(config)
+    per = summary["seconds_per_image"]
+    typer.echo(f"generated {summary['generated']} images ({summary['in_manifest']} of {summary['planned']} planned are in "
+               f"{out / 'generated.parquet'}" + (f"; {per:.2f} s per image" if per is not None else "")
+               + f"); embed them with: vlaug embed {out} --out FEATURES_GEN (same --model as the main cache)")
+
+
+@app.command(cls=_Command)
+@_errors_to_exit
 def info(path: Annotated[Path, typer.Argument(metavar="PATH", help="A feature cache folder or a head folder.")]):
     """Describe a feature cache (counts, prompt sets, failures) or a trained head (config, selected epoch, box ranking)."""
     from vlaug.checkpoint import is_head, read_head_config, read_head_stats

@@ -144,6 +144,7 @@ class RunData:
     # validation scores weigh each domain's rows equally (the mean of the domains' accuracies, DomainBed's
     # training-domain validation) instead of pooling them
     balance_domains: bool = False
+    features: str = ""  # the cache's folder (a method that reads more of it, e.g. its row ids)
 
     @property
     def n_classes(self) -> int:
@@ -315,6 +316,7 @@ class Method:
     head_kinds: ClassVar[tuple[str, ...]] = ()  # kinds of trained head it needs (vlaug train-box); () for none
     streams: ClassVar[bool] = True  # whether it can train on a cache streamed from disk
     plots_box_volumes: ClassVar[bool] = False  # its head's box volumes are plotted (LARE's Tables 4 and 5)
+    path_argument: ClassVar[str] = ""  # a method written NAME:PATH whose PATH is no head (e.g. cdga:GEN_FEATURES)
 
     def __init__(self, text: str, head: str = "", options: Options | None = None):
         self.text = text  # as the user wrote it: the method's name in reports
@@ -322,6 +324,7 @@ class Method:
         self.options = options if options is not None else self.Options()
         self.group = text  # the --method spec it came from: one of several configurations when that spec lists values
         self.config = {}  # the listed options' values this configuration takes ({} when the spec lists none)
+        self.path = ""  # NAME:PATH of a method with a path_argument
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.text!r})"

@@ -25,6 +25,12 @@ def parse_method(text: str) -> Method:
     if name not in REGISTRY:
         raise UsageError(f"--method {text!r}: unknown method {name!r}; known: {', '.join(REGISTRY)}.")
     cls = REGISTRY[name]
+    if cls.path_argument:  # NAME:PATH, a path that is not a head (cdga:GEN_FEATURES)
+        if not head:
+            raise UsageError(f"--method {text!r}: {name} needs {name}:{cls.path_argument}.")
+        method = cls(text, "", cls.Options.parse(query, text, name))
+        method.path = head
+        return method
     if cls.head_kinds and not head:
         raise UsageError(f"--method {text!r}: {name} needs a head folder, e.g. {name}:runs/{name}1 (from vlaug train-box).")
     if head and not cls.head_kinds:
@@ -69,7 +75,7 @@ def markdown_table() -> str:
 
     rows = ["| method | what the probe trains on | options (default) |", "|---|---|---|"]
     for name, cls in REGISTRY.items():
-        spec = f"`{name}:HEAD_DIR`" if cls.head_kinds else f"`{name}`"
+        spec = f"`{name}:HEAD_DIR`" if cls.head_kinds else f"`{name}:{cls.path_argument}`" if cls.path_argument else f"`{name}`"
         options = ", ".join(f"`{f.name}` ({f.default if f.default is not MISSING else f.default_factory()!r})"
                             for f in fields(cls.Options))
         rows.append(f"| {spec} | {cls.summary} | {options} |")
