@@ -31,7 +31,7 @@ def _scheduler():
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False)
+                         set_alpha_to_one=False, steps_offset=1)
 
 
 def write_tokenizer(folder: Path):

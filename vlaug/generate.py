@@ -193,13 +193,18 @@ def load_pipeline(config: GenerateConfig, device):
         import diffusers
     except ImportError:
         raise UsageError(INSTALL) from None
+    looks_local = Path(config.model).exists() or config.model.startswith((".", "/", "~")) or config.model.count("/") > 1
+    if looks_local and not Path(config.model).expanduser().is_dir():
+        raise UsageError(f"--model {config.model!r} is not a folder; give a local diffusers folder (model_index.json "
+                         "inside) or a diffusers model id such as runwayml/stable-diffusion-v1-5.")
     cls = diffusers.StableDiffusionImg2ImgPipeline if config.variant == "prompt" else \
         diffusers.StableDiffusionImageVariationPipeline
     import torch
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     try:
-        pipe = cls.from_pretrained(config.model, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype)
+        pipe = cls.from_pretrained(str(Path(config.model).expanduser()) if looks_local else config.model, safety_checker=None,
+                                   requires_safety_checker=False, dtype=dtype)
     except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--model {config.model!r}: could not load a {cls.__name__} ({first}); give a diffusers model "
@@ -309,13 +314,14 @@ def generate(config: GenerateConfig, log=None) -> dict:
     todo = [it for it in items if not (out / it.path).is_file()]
     log(f"{source.describe()}\n{len(items)} images planned ({config.variant}-guided, {config.per_image} per source image "
         f"and target domain), {len(items) - len(todo)} already made, {len(todo)} to generate")
+    if todo:  # loaded before anything is written: a bad model or a missing extra leaves no folder behind
+        device = resolve_device(config.device)
+        pipe = load_pipeline(config, device)
     out.mkdir(parents=True, exist_ok=True)
     (out / SETTINGS_NAME).write_text(json.dumps(_settings(config), indent=2) + "\n", encoding="utf-8")
     if todo:
         from tqdm.auto import tqdm
 
-        device = resolve_device(config.device)
-        pipe = load_pipeline(config, device)
         bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not config.progress, file=sys.stderr)
         with open(out / PROGRESS_NAME, "a", encoding="utf-8") as progress:
             for i in range(0, len(todo), config.batch_size):
