@@ -294,10 +294,11 @@ def test_method_all_runs_every_registered_method_and_skips_missing_heads(tmp_pat
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     names = [m["name"] for m in report["methods"]]
-    assert names == [n for n in REGISTRY if n not in ("dr", "lads")] + ["linear"]
+    assert names == [n for n in REGISTRY if n not in ("dr", "lads", "cdga")] + ["linear"]
     assert any(m["method"] == f"box:{heads / 'box'}" for m in report["methods"])
     assert any("dr skipped: no dr-sa or dr-pool head" in w for w in report["warnings"])
     assert any("lads skipped" in w for w in report["warnings"])
+    assert any("cdga skipped: it needs cdga:GEN_FEATURES" in w for w in report["warnings"])
 
 
 def test_cli_help_lists_every_registered_method():
