@@ -35,6 +35,7 @@ from vlaug.encoders import (
 )
 from vlaug.choices import STORAGE_DTYPES
 from vlaug.errors import CacheMismatchError, UsageError, VlaugError
+from vlaug.shards import read_member
 from vlaug.sources import ImageRecord, Layout, Source, load_source, read_class_file
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class EmbedConfig:
     pretrained: str = "laion2b_s34b_b79k"  # tag, checkpoint file, or "none" (random weights)
     layout: str = "auto"  # auto | class | domain-class | manifest
     classes_file: str | None = None  # one class per line: fixes the class order
+    class_key: str | None = None  # WebDataset: the member (cls) or json:FIELD holding the class; None: cls when present
+    domain_key: str | None = None  # WebDataset: the member or json:FIELD holding the domain; None: no domains
     templates: str | None = None  # simple | openai | photo | FILE; None: the cache's own, or simple for a new cache
     prompt_sets: tuple[str, ...] = ()  # extra "NAME=TEMPLATE" / "NAME=@FILE" prompt sets (added to the cache's)
     device: str = "auto"  # auto | cpu | cuda[:N] | mps
@@ -106,7 +109,7 @@ class EmbedInterrupted(VlaugError):
 # ----------------------------------------------------------------------------- image loading
 
 
-def load_image(path: str) -> Image.Image:
+def load_image(path) -> Image.Image:
     """Open and fully decode an image as RGB.
 
     EXIF orientation is applied; transparent pixels are composited on white; 16-bit and
@@ -146,7 +149,9 @@ class _ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, self.preprocess(load_image(self.records[i].path)), None
+            record = self.records[i]
+            source = read_member(record.path, record.member) if record.member else record.path  # inside a shard
+            return i, self.preprocess(load_image(source)), None
         except Exception as e:  # any decoder error is a recorded failure, not a crash
             return i, None, _one_line(e)
 
@@ -324,7 +329,7 @@ def plan_embed(config: EmbedConfig) -> tuple[Source, cache.CacheManifest, Encode
         raise UsageError("--out is required: the folder to write the feature cache to.")
     _check_out(out)
     classes = read_class_file(config.classes_file) if config.classes_file else None
-    source = load_source(config.source, config.layout, classes)
+    source = load_source(config.source, config.layout, classes, config.class_key, config.domain_key)
     templates = resolve_templates(config.templates) if config.templates else None
     prompt_sets = parse_prompt_sets(config.prompt_sets)
     spec = check_encoder_spec(config.model, config.pretrained)

@@ -30,6 +30,8 @@ class Layout(str, Enum):
     domain_class_folders = "domain-class"  # ROOT/domain/class/image (DomainBed style)
     manifest = "manifest"  # CSV or Parquet with columns path [, class|label, domain, split, id]
     flat = "flat"  # ROOT/image, no labels (for vlaug predict)
+    webdataset = "webdataset"  # tar shards: one .tar, a brace pattern, a glob or a folder of .tar files (vlaug.shards)
+    parquet_images = "parquet-images"  # Parquet files whose rows hold the image bytes (img2dataset, Hugging Face)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class ImageRecord:
     # vlaug generate's provenance columns (GENERATION_COLUMNS) of a generated image, as (name, value) pairs: the
     # cache keeps them as columns
     extra: tuple[tuple[str, str], ...] = ()
+    # where the image's bytes are inside ``path`` (a shard or a Parquet file, vlaug.shards.read_member): "" for a file
+    member: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ def load_source(
     source: str | os.PathLike,
     layout: Layout | str = Layout.auto,
     classes: list[str] | None = None,
+    class_key: str | None = None,
+    domain_key: str | None = None,
 ) -> Source:
     """Scan a folder or read a manifest into an ordered list of image records.
 
@@ -110,6 +116,12 @@ def load_source(
             classes missing from ``classes``, duplicate ids.
     """
     layout = Layout(layout)
+    sharded = _load_sharded(str(source), layout, classes, class_key, domain_key)
+    if sharded is not None:
+        return sharded
+    if class_key or domain_key:
+        raise SourceError("--class-key and --domain-key read WebDataset shards; a folder or a manifest names its classes "
+                          "and domains itself (folders, or its 'class' and 'domain' columns).")
     root = Path(source)
     if not root.exists():
         raise SourceError(f"source {str(source)!r} does not exist. Pass an image folder or a CSV/Parquet manifest.")
@@ -360,3 +372,110 @@ def _manifest_classes(columns: dict, classes: list[str] | None, path: Path) -> t
         )
     class_names = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
     return [class_names[v] for v in labels], class_names
+
+
+# ----------------------------------------------------------------------------- shards (vlaug.shards)
+
+
+def _load_sharded(text: str, layout: Layout, classes: list[str] | None, class_key: str | None,
+                  domain_key: str | None) -> Source | None:
+    """A WebDataset or image-bytes Parquet source (given, or detected by ``auto``), else None."""
+    from vlaug import shards
+
+    detected = layout is Layout.auto
+    if layout in (Layout.auto, Layout.webdataset):
+        files = shards.shard_files(text, ".tar")
+        if files is not None:
+            return replace(_load_webdataset(text, files, classes, class_key, domain_key), detected=detected)
+        if layout is Layout.webdataset:
+            raise SourceError(f"--layout webdataset reads a .tar shard, a brace pattern ('shards/{{00000..00127}}.tar'), a "
+                              f"glob or a folder of .tar files; {text!r} is none of these.")
+    if layout in (Layout.auto, Layout.parquet_images):
+        files = shards.shard_files(text, ".parquet")
+        if files is not None and (layout is Layout.parquet_images or _holds_image_bytes(files[0])):
+            if class_key or domain_key:
+                raise SourceError("--class-key and --domain-key read WebDataset shards; a Parquet file's classes and "
+                                  "domains are its 'label'/'class' and 'domain' columns.")
+            return replace(_load_parquet_images(text, files, classes), detected=detected)
+        if layout is Layout.parquet_images:
+            raise SourceError(f"--layout parquet-images reads a .parquet file, a folder or a glob of them; {text!r} is "
+                              "none of these.")
+    return None
+
+
+def _holds_image_bytes(file: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    from vlaug.shards import parquet_bytes_column
+
+    try:
+        return parquet_bytes_column(pq.read_schema(file)) is not None
+    except Exception:  # noqa: BLE001 - not a Parquet file: the manifest reader says so
+        return False
+
+
+def _sharded_classes(values: list, classes: list[str] | None, names: list[str] | None, where: str) -> tuple[list, list[str]]:
+    """Each row's class name and the class list from the rows' label values: integers index
+    ``names`` (a ClassLabel) or ``classes`` (--classes); text is a class name."""
+    if all(v is None for v in values):
+        if classes is not None:
+            raise SourceError(f"{where} has no labels, so --classes has nothing to order; leave it out.")
+        return [None] * len(values), []
+    texts = [str(v).strip() for v in values]
+    if all(t.lstrip("-").isdigit() for t in texts):
+        order = names if names is not None else classes
+        if order is None:
+            raise SourceError(f"{where} labels its images with class indices; give --classes FILE (one class name per "
+                              "line, in index order) to name them.")
+        bad = sorted({int(t) for t in texts if not 0 <= int(t) < len(order)})
+        if bad:
+            raise SourceError(f"{where} has class indices {bad[:5]} outside 0..{len(order) - 1}; check --classes.")
+        row_names = [order[int(t)] for t in texts]
+        return row_names, _resolve_classes(sorted(set(row_names), key=order.index), classes, where) if classes else list(order)
+    return texts, _resolve_classes(sorted(set(texts)), classes, where)
+
+
+def _sharded_source(text: str, layout: Layout, rows: list[dict], row_names: list, class_names: list[str],
+                    n_ignored: int) -> Source:
+    index = {name: i for i, name in enumerate(class_names)}
+    seen, dupes = set(), []
+    for r in rows:
+        if r["id"] in seen:
+            dupes.append(r["id"])
+        seen.add(r["id"])
+    if dupes:
+        raise SourceError(f"source {text!r} has duplicate ids {sorted(set(dupes))[:5]} (shard or file name / key); give "
+                          "each shard or file its own name, and each sample its own key.")
+    records = [ImageRecord(r["id"], r["path"], index.get(name), name, r.get("domain", ""), r.get("split") or None,
+                           (("caption", r["caption"]),) if r.get("caption") is not None else (), r["member"])
+               for r, name in zip(rows, row_names)]
+    domains = sorted({r.domain for r in records} - {""})
+    return Source(os.path.abspath(text), layout.value, records, class_names, domains, n_ignored)
+
+
+def _load_webdataset(text: str, files: list[Path], classes: list[str] | None, class_key: str | None,
+                     domain_key: str | None) -> Source:
+    from vlaug import shards
+
+    rows, ignored, _ = shards.scan_webdataset(files, class_key, domain_key, classes)
+    if not rows:
+        raise SourceError(f"source {text!r} holds no sample with an image member ({', '.join(shards.IMAGE_SUFFIXES)}).")
+    # a sample cut by a truncated shard keeps no label (its record fails on decode, recorded in failed.parquet)
+    cut = [r["member"].startswith(shards.TRUNCATED) for r in rows]
+    names, class_names = _sharded_classes([r["label"] for r, c in zip(rows, cut) if not c], classes, None, f"source {text!r}")
+    it = iter(names)
+    row_names = [None if c else next(it) for c in cut]
+    return _sharded_source(text, Layout.webdataset, rows, row_names, class_names, ignored)
+
+
+def _load_parquet_images(text: str, files: list[Path], classes: list[str] | None) -> Source:
+    from vlaug import shards
+
+    rows, names = shards.scan_parquet_images(files)
+    if not rows:
+        raise SourceError(f"source {text!r} has no rows. Add one row per image.")
+    row_names, class_names = _sharded_classes([r["label"] for r in rows], classes, names, f"source {text!r}")
+    bad = sorted({r["split"] for r in rows} - set(SPLITS))
+    if bad:
+        raise SourceError(f"source {text!r} has split values {bad[:5]}; use 'train', 'val', 'test' or leave it empty.")
+    return _sharded_source(text, Layout.parquet_images, rows, row_names, class_names, 0)

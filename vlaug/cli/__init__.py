@@ -131,12 +131,14 @@ def _root(
 @app.command(cls=_Command)
 @_errors_to_exit
 def embed(
-    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="Image folder (class/img, domain/class/img, or img alone: unlabeled) or CSV/Parquet manifest.")],
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="Image folder (class/img, domain/class/img, or img alone: unlabeled), CSV/Parquet manifest, WebDataset .tar shard(s) (a file, a folder, 'shards/{00000..00127}.tar' or a glob) or Parquet files holding the image bytes.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Feature cache folder to create, or to resume.")],
     model: Annotated[str, typer.Option(help="open_clip model name (ViT-B-32, coca_ViT-B-32, ...), hf-hub:ORG/REPO or local-dir:PATH.")] = "ViT-B-32",
     pretrained: Annotated[str, typer.Option(help="Pretrained tag (e.g. laion2b_s34b_b79k), a local checkpoint file, or 'none' for random weights.")] = "laion2b_s34b_b79k",
     layout: Annotated[Layout, typer.Option(help="Source layout; auto detects folders and manifests.")] = Layout.auto,
     classes: Annotated[Optional[Path], typer.Option("--classes", help="Text file, one class per line: the class order.")] = None,
+    class_key: Annotated[Optional[str], typer.Option(help="WebDataset shards: the member holding the class (an index into --classes, or a name), or json:FIELD of the .json member. Default: cls when the samples have one, else unlabeled.")] = None,
+    domain_key: Annotated[Optional[str], typer.Option(help="WebDataset shards: the member or json:FIELD holding the domain (e.g. json:domain).")] = None,
     templates: Annotated[Optional[str], typer.Option(help="Class prompt templates: simple (7), openai (80), photo (1), or a file with one template per line. Default: simple for a new cache, the cache's own when resuming.")] = None,
     prompt_set: Annotated[Optional[List[str]], typer.Option("--prompt-set", help="Extra named prompt set NAME=TEMPLATE or NAME=@FILE; repeatable, a repeated NAME adds templates.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
@@ -157,7 +159,8 @@ def embed(
 
     config = EmbedConfig(
         source=str(source), out=str(out), model=model, pretrained=pretrained, layout=_value(layout),
-        classes_file=str(classes) if classes else None, templates=templates, prompt_sets=tuple(prompt_set or ()),
+        classes_file=str(classes) if classes else None, class_key=class_key, domain_key=domain_key, templates=templates,
+        prompt_sets=tuple(prompt_set or ()),
         device=device, precision=_value(precision), batch_size=batch_size, workers=workers, dtype=_value(dtype),
         part_size=part_size, seed=seed, overwrite=overwrite, append=append, progress=progress,
     )
