@@ -211,3 +211,25 @@ def test_torchrun_splits_shards_into_the_rows_of_one_process(tmp_path):
     assert ids == ref_ids and len(ids) == 21
     np.testing.assert_array_equal(labels, ref_labels)
     np.testing.assert_allclose(emb, ref_emb, rtol=0, atol=1e-6)
+
+
+def test_file_urls_read_like_local_paths(images, tmp_path):
+    """Remote shards go through fsspec: file:// URLs stand in for s3:// or https:// here."""
+    src, imgs = images
+    write_shards(tmp_path / "shards", imgs, cls="name")
+    pq.write_table(pa.table({"key": [k for _, k, _ in imgs], "jpg": [d for _, _, d in imgs],
+                             "class": [c for c, _, _ in imgs]}), tmp_path / "pq.parquet", row_group_size=4)
+    for local, url in ((tmp_path / "shards", f"file://{tmp_path}/shards/{{00000..00001}}.tar"),
+                       (tmp_path / "shards", f"file://{tmp_path}/shards/*.tar"),
+                       (tmp_path / "shards", f"file://{tmp_path}/shards"),
+                       (tmp_path / "pq.parquet", f"file://{tmp_path}/pq.parquet")):
+        a, b = load_source(str(local)), load_source(url)
+        assert [r.id for r in a.records] == [r.id for r in b.records] and a.classes == b.classes and b.root == url
+    embed_source(tiny_config(tmp_path / "shards", tmp_path / "local"))
+    embed_source(tiny_config(f"file://{tmp_path}/shards/{{00000..00001}}.tar", tmp_path / "remote"))
+    a, b = cache.read_cache(tmp_path / "local"), cache.read_cache(tmp_path / "remote")
+    assert a.ids == b.ids
+    np.testing.assert_allclose(a.embeddings, b.embeddings, rtol=0, atol=1e-6)
+    r = CliRunner().invoke(app, ["embed", f"file://{tmp_path}/files", "--out", str(tmp_path / "x"), "--model",
+                                 "vlaug-tiny", "--pretrained", "none", "--no-progress"])
+    assert r.exit_code == 2 and "a URL source must be" in r.output

@@ -11,6 +11,10 @@ grow with the number of shards or rows). Every guarantee of ``vlaug embed`` hold
 files because the rest of the pipeline sees records like any other: resume by row id, ranks
 under ``torchrun``, failures in ``failed.parquet``, ``--append``.
 
+Remote shards and Parquet files (``s3://``, ``gs://``, ``https://``, ``file://``) are opened through
+fsspec (the ``remote`` extra holds the schemes' packages): a seekable file, so a scan and a
+decode read only the headers and the member they need.
+
 The standard library's ``tarfile`` reads the shards (no ``webdataset`` dependency): the scan
 needs only the headers and each member's offset, which ``tarfile`` gives while seeking over
 the data, and a decode needs one seek and one read (the choice is measured in
@@ -36,6 +40,68 @@ BYTES_COLUMNS = ("jpg", "png", "webp", "jpeg", "image", "img")  # a Parquet colu
 TRUNCATED = "truncated"  # the member of a shard cut short: its record fails on decode, with the reason
 
 
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def open_file(path: str):
+    """A seekable binary file object: a local file, or a URL through fsspec (``file://``,
+    ``s3://``, ``gs://``, ``https://``; the scheme's package is in the ``remote`` extra)."""
+    if not is_url(path):
+        return open(path, "rb")
+    import fsspec
+
+    try:
+        return fsspec.open(path, "rb").open()
+    except ImportError as e:
+        raise SourceError(f"{path!r}: {e}; or: pip install -e \".[remote]\"") from None
+
+
+def file_size(path: str) -> int:
+    if not is_url(path):
+        return Path(path).stat().st_size
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(path)
+    return int(fs.size(inner))
+
+
+def file_name(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _url_files(source: str, suffix: str) -> list[str] | None:
+    """:func:`shard_files` for a URL: fsspec's listing and glob, the scheme kept."""
+    import fsspec
+
+    try:
+        fs, _ = fsspec.core.url_to_fs(source.split("{")[0] or source)
+    except ImportError as e:
+        raise SourceError(f"{source!r}: {e}; or: pip install -e \".[remote]\"") from None
+    scheme = source.split("://", 1)[0]
+    full = lambda p: p if is_url(p) else f"{scheme}://{p}"  # noqa: E731
+    if "{" in source:
+        files = expand_braces(source)
+        missing = [f for f in files if not fs.isfile(fsspec.core.url_to_fs(f)[1])]
+        if missing:
+            raise SourceError(f"{source!r} names {len(files)} files; {missing[0]!r} does not exist. Check the pattern.")
+        return files if all(f.endswith(suffix) for f in files) else None
+    inner = fsspec.core.url_to_fs(source)[1]
+    if any(c in source for c in "*?["):
+        files = sorted(full(p) for p in fs.glob(inner))
+        if not files:
+            raise SourceError(f"{source!r} matches no file. Check the pattern.")
+        return files if all(f.endswith(suffix) for f in files) else None
+    if fs.isfile(inner):
+        return [source] if source.endswith(suffix) else None
+    if fs.isdir(inner):
+        entries = fs.ls(inner, detail=True)
+        files = sorted(full(e["name"]) for e in entries if e["type"] == "file" and e["name"].endswith(suffix))
+        dirs = [e for e in entries if e["type"] == "directory"]
+        return files if files and not dirs else None
+    raise SourceError(f"{source!r} does not exist. Check the URL.")
+
+
 def expand_braces(pattern: str) -> list[str]:
     """``shards/{00000..00003}.tar`` and ``{a,b}`` expanded (as WebDataset and clip-retrieval
     take them), in order; a pattern without braces is itself."""
@@ -53,9 +119,11 @@ def expand_braces(pattern: str) -> list[str]:
     return [x for v in values for x in expand_braces(head + v + tail)]
 
 
-def shard_files(source: str, suffix: str) -> list[Path] | None:
+def shard_files(source: str, suffix: str) -> list | None:
     """The files of a shard source: one file, a brace pattern, a glob or a folder of files
-    ending in ``suffix``; None when ``source`` is none of these."""
+    ending in ``suffix`` (local paths, or URLs as strings); None when ``source`` is none of these."""
+    if is_url(source):
+        return _url_files(source, suffix)
     if "{" in source:
         files = [Path(p) for p in expand_braces(source)]
         missing = [str(p) for p in files if not p.is_file()]
@@ -112,7 +180,8 @@ def scan_webdataset(files: list[Path], class_key: str | None, domain_key: str | 
     for shard in files:
         samples: dict[str, dict] = {}
         cut = None
-        with open(shard, "rb") as f:
+        name, where_path = file_name(str(shard)), str(shard) if is_url(str(shard)) else str(Path(shard).resolve())
+        with open_file(str(shard)) as f:
             try:
                 with tarfile.open(fileobj=f, mode="r:") as tar:
                     for info in tar:
@@ -122,7 +191,7 @@ def scan_webdataset(files: list[Path], class_key: str | None, domain_key: str | 
                         samples.setdefault(key, {})[ext] = info
             except (tarfile.ReadError, EOFError) as e:
                 cut = str(e) or "unexpected end of data"
-            size = shard.stat().st_size
+            size = file_size(str(shard))
 
             def read(info, f=f):
                 f.seek(info.offset_data)
@@ -140,13 +209,13 @@ def scan_webdataset(files: list[Path], class_key: str | None, domain_key: str | 
                 domain = _field(domain_key, members, read, key, where) if domain_key else None
                 caption = read(members["txt"]).decode("utf-8", "replace") if "txt" in members else None
                 complete = info.offset_data + info.size <= size
-                rows.append({"id": f"{shard.name}/{key}", "path": str(shard.resolve()), "shard": shard.name, "key": key,
-                             "member": f"tar:{info.offset_data}:{info.size}" if complete else f"{TRUNCATED}:{shard.name}",
+                rows.append({"id": f"{name}/{key}", "path": where_path, "shard": name, "key": key,
+                             "member": f"tar:{info.offset_data}:{info.size}" if complete else f"{TRUNCATED}:{name}",
                              "label": label, "domain": domain or "", "caption": caption})
         if cut is not None:
             truncated.append((shard, cut))
-            rows.append({"id": f"{shard.name}/{TRUNCATED}", "path": str(shard.resolve()), "shard": shard.name,
-                         "key": TRUNCATED, "member": f"{TRUNCATED}:{shard.name} ({cut})", "label": None, "domain": "",
+            rows.append({"id": f"{name}/{TRUNCATED}", "path": where_path, "shard": name,
+                         "key": TRUNCATED, "member": f"{TRUNCATED}:{name} ({cut})", "label": None, "domain": "",
                          "caption": None})
     whole = [r for r in rows if not r["member"].startswith(TRUNCATED)]  # a cut sample may have lost its cls member
     if default_cls and whole and not all(r["label"] is None for r in whole) and any(r["label"] is None for r in whole):
@@ -198,7 +267,7 @@ def scan_parquet_images(files: list[Path]):
 
     rows, names = [], None
     for file in files:
-        pf = pq.ParquetFile(file)
+        pf = pq.ParquetFile(open_file(str(file)))
         schema = pf.schema_arrow
         found = parquet_bytes_column(schema)
         if found is None:
@@ -218,7 +287,8 @@ def scan_parquet_images(files: list[Path]):
                 names = file_names
         for i in range(pf.metadata.num_rows):
             key = str(cols["key"][i]) if "key" in cols and cols["key"][i] is not None else str(i)
-            rows.append({"id": f"{file.name}/{key}", "path": str(file.resolve()), "member": f"parquet:{i}",
+            rows.append({"id": f"{file_name(str(file))}/{key}", "member": f"parquet:{i}",
+                         "path": str(file) if is_url(str(file)) else str(Path(file).resolve()),
                          "label": cols[label_col][i] if label_col else None, "domain": str(cols.get("domain", [""] * (i + 1))[i] or ""),
                          "split": str(cols["split"][i] or "") if "split" in cols else ""})
     return rows, names
@@ -233,7 +303,12 @@ class _RowGroupCache:
     def get(self, path: str, row: int) -> bytes:
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
+        if self.key is not None and self.key[0] == path and self.start <= row < self.start + len(self.values):
+            value = self.values[row - self.start]  # the row group held already
+            if value is None:
+                raise ValueError("no image bytes in this row")
+            return value
+        pf = pq.ParquetFile(open_file(path))
         start = 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -261,7 +336,7 @@ def read_member(path: str, member: str) -> io.BytesIO:
     kind, _, where = member.partition(":")
     if kind == "tar":
         offset, size = (int(v) for v in where.split(":"))
-        with open(path, "rb") as f:
+        with open_file(path) as f:
             f.seek(offset)
             data = f.read(size)
         if len(data) != size:

@@ -122,6 +122,9 @@ def load_source(
     if class_key or domain_key:
         raise SourceError("--class-key and --domain-key read WebDataset shards; a folder or a manifest names its classes "
                           "and domains itself (folders, or its 'class' and 'domain' columns).")
+    if "://" in str(source):
+        raise SourceError(f"{str(source)!r}: a URL source must be WebDataset .tar shards or Parquet files holding the "
+                          "image bytes; copy folders of image files to a local disk.")
     root = Path(source)
     if not root.exists():
         raise SourceError(f"source {str(source)!r} does not exist. Pass an image folder or a CSV/Parquet manifest.")
@@ -406,10 +409,11 @@ def _load_sharded(text: str, layout: Layout, classes: list[str] | None, class_ke
 def _holds_image_bytes(file: Path) -> bool:
     import pyarrow.parquet as pq
 
-    from vlaug.shards import parquet_bytes_column
+    from vlaug.shards import open_file, parquet_bytes_column
 
     try:
-        return parquet_bytes_column(pq.read_schema(file)) is not None
+        with open_file(str(file)) as f:
+            return parquet_bytes_column(pq.read_schema(f)) is not None
     except Exception:  # noqa: BLE001 - not a Parquet file: the manifest reader says so
         return False
 
@@ -450,7 +454,8 @@ def _sharded_source(text: str, layout: Layout, rows: list[dict], row_names: list
                            (("caption", r["caption"]),) if r.get("caption") is not None else (), r["member"])
                for r, name in zip(rows, row_names)]
     domains = sorted({r.domain for r in records} - {""})
-    return Source(os.path.abspath(text), layout.value, records, class_names, domains, n_ignored)
+    root = text if "://" in text else os.path.abspath(text)
+    return Source(root, layout.value, records, class_names, domains, n_ignored)
 
 
 def _load_webdataset(text: str, files: list[Path], classes: list[str] | None, class_key: str | None,
