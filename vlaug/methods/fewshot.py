@@ -161,15 +161,17 @@ class _CacheMethod(Method):
         o = self.options
         return (TIP_ALPHAS, TIP_BETAS) if o.alpha == -1.0 else ((o.alpha,), (o.beta,))
 
-    def _keys(self, data: RunData, rows: np.ndarray, seed: int, selection: dict | None) -> tuple[torch.Tensor, dict]:
-        """The cache's keys for training rows ``rows`` (and what their training recorded)."""
+    def _keys(self, data: RunData, rows: np.ndarray, seed: int, selection: dict | None,
+              val: np.ndarray | None = None) -> tuple[torch.Tensor, dict]:
+        """The cache's keys for training rows ``rows`` (and what their training recorded): a
+        fit's (``selection`` None, validation rows ``val``) or a refit's at ``selection``."""
         x, _ = _labelled(data, rows)
         return F.normalize(x, dim=-1), {}
 
     def fit(self, data, splits, seed):
         train, val = np.asarray(splits.train), np.asarray(splits.val)
         _check_keys(self.name, len(train))
-        keys, info = self._keys(data, train, seed, None)
+        keys, info = self._keys(data, train, seed, None, val)
         values = _one_hot(data.y[data.rows(train)], data.n_classes)
         alphas, betas = self._grid()
         if len(val):
@@ -325,7 +327,7 @@ class TipAdapterF(_CacheMethod):
                "chosen on validation")
     Options = TipFOptions
 
-    def _keys(self, data, rows, seed, selection):
+    def _keys(self, data, rows, seed, selection, val=None):
         o = self.options
         x, y = _labelled(data, rows)
         W, b = _zero_shot(data)
@@ -334,21 +336,13 @@ class TipAdapterF(_CacheMethod):
         def logits_of(p, xb):
             return torch.addmm(b, xb, W) + o.init_alpha * cache_logits(xb, p["keys"], values, o.init_beta)
 
-        val = getattr(self, "_val", None)
+        scored = selection is None and val is not None and len(val) > 0  # a fit: the epoch kept by validation
         state, info = train_epochs({"keys": F.normalize(x, dim=-1)}, logits_of, x, y, o, seed, data=data,
-                                   val=val if selection is None else None,
-                                   x_val=data.gather(val) if selection is None and val is not None and len(val) else None,
+                                   val=val if scored else None, x_val=data.gather(val) if scored else None,
                                    stop_at=None if selection is None else selection["selected_epoch"], eps=1e-4)
         info = {"optimizer": "AdamW", "lr": o.lr, "batch_size": o.batch_size, "init_alpha": o.init_alpha,
                 "init_beta": o.init_beta, **{k: info[k] for k in ("epochs", "steps", "selected_epoch")}}
         return state["keys"], info
-
-    def fit(self, data, splits, seed):
-        self._val = np.asarray(splits.val)  # the keys' epochs are scored on the validation rows
-        try:
-            return super().fit(data, splits, seed)
-        finally:
-            del self._val
 
 
 @register
@@ -459,6 +453,29 @@ class CrossModal(ProbeMethod):
         return Rows(blocks, data.embed_dim, c, len(rows) + c, data.device)
 
 
+class _NoSearch(Method):
+    """A method that fits the training rows alone, with no validation search (its paper's
+    claim): :meth:`_train` gives the classifier; the fit reports its validation scores."""
+
+    def prompt_sets(self):
+        return [CLASSES_PROMPT_SET]
+
+    def _train(self, data: RunData, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def fit(self, data, splits, seed):
+        train, val = np.asarray(splits.train), np.asarray(splits.val)
+        W, b, info = self._train(data, train)
+        (accuracy, log_loss), = self.deployed_scores(data, torch.cat([W, b[None]])[None], val) if len(val) else \
+            [(float("nan"), float("nan"))]
+        return Fit(W, b, {**info, "val_accuracy": accuracy, "val_log_loss": log_loss, "n_train_rows": len(train),
+                          "selected_on": "nothing: no validation search (the validation scores are reported)"})
+
+    def refit(self, data, rows, seed, selection):
+        W, b, info = self._train(data, np.asarray(rows))
+        return Fit(W, b, {**selection, **info, "n_train_rows": len(rows)})
+
+
 @dataclass(frozen=True)
 class LPPPOptions(Options):
     iterations: int = 300  # full-batch iterations (LP++'s epochs)
@@ -469,14 +486,11 @@ class LPPPOptions(Options):
 
 
 @register
-class LPPlusPlus(Method):
+class LPPlusPlus(_NoSearch):
     name = "lp++"
     summary = ("few-shot (LP++): f·W + b + α_c·f·t̂_c, W from the class means, α and the step sizes from the data; "
                "no validation search")
     Options = LPPPOptions
-
-    def prompt_sets(self):
-        return [CLASSES_PROMPT_SET]
 
     def _train(self, data: RunData, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, dict]:
         o, c = self.options, data.n_classes
@@ -512,17 +526,6 @@ class LPPlusPlus(Method):
                 "alpha_mean": float(alpha.detach().mean()), "train_loss": float(loss.detach())}
         return weights.contiguous(), b.detach().float(), info
 
-    def fit(self, data, splits, seed):
-        train, val = np.asarray(splits.train), np.asarray(splits.val)
-        W, b, info = self._train(data, train)
-        (accuracy, log_loss), = self.deployed_scores(data, torch.cat([W, b[None]])[None], val) if len(val) else \
-            [(float("nan"), float("nan"))]
-        return Fit(W, b, {**info, "val_accuracy": accuracy, "val_log_loss": log_loss, "n_train_rows": len(train),
-                          "selected_on": "nothing: LP++ has no validation search (the validation scores are reported)"})
-
-    def refit(self, data, rows, seed, selection):
-        W, b, info = self._train(data, np.asarray(rows))
-        return Fit(W, b, {**selection, **info, "n_train_rows": len(rows)})
 
 
 @dataclass(frozen=True)
@@ -537,14 +540,11 @@ class CLAPOptions(Options):
 
 
 @register
-class CLAP(Method):
+class CLAP(_NoSearch):
     name = "clap"
     summary = ("few-shot (CLAP): zero-shot-initialised linear probe, each class held near its prompt by the zero-shot "
                "accuracy on its rows; no validation search")
     Options = CLAPOptions
-
-    def prompt_sets(self):
-        return [CLASSES_PROMPT_SET]
 
     def _train(self, data: RunData, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, dict]:
         T = _text(data)
@@ -574,14 +574,3 @@ class CLAP(Method):
         return W, zero, {"constraint": self.options.constraint, "iterations": int(state.get("n_iter", 0)),
                          "lambda_mean": float(lam.mean()), "train_loss": float(closure().detach())}
 
-    def fit(self, data, splits, seed):
-        train, val = np.asarray(splits.train), np.asarray(splits.val)
-        W, b, info = self._train(data, train)
-        (accuracy, log_loss), = self.deployed_scores(data, torch.cat([W, b[None]])[None], val) if len(val) else \
-            [(float("nan"), float("nan"))]
-        return Fit(W, b, {**info, "val_accuracy": accuracy, "val_log_loss": log_loss, "n_train_rows": len(train),
-                          "selected_on": "nothing: CLAP has no validation search (the validation scores are reported)"})
-
-    def refit(self, data, rows, seed, selection):
-        W, b, info = self._train(data, np.asarray(rows))
-        return Fit(W, b, {**selection, **info, "n_train_rows": len(rows)})
