@@ -209,6 +209,12 @@ def test_torchrun_splits_shards_into_the_rows_of_one_process(tmp_path):
     ids, emb, labels = _rows(tmp_path / "dist")
     ref_ids, ref_emb, ref_labels = _rows(tmp_path / "single")
     assert ids == ref_ids and len(ids) == 21
+    # whole shards per rank: rank 0 embedded shards 0 and 2, rank 1 shard 1
+    by_rank = {}
+    for part in cache.read_manifest(tmp_path / "dist").parts:
+        ids_in = pq.read_table(tmp_path / "dist" / "images" / part, columns=["id"]).column("id").to_pylist()
+        by_rank.setdefault(part.split("-")[1], set()).update(i.split("/")[0] for i in ids_in)
+    assert by_rank == {"r0": {"00000.tar", "00002.tar"}, "r1": {"00001.tar"}}
     np.testing.assert_array_equal(labels, ref_labels)
     np.testing.assert_allclose(emb, ref_emb, rtol=0, atol=1e-6)
 

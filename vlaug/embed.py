@@ -452,7 +452,7 @@ def _embed_distributed(config, encoder, source, manifest, out, ctx: DistContext,
             manifest = cache.read_manifest(out)
             done = set(cache.read_ids(out, manifest))
             pending = [r for r in source.records if r.id not in done]
-            mine = pending[ctx.rank :: ctx.world_size]  # deterministic share of this rank
+            mine = _rank_share(pending, ctx.rank, ctx.world_size)  # deterministic share of this rank
             result = _embed_pending(config, encoder, source, manifest, pending=mine,
                                     n_skipped=len(source.records) - len(pending), n_removed=n_removed, log=log, ctx=ctx)
             counts = torch.tensor([result.n_embedded, result.n_failed], dtype=torch.float64, device=comm)
@@ -472,6 +472,17 @@ def _embed_distributed(config, encoder, source, manifest, out, ctx: DistContext,
     finally:
         if initialised_here and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _rank_share(pending: list[ImageRecord], rank: int, world_size: int) -> list[ImageRecord]:
+    """A rank's share of the pending inputs: image files interleaved; the images of a shard
+    (tar or Parquet file) kept together, whole shards dealt to the ranks in turn (as
+    clip-retrieval's partitions), so that each rank reads only its own shards."""
+    if not any(r.member for r in pending):
+        return pending[rank::world_size]
+    shards = dict.fromkeys(r.path for r in pending)  # in the source's order
+    mine = {path for i, path in enumerate(shards) if i % world_size == rank}
+    return [r for r in pending if r.path in mine]
 
 
 def _comm_device(backend: str) -> torch.device:
