@@ -55,12 +55,18 @@ def probe_command(cache: Path, out: Path, methods: list[str], seeds: int, lodo: 
     return cmd
 
 
-def timed(cmd: list[str], timeout: float | None = None) -> tuple[float, bool]:
-    """Wall seconds of one whole process, and whether it finished."""
+def timed(cmd: list[str], timeout: float | None = None, refused: list | None = None) -> tuple[float, bool]:
+    """Wall seconds of one whole process, and whether it finished. With ``refused`` (a list),
+    a process that exits with an error is not raised: its last line is appended there."""
     start = time.perf_counter()
     try:
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout, text=True)
     except subprocess.TimeoutExpired:
+        return time.perf_counter() - start, False
+    except subprocess.CalledProcessError as e:
+        if refused is None:
+            raise
+        refused.append((e.stderr or "").strip().splitlines()[-1:] or [f"exit {e.returncode}"])
         return time.perf_counter() - start, False
     return time.perf_counter() - start, True
 
@@ -121,9 +127,11 @@ def main(argv=None) -> dict:
                     if kind is None:
                         continue
                     spec = f"{name}:{heads[kind]}"
-                seconds, done = timed(probe_command(cache, tmp / name, [spec], args.seeds, True), args.method_timeout)
-                out["methods"][name] = {"seconds": seconds, "finished": done}
-                print(f"  {name}: {seconds:.1f} s" + ("" if done else f" (stopped at {args.method_timeout:.0f} s)"), flush=True)
+                refused = []
+                seconds, done = timed(probe_command(cache, tmp / name, [spec], args.seeds, True), args.method_timeout, refused)
+                out["methods"][name] = {"seconds": seconds, "finished": done, "refused": refused[0][0] if refused else None}
+                why = f" (refused: {refused[0][0]})" if refused else "" if done else f" (stopped at {args.method_timeout:.0f} s)"
+                print(f"  {name}: {seconds:.1f} s{why}", flush=True)
             finished = [v["seconds"] for v in out["methods"].values() if v["finished"]]
             out["methods_total_finished"] = sum(finished)
             print(f"  total of the methods that finished: {sum(finished):.0f} s")
