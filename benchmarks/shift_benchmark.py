@@ -306,13 +306,16 @@ def method_specs(heads: dict, joint_epochs: int | None,
     from urllib.parse import urlencode
 
     from vlaug.methods import REGISTRY
+    from vlaug.methods.joint import JointMethod
 
     specs, missing = [], []
     for name, cls in REGISTRY.items():
-        if name in SKIPPED["names"]:
+        if name in SKIPPED["names"] or cls.path_argument:  # cdga needs a generated set of its own
             continue
         options = {}
-        fields_ = {f.name for f in dataclasses.fields(cls.Options)} if dataclasses.is_dataclass(cls.Options) else set()
+        # the joint methods' options go to the joint methods alone (the few-shot adapters have epochs and max_steps too)
+        joint = issubclass(cls, JointMethod)
+        fields_ = {f.name for f in dataclasses.fields(cls.Options)} if joint else set()
         if "epochs" in fields_ and joint_epochs:
             options["epochs"] = joint_epochs
         if "max_steps" in fields_:  # a joint method (the loop counts AdamW steps)

@@ -168,3 +168,10 @@ def test_tuning_rule(tune):
     assert tune.choose({"0.5": 70.0, "1": float("nan")}, tune.Rule(prefer=None))[0] == "0.5"
     with pytest.raises(ValueError, match="tie"):
         tune.Rule(tie=-1)
+
+
+def test_joint_options_go_to_the_joint_methods_alone(sb):
+    specs = dict(sb.method_specs({}, 3, (("max_steps", 60), ("lr", "1e-2")))[0])
+    assert specs["linear-adamw"] == "linear-adamw?max_steps=60&lr=1e-2"
+    assert specs["clip-adapter"] == "clip-adapter" and specs["tip-adapter-f"] == "tip-adapter-f"  # their own schedules
+    assert "cdga" not in specs  # it needs a generated set of its own
