@@ -95,8 +95,7 @@ class LinearProbe(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
         if c.adapter_hidden:
-            f = F.normalize(x.float(), dim=-1)
-            logits = self.linear(F.normalize(c.adapter_ratio * self.adapter(f) + (1 - c.adapter_ratio) * f, dim=-1))
+            logits = self.linear(adapted_features(x, self.adapter[0].weight, self.adapter[2].weight, c.adapter_ratio))
         else:
             logits = self.linear(x)
         if c.n_keys:
@@ -121,6 +120,14 @@ class LinearProbe(nn.Module):
         p = (self(x) * self.config.logit_scale).softmax(-1)
         zs = zero_shot_logits(x, self.text, self.config.temperature).softmax(-1)
         return (1 - lam) * p + lam * zs
+
+
+def adapted_features(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, ratio: float) -> torch.Tensor:
+    """CLIP-Adapter's features: normalize(r·A(x̂) + (1 − r)·x̂), A = ReLU(ReLU(x̂ downᵀ) upᵀ) with
+    bias-free ``down`` (h, d) and ``up`` (d, h): the one definition its training
+    (vlaug.methods.fewshot) and the saved probe both use."""
+    f = F.normalize(x.float(), dim=-1)
+    return F.normalize(ratio * torch.relu(torch.relu(f @ down.T) @ up.T) + (1 - ratio) * f, dim=-1)
 
 
 def cache_logits(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beta: float) -> torch.Tensor:

@@ -53,7 +53,7 @@ from vlaug.errors import UsageError
 from vlaug.methods.base import Fit, Method, Options, RunData, check_positive
 from vlaug.methods.linear import ProbeMethod
 from vlaug.methods.registry import register
-from vlaug.probe import Rows, cache_logits, is_better
+from vlaug.probe import Rows, adapted_features, cache_logits, is_better
 from vlaug.zero_shot import TEMPERATURE, zero_shot_weights
 
 # Tip-Adapter keeps every training row as a key, and every prediction is scored against all of them:
@@ -371,9 +371,7 @@ class ClipAdapter(_TrainedMethod):
         r, (W, b) = self.options.ratio, _zero_shot(data)
 
         def logits_of(p, xb):
-            f = F.normalize(xb, dim=-1)
-            adapted = torch.relu(torch.relu(f @ p["down"].T) @ p["up"].T)
-            return torch.addmm(b, F.normalize(r * adapted + (1 - r) * f, dim=-1), W)
+            return torch.addmm(b, adapted_features(xb, p["down"], p["up"], r), W)
 
         return logits_of
 
