@@ -12,8 +12,8 @@ against `--protocol single` on a cache of PACS's size, and every method's time u
    the medians and the ratio (issue 28's target: at most 3).
 3. With ``--methods-too``: the head sets of ``box`` and ``dr-sa`` (``vlaug train-box
    --protocol leave-one-domain-out --selection all``), then every registered method (with
-   one of those heads where it needs one; ``lads``, whose head needs a source domain, is
-   left out) alone under ``--protocol leave-one-domain-out --selection all``, one process
+   one of those heads where it needs one; a ``lads`` set, whose heads target their held-out
+   domains, with ``--head-sets box,dr-sa,lads``) alone under ``--protocol leave-one-domain-out --selection all``, one process
    each, its wall time;
    a method still running after ``--method-timeout`` seconds is stopped and reported as
    such (the joint methods on 2 CPU cores: see docs/benchmarks.md). ``--methods`` times only
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 
-HEAD_SETS = ("box", "dr-sa")  # trained as sets for the methods that need a head (lads needs a source domain)
+HEAD_SETS = ("box", "dr-sa")  # trained as sets for the methods that need a head (add lads to time lads too)
 
 
 def write_cache(path: Path, rows: int, dim: int, classes: int) -> Path:

@@ -325,3 +325,93 @@ def test_heads_that_do_not_fit_the_protocol_are_refused(head_set, four_domains, 
                             progress=False, **kw)
     with pytest.raises(UsageError, match=match):
         run_probe(config)
+
+
+@pytest.fixture(scope="module")
+def four_domains_with_prompts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("domainbed-prompts")
+    return write_synthetic_cache(root / "feat", n_per_class=20, d=16, n_classes=3, domains=DOMAINS, prompt_sets=DOMAINS)
+
+
+def test_prompt_shift_shifts_each_fit_towards_the_domains_it_leaves_out(four_domains_with_prompts, tmp_path):
+    """Under leave-one-domain-out the training domains differ between fits: prompt-shift's
+    targets are, per fit, the prompt sets of the domains its training rows are not from (the
+    test domain, and a fold's validation domain), its source the class prompts."""
+    from vlaug.evaluate import prepare
+
+    config = ProbeRunConfig(features=str(four_domains_with_prompts), out=str(tmp_path / "r"),
+                            methods=("prompt-shift", "adaptive"), seeds=1, grid_size=3, max_iter=40, device="cpu",
+                            progress=False, protocol="leave-one-domain-out", selection="all")
+    plan = prepare(config)
+    shift = plan.methods[0]
+    assert shift.name == "prompt-shift" and sorted(shift.prompt_sets()) == sorted(["classes", *DOMAINS])
+    assert shift.extra_rows() == 2  # a fold leaves out two domains
+    x = plan.data.x[:6].float()
+    y = plan.data.y[:6]
+    for t in plan.tasks:
+        held = {t.test_domain, t.fold} - {""}
+        source, targets = shift.pick(np.unique(plan.data.feats.domains[t.splits.train]).tolist())
+        assert (source, sorted(targets)) == ("classes", sorted(held))
+        rows, soft = shift.augmenter(plan.data, t.splits.train)(plan.data, x, y, None, torch.Generator().manual_seed(0))
+        assert rows.shape == (6 * len(held), 16) and torch.equal(soft.argmax(1), y.repeat(len(held)))
+    report = run_probe(config).report
+    assert {r["method"] for r in report["results"]} == {"prompt-shift", "adaptive"}
+    assert len(report["results"]) == 2 * 4 * 3
+
+
+def test_prompt_shift_names_the_held_out_domains_without_a_prompt_set(four_domains, tmp_path):
+    from vlaug.evaluate import prepare
+
+    config = ProbeRunConfig(features=str(four_domains), out=str(tmp_path / "r"), methods=("prompt-shift",), seeds=1,
+                            device="cpu", progress=False, protocol="leave-one-domain-out", selection="training-domain")
+    with pytest.raises(UsageError, match="no target-domain prompt set"):
+        prepare(config)
+    config = ProbeRunConfig(features=str(four_domains), out=str(tmp_path / "r2"), methods=("adaptive",), seeds=1,
+                            device="cpu", progress=False, protocol="leave-one-domain-out", selection="training-domain")
+    assert any("runs without prompt shifts" in w for w in prepare(config).warnings)
+
+
+def test_prompt_shift_under_the_protocol_needs_a_prompt_set_per_held_out_domain(tmp_path):
+    from vlaug.evaluate import prepare
+
+    feats = write_synthetic_cache(tmp_path / "feat", n_per_class=10, d=8, n_classes=3, domains=DOMAINS,
+                                  prompt_sets=("sketch",))
+    config = ProbeRunConfig(features=str(feats), out=str(tmp_path / "r"), methods=("prompt-shift",), seeds=1,
+                            device="cpu", progress=False, protocol="leave-one-domain-out", selection="training-domain")
+    with pytest.raises(UsageError, match="held-out domain.s. clipart, painting, photo .*--prompt-set"):
+        prepare(config)
+
+
+def test_a_lads_head_set_targets_each_heads_held_out_domains_and_probes_under_the_protocol(four_domains_with_prompts,
+                                                                                         tmp_path):
+    from vlaug.checkpoint import read_head_config
+    from vlaug.train import HEAD_SET_NAME
+
+    out = tmp_path / "lads"
+    result = runner.invoke(app, ["train-box", str(four_domains_with_prompts), "--out", str(out), "--head", "lads",
+                                 "--protocol", "leave-one-domain-out", "--seeds", "1", "--selection", "all",
+                                 "--epochs", "2", "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / HEAD_SET_NAME).read_text())
+    assert len(index["heads"]) == 4 + 6
+    for h in index["heads"]:
+        config = read_head_config(out / h["path"])["head"]
+        assert (config["source"], sorted(config["targets"])) == ("classes", sorted(h["held_out"]))
+    report_dir = tmp_path / "r"
+    result = runner.invoke(app, ["probe", str(four_domains_with_prompts), "--out", str(report_dir), "-m", f"lads:{out}",
+                                 "--protocol", "leave-one-domain-out", "--selection", "all", "--seeds", "1",
+                                 "--grid-size", "3", "--max-iter", "40", "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((report_dir / "report.json").read_text())
+    assert len(report["results"]) == 4 * 3
+
+
+def test_a_lads_head_set_refuses_fixed_targets_and_missing_prompt_sets(four_domains, four_domains_with_prompts, tmp_path):
+    base = ["--head", "lads", "--protocol", "leave-one-domain-out", "--seeds", "1", "--epochs", "1", "--device", "cpu",
+            "--no-progress"]
+    result = runner.invoke(app, ["train-box", str(four_domains_with_prompts), "--out", str(tmp_path / "a"), *base,
+                                 "--target-prompts", "sketch"])
+    assert result.exit_code == 2 and "drop --target-prompts" in result.output
+    result = runner.invoke(app, ["train-box", str(four_domains), "--out", str(tmp_path / "b"), *base])
+    assert result.exit_code == 2 and "no prompt set 'clipart'" in result.output and "vlaug prompts" in result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -90,6 +90,13 @@ def plan_tasks(labels: np.ndarray, domains: np.ndarray, splits: np.ndarray, doma
     return tasks
 
 
+def training_domain_sets(tasks: list[Task], domain_names: list[str]) -> list[list[str]]:
+    """The distinct sets of training domains of the run's fits (each task's domains but its
+    test domain and fold), in task order."""
+    sets = [[d for d in domain_names if d not in (t.test_domain, t.fold)] for t in tasks]
+    return [list(s) for s in dict.fromkeys(tuple(s) for s in sets)]
+
+
 def candidate_key(entry: dict) -> tuple:
     """A search entry's candidate: its values of CANDIDATE_KEYS."""
     return tuple((k, entry[k]) for k in CANDIDATE_KEYS if k in entry)

@@ -255,7 +255,6 @@ def prepare(config: ProbeRunConfig) -> _Plan:
         raise UsageError(f"cache {config.features!r} has no class prompts (texts.parquet); re-run vlaug embed.")
     domain_names, domain_index = np.unique(feats.domains, return_inverse=True)  # sorted names, index per row
     train_domains = check_domains(config.train_domains, [d for d in domain_names.tolist() if d])
-    _bind(methods, feats, train_domains, from_all, warnings)
     tasks = None
     if lodo:
         if (feats.domains == "").any():
@@ -265,6 +264,8 @@ def prepare(config: ProbeRunConfig) -> _Plan:
         test_domains = check_domains(config.test_domains, train_domains, "--test-domain")
         tasks = domainbed.plan_tasks(feats.labels, feats.domains, feats.splits, train_domains, test_domains, config.seeds,
                                      selections, config.holdout_fraction)
+    _bind(methods, feats, train_domains, from_all, warnings,
+          domain_sets=None if tasks is None else domainbed.training_domain_sets(tasks, train_domains))
     head_users = _resolve_head_sets(methods, tasks, feats, config)
     made_from = cache_io.read_text_templates(config.features, feats.manifest)
     heads = _load_heads(head_users, feats.manifest, config.features, warnings, made_from)
@@ -361,13 +362,19 @@ def _checked_cache(config: ProbeRunConfig, skipped: list[str]) -> tuple[cache_io
 
 
 def _bind(methods: list[Method], feats: cache_io.FeatureCache, train_domains: list[str], from_all: set[str],
-          warnings: list[str], splits: list[Splits] | None = None) -> None:
-    """Each method against the cache (its prompt sets), or with ``splits`` against the
-    protocol's splits, before any work; under ``--method all`` what this cache cannot run is
-    left out, with its reason."""
+          warnings: list[str], splits: list[Splits] | None = None, domain_sets: list[list[str]] | None = None) -> None:
+    """Each method against the cache (its prompt sets; under leave-one-domain-out against each
+    fit's training domains, ``domain_sets``), or with ``splits`` against the protocol's
+    splits, before any work; under ``--method all`` what this cache cannot run is left out,
+    with its reason."""
     for m in list(methods):
         try:
-            note = m.bind(feats, train_domains) if splits is None else m.check_splits(splits)
+            if splits is not None:
+                note = m.check_splits(splits)
+            elif domain_sets is not None:
+                note = m.bind_tasks(feats, domain_sets)
+            else:
+                note = m.bind(feats, train_domains)
         except UsageError as e:
             if m.text not in from_all:
                 raise
@@ -459,7 +466,7 @@ def _augmented_sample(method: Method, data: RunData, x: torch.Tensor, rows: np.n
     """(x + the method's extras, their hard labels) for the sampled rows ``rows`` whose
     embeddings ``x`` are already in memory (one block, drawn like block 0 of a fit)."""
     r = data.rows(rows)
-    extra = method.augment(data, x, data.y[r], data.dom[r], block_generator(seed, 0))
+    extra = method.augmenter(data, rows)(data, x, data.y[r], data.dom[r], block_generator(seed, 0))
     if extra is None:
         return x, data.y[r]
     return torch.cat([x, extra[0]]), torch.cat([data.y[r], extra[1].argmax(1)])

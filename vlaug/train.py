@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -110,9 +110,16 @@ class TrainConfig:
 HEAD_FLAGS = {"mode": "--dr-mode", "heads": "--attention-heads", "source": "--source-prompts", "targets": "--target-prompts"}
 
 
-def head_config(kind: str, options: dict) -> HeadConfig:
+# a lads head of a set (--protocol leave-one-domain-out) targets its held-out domains' prompt sets:
+# the config holds this name until train_head_set gives each head its own
+HELD_OUT_TARGETS = "<held-out domains>"
+
+
+def head_config(kind: str, options: dict, protocol: str = "single") -> HeadConfig:
     """The config of a ``kind`` head from user options (config fields); a refused option is
-    a UsageError naming its vlaug train-box flag."""
+    a UsageError naming its vlaug train-box flag. Under ``protocol`` leave-one-domain-out a
+    lads head's targets are each head's held-out domains and its source defaults to the
+    class prompts (the training domains are several)."""
     flag = lambda name: HEAD_FLAGS.get(name, "--" + name.replace("_", "-"))  # noqa: E731
     if kind not in HEADS:
         raise UsageError(f"--head {kind!r}, must be one of {list(HEADS)}.")
@@ -120,6 +127,11 @@ def head_config(kind: str, options: dict) -> HeadConfig:
     for name in options:
         if kind not in takes(name):
             raise UsageError(f"{flag(name)} applies to {' and '.join(takes(name))} heads, not {kind}.")
+    if kind == "lads" and protocol != "single":
+        if options.get("targets"):
+            raise UsageError(f"--head lads --protocol {protocol}: each head of the set targets the domains it holds out "
+                             f"(their prompt sets); drop {flag('targets')}.")
+        options = {"source": CLASSES_PROMPT_SET, **options, "targets": (HELD_OUT_TARGETS,)}
     if kind == "lads" and not (options.get("source") and options.get("targets")):
         raise UsageError(f"--head lads needs {flag('source')} NAME and {flag('targets')} NAME[,NAME] (prompt sets of the cache).")
     try:
@@ -384,6 +396,14 @@ def train_head_set(config: TrainConfig, log: Callable[[str], None]) -> TrainResu
         raise UsageError(f"--protocol leave-one-domain-out needs a domain for every row and at least {2 + pairs} domains; "
                          f"cache {config.features!r} has {names or ['(none)']}.")
     held_sets = [(d,) for d in names] + (list(combinations(names, 2)) if pairs else [])
+    per_head = isinstance(config.head, LADSConfig) and config.head.targets == (HELD_OUT_TARGETS,)
+    if isinstance(config.head, LADSConfig):
+        needed = [config.head.source, *(names if per_head else config.head.targets)]
+        missing = [n for n in dict.fromkeys(needed) if n not in feats.texts]
+        if missing:
+            raise UsageError(f"--head lads: cache {config.features!r} has no prompt set {', '.join(map(repr, missing))} (a "
+                             f"set's heads target the domains they hold out); add them with vlaug prompts FEATURES "
+                             f"--prompt-set {missing[0]}='a {missing[0]} of a {{}}.'")
     heads, result = [], None
     with cache_io.atomic_directory(Path(config.out)) as tmp:
         for seed in range(config.seeds):
@@ -395,7 +415,8 @@ def train_head_set(config: TrainConfig, log: Callable[[str], None]) -> TrainResu
                 log(f"head {len(heads) + 1}/{config.seeds * len(held_sets)}: split seed {seed}, without {', '.join(held)}")
                 record = {"protocol": config.protocol, "split_seed": seed, "held_out": list(held),
                           "holdout_fraction": config.holdout_fraction}
-                result = _train_on(config, tmp / folder, manifest, plan, feats, domains, rows,
+                own = replace(config, head=replace(config.head, targets=held)) if per_head else config
+                result = _train_on(own, tmp / folder, manifest, plan, feats, domains, rows,
                                    classes_without_rows(feats.labels[rows], feats.classes), record)
                 heads.append({"seed": seed, "held_out": list(held), "path": folder})
         index = {"kind": config.kind, "protocol": config.protocol, "seeds": config.seeds, "selection": config.selection,

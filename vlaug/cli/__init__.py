@@ -228,8 +228,8 @@ def train_box(
     dim_ff: Annotated[Optional[int], typer.Option(help="dr: feed-forward width; default: the paper's (sa d/4, pool d/8).")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="dr: dropout of the degradation/restoration layers (default 0.5).")] = None,
     noise_std: Annotated[Optional[float], typer.Option(help="dr with --degrade gaussian: noise σ (default 0.1).")] = None,
-    source_prompts: Annotated[Optional[str], typer.Option(help="lads: prompt set of the training domain (e.g. photo).")] = None,
-    target_prompts: Annotated[Optional[str], typer.Option(help="lads: comma-separated prompt sets of unseen domains.")] = None,
+    source_prompts: Annotated[Optional[str], typer.Option(help="lads: prompt set of the training domain (e.g. photo; leave-one-domain-out: default classes).")] = None,
+    target_prompts: Annotated[Optional[str], typer.Option(help="lads: comma-separated prompt sets of unseen domains (leave-one-domain-out: each head's held-out domains, not given).")] = None,
     memory_budget: Annotated[str, typer.Option(help="Stream the cache from disk when its embeddings need more memory than this (auto: a quarter of the RAM; or e.g. 1.5G).")] = "auto",
     allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="Train on a cache whose embed run was interrupted (refused otherwise).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing head folder.")] = False,
@@ -244,7 +244,7 @@ def train_box(
                  source=source_prompts, targets=targets)
     options = {k: _value(v) for k, v in given.items() if v is not None}
     config = TrainConfig(
-        features=str(features), out=str(out), head=head_config(_value(head), options),
+        features=str(features), out=str(out), head=head_config(_value(head), options, _value(protocol)),
         train_domains=tuple(train_domain or ()), test_fraction=test_fraction, val_fraction=val_fraction, probe_val_fraction=probe_val_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, seed=seed, device=device, memory_budget=memory_budget, overwrite=overwrite,
         allow_incomplete=allow_incomplete, progress=progress, protocol=_value(protocol), seeds=seeds,

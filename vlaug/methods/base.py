@@ -339,6 +339,13 @@ class Method:
         Returns a warning for the report (what this cache makes of the method), or None."""
         return None
 
+    def bind_tasks(self, feats: FeatureCache, domain_sets: list[list[str]]) -> str | None:
+        """:meth:`bind` under ``--protocol leave-one-domain-out``, where the training domains
+        differ between fits: ``domain_sets`` holds each fit's (its test domain, and a fold's
+        validation domain, left out). By default the method is bound to every domain, for a
+        method whose checks do not depend on which domains train."""
+        return self.bind(feats, sorted({d for s in domain_sets for d in s}))
+
     def check_splits(self, splits: list["Splits"]) -> None:
         """Refuse (UsageError, with the fix) splits this method cannot train on, before any
         training (e.g. a cache model of more keys than it holds); under ``--method all`` the
@@ -364,6 +371,12 @@ class Method:
         """The extra training rows ``(x, soft targets)`` the method adds to rows ``x`` with
         labels ``y`` and domain indices ``dom``; None when it adds none."""
         return None
+
+    def augmenter(self, data: RunData, rows: np.ndarray):
+        """The :meth:`augment` of a fit on the training rows ``rows`` (same signature): a
+        method whose extras depend on the fit's training domains (prompt-shift's target
+        prompt sets) binds them here."""
+        return self.augment
 
     def fit(self, data: RunData, splits: "Splits", seed: int) -> Fit:
         """Train on ``splits.train``, selecting hyperparameters on ``splits.val``."""

@@ -319,14 +319,15 @@ class ProbeMethod(Method):
         generator (seeded by (seed, k)), so every pass over a streamed cache sees the same rows.
         A method that pairs rows across the training set (``streams`` False: mixup,
         xdomain-mix) gets every row as one block, so that any two rows can pair."""
+        augment = self.augmenter(data, rows)
         if not self.streams and data.x is not None and self.extra_rows():
             r = data.rows(rows)
             x = data.x[r].float()
-            yield x, data.y[r], self.augment(data, x, data.y[r], data.dom[r], block_generator(seed, 0))
+            yield x, data.y[r], augment(data, x, data.y[r], data.dom[r], block_generator(seed, 0))
             return
         for k, (pos, x) in enumerate(data.stream(rows)):
             r = data.rows(rows[pos])
-            yield x, data.y[r], self.augment(data, x, data.y[r], data.dom[r], block_generator(seed, k))
+            yield x, data.y[r], augment(data, x, data.y[r], data.dom[r], block_generator(seed, k))
 
     def training_rows(self, data: RunData, rows: np.ndarray, seed: int) -> Rows:
         """The probe's training set: ``rows`` plus the method's extras, weighted. In memory

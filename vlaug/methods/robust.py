@@ -111,8 +111,8 @@ class PromptShift(ProbeMethod):
         'originals + normalise(x + u·(t̂_k[y] − t̂_src[y])) for each target prompt set k, u ~ U(0, 2s): '
         "rows moved along the text direction from the training domain's prompts to each target domain's "
         "(LADS's signal, no head to train)"
-        "; `source` '': the set named as the one training domain (else `classes`), `targets` '': every other set"
-        " but `classes`"
+        "; `source` '': the set named as the one training domain (else `classes`), `targets` '': the sets of the"
+        " domains the fit does not train on (under leave-one-domain-out: each fit's test domain, and a fold's)"
     )
     Options = PromptShiftOptions
     required = True  # without target prompt sets the method has nothing to add (adaptive goes on without)
@@ -120,54 +120,85 @@ class PromptShift(ProbeMethod):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.source, self.targets = None, None  # set by bind(), from the cache's prompt sets
+        self._sets: list[str] = []  # the cache's prompt sets but "classes"
+        self._used: list[str] = []  # every source and target set some fit of the run shifts with
+        self._most = 0  # the most target sets of one fit
 
-    def bind(self, feats, train_domains):
-        texts, o = feats.texts, self.options
-        sets = [name for name in texts if name != CLASSES_PROMPT_SET]
+    def pick(self, domains) -> tuple[str, list[str]]:
+        """(source, targets) of a fit whose training rows are of ``domains``: the options'
+        sets when given; else the source is the set named as the one training domain (else
+        "classes") and the targets every other set of the cache that no training row is of.
+        Under --protocol leave-one-domain-out that is, per fit, the test domain (and a
+        fold's validation domain): the domains that fit must hold up on."""
+        o, domains = self.options, set(domains) - {""}
         if o.source:
             source = o.source
-        elif len(train_domains) == 1 and train_domains[0] in texts:
-            source = train_domains[0]
+        elif len(domains) == 1 and next(iter(domains)) in self._sets:
+            source = next(iter(domains))
         else:
             source = CLASSES_PROMPT_SET
         if o.targets:
             targets = [t.strip() for t in o.targets.split(",") if t.strip()]
         else:
-            targets = [name for name in sets if name != source and name not in train_domains]
-        unknown = [name for name in [source, *targets] if name not in texts]
+            targets = [name for name in self._sets if name not in domains]
+        return source, [t for t in targets if t != source]
+
+    def bind(self, feats, train_domains):
+        return self.bind_tasks(feats, [list(train_domains)], single=True)
+
+    def bind_tasks(self, feats, domain_sets, single=False):
+        texts = feats.texts
+        self._sets = [name for name in texts if name != CLASSES_PROMPT_SET]
+        picks = [self.pick(domains) for domains in domain_sets]
+        unknown = list(dict.fromkeys(n for source, targets in picks for n in [source, *targets] if n not in texts))
         if unknown:
             raise UsageError(f"--method {self.text!r}: the cache has no prompt set {', '.join(map(repr, unknown))}; it has "
                              f"{', '.join(texts) or 'none'}. Add one with vlaug prompts FEATURES --prompt-set NAME='a sketch of a {{}}.'")
-        self.source, self.targets = source, [t for t in targets if t != source]
-        if not self.targets:
-            message = (f"{self.name}: the cache has no target-domain prompt set (it has {', '.join(texts) or 'none'}); add "
-                       "one per target domain with vlaug prompts FEATURES --prompt-set sketch='a sketch of a {}.'")
-            if self.required:
-                raise UsageError(f"--method {self.text!r}: " + message.split(": ", 1)[1])
-            return message + f"; {self.name} runs without prompt shifts"
-        return None
+        self.source, self.targets = picks[0]
+        self._used = list(dict.fromkeys(n for source, targets in picks if targets for n in [source, *targets]))
+        self._most = max(len(targets) for _, targets in picks)
+        bare = [domains for domains, (_, targets) in zip(domain_sets, picks) if not targets]
+        if not bare:
+            return None
+        add = "add one per target domain with vlaug prompts FEATURES --prompt-set sketch='a sketch of a {}.'"
+        if single or len(bare) == len(domain_sets):
+            message = f"{self.name}: the cache has no target-domain prompt set (it has {', '.join(texts) or 'none'}); {add}"
+        else:  # under leave-one-domain-out, some fits have no prompt set of a domain they leave out
+            left = sorted({d for domains in bare for d in set(np.unique(feats.domains).tolist()) - set(domains) - {""}})
+            message = (f"{self.name}: the cache has no prompt set of the held-out domain(s) {', '.join(left)} (it has "
+                       f"{', '.join(texts) or 'none'}); {add}")
+        if self.required:
+            raise UsageError(f"--method {self.text!r}: " + message.split(": ", 1)[1])
+        return message + f"; {self.name} runs without prompt shifts{'' if single or len(bare) == len(domain_sets) else ' there'}"
 
     def prompt_sets(self):
-        return list(dict.fromkeys([*super().prompt_sets(), *([self.source, *self.targets] if self.targets else [])]))
+        return list(dict.fromkeys([*super().prompt_sets(), *self._used]))
 
     def extra_rows(self):
-        return self.options.n_aug * len(self._bound())
+        self._bound()
+        return self.options.n_aug * self._most
 
     def _bound(self) -> list[str]:
         if self.targets is None:
             raise RuntimeError(f"{self.name}: call bind(feats, train_domains) first: it picks the prompt sets from the cache.")
         return self.targets
 
-    def _deltas(self, data) -> torch.Tensor:
-        """(K, C, d): t̂_k − t̂_source for each target set k (unit-norm prompt embeddings)."""
-        unit = lambda name: F.normalize(torch.as_tensor(data.feats.texts[name], device=data.device).float(), dim=-1)  # noqa: E731
-        return torch.stack([unit(k) - unit(self.source) for k in self.targets])
+    def augmenter(self, data, rows):
+        """The shifts of a fit on ``rows``: towards the target sets its training domains call for."""
+        self._bound()
+        source, targets = self.pick(np.unique(data.feats.domains[np.asarray(rows, dtype=np.int64)]).tolist())
+        return lambda data, x, y, dom, generator: self._shift(data, x, y, source, targets, generator)
 
     def augment(self, data, x, y, dom, generator):
-        if not self._bound():
+        return self._shift(data, x, y, self.source, self._bound(), generator)
+
+    def _shift(self, data, x, y, source: str, targets: list[str], generator):
+        """normalise(x + u·(t̂_k[y] − t̂_source[y])) for each target set k, u ~ U(0, 2·scale)."""
+        if not targets:
             return None
         o = self.options
-        deltas = self._deltas(data)[:, y]  # (K, n, d)
+        unit = lambda name: F.normalize(torch.as_tensor(data.feats.texts[name], device=data.device).float(), dim=-1)  # noqa: E731
+        deltas = torch.stack([unit(k) - unit(source) for k in targets])[:, y]  # (K, n, d)
         u = torch.rand((o.n_aug, len(deltas), len(x), 1), generator=generator).to(x) * 2 * o.scale
         rows = F.normalize(x[None, None] + u * deltas[None], dim=-1)
         return rows.reshape(-1, x.shape[1]), F.one_hot(y, data.n_classes).float().repeat(o.n_aug * len(deltas), 1)
@@ -211,11 +242,14 @@ class Adaptive(PromptShift):
     Options = AdaptiveOptions
     required = False
 
-    def bind(self, feats, train_domains):
+    def bind_tasks(self, feats, domain_sets, single=False):
         if not self.options.prompt_shift:
-            self.source, self.targets = CLASSES_PROMPT_SET, []
+            self.source, self.targets, self._used, self._most = CLASSES_PROMPT_SET, [], [], 0
             return None
-        return super().bind(feats, train_domains)
+        return super().bind_tasks(feats, domain_sets, single)
+
+    def pick(self, domains):
+        return super().pick(domains) if self.options.prompt_shift else (CLASSES_PROMPT_SET, [])
 
     def prompt_sets(self):
         return list(dict.fromkeys([CLASSES_PROMPT_SET, *super().prompt_sets()]))
