@@ -195,6 +195,7 @@ def test_the_report_keeps_the_oracle_apart_and_writes_every_prediction(run, tmp_
                                                            table["model_selection"][i]) ==
               (r["method"], r["seed"], r["test_domain"], r["model_selection"])]
         assert {table["domain"][i] for i in at} == {r["test_domain"]}
+        assert [table["id"][i] for i in at] == [f"img{table['row'][i]}" for i in at]  # the cache's ids, decoded
         hits = np.mean([table["prediction"][i] == table["label"][i] for i in at])
         assert hits == pytest.approx(r["out_of_domain"], abs=1e-6)
 
@@ -415,3 +416,13 @@ def test_a_lads_head_set_refuses_fixed_targets_and_missing_prompt_sets(four_doma
     result = runner.invoke(app, ["train-box", str(four_domains), "--out", str(tmp_path / "b"), *base])
     assert result.exit_code == 2 and "no prompt set 'clipart'" in result.output and "vlaug prompts" in result.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_coded_columns_concatenate_over_the_union_of_their_values():
+    from vlaug.runs import Coded
+
+    a = Coded.of([("linear", 2), ("box", 1)])
+    b = Coded.of([("gda", 1), ("linear", 2)])
+    both = Coded.concat([a, b, Coded.of([])])
+    assert both.decoded().tolist() == ["linear", "linear", "box", "gda", "linear", "linear"]
+    assert both.codes.dtype == np.int32 and len(both.values) == 3

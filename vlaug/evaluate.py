@@ -30,7 +30,7 @@ from vlaug.methods.registry import expand_method
 from vlaug.methods.batching import ProbeSolver
 from vlaug.methods.linear import ProbeMethod, block_generator
 from vlaug.probe import LinearProbe
-from vlaug.runs import Plots, ProbeRun, ProbeRunConfig
+from vlaug.runs import Coded, Plots, ProbeRun, ProbeRunConfig
 from vlaug.protocols import FEW_SHOT_VAL, Splits, check_domains, id_fractions, make_splits, parse_imbalance, training_rows
 from vlaug.train import check_labeled, classes_without_rows
 from vlaug.zero_shot import TEMPERATURE
@@ -593,7 +593,7 @@ def _fit_every_seed(plan: _Plan, progress: bool):
             row, pred = _scored(deploy(method, data, fit, splits.val), data, splits)
             results.append({"method": method.text, "seed": seed, **row, "selection": fit.selection,
                             **({"shots": plan.shots} if plan.shots is not None else {})})
-            predictions.append((method.text, seed, np.asarray(splits.test), pred.cpu().numpy()))
+            predictions.append((method.text, seed, np.asarray(splits.test), pred.cpu().numpy().astype(np.int32)))
             if seed == 0:
                 first_fits[method.text] = fit
     return results, first_fits, predictions
@@ -609,9 +609,10 @@ def deploy(method: Method, data: RunData, fit, val: np.ndarray) -> LinearProbe:
     return data.make_probe(fit.W, fit.b, method.ensemble, fit.selection.get("calibration"), fit.gate, fit.parts)
 
 
-def _prediction_table(predictions: list[tuple], data: RunData, features: str) -> dict[str, np.ndarray]:
+def _prediction_table(predictions: list[tuple], data: RunData, features: str) -> dict:
     """Every test row's prediction, per method and seed (``test_predictions.parquet``): what a
-    paired comparison of two methods resamples (same rows, same seeds)."""
+    paired comparison of two methods resamples (same rows, same seeds). The string columns
+    are :class:`~vlaug.runs.Coded` (codes into their distinct values)."""
     rows = np.concatenate([p[2] for p in predictions]) if predictions else np.zeros(0, np.int64)
     wanted, back = np.unique(rows, return_inverse=True)
     ids, offset = np.empty(len(wanted), dtype=object), 0
@@ -619,15 +620,17 @@ def _prediction_table(predictions: list[tuple], data: RunData, features: str) ->
         lo, hi = np.searchsorted(wanted, [offset, offset + len(chunk)])
         ids[lo:hi] = [chunk[i - offset] for i in wanted[lo:hi]]
         offset += len(chunk)
-    def column(k: int, dtype) -> np.ndarray:  # field k of every prediction, one value per row
-        return np.concatenate([np.full(len(p[2]), p[k], dtype=dtype) for p in predictions] or [np.zeros(0, dtype)])
-
-    table = {"method": column(0, object), "seed": column(1, np.int32),
-             "row": rows.astype(np.int64), "id": ids[back], "domain": data.feats.domains[rows],
+    back = back.astype(np.int32)
+    domains, domain_of = np.unique(data.feats.domains[wanted], return_inverse=True)
+    table = {"method": Coded.of([(p[0], len(p[2])) for p in predictions]),
+             "seed": np.concatenate([np.full(len(p[2]), p[1], np.int32) for p in predictions] or [np.zeros(0, np.int32)]),
+             "row": rows.astype(np.int64), "id": Coded(back, ids),
+             "domain": Coded(domain_of.astype(np.int32)[back], domains.astype(object)),
              "label": data.feats.labels[rows].astype(np.int32),
              "prediction": np.concatenate([p[3] for p in predictions] or [np.zeros(0, np.int64)]).astype(np.int32)}
     if predictions and len(predictions[0]) > 4:  # --protocol leave-one-domain-out: which model predicted
-        table["test_domain"], table["model_selection"] = column(4, object), column(5, object)
+        table["test_domain"] = Coded.of([(p[4], len(p[2])) for p in predictions])
+        table["model_selection"] = Coded.of([(p[5], len(p[2])) for p in predictions])
     return table
 
 
@@ -679,7 +682,8 @@ def _run_sweep(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None]) 
         for name, column in run.test_predictions.items():
             predictions.setdefault(name, []).append(column)
         predictions.setdefault("shots", []).append(np.full(len(run.test_predictions["row"]), k, dtype=np.int32))
-    return replace(last, report=report, test_predictions={k: np.concatenate(v) for k, v in predictions.items()})
+    return replace(last, report=report, test_predictions={k: Coded.concat(v) if isinstance(v[0], Coded) else np.concatenate(v)
+                                                          for k, v in predictions.items()})
 
 
 def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None], plots: Plots | None) -> ProbeRun:
@@ -851,7 +855,7 @@ def _domainbed_results(plan: _Plan, fits: dict) -> tuple[list[dict], list[tuple]
                                 "out_of_domain": row["out_of_domain"], "balanced_accuracy": row["balanced_accuracy"],
                                 "n_test_rows": int(len(test_rows)), "config": x.config, "n_configurations": n_conf,
                                 "selection": chosen})
-                predictions.append((group, seed, np.asarray(test_rows), pred.cpu().numpy(), test, role))
+                predictions.append((group, seed, np.asarray(test_rows), pred.cpu().numpy().astype(np.int32), test, role))
     return results, predictions
 
 

@@ -976,22 +976,22 @@ PREDICTIONS_NAME = "test_predictions.parquet"
 
 def _write_predictions(path: Path, columns: dict) -> None:
     """Every test row's prediction per method and seed, one Parquet row each (for paired
-    comparisons between methods: same rows, same seeds)."""
+    comparisons between methods: same rows, same seeds). String columns are dictionary
+    columns (readers decode them to strings)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({"method": pa.array(columns["method"].tolist(), pa.string()).dictionary_encode(),
-                      "seed": pa.array(columns["seed"], pa.int32()), "row": pa.array(columns["row"], pa.int64()),
-                      "id": pa.array(columns["id"].tolist(), pa.string()),
-                      "domain": pa.array(columns["domain"].tolist(), pa.string()).dictionary_encode(),
-                      "label": pa.array(columns["label"], pa.int32()),
-                      "prediction": pa.array(columns["prediction"], pa.int32())})
-    for name in ("test_domain", "model_selection"):  # --protocol leave-one-domain-out
-        if name in columns:
-            table = table.append_column(name, pa.array(columns[name].tolist(), pa.string()).dictionary_encode())
-    if "shots" in columns:  # a --shots sweep: which K's model predicted
-        table = table.append_column("shots", pa.array(columns["shots"], pa.int32()))
-    pq.write_table(table, path)
+    from vlaug.runs import Coded
+
+    def arrow(column, kind):
+        if isinstance(column, Coded):
+            return pa.DictionaryArray.from_arrays(pa.array(column.codes, pa.int32()), pa.array(column.values.tolist(), pa.string()))
+        return pa.array(column, kind)
+
+    kinds = {"method": None, "seed": pa.int32(), "row": pa.int64(), "id": None, "domain": None, "label": pa.int32(),
+             "prediction": pa.int32(), "test_domain": None, "model_selection": None,  # --protocol leave-one-domain-out
+             "shots": pa.int32()}  # a --shots sweep: which K's model predicted
+    pq.write_table(pa.table({name: arrow(columns[name], kind) for name, kind in kinds.items() if name in columns}), path)
 
 
 def write_report(out, run: "ProbeRun", tsne: bool = False, plots: PlotWorker | None = None) -> dict:

@@ -130,8 +130,43 @@ class ProbeRun:
     box_stats: dict[str, dict | None]  # box head folder -> its stats.json
     texts_used: dict[str, dict] = field(default_factory=dict)  # method -> {prompt set: templates} its probe holds
     # every test row's prediction per method and seed (test_predictions.parquet): method, seed, row, id, domain,
-    # label, prediction
-    test_predictions: dict[str, np.ndarray] = field(default_factory=dict)
+    # label, prediction; the string columns as Coded
+    test_predictions: dict[str, "np.ndarray | Coded"] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Coded:
+    """A string column held as codes into its distinct values: test_predictions' method, id
+    and domain columns (a DomainNet-size DomainBed run predicts tens of millions of rows,
+    of a few hundred thousand distinct ids and a handful of methods and domains; as Python
+    strings they took about 8 bytes a row per column, and a copy per column to write).
+    Written as a Parquet dictionary column, which readers decode to the strings."""
+
+    codes: np.ndarray  # (n,) int32: the row's index in values
+    values: np.ndarray  # (k,) object: the distinct strings
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def decoded(self) -> np.ndarray:
+        return self.values[self.codes]
+
+    @staticmethod
+    def of(parts: list[tuple[str, int]]) -> "Coded":
+        """(value, count) runs, in order: ``count`` rows of each ``value``."""
+        values = list(dict.fromkeys(v for v, _ in parts))
+        index = {v: i for i, v in enumerate(values)}
+        codes = np.concatenate([np.full(n, index[v], np.int32) for v, n in parts] or [np.zeros(0, np.int32)])
+        return Coded(codes, np.asarray(values, dtype=object))
+
+    @staticmethod
+    def concat(parts: list["Coded"]) -> "Coded":
+        """The rows of ``parts`` in order, over the union of their values."""
+        values = list(dict.fromkeys(v for p in parts for v in p.values.tolist()))
+        index = {v: i for i, v in enumerate(values)}
+        codes = [np.asarray([index[v] for v in p.values.tolist()], dtype=np.int32)[p.codes] if len(p.values) else p.codes
+                 for p in parts]
+        return Coded(np.concatenate(codes or [np.zeros(0, np.int32)]), np.asarray(values, dtype=object))
 
 
 class Plots(Protocol):
