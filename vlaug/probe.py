@@ -565,11 +565,49 @@ def fit_probes(
     return _results(theta, progress)
 
 
+# Rows a fit reads from a resident cache by index are gathered once and kept for the
+# optimiser's later passes while they hold at most this many values (64 MB of float32):
+# otherwise every evaluation copies them out of the cache again.
+GATHERED_VALUES = 2**24
+
+
+def _gathered_once(rows: Rows) -> Rows:
+    """``rows`` whose blocks that index a resident cache (``x[index]``) are gathered in the
+    first pass and replayed in the next ones (the same values in the same pieces: the same
+    arithmetic). Rows larger than GATHERED_VALUES, and rows with a block read without an
+    index (streamed from disk, or already contiguous), are read as before."""
+    if rows.n_rows * rows.n_features > GATHERED_VALUES:
+        return rows
+    kept: list[tuple] = []
+    state = {"replay": None}  # None: no pass yet; True: replay kept; False: read rows every pass
+
+    def blocks():
+        if state["replay"]:
+            yield from kept
+            return
+        if state["replay"] is False:
+            yield from rows.blocks()
+            return
+        mine, ok = [], True
+        for block in rows.blocks():
+            if ok and len(block) > 3 and block[3] is not None:
+                block = (block[0][block[3]], block[1], block[2], None, *block[4:])
+                mine.append(block)
+            else:
+                ok, mine = False, []
+            yield block
+        kept[:] = mine
+        state["replay"] = ok
+
+    return Rows(blocks, rows.n_features, rows.n_classes, rows.n_rows, rows.device, rows.columns, rows.groups)
+
+
 def _batched_objective(train: Rows, weight_decays: list[float], columns: list[int] | None,
                        regularize_towards: torch.Tensor | None) -> Callable:
     """``objective(theta, problems, gram=None)``: the losses and gradients of the problems
     ``problems`` (a tensor of their indices; None: all, and ``gram`` gathers the features'
     moments, see :func:`_objectives`) at the weights ``theta``."""
+    train = _gathered_once(train)
     device = train.device
     cols = None if columns is None else torch.tensor(columns, device=device)
     wd = torch.tensor(weight_decays, dtype=torch.float32, device=device)
