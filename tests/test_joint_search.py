@@ -87,8 +87,9 @@ def test_steps_are_minibatches_not_epochs():
     assert [(r.steps, r.stopped, r.selected_step) for r in runs] == [(20, "cap", 20)] * 2
 
 
-@pytest.mark.parametrize("vectorize", [True, False])
-def test_the_stacked_adamw_is_torchs_adamw_per_configuration(vectorize):
+@pytest.mark.parametrize("vectorize,fused", [(True, True), (False, True), (True, False)])
+def test_the_stacked_adamw_is_torchs_adamw_per_configuration(vectorize, fused, monkeypatch):
+    monkeypatch.setattr(loop, "FUSED_ADAMW", fused)  # torch's fused kernel, and the update operation by operation
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
     configs = [(1e-2, 0.0), (3e-2, 0.5), (1e-3, 2.0)]

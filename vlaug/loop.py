@@ -450,6 +450,12 @@ def _stacked_losses(module, loss_fn: LossFn, params: dict[str, torch.Tensor], bu
     return torch.stack([one({name: p[i] for name, p in params.items()}) for i in range(n)])
 
 
+# torch's fused AdamW kernel (CPU and CUDA in the torch versions vlaug supports; else the
+# update below, operation by operation)
+FUSED_ADAMW = hasattr(torch, "_fused_adamw_")
+FUSED_DEVICES = ("cpu", "cuda")
+
+
 class _StackedAdamW:
     """AdamW (torch's update: decoupled weight decay, bias-corrected moments) over stacked
     copies of a module's parameters, each copy with its own lr and weight decay; copies
@@ -477,6 +483,9 @@ class _StackedAdamW:
     def step(self) -> None:
         """One update of every copy from its gradient (cleared afterwards)."""
         self.t += 1
+        if FUSED_ADAMW and self.lr.device.type in FUSED_DEVICES:
+            self._fused_step()
+            return
         (b1, b2), t = self.BETAS, self.t
         correction1, correction2 = 1 - b1**t, math.sqrt(1 - b2**t)
         for name, p in self.params.items():
@@ -490,6 +499,23 @@ class _StackedAdamW:
             v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
             p.sub_(lr / correction1 * m / (v.sqrt() / correction2 + self.EPS))
             p.grad = None
+
+    def _fused_step(self) -> None:
+        """:meth:`step` by torch's fused AdamW kernel, one call per copy (its own lr and
+        weight decay) over that copy's slices of every parameter: one pass over the
+        parameters and moments instead of one per elementwise operation (the update's
+        arithmetic is the same; the optimiser took a fifth to a third of a joint method's
+        step on CPU)."""
+        names = [name for name, p in self.params.items() if p.grad is not None]  # unused by the loss: left alone
+        step = torch.tensor(float(self.t), device=self.lr.device)
+        (b1, b2) = self.BETAS
+        for slot, (lr, wd) in enumerate(zip(self.lr.tolist(), self.weight_decay.tolist())):
+            params = [self.params[n][slot] for n in names]
+            torch._fused_adamw_(params, [self.params[n].grad[slot] for n in names], [self.exp_avg[n][slot] for n in names],
+                                [self.exp_avg_sq[n][slot] for n in names], [], [step] * len(names), amsgrad=False,
+                                lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=self.EPS, maximize=False)
+        for n in names:
+            self.params[n].grad = None
 
     def copy(self, slot: int) -> dict[str, torch.Tensor]:
         """The parameters of the copy in ``slot``, detached."""
