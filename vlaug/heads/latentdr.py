@@ -117,9 +117,9 @@ class BatchAttention(nn.Module):
         if self.pool:
             keep = torch.rand(n, m, device=keys.device) < self.pool_fraction
             if exclude_self and n == m and m > 1:
-                keep.fill_diagonal_(False)
-            empty = ~keep.any(1)  # a row that drew nobody averages everyone
-            keep[empty] = True
+                keep = keep & ~torch.eye(n, dtype=torch.bool, device=keys.device)
+            keep = keep | ~keep.any(1, keepdim=True)  # a row that drew nobody averages everyone
+            # (out of place, so that torch.func.vmap batches it: the joint methods' configurations)
             weights = (keep / keep.sum(1, keepdim=True)).to(v.dtype).expand(h, n, m)
         else:
             q = self.to_q(queries).view(n, h, dh).transpose(0, 1)  # (h, n, dh)

@@ -301,6 +301,3 @@ class LatentDRPool(LatentDRJoint):
         'setting)'
     )
     kind = "pool"
-    # its pool subsets are fixed up with a boolean-mask assignment (keep[empty] = True in
-    # vlaug.heads.latentdr.BatchAttention), which vmap cannot batch
-    vectorizes = False
