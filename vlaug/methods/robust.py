@@ -123,6 +123,7 @@ class PromptShift(ProbeMethod):
         self._sets: list[str] = []  # the cache's prompt sets but "classes"
         self._used: list[str] = []  # every source and target set some fit of the run shifts with
         self._most = 0  # the most target sets of one fit
+        self._per_fit = False  # leave-one-domain-out: each fit's targets from its training rows' domains
 
     def pick(self, domains) -> tuple[str, list[str]]:
         """(source, targets) of a fit whose training rows are of ``domains``: the options'
@@ -155,6 +156,7 @@ class PromptShift(ProbeMethod):
             raise UsageError(f"--method {self.text!r}: the cache has no prompt set {', '.join(map(repr, unknown))}; it has "
                              f"{', '.join(texts) or 'none'}. Add one with vlaug prompts FEATURES --prompt-set NAME='a sketch of a {{}}.'")
         self.source, self.targets = picks[0]
+        self._per_fit = not single
         self._used = list(dict.fromkeys(n for source, targets in picks if targets for n in [source, *targets]))
         self._most = max(len(targets) for _, targets in picks)
         bare = [domains for domains, (_, targets) in zip(domain_sets, picks) if not targets]
@@ -184,8 +186,11 @@ class PromptShift(ProbeMethod):
         return self.targets
 
     def augmenter(self, data, rows):
-        """The shifts of a fit on ``rows``: towards the target sets its training domains call for."""
-        self._bound()
+        """The shifts of a fit on ``rows``: under leave-one-domain-out towards the target sets
+        its training rows' domains call for; else the run's (bound to its training domains:
+        a seed whose few shots miss a training domain still shifts as the others)."""
+        if not self._per_fit:
+            return self.augment
         source, targets = self.pick(np.unique(data.feats.domains[np.asarray(rows, dtype=np.int64)]).tolist())
         return lambda data, x, y, dom, generator: self._shift(data, x, y, source, targets, generator)
 
@@ -244,7 +249,7 @@ class Adaptive(PromptShift):
 
     def bind_tasks(self, feats, domain_sets, single=False):
         if not self.options.prompt_shift:
-            self.source, self.targets, self._used, self._most = CLASSES_PROMPT_SET, [], [], 0
+            self.source, self.targets, self._used, self._most, self._per_fit = CLASSES_PROMPT_SET, [], [], 0, False
             return None
         return super().bind_tasks(feats, domain_sets, single)
 
