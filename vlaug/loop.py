@@ -504,8 +504,9 @@ class _StackedAdamW:
         """:meth:`step` by torch's fused AdamW kernel, one call per copy (its own lr and
         weight decay) over that copy's slices of every parameter: one pass over the
         parameters and moments instead of one per elementwise operation (the update's
-        arithmetic is the same; the optimiser took a fifth to a third of a joint method's
-        step on CPU)."""
+        arithmetic is the same; on 2 CPU cores the optimiser took about a tenth of a
+        batchformer or latentdr-sa step, fused about a third of that:
+        benchmarks/joint_step.py)."""
         names = [name for name, p in self.params.items() if p.grad is not None]  # unused by the loss: left alone
         step = torch.tensor(float(self.t), device=self.lr.device)
         (b1, b2) = self.BETAS
