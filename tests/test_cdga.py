@@ -154,6 +154,9 @@ def test_cdga_uses_only_rows_made_from_this_fits_training_rows(tmp_path):
         assert len(use) == len(split.train) - 1
         assert left_out["source not a training row"] == len(every) - len(split.train)
         assert left_out["target domain not a training domain"] == 1
+        sample = np.asarray(split.train)[::2].copy()  # a sampled search fits on a subset, its rows numbered anew
+        on_subset = method.allowed(plan.data.subset(sample), np.arange(len(sample)))
+        assert np.array_equal(on_subset[0], method.allowed(plan.data, sample)[0])
     with_text = prepare(ProbeRunConfig(**{**config.__dict__, "methods": (f"cdga:{gen}?text_targets=true",)})).methods[0]
     assert len(with_text.allowed(plan.data, s.train)[0]) == len(s.train)
     # the leaked rows would change the probe: the fit uses exactly the allowed ones

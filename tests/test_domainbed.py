@@ -426,3 +426,25 @@ def test_coded_columns_concatenate_over_the_union_of_their_values():
     both = Coded.concat([a, b, Coded.of([])])
     assert both.decoded().tolist() == ["linear", "linear", "box", "gda", "linear", "linear"]
     assert both.codes.dtype == np.int32 and len(both.values) == 3
+
+
+def test_prompt_shift_picks_a_fits_targets_from_its_own_rows_on_a_sampled_search(four_domains_with_prompts, tmp_path):
+    """A search on a seeded sample fits on ``data.subset(...)``, whose row i is a row of the
+    cache elsewhere: the fit's domains (and so its targets) must be read at the cache's rows."""
+    from vlaug.evaluate import prepare
+
+    config = ProbeRunConfig(features=str(four_domains_with_prompts), out=str(tmp_path / "r"), methods=("prompt-shift",),
+                            seeds=1, device="cpu", progress=False, protocol="leave-one-domain-out",
+                            selection="training-domain")
+    plan = prepare(config)
+    shift, data = plan.methods[0], plan.data
+    for t in plan.tasks:
+        rows = np.asarray(t.splits.train)
+        order = rows[::-1].copy()
+        sub = data.subset(order)  # local row i is cache row order[i]
+        assert np.array_equal(sub.cache_rows(np.arange(len(rows))), order)
+        local = np.arange(len(rows))
+        x, y = sub.x[local].float(), sub.y[local]
+        shifted = shift.augmenter(sub, local)(sub, x, y, None, torch.Generator().manual_seed(0))
+        expected = shift.augmenter(data, order)(data, x, y, None, torch.Generator().manual_seed(0))
+        assert torch.equal(shifted[0], expected[0])

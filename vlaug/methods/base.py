@@ -145,6 +145,7 @@ class RunData:
     # training-domain validation) instead of pooling them
     balance_domains: bool = False
     features: str = ""  # the cache's folder (a method that reads more of it, e.g. its row ids)
+    origin: np.ndarray | None = None  # after subset(): this run's row i is the cache's row origin[i]
 
     @property
     def n_classes(self) -> int:
@@ -157,6 +158,12 @@ class RunData:
     def rows(self, rows: np.ndarray) -> torch.Tensor:
         """Row indices as a tensor on the device."""
         return torch.as_tensor(rows, device=self.device)
+
+    def cache_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The cache's indices of this run's rows ``rows``: where ``feats`` (domains, ids of
+        the whole cache) describes them, also in a :meth:`subset`."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return rows if self.origin is None else self.origin[rows]
 
     def stream(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """The embeddings of ``rows`` as ``(positions in rows, (m, d) tensor)`` blocks: one
@@ -175,7 +182,7 @@ class RunData:
         once: a sample to fit on without reading a streamed cache again."""
         r = self.rows(rows)
         x = self.x[r] if self.x is not None else self.gather(rows)  # resident: kept in its precision
-        return replace(self, x=x, y=self.y[r], dom=self.dom[r], chunks=None, passes=0)
+        return replace(self, x=x, y=self.y[r], dom=self.dom[r], chunks=None, passes=0, origin=self.cache_rows(rows))
 
     def val_groups(self, rows: np.ndarray) -> tuple[torch.Tensor, int] | None:
         """Per validation row of ``rows``, its group in the scores, and the number of groups:

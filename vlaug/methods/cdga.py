@@ -77,7 +77,7 @@ class CDGA(ProbeMethod):
     def allowed(self, data, rows: np.ndarray) -> tuple[np.ndarray, dict]:
         """The generated rows a fit on cache rows ``rows`` may use, and how many each rule left out."""
         g = self._generated(data)
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = data.cache_rows(rows)  # a sampled search's subset: its rows are the cache's elsewhere
         ids = set(g["main_ids"][rows].tolist())
         domains = set(data.feats.domains[rows].tolist()) - {""}
         target_ok = np.isin(g["target_domain"], list(domains))
