@@ -17,8 +17,8 @@ What it checks. On a 4-domain simulated cache (:mod:`vlaug.simulate`, or a cache
   benchmarks/probe_speed.py map it), fitted to a tight tolerance;
 - the grid: report.json's ``protocol.weight_decay_grid``, extended past an end, a decade at a
   time and at most 3 decades, only while the best sits at that end, the weak end first
-  (vlaug.methods.linear.extend_grid; a value past the grid is taken with a higher accuracy,
-  or the same accuracy and a log-loss lower by 0.1 %);
+  (vlaug.methods.linear.extend_grid; a value past the grid is taken only with a higher
+  accuracy);
 - the selection rule: the highest validation accuracy, ties to the lower validation log-loss,
   then the first in the grid's order (strongest weight decay first);
 - the three model selections, reimplemented here from DomainBed's definitions, not taken
@@ -70,7 +70,6 @@ import numpy as np
 TRAINING_DOMAIN, LODO, ORACLE = "training-domain", "leave-one-domain-out", "oracle"
 SELECTIONS = (TRAINING_DOMAIN, LODO, ORACLE)
 EXTENSION_DECADES = 3  # vlaug.methods.linear.GRID_EXTENSION_DECADES
-EXTENSION_GAIN = 1e-3  # vlaug.methods.linear.EXTENSION_GAIN
 METHOD = "linear"
 
 
@@ -195,8 +194,8 @@ def _better(a: tuple[float, float], b: tuple[float, float] | None) -> bool:
 def search(grid: list[float], score) -> list[dict]:
     """One task's search: every value of ``grid`` scored (``score(wd) -> (accuracy, log-loss)``),
     then values past an end of the grid while the best sits at that end (a decade at a time,
-    at most EXTENSION_DECADES, the weak end first; taken with a higher accuracy or the same
-    accuracy and a log-loss lower by EXTENSION_GAIN). Returns the entries tried, in order,
+    at most EXTENSION_DECADES, the weak end first; taken only with a higher accuracy, as
+    vlaug.methods.linear.extend_grid). Returns the entries tried, in order,
     the chosen one marked ``best``."""
     entries, best = [], None
     for wd in grid:
@@ -211,8 +210,7 @@ def search(grid: list[float], score) -> list[dict]:
             end *= factor  # the same float arithmetic as vlaug: extended values compare equal across folds
             entry = {"weight_decay": end, "score": score(end), "extension": True}
             entries.append(entry)
-            (acc, loss), (best_acc, best_loss) = entry["score"], best["score"]
-            if acc > best_acc or (acc == best_acc and loss < (1 - EXTENSION_GAIN) * best_loss):
+            if entry["score"][0] > best["score"][0]:
                 best = entry
     best["best"] = True
     return entries

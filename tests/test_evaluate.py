@@ -209,7 +209,7 @@ def test_large_training_sets_select_on_a_sample_then_refit_on_every_row(tmp_path
 
     from vlaug.evaluate import ProbeRunConfig, prepare
     from vlaug.methods import parse_method
-    from vlaug.methods.linear import _selection_sample
+    from vlaug.methods.linear import _selection_sample, extend_grid
     from vlaug.probe import Rows, fit_probe, select_weight_decay, validation_scores, weight_decay_grid
     from vlaug.zero_shot import zero_shot_weights
 
@@ -234,8 +234,9 @@ def test_large_training_sets_select_on_a_sample_then_refit_on_every_row(tmp_path
         mixed[:, -1] = 0.5 * thetas[:, -1]
         return validation_scores(val_rows, mixed)
 
-    best, _ = select_weight_decay(Rows.of(x[sub_train], y[sub_train], n_classes=4), val_rows,
-                                  weight_decay_grid(4), 60, init, anchor, wise_mix if anchor is not None else None)
+    sample_rows, scorer = Rows.of(x[sub_train], y[sub_train], n_classes=4), wise_mix if anchor is not None else None
+    best, search = select_weight_decay(sample_rows, val_rows, weight_decay_grid(4), 60, init, anchor, scorer)
+    best, _, _ = extend_grid(sample_rows, val_rows, best, search, data.settings, anchor, scorer, init=init)  # past an end
     assert fit.selection["weight_decay"] == best["weight_decay"]
     W, b, _ = fit_probe(Rows.of(x[splits.train], y[splits.train], n_classes=4), best["weight_decay"], 60,
                         init=(best["W"], best["b"]), regularize_towards=anchor, tolerance_grad=1e-4)
@@ -269,6 +270,7 @@ def test_float16_cache_stays_resident_in_float16_and_fits_as_float32(tmp_path):
     from vlaug import cache
     from vlaug.evaluate import ProbeRunConfig, prepare
     from vlaug.methods import parse_method
+    from vlaug.methods.linear import extend_grid
     from vlaug.probe import Rows, select_weight_decay, weight_decay_grid
 
     feats = write_synthetic_cache(tmp_path / "f32", n_per_class=60, d=32, n_classes=4)
@@ -300,8 +302,9 @@ def test_float16_cache_stays_resident_in_float16_and_fits_as_float32(tmp_path):
     fit = parse_method("linear").fit(plan.data, splits, 0)
     x = plan.data.x.float()  # the same values, as float32 rows
     y = plan.data.y
-    best, _ = select_weight_decay(Rows.of(x[splits.train], y[splits.train], n_classes=4),
-                                  Rows.of(x[splits.val], y[splits.val]), weight_decay_grid(4), 60)
+    train, val = Rows.of(x[splits.train], y[splits.train], n_classes=4), Rows.of(x[splits.val], y[splits.val])
+    best, search = select_weight_decay(train, val, weight_decay_grid(4), 60)
+    best, _, _ = extend_grid(train, val, best, search, plan.data.settings, None)  # past an end of the grid, as the method
     assert fit.selection["weight_decay"] == best["weight_decay"]
     torch.testing.assert_close(fit.W, best["W"], atol=1e-5, rtol=1e-4)
     assert np.allclose(x.numpy(), whole.embeddings, atol=1e-3)  # float16 rounding of the float32 originals

@@ -137,8 +137,8 @@ def test_pairs_span_the_whole_training_set_of_a_cache_sorted_by_domain(tmp_path,
 @pytest.mark.parametrize("labels, end", [("clean", "weak"), ("random", "strong")])
 def test_the_search_goes_past_an_end_of_the_grid_it_chose(labels, end):
     """When the best weight decay is an end of the grid, the search goes on past it a decade
-    at a time (warm-started) until the best is interior or 3 decades were added, and says so
-    (issue 27, item 5)."""
+    at a time (each value fitted from the method's start, as the grid's) until the best is
+    interior or 3 decades were added, and says so (issue 27, item 5)."""
     from vlaug.methods.linear import GRID_EXTENSION_DECADES, extend_grid
     from vlaug.probe import Rows, select_weight_decay
     from vlaug.runs import MethodSettings
@@ -171,6 +171,32 @@ def test_the_search_goes_past_an_end_of_the_grid_it_chose(labels, end):
         if end == "weak" else select_weight_decay(train, val, [best["weight_decay"] * 100, best["weight_decay"], 1e-6], 100)
     if mid["weight_decay"] == best["weight_decay"]:
         assert extend_grid(train, val, mid, mid_search, settings, None)[2]["grid_extended"] is False
+
+
+def test_a_value_past_the_grid_needs_a_higher_accuracy_not_only_a_lower_log_loss():
+    """On validation rows the probe already separates, every weaker decade lowers the
+    log-loss; the extension takes a value past the grid only for a higher accuracy, so it
+    stops after one decade instead of running to its bound, and the value it tried is a real
+    fit at that weight decay (fitted, not left at the grid's weights)."""
+    from vlaug.methods.linear import extend_grid
+    from vlaug.probe import Rows, fit_probe, select_weight_decay
+    from vlaug.runs import MethodSettings
+
+    g = torch.Generator().manual_seed(3)
+    centres = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=1)
+    y = torch.randint(0, 3, (300,), generator=g)
+    x = torch.nn.functional.normalize(centres[y] + 0.05 * torch.randn(300, 8, generator=g), dim=1)
+    train, val = Rows.of(x[:200], y[:200], n_classes=3), Rows.of(x[200:], y[200:], n_classes=3)
+    grid = [1e-3, 1e-5]
+    best, search = select_weight_decay(train, val, grid, 200)
+    assert best["weight_decay"] == 1e-5 and best["val_accuracy"] == 1.0  # the weak end, every validation row right
+    best, search, info = extend_grid(train, val, best, search, MethodSettings(grid=tuple(grid), max_iter=200), None)
+    tried = [c for c in search if c.get("extension")]
+    assert [c["weight_decay"] for c in tried] == pytest.approx([1e-6])  # one decade, not taken
+    assert tried[0]["val_log_loss"] < search[1]["val_log_loss"]  # though its log-loss is lower
+    assert best["weight_decay"] == 1e-5 and info == {"grid_extended": True, "grid": pytest.approx([1e-6, 1e-3])}
+    W, _, _ = fit_probe(train, 1e-6, 200)
+    assert tried[0]["iterations"] > 0 and W.norm() > 1.05 * best["W"].norm()
 
 
 def test_a_batched_search_records_the_values_it_tried_past_the_grid(tmp_path):
