@@ -801,13 +801,15 @@ def _thresholds(weight_decays: list[float], tolerance_grad: float, relative_tole
     λ·max|W|, not the regulariser's gradient λ·(W − anchor): a probe anchored near its
     minimiser would otherwise be held to a precision relative to its small distance from the
     anchor, which float32 cannot reach, rather than to its weights, which set the logits."""
-    wd = torch.tensor(weight_decays, dtype=torch.float32)
+    wd = {}  # the weight decays as a tensor on the weights' device, made once
 
     def threshold(theta: torch.Tensor, problems: torch.Tensor | None) -> torch.Tensor:
         if not relative_tolerance:
             return torch.full((len(theta),), tolerance_grad, device=theta.device)
-        lam = (wd if problems is None else wd[problems.cpu()]).to(theta.device)
-        scale = lam * theta[:, :-1].abs().flatten(1).amax(1)
+        if theta.device not in wd:
+            wd[theta.device] = torch.tensor(weight_decays, dtype=torch.float32, device=theta.device)
+        lam = wd[theta.device]
+        scale = (lam if problems is None else lam[problems]) * theta[:, :-1].abs().flatten(1).amax(1)
         return torch.clamp(relative_tolerance * scale, min=RELATIVE_FLOOR, max=tolerance_grad)
 
     return threshold

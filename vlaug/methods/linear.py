@@ -26,7 +26,8 @@ from vlaug.zero_shot import zero_shot_weights
 
 # After a search on a sample, the fit on every training row starts from the sample's probe at
 # the chosen weight decay and stops at scikit-learn's default tolerance (largest gradient entry
-# 1e-4) rather than the search's 1e-5: each of its evaluations is a pass over every row.
+# 1e-4) rather than the search's 1e-5: each of its evaluations is a pass over every row. (The
+# test relative to the weights, vlaug.probe.RELATIVE_TOLERANCE, holds for it as for every fit.)
 REFIT_TOLERANCE = 1e-4
 
 # When the chosen weight decay is at an end of the grid, the search goes on past that end, a decade
