@@ -3,7 +3,7 @@ one decade past its weak end, with and without the gradient test relative to the
 (``vlaug.probe.RELATIVE_TOLERANCE``), on the shift benchmark's *tuning* caches.
 
     python benchmarks/weak_decay_convergence.py [--settings default,small,hard,large-d,easy]
-                                                [--draw 0] [--relative 0,0.1,0.01] [--json FILE]
+                                                [--draw 0] [--relative 0,0.1,0.01] [--json FILE] [--out-md FILE]
 
 Per setting: the tuning cache (simulator seed 1000 + ``--draw``, never a reported cache),
 vlaug's training rows of seed 0 (``--train-domain photo``), the default grid (8 values, 1e-1
@@ -37,14 +37,16 @@ sys.path.insert(0, str(HERE))
 
 import shift_benchmark as sb  # noqa: E402
 
-WEIGHT_DECAYS = [float(v) for v in np.logspace(-1, -6, 8)] + [1e-7]
+from vlaug.probe import weight_decay_grid  # noqa: E402
+
+WEIGHT_DECAYS = weight_decay_grid(8) + [1e-7]  # the default grid and one decade past its weak end
 
 
 def _accuracy(x, y, W, b, rows) -> float:
     return float(((x[rows] @ W + b).argmax(1) == y[rows]).float().mean()) * 100
 
 
-def minimisers(x: np.ndarray, y: np.ndarray) -> dict[float, torch.Tensor]:
+def minimisers(x: np.ndarray, y: np.ndarray) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
     from sklearn.linear_model import LogisticRegression
 
     out = {}
