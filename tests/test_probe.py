@@ -348,18 +348,23 @@ def test_small_problems_run_on_one_thread_and_the_count_is_restored():
 
 @pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.parametrize(("columns", "patterns"), [(None, False), ([1, 0, 2, 1], False), ([1, 0, 2, 1], True)])
-def test_batched_objective_and_gradient_equal_autograd_on_each_problem(soft, columns, patterns, monkeypatch):
+@pytest.mark.parametrize(("p", "skinny"), [(4, True), (4, False), (1, True)])
+def test_batched_objective_and_gradient_equal_autograd_on_each_problem(soft, columns, patterns, p, skinny, monkeypatch):
     """_objectives evaluates P problems (each its own W, b and weight decay) in one pass, with
     closed-form gradients, in pieces; each equals probe_objective and its autograd gradient.
     With weight columns (the training sets of several seeds), each problem sees its column's
     weights, zero on rows outside its set; with ``patterns``, the rows are split into blocks
     by the sets that hold them (vlaug.methods.batching.membership_blocks), each evaluated
-    under those sets' problems only: the same losses and gradients."""
+    under those sets' problems only: the same losses and gradients. Either order of the
+    logits' product (``skinny``: (Wᵀ·xᵀ)ᵀ, below SKINNY_LOGITS columns), and one problem alone
+    (its stacked weights a transposed view, its gradient sums row-major all the same)."""
     import vlaug.methods.batching as batching
     import vlaug.probe as probe_module
 
     g = torch.Generator().manual_seed(0)
-    n, d, c, p = 700, 5, 3, 4
+    n, d, c = 700, 5, 3
+    monkeypatch.setattr(probe_module, "SKINNY_LOGITS", 10**6 if skinny else 0)
+    columns = None if columns is None else columns[:p]
     x = torch.randn(n, d, generator=g).half()  # float16 rows are converted piece by piece
     labels = torch.randint(0, c, (n,), generator=g)
     targets = torch.softmax(torch.randn(n, c, generator=g), 1) if soft else labels
@@ -374,9 +379,9 @@ def test_batched_objective_and_gradient_equal_autograd_on_each_problem(soft, col
         assert sorted(torch.cat([b[3] for b in blocks]).tolist()) == sorted(index.tolist())
     rows = Rows(lambda: blocks, d, c, 600, columns=1 if columns is None else 3)
     theta = torch.randn(p, d + 1, c, generator=g, dtype=torch.float64).float()
-    wd = torch.tensor([0.0, 1e-3, 0.1, 1.0])
+    wd = torch.tensor([0.0, 1e-3, 0.1, 1.0])[-p:]
     anchor = torch.randn(d, c, generator=g)
-    monkeypatch.setattr(probe_module, "PIECE_VALUES", 256 * c * p)  # several pieces of 256 rows
+    monkeypatch.setattr(probe_module, "PIECE_VALUES", 256 * max(c * p, d))  # several pieces of 256 rows
     loss, grad = probe_module._objectives(rows, theta, wd, anchor, columns=None if columns is None else torch.tensor(columns))
     for k in range(p):
         W, b = theta[k, :d].clone().requires_grad_(True), theta[k, d].clone().requires_grad_(True)
