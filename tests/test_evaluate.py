@@ -321,7 +321,9 @@ def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, mon
     row as one batch per method, in memory or streamed: the same weight decays, accuracies
     and saved probes as each method and seed fitted alone, and streamed, fewer reads of the
     cache. With ``patterns``, the union's rows that only some seeds hold are blocks of their
-    own (large caches: PATTERN_ROWS made small here), evaluated under those seeds' problems."""
+    own (large caches: PATTERN_ROWS made small here), evaluated under those seeds' problems.
+    Seeds with the same training rows share one column and its fits (and the fits past the
+    grid's ends): the same results as each seed fitted alone."""
     import vlaug.methods.batching as batching
     import vlaug.methods.linear as linear
 
@@ -354,7 +356,10 @@ def test_methods_and_seeds_fitted_together_equal_each_fitted_alone(tmp_path, mon
         assert r.exit_code == 0, r.output
         if name == "together" and not selection_rows:  # one search: every method x seed x weight decay
             batched = len(methods) if budget == "auto" or seeds == 1 else 2  # streamed, gaussian's draws follow its own reads
-            assert batches == [batched * seeds * 4]
+            # linear and linear-zs fit the cache's rows: seeds with the same training rows (without --shots, the
+            # cache's fixed split) share one set of fits; a method's extras differ by seed
+            distinct = seeds if patterns else 1
+            assert batches == [(2 * distinct + (batched - 2) * seeds) * 4]
         elif name == "together":  # the refits of the two methods without extras, each one batch of 3 seeds
             assert batches == [3, 3]
         else:
@@ -397,19 +402,21 @@ def test_batches_keep_their_optimiser_state_within_the_limit_and_searches_match_
     for module in (linear, batching):
         monkeypatch.setattr(module, "fit_probes", counted)
     per_problem = 36 * 17 * 4  # (3 x history + 6) x (d + 1) x C
-    # problems: 2 methods x 3 seeds x 4 weight decays; at 11, one seed at a time, and each method fits its grid once for
-    # the 3 seeds, whose training rows are the same (ProbeMethod._search; no weight columns: 0)
-    for limit, expected in ((24, [24]), (12, [12, 12]), (11, [0, 0])):
+    # problems: 2 methods x 4 weight decays x one set of rows (the 3 seeds' training rows are the same: one column, one
+    # set of fits); at 3, one seed at a time, and each method fits its grid once for the 3 seeds (ProbeMethod._search;
+    # no weight columns: 0)
+    for limit, expected in ((8, [8]), (4, [4, 4]), (3, [0, 0])):
         batches.clear()
         monkeypatch.setattr(batching, "BATCH_STATE_VALUES", limit * per_problem)
         r = runner.invoke(app, ["probe", str(feats), "--out", str(tmp_path / f"r{limit}"), "--seeds", "3", "--grid-size",
                                 "4", "--max-iter", "40", "--device", "cpu", "--no-progress", "-m", "linear", "-m", "linear-zs"])
         assert r.exit_code == 0, r.output
         assert batches == expected, limit
-    reports = [json.loads((tmp_path / f"r{n}" / "report.json").read_text())["results"] for n in (24, 12, 11)]
+    reports = [json.loads((tmp_path / f"r{n}" / "report.json").read_text())["results"] for n in (8, 4, 3)]
     for a, b in zip(reports[0], reports[2]):
         assert a["selection"]["weight_decay"] == b["selection"]["weight_decay"]
     # a search made for other rows (another run's splits) is not taken
+    monkeypatch.setattr(batching, "BATCH_STATE_VALUES", 8 * per_problem)
     plan = prepare(ProbeRunConfig(features=str(feats), out=str(tmp_path / "x"), methods=("linear",), seeds=2, grid_size=4,
                                   max_iter=40, device="cpu"))
     other = prepare(ProbeRunConfig(features=str(feats), out=str(tmp_path / "x"), methods=("linear",), seeds=2, grid_size=4,

@@ -216,6 +216,34 @@ def test_a_batched_search_records_the_values_it_tried_past_the_grid(tmp_path):
     assert any(r["selection"]["grid_extended"] for r in results)  # (separable clusters: the weakest value is best)
 
 
+def test_seeds_with_the_same_training_rows_fit_the_values_past_the_grid_once(tmp_path, monkeypatch):
+    """A cache's fixed split gives every seed the same training rows: the batch fits their grid
+    once (one weight column), and the values past the grid's end are fitted for the first
+    seed and reused by the others, with the same records."""
+    import vlaug.methods.batching as batching
+    import vlaug.methods.linear as linear
+
+    feats = write_synthetic_cache(tmp_path / "feat", n_per_class=40, d=16, n_classes=3)
+    config = ProbeRunConfig(features=str(feats), out=str(tmp_path / "r"), methods=("linear", "linear-zs"), seeds=3,
+                            train_domains=("photo",), grid_size=3, max_iter=60, device="cpu", progress=False)
+    plan = prepare(config)
+    assert all(np.array_equal(s.train, plan.splits[0].train) for s in plan.splits)
+    single, batched = [], []
+    fit_probe, fit_probes = linear.fit_probe, batching.fit_probes
+    monkeypatch.setattr(linear, "fit_probe", lambda *a, **k: single.append(a[1]) or fit_probe(*a, **k))
+    monkeypatch.setattr(batching, "fit_probes", lambda *a, **k: batched.append(len(a[1])) or fit_probes(*a, **k))
+    results, _, _ = _fit_every_seed(plan, progress=False)
+    fitted = list(single)  # (the searches below fit again)
+    assert batched == [2 * 3]  # two methods x one set of rows x the grid, not x 3 seeds
+    tried = {r["method"]: [c["weight_decay"] for c in _first_fits_search(plan, r) if c.get("extension")]
+             for r in results if r["seed"] == 0}
+    assert any(tried.values())  # (separable clusters: the weakest value is best, the search goes past it)
+    assert sorted(fitted) == pytest.approx(sorted(v for values in tried.values() for v in values))  # once, not per seed
+    for r in results:
+        first = next(f for f in results if f["method"] == r["method"] and f["seed"] == 0)
+        assert r["selection"] == first["selection"]
+
+
 def _first_fits_search(plan, result):
     """The search a result's method recorded for its seed (fitted again: the fits are deterministic)."""
     from vlaug.methods import parse_method

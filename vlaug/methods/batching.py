@@ -56,24 +56,34 @@ class ProbeSolver:
         seeds' rows, a weight column per seed); each method's built rows are evaluated under its
         own problems only. The same fits as one search at a time; on small runs, whose time is
         the optimiser's loop, much less time (vlaug.evaluate calls it with every method of the
-        run). Returns each batched method's searches by seed, under the method's text; methods
+        run). Seeds with the same training rows (a cache's fixed split) share one column and
+        its fits. Returns each batched method's searches by seed, under the method's text; methods
         that cannot share (:meth:`Method.batch_values` None, BATCH_STATE_VALUES) are left out."""
         data, splits = self.data, self.splits
         s, grid = len(splits), list(data.settings.grid)
-        chosen, room = [], BUILT_BATCH_VALUES  # within BUILT_BATCH_VALUES of built rows and BATCH_STATE_VALUES of state
+        # seeds with the same training rows (a cache's fixed split: every seed's rows alike) share one column
+        # and one set of fits of the cache's rows; a method's built rows differ by seed (its own draws)
+        distinct, column_of = [], []
+        for t in (np.asarray(split.train) for split in splits):
+            k = next((i for i, u in enumerate(distinct) if np.array_equal(u, t)), len(distinct))
+            distinct += [t] if k == len(distinct) else []
+            column_of.append(k)
+        chosen, room, n_problems = [], BUILT_BATCH_VALUES, 0  # within BUILT_BATCH_VALUES of built rows, BATCH_STATE_VALUES of state
         for m in methods:
             built = m.batch_values(data, splits)
-            if built is not None and built <= room and self.state_fits((len(chosen) + 1) * s * len(grid)):
+            more = (s if built else len(distinct)) * len(grid)
+            if built is not None and built <= room and self.state_fits(n_problems + more):
                 chosen.append(m)
                 room -= built
-        if len(chosen) * s < 2:
+                n_problems += more
+        if not chosen or (len(chosen) * s < 2):
             return {}  # nothing to share
         plans = [(m, m.batch_plan(data, splits)) for m in chosen]
-        shared = self.union_rows(plans[0][1].trains) if any(plan.per_seed is None for _, plan in plans) else None
+        shared = self.union_rows(distinct) if any(plan.per_seed is None for _, plan in plans) else None
         plans = [(m, plan) for m, plan in plans if plan.per_seed is not None or shared is not None]
         if not plans:
             return {}
-        owned, base, columns = [], {}, s  # a method's built rows: each seed's blocks, owned by its column
+        owned, base, columns = [], {}, len(distinct)  # a method's built rows: each seed's blocks, owned by its column
         for m, plan in plans:
             base[m] = 0 if plan.per_seed is None else columns
             if plan.per_seed is not None:
@@ -81,16 +91,17 @@ class ProbeSolver:
                 columns += s
         uses_shared = any(plan.per_seed is None for _, plan in plans)
 
-        def blocks():  # the cache's rows (resident: one block; streamed: read again), columns 0 … s - 1; then the built
+        def blocks():  # the cache's rows (resident: one block; streamed: read again), a column per distinct set; then the built
             if uses_shared:
                 for block in shared.blocks():
-                    yield *block[:3], block[3] if len(block) > 3 else None, block[4] if len(block) > 4 else (0, s)
+                    yield *block[:3], block[3] if len(block) > 3 else None, block[4] if len(block) > 4 else (0, len(distinct))
             yield from owned
 
         rows = Rows(blocks, data.embed_dim, data.n_classes, (shared.n_rows if uses_shared else 0) + sum(len(b[1]) for b in owned),
                     data.device, columns=columns)
         d, c = data.embed_dim, data.n_classes
-        problems = [(m, plan, j, wd) for m, plan in plans for j in range(s) for wd in grid]
+        sets = {m: range(s) if plan.per_seed is not None else range(len(distinct)) for m, plan in plans}
+        problems = [(m, plan, j, wd) for m, plan in plans for j in sets[m] for wd in grid]
         start = [plan.init or (torch.zeros(d, c, device=data.device), torch.zeros(c, device=data.device))
                  for _, plan, _, _ in problems]
         anchors = None
@@ -100,16 +111,17 @@ class ProbeSolver:
         fits = fit_probes(rows, [wd for *_, wd in problems], data.settings.max_iter,
                           init=(torch.stack([w for w, _ in start]), torch.stack([b for _, b in start])),
                           regularize_towards=anchors, columns=[base[m] + j for m, _, j, _ in problems])
-        k = len(grid)  # problems per method and seed
-        found = {}
-        for i, (m, plan) in enumerate(plans):
+        k = len(grid)  # problems per method and set of rows
+        found, first = {}, 0
+        for m, plan in plans:
             searched = {}
             for j, val in enumerate(plan.vals):
-                first = (i * s + j) * k
-                best, search = choose(fits[first:first + k], grid, data.labelled_rows(val), m.scorer(data, val))
+                at = first + (j if plan.per_seed is not None else column_of[j]) * k
+                best, search = choose(fits[at:at + k], grid, data.labelled_rows(val), m.scorer(data, val))
                 searched[j] = Search(best, search, best["W"], best["b"], plan.per_seed[j] if plan.per_seed else None,
                                      train=plan.trains[j])
             found[m.text] = searched
+            first += len(sets[m]) * k
         return found
 
     def union_index(self, trains: list[np.ndarray]) -> np.ndarray | None:

@@ -48,6 +48,15 @@ GRID_EXTENSION_DECADES = 3
 # 2**25 float32 values = 128 MB: 30 sets at d = 512, C = 7; one at d = 1024, C = 1000 is not kept.
 GRID_FITS_VALUES = 2**25
 
+# ... and the fits past the grid's ends (at most GRID_EXTENSION_DECADES x 2 probes a set) of this many sets of rows
+PAST_FITS_SETS = 64
+
+
+def _rows_key(data: RunData, train: np.ndarray) -> tuple:
+    """A key for the training rows ``train`` of the cache (resident or streamed)."""
+    return data.x is not None, len(train), hashlib.blake2b(np.ascontiguousarray(train).tobytes()).hexdigest()
+
+
 # --reweight: Adam steps from the selected probe, regrouping period t0 and Mei et al.'s η
 REWEIGHT_SCHEDULE = {"steps": 500, "period": 100, "eta": 0.01, "lr": 0.01}
 
@@ -137,7 +146,8 @@ class ProbeMethod(Method):
         if found.extension is None:  # a batched search: extended here, past an end of the grid if it chose one
             init, anchor = self.start(data)
             best, search, found.extension = extend_grid(rows, data.labelled_rows(val), best, found.search, data.settings,
-                                                        anchor, self.scorer(data, val, gate, rows, train), init=init)
+                                                        anchor, self.scorer(data, val, gate, rows, train),
+                                                        self._past_fits(data, train), init)
             found.search = search  # with the values tried past the grid
             if best is not found.best:
                 found.best, found.W, found.b = best, best["W"], best["b"]
@@ -168,19 +178,18 @@ class ProbeMethod(Method):
         rows = self.training_rows(data, train, seed)
         if sample is None:
             scorer, labelled = self.scorer(data, val, gate, rows, train), data.labelled_rows(val)
-            past = None  # the extension's fits on these rows
             if self.extra_rows() or len(grid) * (data.embed_dim + 1) * data.n_classes > GRID_FITS_VALUES:
                 best, search = select_weight_decay(rows, labelled, grid, cfg.max_iter, init, anchor, scorer)
             else:  # the grid's fits depend on the training rows alone: splits that share them share the fits
-                key = (data.x is not None, len(train), hashlib.blake2b(np.ascontiguousarray(train).tobytes()).hexdigest())
+                key = _rows_key(data, train)
                 memo = self.__dict__.setdefault("_grid_fits", {})
                 if key not in memo:
                     while memo and (len(memo) + 1) * len(grid) * (data.embed_dim + 1) * data.n_classes > GRID_FITS_VALUES:
                         memo.pop(next(iter(memo)))  # the oldest first
-                    memo[key] = (fit_probes(rows, grid, cfg.max_iter, init=init, regularize_towards=anchor), {})
-                fits, past = memo[key]
-                best, search = choose(fits, grid, labelled, scorer)
-            best, search, extension = extend_grid(rows, labelled, best, search, cfg, anchor, scorer, past, init)
+                    memo[key] = fit_probes(rows, grid, cfg.max_iter, init=init, regularize_towards=anchor)
+                best, search = choose(memo[key], grid, labelled, scorer)
+            best, search, extension = extend_grid(rows, labelled, best, search, cfg, anchor, scorer,
+                                                  self._past_fits(data, train), init)
             return Search(best, search, best["W"], best["b"], rows, extension=extension)
         # select on a seeded sample held in memory, then refit on every training row, warm-started
         best, search, extension = self._search_sample(data, sample, seed, grid, init, anchor, gate)
@@ -188,6 +197,21 @@ class ProbeMethod(Method):
                                regularize_towards=anchor, tolerance_grad=REFIT_TOLERANCE)
         return Search(best, search, W, b, rows, sample, {k: info[k] for k in ("iterations", "converged", "stalled")},
                       extension=extension)
+
+    def _past_fits(self, data: RunData, train: np.ndarray) -> dict | None:
+        """The fits past the grid (:func:`extend_grid`) already made on the training rows
+        ``train``, by weight decay: a seed or split with the same rows (a cache's fixed split,
+        DomainBed's shared training sets) reuses them. None for a method with extras (its rows
+        differ by seed). The last PAST_FITS_SETS sets of rows are kept."""
+        if self.extra_rows():
+            return None
+        memo = self.__dict__.setdefault("_past", {})
+        key = _rows_key(data, train)
+        if key not in memo:
+            while len(memo) >= PAST_FITS_SETS:
+                memo.pop(next(iter(memo)))  # the oldest first
+            memo[key] = {}
+        return memo[key]
 
     def _search_sample(self, data, sample, seed, grid, init, anchor, gate=None) -> tuple[dict, list[dict], dict]:
         """The search on a seeded sample of the training and validation rows, held in memory
