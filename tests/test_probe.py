@@ -489,3 +489,17 @@ def test_fits_at_float32_precision_end_their_line_search_at_once(tolerance_grad,
     for weight_decay, (W, b, _) in zip(grid, fits):
         sk = LogisticRegression(C=1 / (weight_decay * n), tol=1e-12, max_iter=10_000).fit(x, y)
         assert loss(W, b, weight_decay) <= loss(sk.coef_.T, sk.intercept_, weight_decay) * (1 + 1e-6), weight_decay
+
+
+def test_preconditioner_inverse_through_cholesky_and_its_fallback():
+    """The preconditioners' inverse goes through a Cholesky factor for a positive definite
+    matrix (the same inverse as linalg.inv) and falls back to the general inverse where the
+    factor fails (a matrix that is not positive definite), instead of raising."""
+    from vlaug.probe import _spd_inverse
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(40, 40, generator=g, dtype=torch.float64)
+    spd = A @ A.T / 40 + 1e-6 * torch.eye(40, dtype=torch.float64)
+    torch.testing.assert_close(_spd_inverse(spd), torch.linalg.inv(spd), rtol=1e-6, atol=1e-6)
+    indefinite = torch.diag(torch.tensor([2.0, -4.0], dtype=torch.float64))
+    torch.testing.assert_close(_spd_inverse(indefinite), torch.diag(torch.tensor([0.5, -0.25], dtype=torch.float64)))

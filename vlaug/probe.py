@@ -517,7 +517,14 @@ def _preconditioners(gram: torch.Tensor, weight_decays: list[float], n_classes: 
     eye = torch.eye(d2 - 1, dtype=sigma.dtype, device=sigma.device)
     on_w = eye.clone()
     on_w[-1, -1] = 0
-    return torch.stack([torch.linalg.inv(sigma + wd * on_w + delta * eye) for wd in weight_decays]).float()
+    return torch.stack([_spd_inverse(sigma + wd * on_w + delta * eye) for wd in weight_decays]).float()
+
+
+def _spd_inverse(A: torch.Tensor) -> torch.Tensor:
+    """A⁻¹ for a symmetric positive definite A (δ > 0 above) through its Cholesky factor: half
+    the time of a general inverse at d = 512; the general inverse where the factor fails."""
+    L, info = torch.linalg.cholesky_ex(A)
+    return torch.cholesky_inverse(L) if int(info) == 0 else torch.linalg.inv(A)
 
 
 def _apply(M: torch.Tensor, which: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
