@@ -503,3 +503,26 @@ def test_preconditioner_inverse_through_cholesky_and_its_fallback():
     torch.testing.assert_close(_spd_inverse(spd), torch.linalg.inv(spd), rtol=1e-6, atol=1e-6)
     indefinite = torch.diag(torch.tensor([2.0, -4.0], dtype=torch.float64))
     torch.testing.assert_close(_spd_inverse(indefinite), torch.diag(torch.tensor([0.5, -0.25], dtype=torch.float64)))
+
+
+def test_a_second_fit_on_the_same_rows_reuses_their_moments(monkeypatch):
+    """The preconditioners' second moments are gathered in a fit's first pass and kept with
+    the rows: a second fit on the same rows (the grid's extension past its weak end) does not
+    gather them again, and ends where a fit on fresh rows ends."""
+    import vlaug.probe as probe_module
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(300, 16, generator=g) + 0.3, dim=1)
+    y = torch.randint(0, 3, (300,), generator=g)
+    rows = Rows.of(x, y, n_classes=3)
+    gathered = []
+    add = probe_module._add_moments
+    monkeypatch.setattr(probe_module, "_add_moments", lambda *a: gathered.append(1) or add(*a))
+    fit_probe(rows, 1e-3, 100)
+    first = len(gathered)
+    W, b, _ = fit_probe(rows, 1e-5, 100)
+    assert first >= 1 and len(gathered) == first  # the second fit read none
+    W_fresh, b_fresh, _ = fit_probe(Rows.of(x, y, n_classes=3), 1e-5, 100)
+    assert len(gathered) == 2 * first
+    torch.testing.assert_close(W, W_fresh)
+    torch.testing.assert_close(b, b_fresh)

@@ -689,9 +689,16 @@ def _first_evaluation(objective: Callable, theta: torch.Tensor, train: Rows, wei
     if pooled:
         keys = [(0, v) for v in weight_decays]
     # float64 moments (on the CPU for MPS, which has none); the preconditioners in float32 on the device
-    gram = torch.zeros(1 if pooled else train.columns, d + 2, d + 2, dtype=torch.float64,
-                       device="cpu" if device.type == "mps" else device)
-    f, g = objective(theta, None, gram)  # and the features' moments
+    kept = train.__dict__.get("_moments") if train.columns == 1 else None
+    if kept is not None:  # an earlier fit on the same rows (the grid's extension): the same moments
+        gram = kept
+        f, g = objective(theta, None)
+    else:
+        gram = torch.zeros(1 if pooled else train.columns, d + 2, d + 2, dtype=torch.float64,
+                           device="cpu" if device.type == "mps" else device)
+        f, g = objective(theta, None, gram)  # and the features' moments
+        if train.columns == 1:  # (d + 2)² values, kept with the rows for their next fit
+            train._moments = gram
     distinct = sorted(set(keys))
     M = torch.cat([_preconditioners(gram[j], [v for i, v in distinct if i == j], c)
                    for j in sorted({i for i, _ in distinct})]).to(device)
