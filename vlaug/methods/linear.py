@@ -128,7 +128,35 @@ class ProbeMethod(Method):
         the rows per evaluation for all of them. ``searched``: the searches the solver
         already ran with other methods' (:meth:`ProbeSolver.search_together`)."""
         found = searched or solver.search_together([self]).get(self.text) or self._refit_seeds(data, splits, solver)
+        if not found:  # each split searched on its own (DomainBed's): their grids, at least, fitted in groups
+            self._grids_together(data, splits, solver)
         return [self.fit(data, s, seed, found.get(seed)) for seed, s in enumerate(splits)]
+
+    def _grids_together(self, data: RunData, splits, solver: ProbeSolver) -> None:
+        """Where the splits' searches could not join one batch (DomainBed's 30 distinct
+        training sets over 3 split seeds: too many rows for one union), the grids of their
+        distinct training sets, fitted in groups (:meth:`ProbeSolver.grids_together`), into
+        the memo each split's search takes its grid's fits from (:meth:`_search`). Only for
+        a method without extras whose splits are searched on every row."""
+        cfg, grid = data.settings, list(data.settings.grid)
+        per_set = len(grid) * (data.embed_dim + 1) * data.n_classes
+        if self.solver != "logistic" or self.extra_rows() or not self._batchable(data) or per_set > GRID_FITS_VALUES:
+            return
+        memo = self.__dict__.setdefault("_grid_fits", {})
+        sets = {}
+        for seed, s in enumerate(splits):
+            train = np.asarray(s.train)
+            if _selection_sample(train, np.asarray(s.val), cfg.selection_rows, seed) is not None:
+                return
+            key = _rows_key(data, train)
+            if key not in memo:
+                sets.setdefault(key, train)
+        if len(sets) < 2 or (len(memo) + len(sets)) * per_set > GRID_FITS_VALUES:
+            return
+        init, anchor = self.start(data)
+        fits = solver.grids_together(list(sets.values()), init, anchor)
+        for key, set_fits in zip(sets, fits or []):
+            memo[key] = set_fits
 
     def reweighting_conflict(self) -> str:
         return "it fits GDA, which has no per-row loss to reweight" if self.solver == "gda" else ""
