@@ -265,6 +265,34 @@ def test_splits_with_the_same_training_rows_share_the_grids_fits(four_domains, t
         assert (fit.W - alone.W).norm() <= 0.01 * alone.W.norm()
 
 
+def test_training_sets_are_grouped_by_the_rows_they_share():
+    """grids_together's groups: consecutive sets while their union stays within UNION_LIMIT x
+    the largest (one split seed's sets: unions of the same domains' in rows), a new group for
+    another seed's sets (other rows), and never more than the group size, every set once in
+    order."""
+    from vlaug.methods.batching import _compact_groups
+
+    rng = np.random.default_rng(0)
+    domains = [np.arange(k * 100, (k + 1) * 100) for k in range(4)]
+
+    def seed_sets():  # each domain's "in" rows drawn for this seed; its tasks' distinct sets in the protocol's order
+        ins = [np.sort(rng.choice(d, 80, replace=False)) for d in domains]
+        found = {}
+        for test in range(4):  # the training-domain set, then each fold's pair
+            rest = [j for j in range(4) if j != test]
+            for keep in [rest] + [[j for j in rest if j != v] for v in rest]:
+                found.setdefault(tuple(keep), np.sort(np.concatenate([ins[j] for j in keep])))
+        return list(found.values())
+
+    first, second = seed_sets(), seed_sets()
+    sets = first + second
+    groups = _compact_groups(sets, 16)
+    assert [len(g) for g in groups] == [10, 10]
+    assert all(a is b for a, b in zip([t for g in groups for t in g], sets))  # in order, each once
+    small = _compact_groups(sets, 4)
+    assert all(len(g) <= 4 for g in small) and [t for g in small for t in g] == sets
+
+
 @pytest.fixture(scope="module")
 def head_set(four_domains, tmp_path_factory):
     from vlaug.heads import make_head_config

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vlaug.methods.base import Method, RunData, Search
-from vlaug.probe import Rows, choose, fit_probes
+from vlaug.probe import PRECONDITIONER_VALUES, Rows, choose, fit_probes
 
 # The seeds of a method are fitted as one batch (fit_seeds): one optimiser loop, one pass over
 # the rows per evaluation for all of them (streamed: one read of the cache, not one per seed).
@@ -133,18 +133,22 @@ class ProbeSolver:
         the sets that train on it only), one optimiser loop for the group's sets x weight
         decays. The same fits as each set's own grid (the same preconditioners, per set and
         weight decay). Returns the fits per set, in order; None where the rows are streamed,
-        a set holds a row twice or a group's optimiser state would not fit BATCH_STATE_VALUES."""
+        a set holds a row twice or a group's optimiser state would not fit BATCH_STATE_VALUES.
+        (Fitting the first decade past the weak end in the same batch, for the splits whose
+        search goes there, cost as much as fitting it afterwards: not done.)"""
         data, grid = self.data, list(self.data.settings.grid)
         if data.x is None or any(len(np.unique(t)) != len(t) for t in trains):
             return None
+        # at most this many sets a group: PATTERN_SEEDS columns, the optimiser's state, and a preconditioner per set and
+        # weight decay (beyond PRECONDITIONER_VALUES they would be pooled: another path, up to 3x the iterations)
         size = min(PATTERN_SEEDS, len(trains))
-        while size > 1 and not self.state_fits(size * len(grid)):
+        while size > 1 and not (self.state_fits(size * len(grid))
+                                and size * len(grid) * (data.embed_dim + 1) ** 2 <= PRECONDITIONER_VALUES):
             size -= 1
         if size < 2:
             return None
         fits = []
-        for lo in range(0, len(trains), size):
-            group = trains[lo:lo + size]
+        for group in _compact_groups(trains, size):
             union = np.unique(np.concatenate(group))
             rows = self.union_rows(group, union, min_rows=max(GROUP_PATTERN_ROWS, len(union) // 64))
             out = fit_probes(rows, grid * len(group), data.settings.max_iter, init=init, regularize_towards=anchor,
@@ -193,6 +197,24 @@ class ProbeSolver:
                 yield x, y[at], weights[at]
 
         return Rows(blocks, data.embed_dim, data.n_classes, len(union), data.device, columns=s)
+
+
+def _compact_groups(trains: list[np.ndarray], size: int) -> list[list[np.ndarray]]:
+    """``trains`` in groups of at most ``size`` consecutive sets, a new group started where a
+    set would take the group's union beyond UNION_LIMIT x its largest set (DomainBed's splits:
+    one group per split seed, whose sets are unions of the same domains' ``in`` rows; another
+    seed's sets hold other rows, and would split every domain's block into finer patterns)."""
+    groups, members, largest = [], None, 0
+    for t in trains:
+        if members is not None:
+            grown = members | set(t.tolist())
+            if len(groups[-1]) < size and len(grown) <= UNION_LIMIT * max(largest, len(t)):
+                groups[-1].append(t)
+                members, largest = grown, max(largest, len(t))
+                continue
+        groups.append([t])
+        members, largest = set(t.tolist()), len(t)
+    return groups
 
 
 # A row of the union outside a seed's set weighs 0 in that seed's column, and costs its problems
