@@ -316,8 +316,8 @@ def _objectives_pass(rows, theta, weight_decay, anchor, columns, gram=None):
         mine = inside.nonzero().flatten()  # the block's rows serve these problems alone
         if len(mine):
             mine_W, mine_b = _stacked(theta[mine])
-            part_loss, part_gW, part_gb = (torch.zeros(len(mine), device=theta.device), torch.zeros(mine_W.shape, device=W.device),
-                                           torch.zeros_like(mine_b))
+            part_loss, part_gW, part_gb = (torch.zeros(len(mine), device=theta.device),
+                                           torch.zeros(mine_W.shape, device=W.device), torch.zeros_like(mine_b))
             _accumulate(x, t, weights(columns[mine]), mine_W, mine_b, part_loss, part_gW, part_gb)
             loss.index_add_(0, mine, part_loss)
             gW.view(p, c, d1 - 1).index_add_(0, mine, part_gW.view(-1, c, d1 - 1))

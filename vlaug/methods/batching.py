@@ -68,7 +68,8 @@ class ProbeSolver:
             k = next((i for i, u in enumerate(distinct) if np.array_equal(u, t)), len(distinct))
             distinct += [t] if k == len(distinct) else []
             column_of.append(k)
-        chosen, room, n_problems = [], BUILT_BATCH_VALUES, 0  # within BUILT_BATCH_VALUES of built rows, BATCH_STATE_VALUES of state
+        # within BUILT_BATCH_VALUES of built rows and BATCH_STATE_VALUES of state
+        chosen, room, n_problems = [], BUILT_BATCH_VALUES, 0
         for m in methods:
             built = m.batch_values(data, splits)
             more = (s if built else len(distinct)) * len(grid)
@@ -91,10 +92,11 @@ class ProbeSolver:
                 columns += s
         uses_shared = any(plan.per_seed is None for _, plan in plans)
 
-        def blocks():  # the cache's rows (resident: one block; streamed: read again), a column per distinct set; then the built
+        def blocks():  # the cache's rows (resident: one block; streamed: read again), a column a set; then the built
             if uses_shared:
                 for block in shared.blocks():
-                    yield *block[:3], block[3] if len(block) > 3 else None, block[4] if len(block) > 4 else (0, len(distinct))
+                    owner = block[4] if len(block) > 4 else (0, len(distinct))
+                    yield *block[:3], block[3] if len(block) > 3 else None, owner
             yield from owned
 
         rows = Rows(blocks, data.embed_dim, data.n_classes, (shared.n_rows if uses_shared else 0) + sum(len(b[1]) for b in owned),
@@ -204,16 +206,19 @@ def _compact_groups(trains: list[np.ndarray], size: int) -> list[list[np.ndarray
     set would take the group's union beyond UNION_LIMIT x its largest set (DomainBed's splits:
     one group per split seed, whose sets are unions of the same domains' ``in`` rows; another
     seed's sets hold other rows, and would split every domain's block into finer patterns)."""
+    n = 1 + max((int(t.max()) for t in trains if len(t)), default=0)
     groups, members, largest = [], None, 0
     for t in trains:
-        if members is not None:
-            grown = members | set(t.tolist())
-            if len(groups[-1]) < size and len(grown) <= UNION_LIMIT * max(largest, len(t)):
+        if members is not None and len(groups[-1]) < size:
+            grown = members.copy()
+            grown[t] = True
+            if int(grown.sum()) <= UNION_LIMIT * max(largest, len(t)):
                 groups[-1].append(t)
                 members, largest = grown, max(largest, len(t))
                 continue
         groups.append([t])
-        members, largest = set(t.tolist()), len(t)
+        members, largest = np.zeros(n, dtype=bool), len(t)
+        members[t] = True
     return groups
 
 

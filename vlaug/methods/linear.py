@@ -48,10 +48,6 @@ GRID_EXTENSION_DECADES = 3
 # 2**25 float32 values = 128 MB: 30 sets at d = 512, C = 7; one at d = 1024, C = 1000 is not kept.
 GRID_FITS_VALUES = 2**25
 
-# ... and the fits past the grid's ends of as many sets of rows as GRID_FITS_VALUES holds at GRID_EXTENSION_DECADES x 2
-# probes a set (the most a set can have): 1,557 sets at d = 512, C = 7; 21 at d = 768, C = 345 (DomainNet)
-
-
 def _rows_key(data: RunData, train: np.ndarray) -> tuple:
     """A key for the training rows ``train`` of the cache (resident or streamed)."""
     return data.x is not None, len(train), hashlib.blake2b(np.ascontiguousarray(train).tobytes()).hexdigest()
@@ -230,7 +226,9 @@ class ProbeMethod(Method):
         """The fits past the grid (:func:`extend_grid`) already made on the training rows
         ``train``, by weight decay: a seed or split with the same rows (a cache's fixed split,
         DomainBed's shared training sets) reuses them. None for a method with extras (its rows
-        differ by seed). The most recent sets of rows are kept, within GRID_FITS_VALUES."""
+        differ by seed). The most recent sets of rows are kept, as many as GRID_FITS_VALUES
+        holds at GRID_EXTENSION_DECADES x 2 probes a set (the most a set can have): 1,557 sets
+        at d = 512, C = 7; 21 at d = 768, C = 345 (DomainNet)."""
         if self.extra_rows():
             return None
         memo = self.__dict__.setdefault("_past", {})
