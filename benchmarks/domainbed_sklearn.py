@@ -18,7 +18,8 @@ What it checks. On a 4-domain simulated cache (:mod:`vlaug.simulate`, or a cache
 - the grid: report.json's ``protocol.weight_decay_grid``, extended past an end, a decade at a
   time and at most 3 decades, only while the best sits at that end, the weak end first
   (vlaug.methods.linear.extend_grid; a value past the grid is taken only with a higher
-  accuracy);
+  accuracy); for leave-one-domain-out, while the best *mean over the folds* sits at that end,
+  every fold scoring the next decade (vlaug.domainbed.extended_choice);
 - the selection rule: the highest validation accuracy, ties to the lower validation log-loss,
   then the first in the grid's order (strongest weight decay first);
 - the three model selections, reimplemented here from DomainBed's definitions, not taken
@@ -27,7 +28,7 @@ What it checks. On a 4-domain simulated cache (:mod:`vlaug.simulate`, or a cache
     as the mean over the training domains of each domain's accuracy (and log-loss);
   * leave-one-domain-out: for each training domain v, train on the other training domains'
     ``in`` rows, score on v's ``in`` rows; the candidate with the best mean over v (ties:
-    lower mean log-loss; only candidates every fold tried) is refitted on every training
+    lower mean log-loss) is refitted on every training
     domain's ``in`` rows;
   * oracle: train on the training domains' ``in`` rows, select on the test domain's ``out`` rows;
 
@@ -221,16 +222,43 @@ def _chosen(entries: list[dict]) -> dict:
 
 
 def lodo_choice(fold_entries: list[list[dict]]) -> tuple[float, tuple[Fraction, float]]:
-    """Leave-one-domain-out's weight decay: among the candidates every fold tried (in the
-    first fold's order), the best mean (accuracy, log-loss) over the folds."""
+    """Leave-one-domain-out's weight decay on the grid: among the candidates every fold tried
+    (in the first fold's order), the best mean (accuracy, log-loss) over the folds."""
     by_fold = [{e["weight_decay"]: e["score"] for e in entries} for entries in fold_entries]
     best = None
     for wd in by_fold[0]:
         if all(wd in f for f in by_fold[1:]):
-            mean = (sum(f[wd][0] for f in by_fold) / len(by_fold), float(np.mean([f[wd][1] for f in by_fold])))
+            mean = _fold_mean(by_fold, wd)
             if best is None or _better(mean, best[1]):
                 best = (wd, mean)
     return best
+
+
+def _fold_mean(by_fold: list[dict], wd: float) -> tuple[Fraction, float]:
+    return sum(f[wd][0] for f in by_fold) / len(by_fold), float(np.mean([f[wd][1] for f in by_fold]))
+
+
+def lodo_search(grid: list[float], fold_scores: list) -> tuple[float, tuple[Fraction, float], list[list[dict]]]:
+    """Leave-one-domain-out's search: every fold scores the grid (``fold_scores[k](wd)``);
+    where the best mean over the folds sits at an end of the grid, every fold scores the next
+    decade past it, at most EXTENSION_DECADES, the weak end first, a value past the grid taken
+    only with a higher mean accuracy (the extension rule applied to the mean, which is what
+    chooses; a fold's own best plays no part). Returns the weight decay, its mean scores and
+    each fold's entries."""
+    fold_entries = [[{"weight_decay": wd, "score": score(wd)} for wd in grid] for score in fold_scores]
+    wd, mean = lodo_choice(fold_entries)
+    for factor in (0.1, 10.0):
+        end = min(grid) if factor < 1 else max(grid)
+        for _ in range(EXTENSION_DECADES):
+            if wd != end:
+                break
+            end *= factor  # the same float arithmetic as vlaug
+            for entries, score in zip(fold_entries, fold_scores):
+                entries.append({"weight_decay": end, "score": score(end), "extension": True})
+            new = _fold_mean([{e["weight_decay"]: e["score"] for e in entries} for entries in fold_entries], end)
+            if new[0] > mean[0]:
+                wd, mean = end, new
+    return wd, mean, fold_entries
 
 
 def _lodo_candidates(fold_entries: list[list[dict]]) -> list[list[float]]:
@@ -259,15 +287,13 @@ def sklearn_results(tasks, x: np.ndarray, y: np.ndarray, domains: np.ndarray, gr
                 folds = [t for t in mine if t.role == LODO]
                 if not folds:
                     continue
-                fold_entries = [search(grid, lambda wd, t=t: scores(fit(t.splits.train, wd), x[t.splits.val], y[t.splits.val]))
-                                for t in folds]
-                wd, val = lodo_choice(fold_entries)
+                wd, val, fold_entries = lodo_search(grid, [lambda wd, t=t: scores(fit(t.splits.train, wd), x[t.splits.val],
+                                                                                  y[t.splits.val]) for t in folds])
                 train = np.union1d(folds[0].splits.train, folds[0].splits.val)  # every training domain's in rows
                 results.append({"seed": seed, "test_domain": test, "model_selection": role, "weight_decay": wd,
                                 "val_accuracy": float(val[0]), "val_log_loss": val[1], "out_of_domain": accuracy(train, wd),
                                 "folds": [t.fold for t in folds],
-                                "candidates": _lodo_candidates(fold_entries),
-                                "fold_weight_decays": [_chosen(e)["weight_decay"] for e in fold_entries]})
+                                "candidates": _lodo_candidates(fold_entries)})
                 continue
             task = next((t for t in mine if t.role == role), None)
             if task is None:

@@ -101,6 +101,32 @@ def test_leave_one_domain_out_takes_the_best_mean_over_the_folds():
     assert domainbed.lodo_choice(folds)[0]["weight_decay"] == 0.01
 
 
+def test_the_mean_over_the_folds_extends_every_fold_past_the_end_it_chose():
+    """vlaug's grid rule (extend past an end that the selection chose) applied to what chooses
+    under leave-one-domain-out: the mean over the folds, not each fold's own best."""
+    def fold(*accuracies):
+        return [{"weight_decay": wd, "val_accuracy": a, "val_log_loss": 1 - a} for wd, a in zip((0.1, 0.01, 0.001), accuracies)]
+
+    past = {0.001 * 0.1: (0.9, 0.95), 0.001 * 0.1 * 0.1: (0.9, 0.9), 0.001 * 0.1 * 0.1 * 0.1: (0.99, 0.99)}
+    calls = []
+
+    def candidate(k, wd):
+        calls.append((k, wd))
+        return {"weight_decay": wd, "val_accuracy": past[wd][k], "val_log_loss": 0.0}
+
+    # fold 0 alone prefers the strong end (0.1); the mean prefers the weak end (0.001): both folds go past it
+    folds = [fold(0.8, 0.7, 0.75), fold(0.5, 0.6, 0.9)]
+    (best, means), info = domainbed.extended_choice(folds, candidate, 2)
+    assert calls == [(0, 1e-4), (1, 1e-4), (0, 1e-5), (1, 1e-5)] and info == {"grid_extended": True, "grid": [1e-5, 0.1]}
+    assert best["weight_decay"] == 1e-4 and best["val_accuracy"] == pytest.approx(0.925)  # 1e-5 ties it: not taken
+    assert [m["weight_decay"] for m in means] == [0.1, 0.01, 0.001, 1e-4, 1e-5]
+    assert all(len(f) == 5 for f in folds)  # the folds' searches hold the values past the grid
+    # a fold's own best at an end (fold 0: 0.1) with the mean's interior: nothing past the grid
+    calls.clear()
+    (best, _), info = domainbed.extended_choice([fold(0.9, 0.7, 0.6), fold(0.5, 0.9, 0.6)], candidate, 3)
+    assert calls == [] and best["weight_decay"] == 0.01 and info == {"grid_extended": False, "grid": [0.001, 0.1]}
+
+
 def test_grouped_validation_scores_are_the_mean_of_the_groups_accuracies():
     torch.manual_seed(0)
     x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
@@ -160,11 +186,41 @@ def test_the_selections_choose_what_their_scores_say(run):
         if r["method"] != "linear":
             continue
         if r["model_selection"] == domainbed.LODO:  # the refitted weight decay is the best mean over the folds
-            best = max(s["candidates"], key=lambda c: (c["val_accuracy"], -c["val_log_loss"]))
+            grid = run.report["protocol"]["weight_decay_grid"]
+            on_grid = [c for c in s["candidates"] if c["weight_decay"] in grid]
+            best = max(on_grid, key=lambda c: (c["val_accuracy"], -c["val_log_loss"]))
+            top = max(c["val_accuracy"] for c in s["candidates"])
+            if best["val_accuracy"] < top:  # a value past the grid, taken with a higher mean accuracy only
+                best = next(c for c in s["candidates"] if c["val_accuracy"] == top)
             assert s["weight_decay"] == best["weight_decay"] and len(s["folds"]) == 3
             assert r["test_domain"] not in s["folds"]
+            # past an end of the grid exactly where the mean chose that end
+            ends = [min(grid), max(grid)]
+            assert s["grid_extended"] == (best["weight_decay"] not in grid or best["weight_decay"] in ends)
         else:
             assert 0.0 <= s["val_accuracy"] <= 1.0
+
+
+def test_tip_adapters_alpha_and_beta_are_the_best_mean_over_the_folds(four_domains, tmp_path):
+    """Tip-Adapter's (α, β) are candidates like a weight decay: under leave-one-domain-out
+    selection each is scored by its mean over the folds (not fold 0's own choice), and an
+    adapter's refit trains for the mean of its folds' epochs."""
+    from vlaug.methods.fewshot import TIP_ALPHAS, TIP_BETAS
+
+    config = ProbeRunConfig(features=str(four_domains), out=str(tmp_path / "r"), methods=("tip-adapter", "tip-adapter-f?epochs=3"),
+                            seeds=1, device="cpu", progress=False, protocol="leave-one-domain-out",
+                            selection="leave-one-domain-out", test_domains=("photo",))
+    results = run_probe(config).report["results"]
+    assert len(results) == 2
+    for r in results:
+        s = r["selection"]
+        assert s["n_candidates"] == len(TIP_ALPHAS) * len(TIP_BETAS) and len(s["candidates"]) == 50
+        top = s["candidates"][0]
+        assert top["val_accuracy"] == max(c["val_accuracy"] for c in s["candidates"])
+        assert (s["alpha"], s["beta"]) == (top["alpha"], top["beta"]) and s["val_accuracy"] == top["val_accuracy"]
+        for c in s["candidates"]:
+            assert len(c["fold_val_accuracy"]) == 3 and c["val_accuracy"] == pytest.approx(np.mean(c["fold_val_accuracy"]))
+    assert isinstance(results[1]["selection"]["selected_epoch"], int)
 
 
 def test_tables_average_the_test_domains(run):
@@ -258,11 +314,18 @@ def test_splits_with_the_same_training_rows_share_the_grids_fits(four_domains, t
     assert together == [10 * 4] and counted.count(4) == 0  # every set's grid in one batch, none alone
     owners = sorted(len(b[4]) for b in blocks[0] if len(b) > 4)
     assert owners == [6, 6, 6, 6]  # a domain's rows: under the 3 three-domain sets and 3 pairs that hold it
-    for split, fit in zip(plan.splits, fits):
-        alone = parse_method("linear").fit(plan.data, split, 0)
+    at_end = 0
+    for i, (split, fit) in enumerate(zip(plan.splits, fits)):
+        fresh = parse_method("linear")
+        fresh.folds = shared.folds  # a fold's search does not extend by its own choice (the mean over its folds does)
+        alone = fresh.fit(plan.data, split, i)
         assert fit.selection["weight_decay"] == alone.selection["weight_decay"]
+        if i in shared.folds:  # nothing past the grid by a fold's own choice
+            assert not fit.selection["grid_extended"] and not any(e.get("extension") for e in fit.search)
+            at_end += fit.selection["weight_decay"] in (min(plan.data.settings.grid), max(plan.data.settings.grid))
         assert fit.selection["val_accuracy"] == pytest.approx(alone.selection["val_accuracy"], abs=0.02)
         assert (fit.W - alone.W).norm() <= 0.01 * alone.W.norm()
+    assert at_end  # (folds whose own best is at an end: their searches would have gone past it)
 
 
 def test_training_sets_are_grouped_by_the_rows_they_share():

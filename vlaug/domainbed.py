@@ -25,6 +25,7 @@ Every selection reports the accuracy on T's ``in`` rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +38,7 @@ SELECTIONS = (TRAINING_DOMAIN, LODO, ORACLE)
 EMPTY = np.zeros(0, dtype=np.int64)
 # what identifies a candidate of a method's own search (a search entry's keys): the logistic
 # probe's weight decay, GDA's shrinkage, a joint method's learning rate and weight decay
-CANDIDATE_KEYS = ("lr", "weight_decay", "shrinkage")
+CANDIDATE_KEYS = ("lr", "weight_decay", "shrinkage", "alpha", "beta")  # alpha, beta: Tip-Adapter's cache
 
 
 def parse_selections(text: str) -> tuple[str, ...]:
@@ -138,6 +139,40 @@ def lodo_choice(fold_searches: list[list[dict]]) -> tuple[dict, list[dict]] | No
                          if all("selected_step" in e for e in entries) else {})})
     best = best_config([(m["val_accuracy"], m["val_log_loss"]) for m in means])
     return means[best], means
+
+
+def extended_choice(fold_searches: list[list[dict]], candidate: Callable[[int, float], dict], decades: int
+                    ) -> tuple[tuple[dict, list[dict]] | None, dict]:
+    """:func:`lodo_choice` for a method whose search extends the weight-decay grid
+    (vlaug.methods.linear.extend_grid), with the rule applied to the mean over the folds: where
+    the mean chooses an end of the grid, every fold is fitted a decade past it
+    (``candidate(k, weight_decay)``: fold k's search entry there, appended to
+    ``fold_searches[k]``), until the mean's best is interior or ``decades`` were added on that
+    side; a value past the grid is taken only with a higher mean accuracy, as in one search.
+    A fold's own choice plays no part (its search does not extend by itself). Returns the
+    choice and ``{"grid_extended", "grid": [lowest, highest weight decay tried]}``."""
+    choice = lodo_choice(fold_searches)
+    if choice is None:
+        return None, {}
+    grid = [m["weight_decay"] for m in choice[1]]
+    info = {"grid_extended": False, "grid": [min(grid), max(grid)]}
+    best = choice[0]
+    if len(grid) < 2:
+        return choice, info
+    for factor in (0.1, 10.0):  # the weak end, then the strong end
+        end = min(grid) if factor < 1 else max(grid)
+        for _ in range(decades):
+            if best["weight_decay"] != end:
+                break
+            end *= factor  # the same arithmetic as each search's extension: the folds' values compare equal
+            for k, search in enumerate(fold_searches):
+                if not any(e.get("weight_decay") == end for e in search):
+                    search.append(candidate(k, end))
+            mean = next(m for m in lodo_choice(fold_searches)[1] if m["weight_decay"] == end)
+            info = {"grid_extended": True, "grid": [min(info["grid"][0], end), max(info["grid"][1], end)]}
+            if mean["val_accuracy"] > best["val_accuracy"]:  # a higher accuracy only, as in extend_grid
+                best = mean
+    return (best, lodo_choice(fold_searches)[1]), info
 
 
 def tables(results: list[dict], methods: list[str], test_domains: list[str]) -> dict[str, list[dict]]:

@@ -28,7 +28,7 @@ from vlaug.errors import CheckpointError, UsageError
 from vlaug.methods import Fit, Method, RunData, parse_method
 from vlaug.methods.registry import expand_method
 from vlaug.methods.batching import ProbeSolver
-from vlaug.methods.linear import ProbeMethod, block_generator
+from vlaug.methods.linear import GRID_EXTENSION_DECADES, ProbeMethod, block_generator
 from vlaug.probe import LinearProbe
 from vlaug.runs import Coded, Plots, ProbeRun, ProbeRunConfig
 from vlaug.protocols import FEW_SHOT_VAL, Splits, check_domains, id_fractions, make_splits, parse_imbalance, training_rows
@@ -264,6 +264,9 @@ def prepare(config: ProbeRunConfig) -> _Plan:
         test_domains = check_domains(config.test_domains, train_domains, "--test-domain")
         tasks = domainbed.plan_tasks(feats.labels, feats.domains, feats.splits, train_domains, test_domains, config.seeds,
                                      selections, config.holdout_fraction)
+        folds = frozenset(i for i, t in enumerate(tasks) if t.role == domainbed.LODO)
+        for m in methods:  # a fold's search is scored for the mean over its folds (_lodo_model), not for its own choice
+            m.folds = folds
     _bind(methods, feats, train_domains, from_all, warnings,
           domain_sets=None if tasks is None else domainbed.training_domain_sets(tasks, train_domains))
     head_users = _resolve_head_sets(methods, tasks, feats, config)
@@ -865,16 +868,32 @@ def _lodo_model(data: RunData, members: list[Method], fits: dict, fold_tasks: li
     candidates scored by their mean over the folds, the best one refitted on every training
     domain's ``in`` rows (the folds' training and validation rows together); an ensemble or
     gate is calibrated on the training domains' ``out`` rows, which no selection used."""
-    choices = []
+    choices, extended = [], []
     for x in members:
         searches = [fits[i, x.text].search or [fits[i, x.text].selection] for i in fold_index]
-        choices.append(domainbed.lodo_choice(searches))
+        if x.extends_grid():  # past an end of the grid that the mean over the folds chose, every fold a decade further
+            def candidate(k: int, wd: float, x=x) -> dict:
+                i = fold_index[k]
+                fold = _with_head(x, x.task_heads[i]) if getattr(x, "task_heads", None) else x
+                return fold.fold_candidate(data, fold_tasks[k].splits, i, wd)
+
+            choice, info = domainbed.extended_choice(searches, candidate, GRID_EXTENSION_DECADES)
+        else:
+            choice, info = domainbed.lodo_choice(searches), {}
+        choices.append(choice)
+        extended.append(info)
     scores = [(c[0]["val_accuracy"], c[0]["val_log_loss"]) if c else (float("-inf"), float("inf")) for c in choices]
     k = domainbed.best_config(scores)
     x, (best, means) = members[k], choices[k]
     first = fits[fold_index[0], x.text].selection
-    chosen = {**{key: v for key, v in first.items() if key not in _PER_FIT}, **best,
+    chosen = {**{key: v for key, v in first.items() if key not in _PER_FIT}, **best, **extended[k],
               "folds": [t.fold for t in fold_tasks], "candidates": means}
+    epochs = [fits[i, x.text].selection.get("selected_epoch") for i in fold_index]
+    if all(e is not None for e in epochs):  # an adapter trains for the mean of its folds' epochs (as a joint method's steps)
+        chosen["selected_epoch"] = int(round(np.mean(epochs)))
+    if len(means) > REPORTED_CANDIDATES:  # Tip-Adapter's 4,000 (α, β): the best ones, best first
+        order = sorted(range(len(means)), key=lambda j: (-means[j]["val_accuracy"], means[j]["val_log_loss"], j))
+        chosen["candidates"], chosen["n_candidates"] = [means[j] for j in order[:REPORTED_CANDIDATES]], len(means)
     if len(members) > 1:  # every configuration's best mean over the folds
         chosen["configurations"] = [{"config": y.config, "val_accuracy": a, "val_log_loss": ll} for y, (a, ll) in zip(members, scores)]
     train = np.union1d(fold_tasks[0].splits.train, fold_tasks[0].splits.val)
@@ -891,7 +910,9 @@ def _lodo_model(data: RunData, members: list[Method], fits: dict, fold_tasks: li
 
 # what a fit records about itself, not about the configuration chosen (left out of a leave-one-domain-out choice)
 _PER_FIT = ("val_accuracy", "val_log_loss", "iterations", "converged", "stalled", "n_train_rows", "steps", "stopped",
-            "selected_step", "calibration", "grid_extended", "grid", "selected_on", "refit")
+            "selected_step", "selected_epoch", "calibration", "grid_extended", "grid", "selected_on", "refit")
+# a leave-one-domain-out result's report.json lists at most this many candidates' means over the folds (the best)
+REPORTED_CANDIDATES = 50
 
 
 def _texts_used(methods: list[Method], made_from: dict[str, list[str]]) -> dict[str, dict]:

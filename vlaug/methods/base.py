@@ -324,6 +324,9 @@ class Method:
     streams: ClassVar[bool] = True  # whether it can train on a cache streamed from disk
     plots_box_volumes: ClassVar[bool] = False  # its head's box volumes are plotted (LARE's Tables 4 and 5)
     path_argument: ClassVar[str] = ""  # a method written NAME:PATH whose PATH is no head (e.g. cdga:GEN_FEATURES)
+    # the splits (by index) that are leave-one-domain-out folds (vlaug.evaluate sets them on the instance): each is
+    # scored for the mean over its folds, which chooses (vlaug.domainbed.extended_choice), not by a choice of its own
+    folds: frozenset[int] = frozenset()
 
     def __init__(self, text: str, head: str = "", options: Options | None = None):
         self.text = text  # as the user wrote it: the method's name in reports
@@ -391,6 +394,17 @@ class Method:
 
     def refit(self, data: RunData, rows: np.ndarray, seed: int, selection: dict) -> Fit:
         """Train on ``rows`` (train + val) at the hyperparameters ``selection`` chose."""
+        raise NotImplementedError
+
+    def extends_grid(self) -> bool:
+        """Whether a search of this method goes on past an end of the weight-decay grid that
+        it chose (:func:`vlaug.methods.linear.extend_grid`); then :meth:`fold_candidate` fits
+        a value past the grid for the mean over leave-one-domain-out folds."""
+        return False
+
+    def fold_candidate(self, data: RunData, splits: "Splits", seed: int, weight_decay: float) -> dict:
+        """The search entry of split ``seed`` (a leave-one-domain-out fold) at ``weight_decay``,
+        a value past the grid: for a method that :meth:`extends_grid`."""
         raise NotImplementedError
 
     def batch_values(self, data: RunData, splits: list["Splits"]) -> float | None:

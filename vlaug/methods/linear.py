@@ -171,7 +171,7 @@ class ProbeMethod(Method):
             init, anchor = self.start(data)
             best, search, found.extension = extend_grid(rows, data.labelled_rows(val), best, found.search, data.settings,
                                                         anchor, self.scorer(data, val, gate, rows, train),
-                                                        self._past_fits(data, train), init)
+                                                        self._past_fits(data, train), init, self._decades(seed))
             found.search = search  # with the values tried past the grid
             if best is not found.best:
                 found.best, found.W, found.b = best, best["W"], best["b"]
@@ -213,7 +213,7 @@ class ProbeMethod(Method):
                     memo[key] = fit_probes(rows, grid, cfg.max_iter, init=init, regularize_towards=anchor)
                 best, search = choose(memo[key], grid, labelled, scorer)
             best, search, extension = extend_grid(rows, labelled, best, search, cfg, anchor, scorer,
-                                                  self._past_fits(data, train), init)
+                                                  self._past_fits(data, train), init, self._decades(seed))
             return Search(best, search, best["W"], best["b"], rows, extension=extension)
         # select on a seeded sample held in memory, then refit on every training row, warm-started
         best, search, extension = self._search_sample(data, sample, seed, grid, init, anchor, gate)
@@ -243,13 +243,46 @@ class ProbeMethod(Method):
     def _search_sample(self, data, sample, seed, grid, init, anchor, gate=None) -> tuple[dict, list[dict], dict]:
         """The search on a seeded sample of the training and validation rows, held in memory
         (extended past an end of the grid that it chose)."""
+        rows, labelled, scorer = self._sample_rows(data, sample, seed, gate)
+        best, search = select_weight_decay(rows, labelled, grid, data.settings.max_iter, init, anchor, scorer)
+        return extend_grid(rows, labelled, best, search, data.settings, anchor, scorer, init=init,
+                           decades=self._decades(seed))
+
+    def _sample_rows(self, data, sample, seed, gate=None) -> tuple[Rows, Rows, Scorer | None]:
+        """The training rows, validation rows and scorer of a search on the seeded ``sample``
+        ``(train rows, validation rows)`` (:func:`_selection_sample`), held in memory."""
         sub_train, sub_val = sample
         held = data.subset(np.concatenate([sub_train, sub_val]))
         local = np.arange(len(sub_train) + len(sub_val))
         rows, labelled = self.training_rows(held, local[:len(sub_train)], seed), held.labelled_rows(local[len(sub_train):])
-        scorer = self.scorer(held, local[len(sub_train):], gate, rows, local[:len(sub_train)])
-        best, search = select_weight_decay(rows, labelled, grid, data.settings.max_iter, init, anchor, scorer)
-        return extend_grid(rows, labelled, best, search, data.settings, anchor, scorer, init=init)
+        return rows, labelled, self.scorer(held, local[len(sub_train):], gate, rows, local[:len(sub_train)])
+
+    def _decades(self, seed: int) -> int:
+        """How many decades split ``seed``'s own search may add past an end of the grid: none
+        for a leave-one-domain-out fold (:attr:`~vlaug.methods.base.Method.folds`), whose own
+        choice is not used; the mean over its folds chooses, and extends them together
+        (:meth:`fold_candidate`)."""
+        return 0 if seed in self.folds else GRID_EXTENSION_DECADES
+
+    def extends_grid(self) -> bool:
+        return self.solver == "logistic"
+
+    def fold_candidate(self, data: RunData, splits, seed: int, weight_decay: float) -> dict:
+        """The search entry of split ``seed`` (a leave-one-domain-out fold) at ``weight_decay``,
+        a value past the grid: fitted on the rows that split's search fitted (every training
+        row, or its seeded sample, with the method's extras drawn as they were), scored by
+        what the method deploys on its validation rows; fits already made on the same rows are
+        reused (:meth:`_past_fits`)."""
+        train, val = np.asarray(splits.train), np.asarray(splits.val)
+        gate = self.gate_for(data, train, val)
+        init, anchor = self.start(data)
+        sample = _selection_sample(train, val, data.settings.selection_rows, seed)
+        if sample is None:
+            rows = self.training_rows(data, train, seed)
+            labelled, scorer, memo = data.labelled_rows(val), self.scorer(data, val, gate, rows, train), self._past_fits(data, train)
+        else:
+            (rows, labelled, scorer), memo = self._sample_rows(data, sample, seed, gate), None
+        return _candidate(rows, labelled, weight_decay, data.settings, anchor, scorer, memo, init)[0]
 
     def batch_values(self, data: RunData, splits) -> float | None:
         """How many values this method's rows built for every seed at once would hold (0:
@@ -435,11 +468,12 @@ def _joined(blocks: list[tuple], n_classes: int) -> list[tuple]:
 
 def extend_grid(rows: Rows, val: Rows, best: dict, search: list[dict], settings, anchor: torch.Tensor | None,
                 scorer: Scorer | None = None, memo: dict | None = None,
-                init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict, list[dict], dict]:
+                init: tuple[torch.Tensor, torch.Tensor] | None = None,
+                decades: int = GRID_EXTENSION_DECADES) -> tuple[dict, list[dict], dict]:
     """The search continued past an end of the weight-decay grid that it chose: a decade at a
     time (each fit from the method's starting weights ``init``, as the grid's are, scored like
     the grid, by ``scorer``; taken only with a higher validation accuracy), until the best is interior
-    or GRID_EXTENSION_DECADES were added on that side. Not warm-started from the best: past the
+    or ``decades`` were added on that side. Not warm-started from the best: past the
     weak end, L-BFGS from a nearby minimiser crawled (steps of 1e-3, 200 iterations, still 20 %
     from the minimiser on a separable 200-row problem) where the same fit from zeros converged
     in 25. ``memo``: fits already made on the same training rows, by weight decay: a split that
@@ -453,24 +487,33 @@ def extend_grid(rows: Rows, val: Rows, best: dict, search: list[dict], settings,
     search = list(search)
     for factor in (0.1, 10.0):  # the weak end, then the strong end
         end = min(grid) if factor < 1 else max(grid)
-        for _ in range(GRID_EXTENSION_DECADES):
+        for _ in range(decades):
             if best["weight_decay"] != end:
                 break
             end *= factor
-            if memo is not None and end in memo:
-                W, b, fit = memo[end]
-            else:
-                W, b, fit = fit_probe(rows, end, settings.max_iter, init=init, regularize_towards=anchor)
-                if memo is not None:
-                    memo[end] = (W, b, fit)
-            theta = torch.cat([W, b[None]])[None]
-            (accuracy, log_loss), = scorer(theta, [end]) if scorer is not None else validation_scores(val, theta)
-            entry = {"weight_decay": end, **fit, "val_accuracy": accuracy, "val_log_loss": log_loss, "extension": True}
+            entry, W, b = _candidate(rows, val, end, settings, anchor, scorer, memo, init)
             search.append(entry)
             info = {"grid_extended": True, "grid": [min(info["grid"][0], end), max(info["grid"][1], end)]}
-            if accuracy > best["val_accuracy"]:  # a higher accuracy only (see above the module's constants)
+            if entry["val_accuracy"] > best["val_accuracy"]:  # a higher accuracy only (see above the module's constants)
                 best = {**entry, "W": W, "b": b}
     return best, search, info
+
+
+def _candidate(rows: Rows, val: Rows, weight_decay: float, settings, anchor: torch.Tensor | None,
+               scorer: Scorer | None, memo: dict | None, init: tuple[torch.Tensor, torch.Tensor] | None
+               ) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The search entry of one weight decay past the grid (marked ``"extension": true``), with
+    its weights: fitted on ``rows`` from ``init`` (or taken from ``memo``, the fits already made
+    on the same rows, by weight decay), scored on ``val`` by ``scorer``."""
+    if memo is not None and weight_decay in memo:
+        W, b, fit = memo[weight_decay]
+    else:
+        W, b, fit = fit_probe(rows, weight_decay, settings.max_iter, init=init, regularize_towards=anchor)
+        if memo is not None:
+            memo[weight_decay] = (W, b, fit)
+    theta = torch.cat([W, b[None]])[None]
+    (accuracy, log_loss), = scorer(theta, [weight_decay]) if scorer is not None else validation_scores(val, theta)
+    return {"weight_decay": weight_decay, **fit, "val_accuracy": accuracy, "val_log_loss": log_loss, "extension": True}, W, b
 
 
 def _selection_sample(train: np.ndarray, val: np.ndarray, limit: int, seed: int):
