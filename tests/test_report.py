@@ -30,6 +30,20 @@ def test_table_shows_mean_and_std_over_seeds_in_percent(run):
         assert f"| `{s['method']}` | {100 * np.mean(values):.1f} ± {100 * np.std(values):.1f} |" in table
 
 
+def test_the_report_says_what_the_seeds_vary(run):
+    """With every training row used the split is fixed by the ids: the report says the seeds
+    vary only what methods draw, which is why `linear` has no spread over them."""
+    from vlaug.report import format_markdown
+
+    _, result = run
+    md = format_markdown(result.report)
+    assert "the split is the same for every seed" in md
+    linear = [r["in_domain"] for r in result.report["results"] if r["method"] == "linear"]
+    assert len(linear) == 2 and len(set(linear)) == 1  # what the sentence says of a method that draws nothing
+    shots = {**result.report, "protocol": {**result.report["protocol"], "shots": 4}}
+    assert "each seed draws its own training rows" in format_markdown(shots)
+
+
 def test_json_has_no_nan_and_plain_types():
     out = _json_ready({"a": float("nan"), "b": [np.float32(0.5), (1, float("inf"))], "c": np.int64(3)})
     assert json.dumps(out, allow_nan=False) == '{"a": null, "b": [0.5, [1, null]], "c": 3}'

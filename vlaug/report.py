@@ -297,7 +297,7 @@ def _settings_lines(report: dict) -> list[str]:
         f"- model: `{report['model']}`, pretrained: `{pretrained}`, d = {report['embed_dim']}, {len(report['classes'])} classes",
         f"- training domains: {', '.join(p['train_domains']) or '(no domains)'}; out-of-domain: {', '.join(p['test_domains']) or '(none)'}",
         f"- splits: {_splits_text(report)}",
-        f"- protocol: {_protocol_text(p)}; seeds {p['seeds']} (mean ± std over seeds)",
+        f"- protocol: {_protocol_text(p)}; seeds {p['seeds']} (mean ± std over seeds{_seeds_vary(p)})",
         f"- probe: {_probe_text(report)}",
         f"- data: {_data_text(report)}",
         f"- vlaug {report['vlaug_version']}, {report['seconds']:.1f} s",
@@ -314,6 +314,15 @@ def _splits_text(report: dict) -> str:
     return (f"one held-out test split for every stage and seed: {test_rows}, and every row of the out-of-domain "
             f"domains; the validation rows are fixed the same way (a fraction {c['val_fraction']} of the rest, by id hash, "
             f"stratified; the same for every seed), and neither heads nor probes fit on either; {sizes}")
+
+
+def _seeds_vary(protocol: dict) -> str:
+    """What the seeds vary: with every training row used, not the split (fixed by the rows'
+    ids or the cache's split column), so a method that draws nothing has no spread."""
+    if protocol["shots"] or protocol["imbalance"]:
+        return "; each seed draws its own training rows"
+    return ("; the split is the same for every seed, so the seeds vary only what a method draws (augmentations, "
+            "initialisation, batches): a method that draws nothing, such as `linear`, scores the same on every seed")
 
 
 def _protocol_text(protocol: dict) -> str:
