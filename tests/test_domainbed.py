@@ -209,9 +209,12 @@ def test_tip_adapters_alpha_and_beta_are_the_best_mean_over_the_folds(four_domai
 
     config = ProbeRunConfig(features=str(four_domains), out=str(tmp_path / "r"), methods=("tip-adapter", "tip-adapter-f?epochs=3"),
                             seeds=1, device="cpu", progress=False, protocol="leave-one-domain-out",
-                            selection="leave-one-domain-out", test_domains=("photo",))
+                            selection="all", test_domains=("photo",))
     results = run_probe(config).report["results"]
-    assert len(results) == 2
+    assert len(results) == 2 * 3
+    # every selection chose among the 4,000 (α, β), whichever task comes first
+    assert all(r["n_configurations"] == len(TIP_ALPHAS) * len(TIP_BETAS) for r in results)
+    results = [r for r in results if r["model_selection"] == domainbed.LODO]
     for r in results:
         s = r["selection"]
         assert s["n_candidates"] == len(TIP_ALPHAS) * len(TIP_BETAS) and len(s["candidates"]) == 50
@@ -328,6 +331,30 @@ def test_splits_with_the_same_training_rows_share_the_grids_fits(four_domains, t
     assert at_end  # (folds whose own best is at an end: their searches would have gone past it)
 
 
+def test_methods_with_rows_of_their_own_are_searched_on_them(four_domains, tmp_path):
+    """cross-modal adds its class prompts as rows (no extras to count): the grouped grids of
+    the distinct training sets fit the cache's rows alone, so they must not stand in for its
+    fits (tests/test_fewshot.py: the seeds' batched refits after sampled searches)."""
+    from vlaug.evaluate import prepare
+    from vlaug.methods import parse_method
+    from vlaug.methods.batching import ProbeSolver
+
+    config = ProbeRunConfig(features=str(four_domains), out=str(tmp_path / "r"), methods=("cross-modal",), seeds=1,
+                            grid_size=4, max_iter=60, device="cpu", progress=False,
+                            protocol="leave-one-domain-out", selection="all", test_domains=("photo", "sketch"))
+    plan = prepare(config)
+    method = plan.methods[0]
+    fits = method.fit_seeds(plan.data, plan.splits, ProbeSolver(plan.data, plan.splits))
+    for i, (split, fit) in enumerate(zip(plan.splits, fits)):
+        fresh = parse_method("cross-modal")
+        fresh.folds = method.folds
+        alone = fresh.fit(plan.data, split, i)
+        assert fit.selection["n_train_rows"] == len(split.train) + plan.data.n_classes  # the prompts' rows too
+        assert fit.selection["weight_decay"] == alone.selection["weight_decay"]
+        assert [e["val_log_loss"] for e in fit.search] == pytest.approx([e["val_log_loss"] for e in alone.search], abs=1e-4)
+        assert (fit.W - alone.W).norm() <= 0.01 * alone.W.norm()
+
+
 def test_training_sets_are_grouped_by_the_rows_they_share():
     """grids_together's groups: consecutive sets while their union stays within UNION_LIMIT x
     the largest (one split seed's sets: unions of the same domains' in rows), a new group for
@@ -386,19 +413,23 @@ def test_a_head_set_holds_one_head_per_seed_and_held_out_domains_trained_on_the_
         assert training["n_train"] + training["n_val"] == sum(len(parts[d][0]) for d in rows)
 
 
-def test_methods_with_heads_run_under_the_protocol_with_a_head_per_task(head_set, four_domains, tmp_path):
+@pytest.mark.parametrize("selection", ["all", "leave-one-domain-out"])
+def test_methods_with_heads_run_under_the_protocol_with_a_head_per_task(head_set, four_domains, tmp_path, selection):
+    """Each task's head, and the leave-one-domain-out model's (trained without the test domain
+    alone: no task's head when that selection runs by itself), loaded and checked."""
     from vlaug.evaluate import prepare
 
     config = ProbeRunConfig(features=str(four_domains), out=str(tmp_path / "r"), methods=(f"box:{head_set}?n_aug=2",),
                             seeds=2, grid_size=3, max_iter=40, device="cpu", progress=False,
-                            protocol="leave-one-domain-out", selection="all")
+                            protocol="leave-one-domain-out", selection=selection)
     plan = prepare(config)
     method = plan.methods[0]
     for i, t in enumerate(plan.tasks):  # each task's head: its seed, without its test domain (and fold)
         held = "+".join(sorted({t.test_domain, t.fold} - {""}))
         assert method.task_heads[i].endswith(f"seed{t.seed}/without-{held}")
     report = run_probe(config).report
-    assert len(report["results"]) == 2 * 4 * 3 and all(0 <= r["out_of_domain"] <= 1 for r in report["results"])
+    n = 3 if selection == "all" else 1
+    assert len(report["results"]) == 2 * 4 * n and all(0 <= r["out_of_domain"] <= 1 for r in report["results"])
 
 
 @pytest.mark.parametrize("case, match", [

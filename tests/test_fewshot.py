@@ -251,3 +251,21 @@ def test_a_streamed_cache_gives_the_same_numbers(feats, tmp_path):
         assert a["method"] == b["method"]
         assert a["in_domain"] == pytest.approx(b["in_domain"], abs=1e-9) and \
             a["out_of_domain"] == pytest.approx(b["out_of_domain"], abs=1e-9), a["method"]
+
+
+def test_cross_modals_refits_after_sampled_searches_keep_its_prompt_rows(feats, tmp_path):
+    """After searches on samples (--selection-rows), the seeds' refits on every training row
+    are one batch over the cache's rows for a method that fits those alone; cross-modal's rows
+    hold its class prompts too, so it refits on its own rows."""
+    from vlaug.methods.batching import ProbeSolver
+
+    plan = _plan(feats, tmp_path, ["cross-modal"], selection_rows=100)
+    method = plan.methods[0]
+    assert len(plan.splits[0].train) > 100  # the searches ran on samples
+    fits = method.fit_seeds(plan.data, plan.splits, ProbeSolver(plan.data, plan.splits))
+    for seed, (split, fit) in enumerate(zip(plan.splits, fits)):
+        alone = parse_method("cross-modal").fit(plan.data, split, seed)
+        assert fit.selection["n_train_rows"] == len(split.train) + plan.data.n_classes
+        assert fit.selection["weight_decay"] == alone.selection["weight_decay"]
+        # (the batched refit on the cache's rows alone was 0.3 % away: four prompt rows among 159)
+        assert (fit.W - alone.W).norm() <= 1e-4 * alone.W.norm()

@@ -328,27 +328,37 @@ def _resolve_head_sets(methods: list[Method], tasks: list | None, feats: cache_i
         if index.get("holdout_fraction") != config.holdout_fraction:
             raise UsageError(f"--method {m.group!r}: the heads of {m.head!r} were trained with --holdout-fraction "
                              f"{index.get('holdout_fraction')}, this probe splits with {config.holdout_fraction}; use the same.")
-        m.task_heads, m.set_heads = {}, members
+        # per (seed, held-out domains): the rows its head must never have fitted. Each task's head is trained without
+        # its test domain (and fold); the leave-one-domain-out model, refitted on every training domain, takes the head
+        # trained without the test domain alone, tested on its in rows and calibrated on the training domains' out rows
+        needed: dict[tuple, list[np.ndarray]] = {}
+        for t in tasks:
+            needed.setdefault((t.seed, _held_out(t)), []).append(np.concatenate([t.splits.val, t.splits.test_out]))
+            if t.role == domainbed.LODO:
+                needed.setdefault((t.seed, (t.test_domain,)), []).append(np.concatenate([t.splits.test_out, t.calibration]))
         parts = {}
-        for i, t in enumerate(tasks):
-            held = tuple(sorted({t.test_domain, t.fold} - {""}))
-            path = members.get((t.seed, held))
+        for (seed, held), used in needed.items():
+            path = members.get((seed, held))
             if path is None:
-                raise UsageError(f"--method {m.group!r}: {m.head!r} has no head for seed {t.seed} without {' and '.join(held)}; "
+                raise UsageError(f"--method {m.group!r}: {m.head!r} has no head for seed {seed} without {' and '.join(held)}; "
                                  f"train the set with vlaug train-box FEATURES --protocol leave-one-domain-out --seeds "
                                  f"{config.seeds} --selection {config.selection}.")
-            if t.seed not in parts:
-                parts[t.seed] = in_out_splits(feats.labels, feats.domains, feats.splits,
-                                              [d for d in np.unique(feats.domains).tolist()], t.seed, config.holdout_fraction)
-            seen = np.concatenate([parts[t.seed][d][0] for d in parts[t.seed] if d not in held])
-            used = np.concatenate([t.splits.val, t.splits.test_out])
-            if np.isin(used, seen).any():  # a set from another cache or split: never fitted on what this task scores on
+            if seed not in parts:
+                parts[seed] = in_out_splits(feats.labels, feats.domains, feats.splits,
+                                            [d for d in np.unique(feats.domains).tolist()], seed, config.holdout_fraction)
+            seen = np.concatenate([parts[seed][d][0] for d in parts[seed] if d not in held])
+            if np.isin(np.concatenate(used), seen).any():  # a set from another cache or split: never fitted on what it scores
                 raise UsageError(f"--method {m.group!r}: head {path!r} was trained on rows this probe validates or tests on "
                                  "(another cache, split or --holdout-fraction); train the set again on this cache.")
-            m.task_heads[i] = path
+        m.task_heads, m.set_heads = {i: members[t.seed, _held_out(t)] for i, t in enumerate(tasks)}, members
         m.head = m.task_heads[0]
-        users += [_with_head(m, p) for p in dict.fromkeys(m.task_heads.values())]
+        users += [_with_head(m, members[key]) for key in needed]
     return users
+
+
+def _held_out(task: domainbed.Task) -> tuple[str, ...]:
+    """The domains a task's head must have been trained without: its test domain, and a fold's."""
+    return tuple(sorted({task.test_domain, task.fold} - {""}))
 
 
 def _checked_cache(config: ProbeRunConfig, skipped: list[str]) -> tuple[cache_io.CacheManifest, list[str]]:
@@ -785,10 +795,13 @@ def _n_configurations(members: list[Method], fits: dict) -> int:
     """How many configurations a method's selection chose among (DomainBed's point: more
     configurations, more chances): its listed configurations × the candidates of its own
     search on the grid (the probe's weight decays, a joint method's lr × weight decay; not
-    the values a search added past the grid's end), on the first task."""
+    the values a search added past the grid's end; Tip-Adapter's (α, β), whose search a fit
+    does not keep: its ``n_candidates``), on the first task."""
     def candidates(x: Method) -> int:
         fit = fits.get((0, x.text))
-        return max(1, len([e for e in fit.search if not e.get("extension")])) if fit is not None else 1
+        if fit is None:
+            return 1
+        return fit.selection.get("n_candidates") or max(1, len([e for e in fit.search if not e.get("extension")]))
     return sum(candidates(x) for x in members)
 
 
@@ -903,14 +916,16 @@ def _lodo_model(data: RunData, members: list[Method], fits: dict, fold_tasks: li
     fit = x.refit(data, train, refit_seed, chosen)
     if isinstance(x, ProbeMethod) and type(x).gate_for is not ProbeMethod.gate_for:  # set on these rows, as a fit sets it
         fit.gate = x.gate_for(data, train, calibration_rows)
-        fit.selection["gate"] = {**fit.selection.get("gate", {}), **{k: fit.gate[k] for k in ("center", "width", "max")}}
+        fit.selection["gate"] = {**fit.selection.get("gate", {}),  # the refit's, not fold 0's
+                                 **{k: fit.gate[k] for k in ("center", "width", "max", "val_rows_past_center") if k in fit.gate}}
     deploy(x, data, fit, calibration_rows)
     return x, fit, fold_tasks[0].splits.test_out, fit.selection
 
 
 # what a fit records about itself, not about the configuration chosen (left out of a leave-one-domain-out choice)
 _PER_FIT = ("val_accuracy", "val_log_loss", "iterations", "converged", "stalled", "n_train_rows", "steps", "stopped",
-            "selected_step", "selected_epoch", "calibration", "grid_extended", "grid", "selected_on", "refit")
+            "selected_step", "selected_epoch", "epochs", "n_val_rows", "calibration", "grid_extended", "grid", "selected_on",
+            "refit")
 # a leave-one-domain-out result's report.json lists at most this many candidates' means over the folds (the best)
 REPORTED_CANDIDATES = 50
 

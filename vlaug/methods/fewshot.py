@@ -179,7 +179,7 @@ class _CacheMethod(Method):
         else:  # nothing to select on: the grid's first values
             best, search = {"alpha": alphas[0], "beta": betas[0], "val_accuracy": float("nan"),
                             "val_log_loss": float("nan")}, []
-        selection = {**info, **best, "n_train_rows": len(train), "n_val_rows": len(val),
+        selection = {**info, **best, "n_train_rows": len(train), "n_val_rows": len(val), "n_candidates": max(1, len(search)),
                      "selected_on": "validation accuracy of the deployed classifier, ties to the lower log-loss"}
         W, b = _zero_shot(data)
         # the search keeps each candidate's scores; the fit keeps only the chosen one's (4,000 candidates), but for a

@@ -133,10 +133,12 @@ class ProbeMethod(Method):
         training sets over 3 split seeds: too many rows for one union), the grids of their
         distinct training sets, fitted in groups (:meth:`ProbeSolver.grids_together`), into
         the memo each split's search takes its grid's fits from (:meth:`_search`). Only for
-        a method without extras whose splits are searched on every row."""
+        a method that fits the cache's rows alone (:meth:`_fits_cache_rows`) and whose splits
+        are searched on every row."""
         cfg, grid = data.settings, list(data.settings.grid)
         per_set = len(grid) * (data.embed_dim + 1) * data.n_classes
-        if self.solver != "logistic" or self.extra_rows() or not self._batchable(data) or per_set > GRID_FITS_VALUES:
+        if (self.solver != "logistic" or not self._fits_cache_rows() or not self._batchable(data)
+                or per_set > GRID_FITS_VALUES):
             return
         memo = self.__dict__.setdefault("_grid_fits", {})
         sets = {}
@@ -311,7 +313,7 @@ class ProbeMethod(Method):
         refits on every training row of the cache as one batch; {} where the seeds are
         fitted one by one."""
         cfg = data.settings
-        if (self.solver != "logistic" or self.extra_rows() or len(splits) < 2 or not solver.state_fits(len(splits))
+        if (self.solver != "logistic" or not self._fits_cache_rows() or len(splits) < 2 or not solver.state_fits(len(splits))
                 or not self._batchable(data)):
             return {}
         trains, vals = [np.asarray(s.train) for s in splits], [np.asarray(s.val) for s in splits]
@@ -357,6 +359,13 @@ class ProbeMethod(Method):
         W, b = self._reweighted(data, train_rows, rows, W, b, chosen)
         chosen["n_train_rows"] = train_rows.n_rows
         return Fit(*self.finish(W, b, anchor), chosen)
+
+    def _fits_cache_rows(self) -> bool:
+        """Whether this method's training rows are the cache's rows alone: no extras, and no rows
+        of its own (cross-modal's class prompts, cdga's generated images, added by its
+        :meth:`training_rows`). Only then may the solver fit it on the cache's rows
+        (:meth:`ProbeSolver.grids_together`, :meth:`ProbeSolver.union_rows`)."""
+        return not self.extra_rows() and type(self).training_rows is ProbeMethod.training_rows
 
     def _batchable(self, data: RunData) -> bool:
         """Whether this method's searches may join a batch: not with --reweight (each candidate
