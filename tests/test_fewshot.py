@@ -269,3 +269,15 @@ def test_cross_modals_refits_after_sampled_searches_keep_its_prompt_rows(feats, 
         assert fit.selection["weight_decay"] == alone.selection["weight_decay"]
         # (the batched refit on the cache's rows alone was 0.3 % away: four prompt rows among 159)
         assert (fit.W - alone.W).norm() <= 1e-4 * alone.W.norm()
+
+
+@pytest.mark.parametrize("scheme", ["groupdro", "seed-category"])
+def test_cross_modal_reweights_its_prompt_rows_as_rows_without_a_domain(feats, tmp_path, scheme):
+    """--reweight groups rows by training domain; cross-modal's prompt rows have none (as a
+    method's extras): the groups cover every row (groupdro crashed on the extra rows,
+    seed-category left their groups uninitialised: fits of the same data differed)."""
+    plan = _plan(feats, tmp_path, ["cross-modal"], reweight=scheme, seeds=1)
+    method, split = plan.methods[0], plan.splits[0]
+    first, again = method.fit(plan.data, split, 0), parse_method("cross-modal").fit(plan.data, split, 0)
+    assert first.selection["reweight"]["scheme"] == scheme
+    assert torch.equal(first.W, again.W) and first.selection["reweight"] == again.selection["reweight"]

@@ -484,7 +484,8 @@ def _inverse_hessian_times(S: torch.Tensor, Y: torch.Tensor, MY: torch.Tensor, v
 
 
 # The preconditioner's estimate of the features' second moments uses about this many rows
-# (evenly spread over the training rows, read in the first evaluation of the objective).
+# (evenly spread over the training rows, read in the first evaluation of the objective; for a
+# batch, over all of its rows: see _preconditioners).
 PRECONDITION_ROWS = 32768
 # A batch keeps one (d + 1) x (d + 1) preconditioner per weight column and weight decay while
 # they hold at most this many values (128 MB: 72 at d = 512); beyond, one per weight decay
@@ -499,7 +500,10 @@ def _preconditioners(gram: torch.Tensor, weight_decays: list[float], n_classes: 
     is the second-moment matrix E[x̃x̃ᵀ] of the rows' features with a constant 1 appended
     (x̃ = [x, 1]: the bias), ``gram`` (d + 2, d + 2) as :func:`_objectives` accumulates it
     for a weight column (each problem's from its own rows: a batch of problems follows the
-    same path as each problem fitted alone).
+    same path as each problem fitted alone, while the batch holds fewer than
+    2 x PRECONDITION_ROWS rows; beyond, the sample is spread over the whole batch's rows, so
+    a column's estimate uses fewer of its own rows than its fit alone would: the same
+    minima, by paths that differ slightly).
 
     M is the inverse of the objective's Hessian at uniform predictions (the softmax's
     curvature 1/C per class direction, Kronecker-factored with Σ), plus the weight decay λ
