@@ -210,10 +210,13 @@ def test_tip_adapters_alpha_and_beta_are_the_best_mean_over_the_folds(four_domai
     config = ProbeRunConfig(features=str(four_domains), out=str(tmp_path / "r"), methods=("tip-adapter", "tip-adapter-f?epochs=3"),
                             seeds=1, device="cpu", progress=False, protocol="leave-one-domain-out",
                             selection="all", test_domains=("photo",))
-    results = run_probe(config).report["results"]
+    report = run_probe(config).report
+    results = report["results"]
     assert len(results) == 2 * 3
     # every selection chose among the 4,000 (α, β), whichever task comes first
     assert all(r["n_configurations"] == len(TIP_ALPHAS) * len(TIP_BETAS) for r in results)
+    md = format_markdown(report)
+    assert f"{len(TIP_ALPHAS)} α 0.1 … {TIP_ALPHAS[-1]:.4g} × {len(TIP_BETAS)} β 0.1 … {TIP_BETAS[-1]:.4g}" in md
     results = [r for r in results if r["model_selection"] == domainbed.LODO]
     for r in results:
         s = r["selection"]
@@ -257,6 +260,27 @@ def test_the_report_keeps_the_oracle_apart_and_writes_every_prediction(run, tmp_
         assert [table["id"][i] for i in at] == [f"img{table['row'][i]}" for i in at]  # the cache's ids, decoded
         hits = np.mean([table["prediction"][i] == table["label"][i] for i in at])
         assert hits == pytest.approx(r["out_of_domain"], abs=1e-6)
+
+
+def test_the_report_states_what_each_selection_chose_and_extended(run):
+    """report.md's counts of searches past the grid are per selection (the oracle's apart),
+    and each method's line says what every selection chose for the first seed and test domain,
+    with a listed option's chosen value rather than its first."""
+    report = run.report
+    md = format_markdown(report)
+    counted = 0
+    for role in domainbed.SELECTIONS:
+        mine = [r["selection"] for r in report["results"] if r["model_selection"] == role and "grid_extended" in r["selection"]]
+        n = sum(x["grid_extended"] for x in mine)
+        assert f"{role} {n} of {len(mine)} results" in md
+        counted += n
+    assert counted  # (this run goes past the grid somewhere)
+    line = next(x for x in md.splitlines() if x.startswith("- `gaussian?sigma=0.05,0.3`"))
+    assert "sigma=0.05, " not in line.split(";")[0]  # the listed option is not shown as the first configuration's
+    seed, test = report["protocol"]["seeds"][0], report["protocol"]["test_domains"][0]
+    for r in report["results"]:
+        if (r["method"], r["seed"], r["test_domain"]) == ("gaussian?sigma=0.05,0.3", seed, test):
+            assert f"{r['model_selection']} chose sigma={r['config']['sigma']:.3g}, weight_decay={r['selection']['weight_decay']:.3g}" in line
 
 
 def test_same_seeds_same_splits(four_domains, run, tmp_path):

@@ -37,7 +37,8 @@ def test_the_report_says_what_the_seeds_vary(run):
 
     _, result = run
     md = format_markdown(result.report)
-    assert "the split is the same for every seed" in md
+    assert "the split is the same for every seed" in md and "mean ± population std over seeds" in md
+    assert "extended: both pooled (LARE's); balanced: the mean over classes" in md  # the table's columns, defined
     linear = [r["in_domain"] for r in result.report["results"] if r["method"] == "linear"]
     assert len(linear) == 2 and len(set(linear)) == 1  # what the sentence says of a method that draws nothing
     shots = {**result.report, "protocol": {**result.report["protocol"], "shots": 4}}

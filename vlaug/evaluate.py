@@ -729,6 +729,7 @@ def _run(plan: _Plan, config: ProbeRunConfig, log: Callable[[str], None], plots:
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items() if k not in ("overwrite", "progress")},
         "protocol": _protocol(config, plan, int(len(sample))),
         "methods": [{"method": x.text, "name": x.name, "head": x.head, "options": x.options.to_dict(),
+                     "search": x.search_space(),
                      "head_config": data.heads[x.head].config["head"] if x.head else None,
                      "selection_seed0": _with_search(first_fits[x.text])} for x in methods],
         "results": results,
@@ -775,6 +776,7 @@ def _run_domainbed(plan: _Plan, config: ProbeRunConfig, plots: Plots | None, sta
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items() if k not in ("overwrite", "progress")},
         "protocol": _domainbed_protocol(config, plan, test_domains, int(len(sample))),
         "methods": [{"method": g, "name": members[0].name, "options": members[0].options.to_dict(),
+                     "search": members[0].search_space(),
                      "configurations": [x.config for x in members], "n_configurations": _n_configurations(members, fits)}
                     for g in groups for members in [[x for x in plan.methods if x.group == g]]],
         "results": results,

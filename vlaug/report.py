@@ -199,8 +199,7 @@ def format_domainbed_markdown(report: dict) -> str:
              f"drawn per seed: {c['holdout_fraction']:g} of each class of each domain is `out`, the rest `in`")
     lines = ["# vlaug probe report: DomainBed protocol (leave-one-domain-out)", "", *_warning_lines(report),
              f"- features: `{report['features']}`",
-             f"- model: `{report['model']}`, pretrained: `{report['pretrained'] or '(from the model source)'}`, "
-             f"d = {report['embed_dim']}, {len(report['classes'])} classes",
+             _model_line(report),
              f"- domains: {', '.join(p['domains'])}; each test domain in turn ({', '.join(p['test_domains'])}), trained on "
              "the `in` rows of the others; every number is the accuracy on the test domain's `in` rows",
              f"- in/out split of each domain: {split}",
@@ -209,22 +208,36 @@ def format_domainbed_markdown(report: dict) -> str:
              "std over seeds of each seed's mean",
              "- selections: training-domain validation (the mean over the training domains of the accuracy on their "
              "`out` rows), leave-one-domain-out cross-validation (each training domain held out in turn, scored on its "
-             "`in` rows; the best mean is refitted on every training domain), oracle (the test domain's `out` rows)",
-             "- configurations: each method's search (the probe's weight decays, a joint method's lr × weight decay) "
-             "times the values its options list; the selection chooses among all of them",
+             "`in` rows; the best mean is refitted on every training domain), oracle (the test domain's `out` rows)"
+             + ("; a joint method stops early on its selection's validation rows, the oracle's included (DomainBed's "
+                "oracle takes the last step)" if any("selected_step" in r.get("selection", {}) for r in report["results"])
+                else ""),
+             "- configurations: each method's search (the probe's weight decays, a joint method's lr × weight decay, "
+             "Tip-Adapter's α × β) times the values its options list; the selection chooses among all of them, and a "
+             "probe's search also tries values past an end of its grid that it chose (not counted here: see probe)",
              f"- probe: {_probe_text(report)}",
              f"- data: {_data_text(report)}",
              f"- vlaug {report['vlaug_version']}, {report['seconds']:.1f} s", ""]
     for selection in report["tables"]:
         lines += [f"## {SELECTION_TITLES[selection]} (%)", "", format_domainbed_table(report, selection), ""]
     lines += ["## Methods", ""]
+    first = (p["seeds"][0], p["test_domains"][0]) if p["seeds"] and p["test_domains"] else None
     for m in report["methods"]:
-        opts = ", ".join(f"{k}={v}" for k, v in m["options"].items()) or "no options"
         configs = [x for x in m["configurations"] if x]
-        lines.append(f"- `{m['method']}`: {opts}; {m['n_configurations']} configurations"
+        listed = {k for x in configs for k in x}  # the values that vary: each configuration's, not the first's
+        opts = ", ".join(f"{k}={v}" for k, v in m["options"].items() if k not in listed) or "no other options"
+        chose = [f"{r['model_selection']} {_chosen_text(r.get('config') or {}, r['selection'])}"
+                 for r in report["results"] if first and (r["method"], r["seed"], r["test_domain"]) == (m["method"], *first)]
+        if all(c.endswith("nothing to choose") for c in chose):
+            chose = []
+        lines.append(f"- `{m['method']}`: {opts}" + (f" ({m['search']})" if m.get("search") else "")
+                     + f"; {m['n_configurations']} configuration{'s' if m['n_configurations'] != 1 else ''}"
                      + (f" ({len(configs)} listed: " + "; ".join(", ".join(f"{k}={v}" for k, v in x.items()) for x in configs)
-                        + ")" if configs else ""))
-    lines += ["", *_geometry_lines(report), "",
+                        + ")" if configs else "")
+                     + (f"; seed {first[0]}, test domain {first[1]}: " + "; ".join(chose) if chose else ""))
+    task = p["tasks"][0] if p.get("tasks") else None
+    whose = f" of the first task (seed {task['seed']}, test domain {task['test_domain']} held out)" if task else ""
+    lines += ["", *_geometry_lines(report, whose), "",
               "Plots: `domainbed.png` (accuracy per test domain and method, one panel per selection), `embeddings.png`. "
               "No probe is saved: the protocol trains one model per seed, test domain and selection; "
               "`vlaug probe --protocol single` saves the probe to deploy. Every test prediction: `test_predictions.parquet` "
@@ -259,18 +272,24 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+TABLE_COLUMNS = ("In-domain: the training domains' held-out test rows; out-of-domain: every row of the other domains; "
+                 "extended: both pooled (LARE's); balanced: the mean over classes of each class's accuracy on all of "
+                 "those rows; mean ± population std over seeds.")
+
+
 def _accuracy_sections(report: dict) -> list[str]:
     """The top-1 accuracy table, or with a shots sweep one per K (and the sweep's plot)."""
     sweep = report.get("shots_sweep")
     if not sweep:
-        return ["## Top-1 accuracy (%)", "", format_table(report), ""]
+        return ["## Top-1 accuracy (%)", "", format_table(report), "", TABLE_COLUMNS, ""]
     lines = []
     for run in sweep["per_shots"]:
         n_val = sorted({s["val"] for s in run["splits"]})
         lines += [f"## Top-1 accuracy (%), {run['shots']}-shot", "",
                   f"Validation: {_val_shots_text(run['val_shots'])} ({', '.join(map(str, n_val))} rows); {run['seconds']:.1f} s.",
                   "", format_table({**report, "shots_sweep": None, "summary": run["summary"]}), ""]
-    lines += [f"`shots.png`: accuracy against K per method. The tables below the sweep, the plots other than "
+    lines += [TABLE_COLUMNS, "",
+              f"`shots.png`: accuracy against K per method. The tables below the sweep, the plots other than "
               f"`shots.png` and the saved probes are {sweep['probes_and_plots']}.", ""]
     return lines
 
@@ -285,19 +304,24 @@ def _warning_lines(report: dict) -> list[str]:
     return [line for w in report.get("warnings", []) for line in (f"> **Warning: {w}.**", "")]
 
 
+def _model_line(report: dict) -> str:
+    """The model bullet, with a warning where the weights were random."""
+    pretrained = report["pretrained"] or "(from the model source)"
+    if pretrained == "none":
+        pretrained = "none — RANDOM weights: these numbers say nothing about CLIP"
+    return f"- model: `{report['model']}`, pretrained: `{pretrained}`, d = {report['embed_dim']}, {len(report['classes'])} classes"
+
+
 def _settings_lines(report: dict) -> list[str]:
     """The bullet list of what was probed and how: cache, model, domains, splits, protocol,
     probe, data and version."""
     p = report["protocol"]
-    pretrained = report["pretrained"] or "(from the model source)"
-    if pretrained == "none":
-        pretrained = "none — RANDOM weights: these numbers say nothing about CLIP"
     return [
         f"- features: `{report['features']}`",
-        f"- model: `{report['model']}`, pretrained: `{pretrained}`, d = {report['embed_dim']}, {len(report['classes'])} classes",
+        _model_line(report),
         f"- training domains: {', '.join(p['train_domains']) or '(no domains)'}; out-of-domain: {', '.join(p['test_domains']) or '(none)'}",
         f"- splits: {_splits_text(report)}",
-        f"- protocol: {_protocol_text(p)}; seeds {p['seeds']} (mean ± std over seeds{_seeds_vary(p)})",
+        f"- protocol: {_protocol_text(p)}; seeds {p['seeds']} (mean ± population std over seeds{_seeds_vary(p)})",
         f"- probe: {_probe_text(report)}",
         f"- data: {_data_text(report)}",
         f"- vlaug {report['vlaug_version']}, {report['seconds']:.1f} s",
@@ -348,18 +372,33 @@ def _probe_text(report: dict) -> str:
     sampled = any(isinstance(r.get("selection", {}).get("selected_on"), dict) for r in report["results"])
     selection = (f" on a seeded sample of at most {c['selection_rows']} training and {c['selection_rows']} validation "
                  "rows (--selection-rows), then refitted on every training row" if sampled else "")
-    searched = [r["selection"] for r in report["results"] if "grid_extended" in r.get("selection", {})]
-    extended = [x for x in searched if x["grid_extended"]]
-    if extended:
-        lo, hi = min(x["grid"][0] for x in extended), max(x["grid"][1] for x in extended)
-        selection += (f"; where the best value was at an end of the grid, the search went on past it a decade at a time "
-                      f"(at most 3) until the best was interior: {len(extended)} of {len(searched)} searches, values "
-                      f"{lo:g} … {hi:g} tried")
-    return (f"multinomial logistic regression, L-BFGS, each weight decay fitted to convergence (at most {c['max_iter']} "
-            f"iterations), chosen on the validation accuracy of what each method deploys from {len(grid)} values "
+    searched = [r for r in report["results"] if "grid_extended" in r.get("selection", {})]
+    if any(r["selection"]["grid_extended"] for r in searched):
+        selection += ("; where the best value was at an end of the grid, the search went on past it a decade at a time "
+                      "(at most 3; a value past the grid taken only with a higher validation accuracy) until the best "
+                      f"was interior: {_extension_counts(searched)}")
+    return (f"multinomial logistic regression, L-BFGS, each weight decay fitted until its gradient test passes, it "
+            f"stalls or it reaches {c['max_iter']} iterations (`converged`, `stalled` in report.json), chosen on the "
+            f"validation accuracy of what each method deploys from {len(grid)} log-spaced values "
             f"{grid[0]:g} … {grid[-1]:g}{selection}; "
             f"reweight: {_reweighted_methods(report)}; class weights: {c['class_weight']}; "
             f"zero-shot logits cos / {p['zero_shot_temperature']}")
+
+
+def _extension_counts(searched: list[dict]) -> str:
+    """How many of the results whose probe searched a weight decay went past the grid, and the
+    values tried: per model selection under the DomainBed protocol (leave-one-domain-out's
+    extension is the mean over its folds')."""
+    groups: dict[str, list[dict]] = {}
+    for r in searched:
+        groups.setdefault(r.get("model_selection", ""), []).append(r["selection"])
+    parts = []
+    for role, sel in groups.items():
+        extended = [x for x in sel if x["grid_extended"]]
+        span = (f", values {min(x['grid'][0] for x in extended):g} … {max(x['grid'][1] for x in extended):g} tried"
+                if extended else "")
+        parts.append(f"{role + ' ' if role else ''}{len(extended)} of {len(sel)} results{span}")
+    return "; ".join(parts)
 
 
 def _data_text(report: dict) -> str:
@@ -379,16 +418,29 @@ def _method_lines(report: dict) -> list[str]:
         opts = ", ".join(f"{k}={v}" for k, v in m["options"].items()) or "no options"
         chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in m["selection_seed0"].items()
                            if k not in ("search", "reweight"))
-        lines.append(f"- `{m['method']}`: {opts}" + (f"; head `{m['head']}` ({m['head_config']})" if m["head"] else "")
+        lines.append(f"- `{m['method']}`: {opts}" + (f" ({m['search']})" if m.get("search") else "")
+                     + (f"; head `{m['head']}` ({m['head_config']})" if m["head"] else "")
                      + (f"; seed 0 chose {chosen}" if chosen else ""))
     return lines
 
 
-def _geometry_lines(report: dict) -> list[str]:
+# what a selection chose, as the reports print it: a candidate's values and a trained method's length
+CHOSEN_KEYS = ("weight_decay", "lr", "shrinkage", "alpha", "beta", "selected_step", "selected_epoch")
+
+
+def _chosen_text(config: dict, selection: dict) -> str:
+    """``key=value`` of what a selection chose: the listed options' values (a result's
+    ``config``) and its selection's CHOSEN_KEYS; "nothing to choose" where there is none."""
+    items = [*config.items(), *((k, selection[k]) for k in CHOSEN_KEYS if k in selection)]
+    text = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+    return f"chose {text}" if text else "nothing to choose"
+
+
+def _geometry_lines(report: dict, whose: str = "") -> list[str]:
     """The feature-geometry section: alignment and uniformity per method, with and without
-    the augmentations."""
+    the augmentations; ``whose``: which fit's training rows, where seed 0 has several."""
     lines = ["## Feature geometry of the training rows, seed 0 (LatentDR eqs. 10, 11)", "",
-             f"On {report['protocol'].get('geometry_rows', 0):,} training rows (all of them, or a seeded sample) "
+             f"On {report['protocol'].get('geometry_rows', 0):,} training rows{whose} (all of them, or a seeded sample) "
              "and their augmentations.", "",
              "| Method | alignment | uniformity | alignment (with augmentations) | uniformity (with augmentations) |",
              "|---|---|---|---|---|"]

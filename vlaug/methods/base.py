@@ -396,6 +396,11 @@ class Method:
         """Train on ``rows`` (train + val) at the hyperparameters ``selection`` chose."""
         raise NotImplementedError
 
+    def search_space(self) -> str:
+        """What this method's own search chooses among, for the report, where its options do
+        not say it (e.g. Tip-Adapter's α × β grid); "" otherwise."""
+        return ""
+
     def extends_grid(self) -> bool:
         """Whether a search of this method goes on past an end of the weight-decay grid that
         it chose (:func:`vlaug.methods.linear.extend_grid`); then :meth:`fold_candidate` fits

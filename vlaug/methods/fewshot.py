@@ -168,6 +168,13 @@ class _CacheMethod(Method):
         x, _ = _labelled(data, rows)
         return F.normalize(x, dim=-1), {}
 
+    def search_space(self):
+        alphas, betas = self._grid()
+        if len(alphas) * len(betas) == 1:
+            return ""
+        return (f"α × β searched on validation: {len(alphas)} α {alphas[0]:g} … {alphas[-1]:.4g} × "
+                f"{len(betas)} β {betas[0]:g} … {betas[-1]:.4g}")
+
     def fit(self, data, splits, seed):
         train, val = np.asarray(splits.train), np.asarray(splits.val)
         _check_keys(self.name, len(train))
