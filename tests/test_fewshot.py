@@ -281,3 +281,19 @@ def test_cross_modal_reweights_its_prompt_rows_as_rows_without_a_domain(feats, t
     first, again = method.fit(plan.data, split, 0), parse_method("cross-modal").fit(plan.data, split, 0)
     assert first.selection["reweight"]["scheme"] == scheme
     assert torch.equal(first.W, again.W) and first.selection["reweight"] == again.selection["reweight"]
+
+
+def test_the_domainbed_report_does_not_call_an_adapters_fixed_options_chosen(tmp_path):
+    """report.md's line of what each selection chose lists what was searched (a listed
+    option's value, the epoch), not the options an adapter only records (its lr)."""
+    from vlaug.report import format_markdown
+
+    domains = ("clipart", "painting", "photo", "sketch")
+    cache = write_synthetic_cache(tmp_path / "feat", n_per_class=12, d=16, n_classes=3, domains=domains, prompt_sets=())
+    config = ProbeRunConfig(features=str(cache), out=str(tmp_path / "r"), methods=("clip-adapter?epochs=3&ratio=0.2,0.6",),
+                            seeds=1, device="cpu", progress=False, protocol="leave-one-domain-out", selection="all",
+                            test_domains=("photo",))
+    md = format_markdown(run_probe(config).report)
+    line = next(x for x in md.splitlines() if x.startswith("- `clip-adapter"))
+    chose = line.split("test domain photo: ")[1]
+    assert "ratio=" in chose and "selected_epoch=" in chose and "lr=" not in chose and "weight_decay=" not in chose

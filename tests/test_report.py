@@ -43,6 +43,11 @@ def test_the_report_says_what_the_seeds_vary(run):
     assert len(linear) == 2 and len(set(linear)) == 1  # what the sentence says of a method that draws nothing
     shots = {**result.report, "protocol": {**result.report["protocol"], "shots": 4}}
     assert "each seed draws its own training rows" in format_markdown(shots)
+    # a search on a seeded sample (--selection-rows) varies with the seed: no claim that linear has no spread
+    sampled = {**result.report, "results": [{**r, "selection": {**r["selection"], "selected_on": {"train_rows": 9}}}
+                                            for r in result.report["results"]]}
+    md = format_markdown(sampled)
+    assert "the seeded sample each weight-decay search ran on" in md and "scores the same on every seed" not in md
 
 
 def test_json_has_no_nan_and_plain_types():

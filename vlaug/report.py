@@ -226,7 +226,7 @@ def format_domainbed_markdown(report: dict) -> str:
         configs = [x for x in m["configurations"] if x]
         listed = {k for x in configs for k in x}  # the values that vary: each configuration's, not the first's
         opts = ", ".join(f"{k}={v}" for k, v in m["options"].items() if k not in listed) or "no other options"
-        chose = [f"{r['model_selection']} {_chosen_text(r.get('config') or {}, r['selection'])}"
+        chose = [f"{r['model_selection']} {_chosen_text(r.get('config') or {}, r['selection'], m['options'])}"
                  for r in report["results"] if first and (r["method"], r["seed"], r["test_domain"]) == (m["method"], *first)]
         if all(c.endswith("nothing to choose") for c in chose):
             chose = []
@@ -321,7 +321,7 @@ def _settings_lines(report: dict) -> list[str]:
         _model_line(report),
         f"- training domains: {', '.join(p['train_domains']) or '(no domains)'}; out-of-domain: {', '.join(p['test_domains']) or '(none)'}",
         f"- splits: {_splits_text(report)}",
-        f"- protocol: {_protocol_text(p)}; seeds {p['seeds']} (mean ± population std over seeds{_seeds_vary(p)})",
+        f"- protocol: {_protocol_text(p)}; seeds {p['seeds']} (mean ± population std over seeds{_seeds_vary(report)})",
         f"- probe: {_probe_text(report)}",
         f"- data: {_data_text(report)}",
         f"- vlaug {report['vlaug_version']}, {report['seconds']:.1f} s",
@@ -340,11 +340,16 @@ def _splits_text(report: dict) -> str:
             f"stratified; the same for every seed), and neither heads nor probes fit on either; {sizes}")
 
 
-def _seeds_vary(protocol: dict) -> str:
+def _seeds_vary(report: dict) -> str:
     """What the seeds vary: with every training row used, not the split (fixed by the rows'
-    ids or the cache's split column), so a method that draws nothing has no spread."""
+    ids or the cache's split column), so a method that draws nothing has no spread, unless
+    its search ran on a seeded sample of the rows (--selection-rows)."""
+    protocol = report["protocol"]
     if protocol["shots"] or protocol["imbalance"]:
         return "; each seed draws its own training rows"
+    if any(isinstance(r.get("selection", {}).get("selected_on"), dict) for r in report["results"]):
+        return ("; the split is the same for every seed, and the seeds vary what a method draws (augmentations, "
+                "initialisation, batches) and the seeded sample each weight-decay search ran on (--selection-rows)")
     return ("; the split is the same for every seed, so the seeds vary only what a method draws (augmentations, "
             "initialisation, batches): a method that draws nothing, such as `linear`, scores the same on every seed")
 
@@ -428,10 +433,13 @@ def _method_lines(report: dict) -> list[str]:
 CHOSEN_KEYS = ("weight_decay", "lr", "shrinkage", "alpha", "beta", "selected_step", "selected_epoch")
 
 
-def _chosen_text(config: dict, selection: dict) -> str:
+def _chosen_text(config: dict, selection: dict, options: dict) -> str:
     """``key=value`` of what a selection chose: the listed options' values (a result's
-    ``config``) and its selection's CHOSEN_KEYS; "nothing to choose" where there is none."""
-    items = [*config.items(), *((k, selection[k]) for k in CHOSEN_KEYS if k in selection)]
+    ``config``) and its selection's CHOSEN_KEYS, but those that are a fixed option of the
+    method (an adapter records its lr, a fixed Tip-Adapter α); "nothing to choose" where
+    there is none."""
+    searched = [k for k in CHOSEN_KEYS if k in selection and k not in config and options.get(k) != selection[k]]
+    items = [*config.items(), *((k, selection[k]) for k in searched)]
     text = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
     return f"chose {text}" if text else "nothing to choose"
 

@@ -403,7 +403,8 @@ class ProbeMethod(Method):
         if scheme == "none":
             return W, b
         x, t, hard = materialize(rows)
-        # extras, and rows of a method's own (cross-modal's prompts, cdga's generated images), have no domain
+        # with extras, or rows of a method's own (cross-modal's prompts, cdga's generated images), which have no
+        # domain, no row's domain is used: groupdro groups by class, seed-category ranks every row in one pool
         dom = data.dom[data.rows(train)] if self._fits_cache_rows() else None
         W, b, rw = fit_reweighted(x, t, hard, selection["weight_decay"], scheme, dom, init=(W, b), **REWEIGHT_SCHEDULE)
         selection["reweight"] = {"scheme": scheme, **rw}
