@@ -269,7 +269,7 @@ def probe(
                          "training-domain, leave-one-domain-out, oracle (test-domain labels) or all.")] = "training-domain",
     holdout_fraction: Annotated[float, typer.Option(help="leave-one-domain-out: each domain's out part, per class and seed "
                                 "(DomainBed's holdout_fraction), when the cache has no split column.")] = 0.2,
-    seeds: Annotated[int, typer.Option(help="Seeds 0..N-1: what methods draw (sampling, joint training), and the split with --shots, --imbalance or under leave-one-domain-out; mean ± std over them.")] = 5,
+    seeds: Annotated[int, typer.Option(help="Seeds 0..N-1: what methods draw (sampling, joint training, a search's --selection-rows sample), and the split with --shots, --imbalance or under leave-one-domain-out; mean ± std over them.")] = 5,
     test_fraction: Annotated[float, typer.Option(help="Held-out test rows of the training domains (by a hash of the row id, the same for every seed and stage) when the cache has no split column.")] = 0.2,
     val_fraction: Annotated[float, typer.Option(help="Validation part of the training rows (selects weight decay and epoch), by a hash of the row id: the same for every seed and stage, never trained on by vlaug train-box heads.")] = 0.2,
     shots: Annotated[Optional[str], typer.Option(help="K training images per class (few-shot); a list (1,2,4,8,16) runs "
