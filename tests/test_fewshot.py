@@ -297,3 +297,20 @@ def test_the_domainbed_report_does_not_call_an_adapters_fixed_options_chosen(tmp
     line = next(x for x in md.splitlines() if x.startswith("- `clip-adapter"))
     chose = line.split("test domain photo: ")[1]
     assert "ratio=" in chose and "selected_epoch=" in chose and "lr=" not in chose and "weight_decay=" not in chose
+
+
+def test_an_adapter_refitted_for_leave_one_domain_out_trains_for_the_mean_of_its_folds_epochs(tmp_path):
+    from vlaug import domainbed
+    from vlaug.evaluate import _fit_all, _lodo_model
+
+    domains = ("clipart", "painting", "photo", "sketch")
+    cache = write_synthetic_cache(tmp_path / "feat", n_per_class=12, d=16, n_classes=3, domains=domains, prompt_sets=())
+    plan = prepare(ProbeRunConfig(features=str(cache), out=str(tmp_path / "r"), methods=("clip-adapter?epochs=6",), seeds=1,
+                                  device="cpu", progress=False, protocol="leave-one-domain-out",
+                                  selection="leave-one-domain-out", test_domains=("photo",)))
+    fits = _fit_all(plan, False)
+    folds = [i for i, t in enumerate(plan.tasks) if t.role == domainbed.LODO]
+    epochs = [fits[i, plan.methods[0].text].selection["selected_epoch"] for i in folds]
+    _, fit, _, chosen = _lodo_model(plan.data, plan.methods, fits, [plan.tasks[i] for i in folds], folds, len(plan.tasks))
+    assert len(folds) == 3 and chosen["selected_epoch"] == int(round(np.mean(epochs)))
+    assert "epochs" not in chosen  # fold 0's own record of its training is not the refit's
