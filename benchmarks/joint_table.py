@@ -6,7 +6,7 @@ from a finished shift-benchmark run of one setting.
         --json S.json --out-md S.md --workdir W
     python benchmarks/joint_table.py S.json W/S/report
 
-One row per method (`linear`, `linear-adamw`, `batchformer`, `latentdr-sa`, `latentdr-pool`):
+One row per method the run has of (`linear`, `linear-adamw`, `batchformer`, `latentdr-sa`, `latentdr-pool`):
 in-domain and out-of-domain accuracy (mean ± std over the seeds, in %), the AdamW steps each
 seed kept, and the paired differences against `linear` and `linear-adamw` with their 95 %
 intervals and verdicts (shift_benchmark.PairedBootstrap: bootstrap over the test rows and the
@@ -41,7 +41,7 @@ def table(run_json: Path, report_dir: Path, train_domains: list[str]) -> str:
     paired = sb.PairedBootstrap(sb.read_predictions([report_dir]), train_domains)
     lines = ["| method | in-domain | out-of-domain | steps kept per seed (of ≤ 10,000) | − linear, in | − linear, out "
              "| − linear-adamw, in | − linear-adamw, out |", "|---|---|---|---|---|---|---|---|"]
-    for m in METHODS:
+    for m in [m for m in METHODS if m in summary]:  # a run may leave some joint methods out (--skip)
         s = summary[m]
         steps = "—" if m == "linear" else ", ".join(str(r["selection"].get("steps", "")) for r in setting["results"]
                                                      if r["method"] == m)
