@@ -297,6 +297,15 @@ def train_heads(cache_dir: Path, heads_dir: Path, kinds: list[str], epochs: int,
     return out
 
 
+def needed_heads() -> list[str]:
+    """The base head kinds that some method of this run needs (a run that skips box, dr and
+    lads trains none of their heads)."""
+    from vlaug.methods import REGISTRY
+
+    kinds = {k for name, cls in REGISTRY.items() if name not in SKIPPED["names"] for k in cls.head_kinds}
+    return [k for k in BASE_HEADS if k in kinds]
+
+
 def method_specs(heads: dict, joint_epochs: int | None,
                  joint_options: tuple = ()) -> tuple[list[tuple[str, str]], list[str]]:
     """(label, spec) for every registered method; a method whose class has head_kinds gets
@@ -329,10 +338,9 @@ def method_specs(heads: dict, joint_epochs: int | None,
             specs.append((f"{name}[{kind}]", f"{name}:{heads[kind]['dir']}" + query))
         else:
             specs.append((name, name + query))
-    for weight in ENSEMBLE_WEIGHTS:  # ensembles with zero-shot: their spread over seeds is checked
-        specs.append((f"linear?ensemble={weight}", f"linear?ensemble={weight}"))
-    for weight in WISE_WEIGHTS:
-        specs.append((f"linear-zs?wise={weight}", f"linear-zs?wise={weight}"))
+    for name, weights, option in (("linear", ENSEMBLE_WEIGHTS, "ensemble"), ("linear-zs", WISE_WEIGHTS, "wise")):
+        if name not in SKIPPED["names"]:  # mixes with zero-shot: their spread over seeds is checked
+            specs += [(f"{name}?{option}={w}", f"{name}?{option}={w}") for w in weights]
     return specs, missing
 
 
@@ -1065,7 +1073,7 @@ def markdown_setting(entry: dict) -> str:
               + " / ".join(f"{100 * z[k]:.1f}" for k in ("points", "lo", "hi", "center", "samples") if k in z) + " %.", ""]
     heads = ", ".join(f"{k} {h['seconds']:.1f} s (kept epoch {h.get('selected_epoch')})" for k, h in entry["heads"].items())
     t = entry["seconds"]
-    L += [f"Runtime: simulate + write {t['simulate_and_write']:.1f} s; train-box {heads}; probe "
+    L += [f"Runtime: simulate + write {t['simulate_and_write']:.1f} s; train-box {heads or 'none (no method of the run needs a head)'}; probe "
           f"{t['probe']:.1f} s; sklearn reference {t['reference']:.1f} s; paired comparisons "
           f"{t.get('comparisons', 0.0):.1f} s; total {t['total']:.1f} s.", ""]
     fl = entry["flags"]
@@ -1186,7 +1194,7 @@ def run_setting(setting: Setting, seeds: int, workdir: Path, plot_dir: Path, log
     t_sim = time.perf_counter() - t_start
     log(f"[{setting.name}] " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items() if isinstance(v, float)))
 
-    heads = train_heads(cache_dir, folder / "heads", list(BASE_HEADS), setting.head_epochs, log)
+    heads = train_heads(cache_dir, folder / "heads", needed_heads(), setting.head_epochs, log)
     specs, missing = method_specs(heads, setting.joint_epochs, setting.joint_options)
     if missing:  # a registered method needs a head kind not trained yet
         heads.update(train_heads(cache_dir, folder / "heads", sorted(set(missing)), setting.head_epochs, log))

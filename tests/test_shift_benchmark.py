@@ -175,3 +175,14 @@ def test_joint_options_go_to_the_joint_methods_alone(sb):
     assert specs["linear-adamw"] == "linear-adamw?max_steps=60&lr=1e-2"
     assert specs["clip-adapter"] == "clip-adapter" and specs["tip-adapter-f"] == "tip-adapter-f"  # their own schedules
     assert "cdga" not in specs  # it needs a generated set of its own
+
+
+def test_a_run_trains_only_the_heads_and_runs_only_the_mixes_its_methods_need(sb, monkeypatch):
+    assert sb.needed_heads() == list(sb.BASE_HEADS)
+    monkeypatch.setitem(sb.SKIPPED, "names", ("box", "lads"))
+    assert sb.needed_heads() == ["dr-sa"]
+    monkeypatch.setitem(sb.SKIPPED, "names", ("box", "dr", "lads"))
+    assert sb.needed_heads() == []
+    monkeypatch.setitem(sb.SKIPPED, "names", ("linear-zs",))  # its WiSE mixes go with it
+    specs = dict(sb.method_specs({}, None)[0])
+    assert "linear?ensemble=0.3" in specs and "linear-zs" not in specs and not any("wise" in s for s in specs)
