@@ -275,6 +275,11 @@ def test_the_report_states_what_each_selection_chose_and_extended(run):
         assert f"{role} {n} of {len(mine)} results" in md
         counted += n
     assert counted  # (this run goes past the grid somewhere)
+    from vlaug.methods.linear import GRID_EXTENSION_DECADES
+
+    assert report["protocol"]["grid_extension_decades"] == GRID_EXTENSION_DECADES
+    assert f"a decade at a time (at most {GRID_EXTENSION_DECADES};" in md
+    assert "a decade at a time (at most 7;" in format_markdown({**report, "protocol": {**report["protocol"], "grid_extension_decades": 7}})
     line = next(x for x in md.splitlines() if x.startswith("- `gaussian?sigma=0.05,0.3`"))
     assert "sigma=0.05, " not in line.split(";")[0]  # the listed option is not shown as the first configuration's
     seed, test = report["protocol"]["seeds"][0], report["protocol"]["test_domains"][0]

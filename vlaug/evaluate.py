@@ -548,6 +548,7 @@ def _protocol(config: ProbeRunConfig, plan: _Plan, geometry_rows: int) -> dict:
                                                          else min(config.shots_list[-1], FEW_SHOT_VAL)),
         "imbalance": {"percent_of_classes": plan.imbalance[0], "n_images": plan.imbalance[1]} if plan.imbalance else None,
         "weight_decay_grid": list(plan.data.settings.grid),
+        "grid_extension_decades": GRID_EXTENSION_DECADES,  # the most decades a search goes past the grid
         "zero_shot_temperature": TEMPERATURE,
         "streamed": plan.memory.streamed,
         "passes_over_cache": plan.data.passes,  # reads of the whole cache from disk (streamed)
@@ -825,6 +826,7 @@ def _domainbed_protocol(config: ProbeRunConfig, plan: _Plan, test_domains: list[
                    "train": int(len(t.splits.train)), "val": int(len(t.splits.val)), "test": int(len(t.splits.test_out)),
                    "fingerprints": split_fingerprints(t.splits, plan.fractions)} for t in plan.tasks],
         "weight_decay_grid": list(plan.data.settings.grid),
+        "grid_extension_decades": GRID_EXTENSION_DECADES,  # the most decades a search goes past the grid
         "zero_shot_temperature": TEMPERATURE,
         "streamed": plan.memory.streamed,
         "passes_over_cache": plan.data.passes,

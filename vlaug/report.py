@@ -379,8 +379,10 @@ def _probe_text(report: dict) -> str:
                  "rows (--selection-rows), then refitted on every training row" if sampled else "")
     searched = [r for r in report["results"] if "grid_extended" in r.get("selection", {})]
     if any(r["selection"]["grid_extended"] for r in searched):
+        decades = p.get("grid_extension_decades")  # absent from reports written before it was recorded
+        bound = f"at most {decades}" if decades else "up to a bound"
         selection += ("; where the best value was at an end of the grid, the search went on past it a decade at a time "
-                      "(at most 3; a value past the grid taken only with a higher validation accuracy) until the best "
+                      f"({bound}; a value past the grid taken only with a higher validation accuracy) until the best "
                       f"was interior: {_extension_counts(searched)}")
     return (f"multinomial logistic regression, L-BFGS, each weight decay fitted until its gradient test passes, it "
             f"stalls or it reaches {c['max_iter']} iterations (`converged`, `stalled` in report.json), chosen on the "
