@@ -186,3 +186,48 @@ def test_a_run_trains_only_the_heads_and_runs_only_the_mixes_its_methods_need(sb
     monkeypatch.setitem(sb.SKIPPED, "names", ("linear-zs",))  # its WiSE mixes go with it
     specs = dict(sb.method_specs({}, None)[0])
     assert "linear?ensemble=0.3" in specs and "linear-zs" not in specs and not any("wise" in s for s in specs)
+
+
+def _write_run(folder: Path, correct: dict[str, np.ndarray], specs: dict[str, str], domains: np.ndarray) -> Path:
+    """A one-setting run JSON and its report folder's test_predictions.parquet (specs: label -> spec)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    cols = _predictions({specs[m]: c for m, c in correct.items()}, domains)
+    pq.write_table(pa.table(cols), folder / "test_predictions.parquet")
+    inside = domains == "photo"
+    summary = [{"method": m, **{axis: {"mean": float(c[:, mask].mean()), "std": 0.0}
+                                for axis, mask in (("in_domain", inside), ("out_of_domain", ~inside))}}
+               for m, c in [("zero-shot", np.zeros((1, len(domains)), bool)), *correct.items()]]
+    results = [{"method": specs[m], "seed": s, "selection": {"steps": 100 + s, "max_steps": 500}}
+               for m in correct if m != "linear" for s in range(len(correct[m]))]
+    run = {"settings": {"small": {"summary": summary, "results": results, "flags": [],
+                                  "methods": [{"method": m, "spec": specs[m]} for m in correct]}}}
+    (folder / "run.json").write_text(json.dumps(run))
+    return folder / "run.json"
+
+
+def test_joint_table_joins_runs_of_one_method_each(sb, tmp_path):
+    """Runs that each hold one joint method make one table: each row compared with its own
+    run's baselines (matched by label, though the predictions name the spec), the baselines
+    once, and a note where they differ between the runs."""
+    spec = importlib.util.spec_from_file_location("joint_table", ROOT / "benchmarks" / "joint_table.py")
+    jt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jt)
+    rng = np.random.default_rng(0)
+    domains = _domains(40, 60)
+    linear, adamw = rng.random((3, 100)) < 0.6, rng.random((3, 100)) < 0.6
+    better = linear | (rng.random((3, 100)) < 0.5)  # right wherever linear is, and more
+    specs = {m: m + "?max_steps=500" if m != "linear" else m for m in ("linear", "linear-adamw", "batchformer", "latentdr-pool")}
+    a = _write_run(tmp_path / "a", {"linear": linear, "linear-adamw": adamw, "batchformer": better}, specs, domains)
+    b = _write_run(tmp_path / "b", {"linear": linear, "linear-adamw": ~adamw, "latentdr-pool": linear}, specs, domains)
+    text = jt.table([(a, tmp_path / "a"), (b, tmp_path / "b")], ["photo"])
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r[0].strip("| ") for r in rows] == ["linear", "linear-adamw", "batchformer", "latentdr-pool"]
+    assert "(of ≤ 500)" in text and rows[2][3] == "100, 101, 102"
+    out_gain = 100 * (better[:, 40:].mean() - linear[:, 40:].mean())
+    assert rows[2][5].startswith(f"{out_gain:+.1f} [") and rows[2][5].endswith("beats")
+    assert rows[3][4] == "+0.0 [+0.0, +0.0] ties"  # latentdr-pool against run b's own linear (the same predictions)
+    assert f"`linear-adamw` differs in {b}:" in text and "`linear` differs" not in text
