@@ -49,10 +49,8 @@ def table(runs: list[tuple[Path, Path]], train_domains: list[str]) -> str:
     for run_json, report_dir in runs:
         setting = _setting(run_json)
         summary = {s["method"]: s for s in setting["summary"]}
-        predictions = sb.read_predictions([report_dir])
         label_of = {m["spec"]: m["method"] for m in setting["methods"]}  # a spec may carry the setting's joint options
-        predictions["method"] = [label_of.get(str(m), str(m)) for m in predictions["method"]]
-        paired = sb.PairedBootstrap(predictions, train_domains)
+        paired = sb.PairedBootstrap(sb.with_reference(sb.read_predictions([report_dir]), label_of, None), train_domains)
         zero_shot = zero_shot or summary["zero-shot"]
         flags += [f for f in setting["flags"] if any(k in f for k in ("cap", *METHODS[1:])) and f not in flags]
         for m in [m for m in METHODS if m in summary]:  # a run may leave some joint methods out (--skip)
